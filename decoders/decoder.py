@@ -1,0 +1,400 @@
+"""ActionDecoder: a chunked flow-matching / MeanFlow action decoder for one robot.
+
+Chunk timeline (as in LeRobot's Diffusion Policy). With ``n_obs_steps = n`` and ``horizon = H``,
+a training window of ``n - 1 + H`` frames starting at the stream's ``start`` is read as::
+
+    window index:   0 ......... n-1 ......... n-1+H-1
+    frames:        [t-n+1 ...... t]                        observation (the n latest frames)
+    state:                       t                         current robot state
+    action:                     [t ........... t+H-1]      the chunk to predict
+    latent:                     [t ..... t+H_l-1]          optional latent actions (per frame)
+
+``action[t]`` is the action taken after seeing frame ``t`` (the shard format's convention), so the
+chunk starts at the current step. Extra frames at the end of a longer window are ignored. At
+inference ``predict_action_chunk`` uses the LAST ``n`` frames it is given as ``t-n+1 .. t``.
+
+Condition vector: per-frame image features (a small GroupNorm conv net, trained in-domain) of the
+n frames, the normalised state, a learned task embedding (task vocabulary in the config; unknown
+tasks share index 0) and the flattened latent-action chunk, mixed by an MLP. The velocity network
+is a small DiT over the H action tokens: time embeddings of ``t`` and ``t - r`` are added to the
+condition and injected into every block with AdaLN-Zero (shift, scale, gate).
+
+Actions and states are normalised per embodiment inside the model (``decoders.normalize``) with
+stats stored in the config, so ``config.json`` carries them beside ``model.safetensors``. EMA,
+optimisers and the loop belong to the runtime in ``pipeline/``.
+"""
+
+import copy
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from decoders.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
+from decoders.normalize import Normalizer, plain_stats
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("fm", "meanflow")
+
+
+@dataclass
+class DecoderConfig:
+    # Data-dependent: filled in by the runtime from the manifest before construction.
+    action_dim: int = 0
+    state_dim: int = 0
+    image_size: list[int] = field(default_factory=lambda: [64, 64])  # [H, W]
+    image_channels: int = 3
+    tasks: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # {embodiment: {"action": {...}, "state": {...}}} plain lists
+    latent_dim: int = 0  # D_l; 0 = no latent-action input
+    latent_horizon: int = 0  # H_l; 0 = same as horizon
+    latent_key: str = ""  # batch key of the per-frame latent label, e.g. "lam.latent"
+    # Chunk timeline.
+    n_obs_steps: int = 2
+    horizon: int = 16
+    # Architecture.
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    encoder_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    obs_dim: int = 256  # feature size per observation frame
+    task_dim: int = 64
+    # Objective and sampling.
+    objective: str = "fm"  # "fm" | "meanflow"
+    n_steps: int = 0  # sampling steps; 0 = 10 for fm, 1 for meanflow
+    meanflow_equal_fraction: float = 0.5  # share of the batch with r = t
+    meanflow_adaptive_power: float = 0.5
+    dispersive_weight: float = 0.0
+    dispersive_tau: float = 1.0
+    action_norm: str = "min_max"
+    state_norm: str = "mean_std"
+
+    @property
+    def window_length(self) -> int:
+        """Frames per training window: ``n_obs_steps - 1 + max(horizon, latent_horizon)``."""
+        return self.n_obs_steps - 1 + max(self.horizon, self.latent_horizon or 0)
+
+    @property
+    def sampling_steps(self) -> int:
+        return self.n_steps or (10 if self.objective == "fm" else 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DecoderConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r} (expected one of {sorted(PRESETS)})")
+        return dataclasses.replace(copy.deepcopy(PRESETS[name]), **overrides)
+
+
+PRESETS = {
+    "tiny": DecoderConfig(width=64, depth=2, heads=4, encoder_channels=[16, 32, 64], obs_dim=64, task_dim=16,
+                          horizon=8),
+    "small": DecoderConfig(),
+    "base": DecoderConfig(width=512, depth=8, heads=8, encoder_channels=[64, 128, 256, 512], obs_dim=512, task_dim=128),
+}
+
+
+def _groups(c: int) -> int:
+    return 8 if c % 8 == 0 else 1
+
+
+class ImageEncoder(nn.Module):
+    """uint8 ``[N, C, H, W]`` -> ``[N, out_dim]``: stride-2 conv stages with GroupNorm and a residual
+    conv each, pooled to a 4x4 grid and flattened (keeps coarse positions, which manipulation needs)."""
+
+    def __init__(self, in_channels: int, channels: list[int], out_dim: int):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(), _ResConv(c)]
+            c_in = c
+        self.stages = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.proj = nn.Linear(c_in * 16, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1.0
+        return self.proj(self.pool(self.stages(x)).flatten(1))
+
+
+class _ResConv(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(_groups(c), c),
+        )
+
+    def forward(self, x):
+        return F.silu(x + self.body(x))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 20.0) -> torch.Tensor:
+    """Sinusoidal embedding of ``t [B]`` in [0, 1] -> ``[B, dim]``.
+
+    The scale is low on purpose (DiT uses 1000): the MeanFlow target contains ``d_t u``, and
+    high-frequency time features make it huge; at 1000 MeanFlow training diverged in our runs.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * scale)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class _Block(nn.Module):
+    """DiT block: bidirectional attention + GELU MLP, AdaLN-Zero conditioned on ``c [B, W]``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        qkv = self.qkv(_modulate(self.norm1(x), sh1, sc1))
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, H, w/heads]
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        x = x + g1[:, None] * self.out(y)
+        return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), sh2, sc2))
+
+
+class ChunkTransformer(nn.Module):
+    """The velocity network ``net(z, t, r, cond) -> (u [B, H, A], features [B, W])``.
+
+    z: noisy normalised action chunk ``[B, H, A]``; t, r: ``[B]``; cond: condition ``[B, W]``.
+    Features (for the dispersive loss) are the token mean after the middle block.
+    """
+
+    def __init__(self, action_dim: int, horizon: int, width: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.action_in = nn.Linear(action_dim, width)
+        self.pos = nn.Parameter(torch.randn(1, horizon, width) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.action_out = nn.Linear(width, action_dim)
+        for layer in (self.ada[1], self.action_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.width, self.feature_block = width, max(depth // 2 - 1, 0)
+
+    def forward(self, z, t, r, cond):
+        half = self.width // 2
+        time = torch.cat([timestep_embedding(t, half), timestep_embedding(t - r, self.width - half)], -1)
+        c = cond + self.time_mlp(time)
+        x = self.action_in(z) + self.pos
+        features = None
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)
+            if i == self.feature_block:
+                features = x.mean(1)
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        return self.action_out(_modulate(self.norm(x), shift, scale)), features
+
+
+class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "flow-matching"]):
+    """Observation (+ state, task, latent actions) -> action chunk ``[B, H, A]``; see the module docstring."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            config = DecoderConfig(**config)
+        # In place, on the object the hub mixin will write to config.json: arrays (the runtime's
+        # stats are numpy) become plain lists, an int image size becomes [H, W].
+        config.stats = plain_stats(config.stats)
+        if isinstance(config.image_size, int):
+            config.image_size = [config.image_size, config.image_size]
+        _validate(config)
+        self.config = config
+        self.embodiments = list(config.stats)
+        self.action_normalizer = Normalizer(config.stats, self.embodiments, "action", config.action_dim,
+                                            config.action_norm)
+        self.state_normalizer = None
+        if config.state_dim:
+            self.state_normalizer = Normalizer(config.stats, self.embodiments, "state", config.state_dim,
+                                               config.state_norm)
+        self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
+        self.image_encoder = ImageEncoder(config.image_channels, config.encoder_channels, config.obs_dim)
+        self.task_embedding = nn.Embedding(len(config.tasks) + 1, config.task_dim)
+        self.state_proj = nn.Linear(config.state_dim, config.task_dim) if config.state_dim else None
+        self.latent_horizon = config.latent_horizon or config.horizon
+        self.latent_proj = None
+        if config.latent_dim:
+            self.latent_proj = nn.Linear(self.latent_horizon * config.latent_dim, config.width)
+        cond_in = config.n_obs_steps * config.obs_dim + config.task_dim * (2 if config.state_dim else 1)
+        cond_in += config.width if config.latent_dim else 0
+        self.cond_mlp = nn.Sequential(nn.Linear(cond_in, config.width), nn.SiLU(),
+                                      nn.Linear(config.width, config.width))
+        self.velocity = ChunkTransformer(config.action_dim, config.horizon, config.width, config.depth,
+                                         config.heads, config.mlp_ratio)
+        self._warned_tasks: set[str] = set()
+
+    # ------------------------------------------------------------------ condition
+
+    def _embodiment_index(self, embodiment, batch: int, required: torch.Tensor | None = None) -> torch.Tensor:
+        """Names -> long ``[B]``. Unknown names are an error on samples whose actions are used."""
+        if embodiment is None:
+            if len(self.embodiments) != 1:
+                raise ValueError(f"embodiment not given, and the decoder knows several: {self.embodiments}")
+            embodiment = self.embodiments[0]
+        names = [embodiment] * batch if isinstance(embodiment, str) else list(embodiment)
+        index = []
+        for i, name in enumerate(names):
+            if name not in self.embodiments and (required is None or bool(required[i])):
+                raise ValueError(f"embodiment {name!r} has no normalisation stats in this decoder "
+                                 f"(known: {self.embodiments})")
+            index.append(self.embodiments.index(name) if name in self.embodiments else 0)
+        return torch.tensor(index, dtype=torch.long, device=self.task_embedding.weight.device)
+
+    def _task_index(self, task, batch: int) -> torch.Tensor:
+        names = [task or ""] * batch if task is None or isinstance(task, str) else list(task)
+        for name in set(names) - set(self.task_ids) - self._warned_tasks:
+            log.warning("task %r is not in the decoder's task vocabulary; using the unknown-task embedding", name)
+            self._warned_tasks.add(name)
+        ids = [self.task_ids.get(name, 0) for name in names]
+        return torch.tensor(ids, dtype=torch.long, device=self.task_embedding.weight.device)
+
+    def encode_condition(self, obs_frames, state, task, latent, emb_index) -> torch.Tensor:
+        """obs_frames uint8 ``[B, n_obs, C, H, W]``, state raw ``[B, S]`` or None, task list[str],
+        latent ``[B, H_l, D_l]`` or None, emb_index ``[B]`` -> condition ``[B, W]``."""
+        b, n = obs_frames.shape[:2]
+        if list(obs_frames.shape[-2:]) != list(self.config.image_size):
+            raise ValueError(f"frames are {list(obs_frames.shape[-2:])} but the decoder was built for "
+                             f"image_size {list(self.config.image_size)}")
+        parts = [self.image_encoder(obs_frames.flatten(0, 1)).view(b, n * self.config.obs_dim)]
+        parts.append(self.task_embedding(self._task_index(task, b)))
+        if self.state_proj is not None:
+            parts.append(self.state_proj(self.state_normalizer.normalize(state.float(), emb_index)))
+        if self.latent_proj is not None:
+            want = (self.latent_horizon, self.config.latent_dim)
+            if latent is None or tuple(latent.shape[1:]) != want:
+                got = None if latent is None else tuple(latent.shape)
+                raise ValueError(f"the decoder needs a latent-action chunk [B, {want[0]}, {want[1]}], got {got}")
+            parts.append(self.latent_proj(latent.float().flatten(1)))
+        return self.cond_mlp(torch.cat(parts, -1))
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """batch: the contracted window batch (frames uint8 ``[B, T, C, H, W]``, action ``[B, T, A]``,
+        action_mask ``[B]``, state ``[B, T, S]``, task / embodiment ``list[str]``, optional latent
+        labels ``[B, T, D_l]`` under ``config.latent_key``) -> (loss, metrics).
+        Samples without actions contribute nothing to the loss."""
+        cfg = self.config
+        frames, action = batch["frames"], batch["action"]
+        b, t = frames.shape[:2]
+        if t < cfg.window_length:
+            raise ValueError(
+                f"window of {t} frames is shorter than n_obs_steps - 1 + horizon = {cfg.window_length}: "
+                f"set the stream's window to {cfg.window_length}"
+            )
+        if action.shape[-1] != cfg.action_dim:
+            raise ValueError(f"batch actions have {action.shape[-1]} dims but the decoder was built for "
+                             f"action_dim={cfg.action_dim}")
+        now = cfg.n_obs_steps - 1  # window index of the current step t
+        mask = batch.get("action_mask")
+        mask = torch.ones(b, dtype=torch.bool, device=frames.device) if mask is None else mask.to(frames.device).bool()
+        emb_index = self._embodiment_index(batch.get("embodiment"), b, required=mask)
+        state = None
+        if cfg.state_dim:
+            state = batch["state"][:, now]
+            if "state_mask" in batch:  # a missing state becomes the stats' center: 0 after normalisation
+                has_state = batch["state_mask"].to(state.device).bool()[:, None]
+                state = torch.where(has_state, state, self.state_normalizer.center[emb_index])
+        latent = None
+        if cfg.latent_dim:
+            if cfg.latent_key not in batch:
+                raise ValueError(f"batch has no latent labels {cfg.latent_key!r} (keys: {sorted(batch)})")
+            latent = batch[cfg.latent_key][:, now : now + self.latent_horizon]
+        cond = self.encode_condition(frames[:, : cfg.n_obs_steps], state, batch.get("task"), latent, emb_index)
+        chunk = self.action_normalizer.normalize(action[:, now : now + cfg.horizon].float(), emb_index)
+        if cfg.objective == "fm":
+            out = flow_matching_loss(self.velocity, chunk, cond)
+        else:
+            out = meanflow_loss(
+                self.velocity, chunk, cond,
+                equal_fraction=cfg.meanflow_equal_fraction, adaptive_power=cfg.meanflow_adaptive_power,
+            )
+        weight = mask.float()
+        kept = weight.sum().clamp_min(1.0)
+        loss = (out.loss * weight).sum() / kept
+        mse = (out.mse * weight).sum() / kept
+        metrics = {"flow_loss": loss.item(), "mse": mse.item(), "action_samples": float(mask.sum())}
+        if cfg.dispersive_weight > 0 and int(mask.sum()) >= 2:
+            disp = dispersive_loss(out.features[mask], cfg.dispersive_tau)
+            loss = loss + cfg.dispersive_weight * disp
+            metrics["dispersive"] = disp.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def predict_action_chunk(
+        self, frames, state=None, task=None, latent=None, generator: torch.Generator | None = None,
+        n_steps: int | None = None, embodiment=None,
+    ) -> torch.Tensor:
+        """frames uint8 ``[B, T, C, H, W]`` (the last ``n_obs_steps`` are used; ``[B, C, H, W]`` when
+        ``n_obs_steps == 1``), state ``[B, S]`` (or ``[B, T, S]``: the last is used), task ``str`` or
+        ``list[str]``, latent ``[B, H_l, D_l]`` -> raw actions ``[B, H, A]`` (float32, unnormalised).
+        ``generator`` (on the model's device) fixes the noise; ``n_steps`` overrides the config."""
+        cfg = self.config
+        frames = torch.as_tensor(frames)
+        if frames.dim() == 4:
+            frames = frames[:, None]
+        if frames.shape[1] < cfg.n_obs_steps:
+            raise ValueError(f"got {frames.shape[1]} frames, the decoder needs n_obs_steps={cfg.n_obs_steps}")
+        b, device = frames.shape[0], self.task_embedding.weight.device
+        frames = frames[:, -cfg.n_obs_steps :].to(device)
+        emb_index = self._embodiment_index(embodiment, b)
+        if cfg.state_dim:
+            if state is None:
+                raise ValueError(f"the decoder needs the robot state [B, {cfg.state_dim}]")
+            state = torch.as_tensor(state)
+            state = (state[:, -1] if state.dim() == 3 else state).to(device)
+        latent = None if latent is None else torch.as_tensor(latent).to(device)
+        cond = self.encode_condition(frames, state, task, latent, emb_index)
+        noise = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=device)
+        steps = n_steps or cfg.sampling_steps
+        sampler = sample_flow_matching if cfg.objective == "fm" else sample_meanflow
+        chunk = sampler(self.velocity, noise, cond, n_steps=steps)
+        return self.action_normalizer.unnormalize(chunk, emb_index).float()
+
+
+def _validate(cfg: DecoderConfig) -> None:
+    problems = []
+    if cfg.action_dim <= 0:
+        problems.append("action_dim must be > 0 (the runtime fills it from the manifest)")
+    if not cfg.stats:
+        problems.append("stats is empty (the runtime fills it with shards.stats.embodiment_stats)")
+    if cfg.objective not in OBJECTIVES:
+        problems.append(f"objective {cfg.objective!r} is not one of {OBJECTIVES}")
+    if cfg.n_obs_steps < 1 or cfg.horizon < 1:
+        problems.append("n_obs_steps and horizon must be >= 1")
+    if cfg.width % cfg.heads or cfg.width % 2:
+        problems.append(f"width {cfg.width} must be even and divisible by heads {cfg.heads}")
+    if cfg.latent_dim and not cfg.latent_key:
+        problems.append("latent_dim > 0 needs latent_key (the batch key of the latent labels)")
+    if len(cfg.image_size) != 2:
+        problems.append(f"image_size must be [H, W], got {cfg.image_size}")
+    if problems:
+        raise ValueError("DecoderConfig: " + "; ".join(problems))

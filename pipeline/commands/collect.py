@@ -1,0 +1,169 @@
+"""`wm collect metaworld`: scripted-expert rollouts written as a shard dataset.
+
+    wm collect metaworld --tasks reach-v3,push-v3 --episodes 10 --resolution 64 --out data/mw
+
+One input of the sharded job is one (task, episode index) pair; episode ``i`` of a task uses seed
+``--seed + i`` (``wm eval`` uses ``seed + 100000 + i``, so the two never meet). Frame ``t`` is the
+observation the expert saw before taking ``action[t]``, so ``n_frames == len(action)``. An episode
+ends ``EXTRA_STEPS_AFTER_SUCCESS`` actions after the first success (the clip shows the task
+completed, then stops) or after ``--max-steps`` actions. ``--drop-actions`` writes the same videos
+without ``action.npy`` / ``state.npy`` (an action-free corpus; embodiment stays "sawyer").
+docs/SIMULATION.md has the details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import dataclasses
+import logging
+
+import numpy as np
+
+from pipeline import exit_codes
+
+log = logging.getLogger(__name__)
+
+EXTRA_STEPS_AFTER_SUCCESS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSpec:
+    """One input of the job. Its string names every setting, so a resume with other settings
+    rewrites shards instead of mixing them (the writer compares inputs as strings)."""
+
+    task: str
+    episode: int
+    seed: int
+    resolution: int
+    camera: str
+    max_steps: int
+    actions: bool
+
+    def __str__(self) -> str:
+        return (f"metaworld:{self.task}:episode={self.episode}:seed={self.seed}:res={self.resolution}:"
+                f"camera={self.camera}:max_steps={self.max_steps}:actions={int(self.actions)}")
+
+
+_ENV_CACHE: dict[tuple, object] = {}   # one live env per process: making one + its GL context takes ~2 s
+
+
+def _env_for(spec: EpisodeSpec):
+    from pipeline.sim.metaworld_env import MetaWorldEnv
+
+    key = (spec.task, spec.resolution, spec.camera, spec.max_steps)
+    if key not in _ENV_CACHE:
+        _close_envs()
+        _ENV_CACHE[key] = MetaWorldEnv(spec.task, seed=spec.seed, resolution=spec.resolution,
+                                       camera=spec.camera, max_steps=spec.max_steps)
+    return _ENV_CACHE[key]
+
+
+def _close_envs() -> None:
+    while _ENV_CACHE:
+        _ENV_CACHE.popitem()[1].close()
+
+
+atexit.register(_close_envs)
+
+
+def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS) -> dict[str, np.ndarray | bool]:
+    """One scripted-expert episode: frames uint8 [T, H, W, 3], action float32 [T, 4], state float32
+    [T, 39] (frame/state t were observed before action t), success (reached at any step)."""
+    from pipeline.policy import ExpertPolicy
+
+    expert = ExpertPolicy()
+    obs = env.reset(seed=seed)
+    frames, actions, states = [], [], []
+    first_success, done = None, False
+    while not done:
+        action = expert.act(obs)
+        frames.append(obs["image"])
+        states.append(obs["state"])
+        actions.append(action)
+        obs, _, done, info = env.step(action)
+        if info["success"] and first_success is None:
+            first_success = info["steps"]
+        if first_success is not None and info["steps"] >= first_success + extra_steps:
+            break
+    return {"frames": np.stack(frames), "action": np.stack(actions).astype(np.float32),
+            "state": np.stack(states).astype(np.float32), "success": first_success is not None,
+            "first_success_step": first_success}
+
+
+def make_episodes(spec: EpisodeSpec):
+    """The job's ``make_episodes``: one Episode per spec (module level, so spawned workers can run it)."""
+    from pipeline.sim.metaworld_env import EMBODIMENT, instruction
+    from shards.writer import Episode
+
+    env = _env_for(spec)
+    r = rollout(env, spec.seed)
+    log.debug("%s: %d steps, success=%s", spec, len(r["action"]), r["success"])
+    yield Episode(
+        key=f"{spec.task}_{spec.episode:06d}", frames={spec.camera: r["frames"]}, fps=env.fps,
+        embodiment=EMBODIMENT, task=spec.task, instruction=instruction(spec.task), source=str(spec),
+        action=r["action"] if spec.actions else None, state=r["state"] if spec.actions else None,
+        success=r["success"], episode_index=spec.episode, seed=spec.seed,
+        extra={"simulator": "metaworld", "policy": "scripted-expert", "first_success_step": r["first_success_step"],
+               "max_steps": spec.max_steps})
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("collect", help="record scripted demonstrations in a simulator as shards",
+                              description="Record scripted-expert episodes in a simulator as a shard dataset.")
+    sims = p.add_subparsers(dest="simulator", metavar="SIMULATOR", required=True)
+    mw = sims.add_parser("metaworld", help="Meta-World scripted experts (Sawyer arm, 50 tasks)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Scripted-expert rollouts of Meta-World tasks, written as shards "
+                                     "(episode i of a task uses seed --seed + i).")
+    mw.add_argument("--tasks", required=True, help="comma-separated task names (e.g. reach-v3,push-v3) or 'all'")
+    mw.add_argument("--episodes", type=int, required=True, help="episodes per task")
+    mw.add_argument("--out", required=True, help="dataset folder (created; a rerun resumes)")
+    mw.add_argument("--seed", type=int, default=0, help="base seed: episode i uses seed + i")
+    mw.add_argument("--resolution", type=int, default=64, help="rendered image size (square, even)")
+    mw.add_argument("--camera", default="corner", help="camera name")
+    mw.add_argument("--max-steps", type=int, default=200, help="actions per episode at most")
+    mw.add_argument("--drop-actions", action="store_true",
+                    help="write video only (no action/state): an action-free corpus")
+    mw.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    mw.add_argument("--samples-per-shard", type=int, default=16, help="episodes per shard")
+    mw.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.sim.metaworld_env import CAMERAS, MAX_PATH_LENGTH, parse_tasks
+    from shards.writer import run_sharded_job
+
+    tasks = parse_tasks(args.tasks)
+    if args.episodes < 1 or args.workers < 1 or args.samples_per_shard < 1:
+        raise exit_codes.UsageError("--episodes, --workers and --samples-per-shard must be >= 1")
+    if args.camera not in CAMERAS:
+        raise exit_codes.UsageError(f"unknown Meta-World camera {args.camera!r}; valid cameras: {', '.join(CAMERAS)}")
+    if args.resolution <= 0 or args.resolution % 2:
+        raise exit_codes.UsageError(f"--resolution must be a positive even number, got {args.resolution}")
+    if not 0 < args.max_steps <= MAX_PATH_LENGTH:
+        raise exit_codes.UsageError(f"--max-steps must be in 1..{MAX_PATH_LENGTH}, got {args.max_steps}")
+    specs = [EpisodeSpec(task, i, args.seed + i, args.resolution, args.camera, args.max_steps, not args.drop_actions)
+             for task in tasks for i in range(args.episodes)]
+    result = run_sharded_job(args.out, specs, make_episodes, samples_per_shard=args.samples_per_shard,
+                             workers=args.workers, created_by="wm collect metaworld", desc="collect")
+    _close_envs()
+    m = result.manifest
+    log.info("collected %d episodes (%d successful), %d frames -> %s", m["totals"]["samples"],
+             sum(_success_flags(args.out, m)), m["totals"]["frames"], args.out)
+    return result.exit_code
+
+
+def _success_flags(out: str, manifest: dict) -> list[bool]:
+    """Success flag of every sample in the dataset (read from the meta.json members of its tars)."""
+    import json
+    import tarfile
+    from pathlib import Path
+
+    flags = []
+    for s in manifest["shards"]:
+        with tarfile.open(Path(out) / s["name"]) as tar:
+            for member in tar:
+                if member.name.endswith(".meta.json"):
+                    flags.append(bool(json.loads(tar.extractfile(member).read()).get("success")))
+    return flags

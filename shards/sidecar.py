@@ -1,0 +1,185 @@
+"""Label sidecars: per-shard tars of arrays that a labeller (LAM, IDM) computed for each sample.
+
+Layout beside a video dataset ``<data>``::
+
+    labels/<name>/labeller.json              the checkpoint and config that made the labels
+    labels/<name>/shard-NNNNNN.tar           members <key>.<field>.npy, same keys as the video shard
+    labels/<name>/shard-NNNNNN.stats.json    written last: the completion marker, counts, failures
+
+Labels never rewrite video shards. Each sidecar shard is written atomically (tmp + rename, then its
+stats.json), with fixed tar headers and sorted members, so rerunning a labelling job gives the same
+bytes and ``sidecar_done`` lets it skip finished shards (idempotent, resumable).
+
+Every key of the video shard must be either labelled (a row) or reported as a failure: the writer
+checks this, so a reader that finds neither knows the sidecar is broken, not the sample unlabelled.
+Arrays whose first dim equals the sample's ``n_frames`` are per-frame labels; ``shards.stream``
+cuts those to each window.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .format import LABELLER_INFO, LABELS_DIR, FormatError, check_key, read_manifest, shard_index
+
+log = logging.getLogger(__name__)
+
+_FIELD_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+SIDECAR_SCHEMA = 1
+
+
+class SidecarError(FormatError):
+    """A sidecar is missing, incomplete or does not match its video shard; the message names both."""
+
+
+def sidecar_dir(data_dir: str | Path, name: str) -> Path:
+    if not _FIELD_RE.match(name):
+        raise ValueError(f"labeller name {name!r}: letters, digits, '_' and '-' only")
+    return Path(data_dir) / LABELS_DIR / name
+
+
+def sidecar_path(data_dir: str | Path, name: str, shard_name: str) -> Path:
+    shard_index(shard_name)  # validates the name
+    return sidecar_dir(data_dir, name) / Path(shard_name).name
+
+
+def _stats_path(tar_path: Path) -> Path:
+    return tar_path.with_name(tar_path.name[: -len(".tar")] + ".stats.json")
+
+
+def sidecar_done(data_dir: str | Path, name: str, shard_name: str) -> bool:
+    """True when the sidecar shard and its completion marker both exist."""
+    path = sidecar_path(data_dir, name, shard_name)
+    return path.exists() and _stats_path(path).exists()
+
+
+def video_shard_keys(data_dir: str | Path, shard_name: str) -> list[str]:
+    """Keys of one video shard, from the manifest (which lists them per shard)."""
+    for entry in read_manifest(data_dir)["shards"]:
+        if entry["name"] == Path(shard_name).name:
+            if "keys" not in entry:
+                raise FormatError(f"{Path(data_dir) / 'manifest.json'}: shard {shard_name} lists no keys")
+            return list(entry["keys"])
+    raise FormatError(f"{Path(data_dir) / 'manifest.json'}: no shard named {shard_name}")
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, member: str, data: bytes) -> None:
+    info = tarfile.TarInfo(member)  # fixed metadata: bytes depend only on names and data
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _replace_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
+                        rows: dict[str, dict[str, np.ndarray]], failures: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Write ``labels/<name>/<shard_name>`` from ``rows`` {key: {field: array}}; returns its stats.
+
+    ``failures`` are rows ``{"key", "reason"}`` for samples the labeller could not label. Labelled
+    and failed keys together must equal the video shard's keys (checked; ``SidecarError`` otherwise).
+    Object arrays are refused (no pickle in sidecars).
+    """
+    path = sidecar_path(data_dir, name, shard_name)
+    where = f"sidecar {name}/{path.name}"
+    failures = [dict(f) for f in failures]
+    failed = [f.get("key") for f in failures]
+    expected = video_shard_keys(data_dir, shard_name)
+    got = list(rows) + failed
+    if sorted(got) != sorted(expected) or len(set(got)) != len(got):
+        missing = sorted(set(expected) - set(got))[:5]
+        extra = sorted(set(got) - set(expected))[:5]
+        both = sorted(set(rows) & set(failed))[:5]
+        raise SidecarError(f"{where}: keys must equal the video shard's {len(expected)} keys "
+                           f"(missing {missing}, unknown {extra}, both labelled and failed {both})")
+    fields: dict[str, list[int]] = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _stats_path(path).unlink(missing_ok=True)  # incomplete until the new marker exists
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key in sorted(rows):
+            check_key(key)
+            for field in sorted(rows[key]):
+                if not _FIELD_RE.match(field):
+                    raise SidecarError(f"{where}: field name {field!r} of key {key!r} must have no dots")
+                arr = np.asarray(rows[key][field])
+                if arr.dtype.hasobject:
+                    raise SidecarError(f"{where}: {key}.{field} is an object array; labels must be numeric")
+                fields.setdefault(field, list(arr.shape[1:]))
+                _add(tar, f"{key}.{field}.npy", _npy(arr))
+    _replace_atomic(path, buf.getvalue())
+    stats = {"schema": SIDECAR_SCHEMA, "name": path.name, "labeller": name, "samples": len(rows),
+             "keys": sorted(rows), "fields": fields, "failures": sorted(failures, key=lambda f: str(f.get("key"))),
+             "bytes": path.stat().st_size}
+    _replace_atomic(_stats_path(path), json.dumps(stats, sort_keys=True, separators=(",", ":")).encode())
+    return stats
+
+
+def read_sidecar_stats(data_dir: str | Path, name: str, shard_name: str) -> dict[str, Any]:
+    """The sidecar shard's stats.json (keys, fields, failures); ``SidecarError`` when not complete."""
+    path = sidecar_path(data_dir, name, shard_name)
+    if not sidecar_done(data_dir, name, shard_name):
+        raise SidecarError(f"{path}: sidecar '{name}' for video shard {shard_name} is missing or incomplete "
+                           f"(run the labelling job for this shard)")
+    try:
+        return json.loads(_stats_path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise SidecarError(f"{_stats_path(path)}: not valid JSON ({e})") from None
+
+
+def read_sidecar(data_dir: str | Path, name: str, shard_name: str) -> dict[str, dict[str, np.ndarray]]:
+    """All labels of one sidecar shard: ``{key: {field: array}}`` (failed keys are absent)."""
+    path = sidecar_path(data_dir, name, shard_name)
+    read_sidecar_stats(data_dir, name, shard_name)  # raises when incomplete
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        with tarfile.open(path, "r") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, _, rest = info.name.partition(".")
+                field, dot, ext = rest.partition(".")
+                if not dot or ext != "npy":
+                    raise SidecarError(f"{path}: unexpected member {info.name!r} (expected <key>.<field>.npy)")
+                data = tar.extractfile(info).read()
+                rows.setdefault(key, {})[field] = np.load(io.BytesIO(data), allow_pickle=False)
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        raise SidecarError(f"{path}: unreadable sidecar ({type(e).__name__}: {e})") from None
+    return rows
+
+
+def write_labeller_info(data_dir: str | Path, name: str, info: dict[str, Any]) -> Path:
+    """Record which checkpoint and config made the labels (``labels/<name>/labeller.json``)."""
+    path = sidecar_dir(data_dir, name) / LABELLER_INFO
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_atomic(path, json.dumps(info, sort_keys=True, indent=2).encode())
+    return path
+
+
+def read_labeller_info(data_dir: str | Path, name: str) -> dict[str, Any]:
+    path = sidecar_dir(data_dir, name) / LABELLER_INFO
+    if not path.exists():
+        raise SidecarError(f"{path}: no labeller info (labels '{name}' were never written here)")
+    return json.loads(path.read_text())

@@ -1,0 +1,413 @@
+"""Write episodes into a shard dataset: validation, deterministic tars, resumable parallel jobs.
+
+Producers (``wm collect``, ``wm ingest``) call ``run_sharded_job``::
+
+    result = run_sharded_job(out_dir, inputs, make_episodes, samples_per_shard=64, workers=4,
+                             created_by="wm ingest videos", desc="ingest")
+    sys.exit(result.exit_code)   # 0, or DATA_FAILURES (3) when some inputs failed
+
+Guarantees (docs/FORMAT.md has the user-facing version):
+
+- ``inputs`` are cut into shards of ``samples_per_shard`` consecutive inputs; shard ``i`` holds the
+  episodes of its inputs in order. The split never depends on ``workers``.
+- A shard is written to ``shard-NNNNNN.tar.tmp`` and renamed; its ``stats.json`` is written (tmp +
+  rename) after that, and is the completion marker: a rerun skips shards whose stats exist (and
+  were made from the same inputs) and redoes every other shard.
+- Bytes are deterministic (fixed tar headers, deterministic H.264, sorted JSON), so any number of
+  workers, and any kill + resume, give byte-identical shards, manifest and failures.
+- Bad data never raises: each bad input or episode becomes a ``failures.jsonl`` row
+  ``{"source", "key", "reason"}`` and the rest is ingested.
+- Dataset-wide consistency (one resolution per dataset, one action/state dim per embodiment,
+  unique keys) is decided in ``finalize_dataset`` in shard/key order: the first sample that has a
+  value sets it, and later samples that disagree are removed from their shard (the tar is rewritten
+  without them, no re-encoding) and reported. This gives the same result for any worker count or
+  resume history, at the cost of encoding a few samples that are later dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import pickle
+import tarfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from .encode import EncodeError, check_frames, encode_video
+from .format import (ACTION, FAILURES, MANIFEST, META, STATE, FormatError, SampleMeta, check_key, shard_name,
+                     stats_name, video_member)
+from .stats import build_manifest, read_shard_stats, shard_stats_doc
+
+log = logging.getLogger(__name__)
+
+DATA_FAILURES = 3  # == pipeline.exit_codes.DATA_FAILURES (shards may not import pipeline)
+_RESERVED = {"meta", "action", "state"}
+
+
+@dataclasses.dataclass
+class Episode:
+    """One episode or clip, as producers hand it to the writer."""
+
+    key: str                                  # letters, digits, '_' and '-' only
+    frames: dict[str, np.ndarray]             # camera -> uint8 [T, H, W, 3], H and W even
+    fps: float
+    embodiment: str                           # e.g. "sawyer"; "video" for action-free clips
+    task: str = ""
+    instruction: str = ""
+    source: str = ""                          # defaults to str(input) of the job
+    action: np.ndarray | None = None          # float [T, A]: the action taken after seeing frame t
+    state: np.ndarray | None = None           # float [T, S]
+    success: bool | None = None
+    episode_index: int = -1
+    seed: int | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class BadInput(Exception):
+    """Bad data in one input or episode; becomes a failures.jsonl row instead of a traceback."""
+
+
+@dataclasses.dataclass
+class Failure:
+    """One failures.jsonl row."""
+
+    source: str
+    key: str | None
+    reason: str
+
+    def row(self) -> dict[str, Any]:
+        return {"source": self.source, "key": self.key, "reason": self.reason}
+
+
+@dataclasses.dataclass
+class JobResult:
+    manifest: dict[str, Any]
+    failures: list[dict[str, Any]]
+    exit_code: int                            # 0, or DATA_FAILURES when any failure row exists
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+# ---------------------------------------------------------------- validation
+
+def _float_array(a: Any, name: str, n_frames: int) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "fiu":
+        raise BadInput(f"{name} must be numeric, got dtype {a.dtype}")
+    if a.ndim != 2 or a.shape[1] == 0:
+        raise BadInput(f"{name} must be [T, D] with D >= 1, got shape {list(a.shape)}")
+    if a.shape[0] != n_frames:
+        raise BadInput(f"{name} has {a.shape[0]} rows but the video has {n_frames} frames")
+    a = np.ascontiguousarray(a, dtype="<f4")
+    if not np.isfinite(a).all():
+        bad = int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
+        raise BadInput(f"{name} holds NaN/inf (first at row {bad})")
+    return a
+
+
+def validate_episode(ep: Episode) -> tuple[SampleMeta, np.ndarray | None, np.ndarray | None]:
+    """Check one episode on its own; returns (meta, action float32 [T, A] | None, state | None).
+
+    Raises ``BadInput`` naming the problem. Dataset-wide checks happen in ``finalize_dataset``.
+    """
+    try:
+        check_key(ep.key)
+    except FormatError as e:
+        raise BadInput(str(e)) from None
+    if not isinstance(ep.frames, dict) or not ep.frames:
+        raise BadInput("frames must be a non-empty dict camera -> uint8 [T, H, W, 3]")
+    shapes = {}
+    for camera, frames in ep.frames.items():
+        if not isinstance(camera, str) or "." in camera or camera in _RESERVED or not camera:
+            raise BadInput(f"camera name {camera!r}: no dots, not empty, not one of {sorted(_RESERVED)}")
+        try:
+            shapes[camera] = check_frames(frames)
+        except EncodeError as e:
+            raise BadInput(f"camera {camera!r}: {e}") from None
+    if len(set(shapes.values())) > 1:
+        raise BadInput(f"cameras differ in length or size (T, H, W): {shapes}")
+    n_frames, height, width = next(iter(shapes.values()))
+    action = None if ep.action is None else _float_array(ep.action, "action", n_frames)
+    state = None if ep.state is None else _float_array(ep.state, "state", n_frames)
+    try:
+        fps = float(ep.fps)
+        json.dumps(ep.extra)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"fps or extra not serialisable: {e}") from None
+    if not (fps > 0 and np.isfinite(fps)):
+        raise BadInput(f"fps must be a positive number, got {ep.fps}")
+    if not ep.embodiment or not isinstance(ep.embodiment, str):
+        raise BadInput("embodiment must be a non-empty string")
+    meta = SampleMeta(
+        key=ep.key, fps=fps, n_frames=n_frames, height=height, width=width, cameras=list(ep.frames),
+        embodiment=ep.embodiment, task=str(ep.task), instruction=str(ep.instruction), source=str(ep.source),
+        success=None if ep.success is None else bool(ep.success), has_action=action is not None,
+        action_dim=0 if action is None else action.shape[1], state_dim=0 if state is None else state.shape[1],
+        episode_index=int(ep.episode_index), seed=None if ep.seed is None else int(ep.seed), extra=ep.extra)
+    return meta, action, state
+
+
+# ---------------------------------------------------------------- one shard
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed metadata: the bytes depend only on name and data
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` and rename it to ``path``: readers see the old file or the whole new one."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    _replace(tmp, path)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_shard(out_dir: str | Path, index: int, items: Iterable[Episode | Failure],
+                sources: list[str] | None = None) -> dict[str, Any]:
+    """Write shard ``index`` from episodes (validated here) and already-known failures.
+
+    Writes ``shard-NNNNNN.tar`` atomically, then its stats.json (the completion marker), and returns
+    the stats. ``sources`` (the job's inputs as strings) lets a rerun tell whether the shard is current.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tar_path, stats_path = out_dir / shard_name(index), out_dir / stats_name(index)
+    stats_path.unlink(missing_ok=True)  # this shard is incomplete until its new stats exist
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    entries: list[tuple[SampleMeta, Any, Any]] = []
+    failures: list[dict] = []
+    keys: set[str] = set()
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for item in items:
+            if isinstance(item, Failure):
+                failures.append(item.row())
+                continue
+            source = str(item.source)
+            try:
+                meta, action, state = validate_episode(item)
+                if meta.key in keys:
+                    raise BadInput(f"duplicate key {meta.key!r} in this shard")
+                videos = [(video_member(c), encode_video(f, meta.fps)) for c, f in item.frames.items()]
+            except (BadInput, EncodeError) as e:
+                failures.append(Failure(source, getattr(item, "key", None), str(e)).row())
+                continue
+            except Exception as e:  # noqa: BLE001 - e.g. an FFmpeg error: report, go on
+                failures.append(Failure(source, getattr(item, "key", None), f"{type(e).__name__}: {e}").row())
+                continue
+            keys.add(meta.key)
+            members = [(META, meta.to_json())]
+            members += [(ACTION, _npy(action))] if action is not None else []
+            members += [(STATE, _npy(state))] if state is not None else []
+            for name, data in members + videos:
+                _tar_add(tar, f"{meta.key}.{name}", data)
+            entries.append((meta, action, state))
+    _replace(tmp, tar_path)
+    for row in failures:
+        log.warning("%s: %s%s", row["source"], f"{row['key']}: " if row["key"] else "", row["reason"])
+    doc = shard_stats_doc(index, sources or [], entries, failures, tar_path)
+    _write_atomic(stats_path, _json_bytes(doc))
+    return doc
+
+
+def _episodes_of(inputs: list, make_episodes: Callable[[Any], Iterable[Episode]]) -> Iterator[Episode | Failure]:
+    """Episodes of each input in order; an exception while making them becomes a Failure."""
+    for inp in inputs:
+        source = str(inp)
+        try:
+            for ep in make_episodes(inp):
+                if not isinstance(ep, Episode):
+                    raise BadInput(f"make_episodes yielded a {type(ep).__name__}, not an Episode")
+                yield ep if ep.source else dataclasses.replace(ep, source=source)
+        except BadInput as e:
+            yield Failure(source, None, str(e))
+        except Exception as e:  # noqa: BLE001 - a broken input must not stop the job
+            log.debug("making episodes from %s failed", source, exc_info=True)
+            yield Failure(source, None, f"{type(e).__name__}: {e}")
+
+
+def _job_shard(out_dir: str, index: int, inputs: list, make_episodes: Callable) -> dict[str, int]:
+    doc = write_shard(out_dir, index, _episodes_of(inputs, make_episodes), [str(i) for i in inputs])
+    return {"index": index, "samples": doc["samples"], "failures": len(doc["failures"])}
+
+
+# ---------------------------------------------------------------- finalize
+
+def _decide_drops(docs: list[dict[str, Any]]) -> dict[int, list[dict]]:
+    """Samples that conflict with an earlier sample (shard/key order): {shard index: failure rows}.
+
+    The first sample sets the dataset resolution; the first sample of an embodiment with an action
+    (state) sets its action (state) dim; keys must be unique. Samples without actions agree with any
+    action dim (they are action-free clips of that embodiment).
+    """
+    resolution, dims, seen = None, {}, set()
+    drops: dict[int, list[dict]] = {}
+    for i, doc in enumerate(docs):
+        for s in doc["sample_info"]:
+            key, emb = s["key"], s["embodiment"]
+            reason = None
+            if key in seen:
+                reason = f"duplicate key {key!r}: an earlier shard already holds it"
+            elif resolution and [s["height"], s["width"]] != resolution:
+                reason = (f"resolution {s['height']}x{s['width']} differs from the dataset's "
+                          f"{resolution[0]}x{resolution[1]} (set by the first sample)")
+            else:
+                for field in ("action", "state"):
+                    dim, first = s[f"{field}_dim"], dims.get((emb, field))
+                    if dim and first and first[0] != dim:
+                        reason = (f"{field} dim {dim} differs from embodiment {emb!r}'s {field} dim {first[0]} "
+                                  f"(set by sample {first[1]!r})")
+                        break
+            if reason:
+                drops.setdefault(i, []).append(Failure(s["source"], key, reason).row())
+                continue
+            seen.add(key)
+            resolution = resolution or [s["height"], s["width"]]
+            for field in ("action", "state"):
+                if s[f"{field}_dim"]:
+                    dims.setdefault((emb, field), (s[f"{field}_dim"], key))
+    return drops
+
+
+def _drop_samples(out_dir: Path, index: int, doc: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+    """Rewrite shard ``index`` without the samples in ``rows`` (no re-encoding) and its stats."""
+    drop = {r["key"] for r in rows}
+    tar_path = out_dir / shard_name(index)
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    entries: dict[str, list] = {}
+    with tarfile.open(tar_path) as src, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as dst:
+        for member in src:
+            key, name = member.name.split(".", 1)
+            if key in drop:
+                continue
+            data = src.extractfile(member).read()
+            _tar_add(dst, member.name, data)
+            e = entries.setdefault(key, [None, None, None])
+            if name == META:
+                e[0] = SampleMeta.from_json(data, f"{tar_path}:{member.name}")
+            elif name in (ACTION, STATE):
+                e[1 if name == ACTION else 2] = np.load(io.BytesIO(data), allow_pickle=False)
+    _replace(tmp, tar_path)
+    new = shard_stats_doc(index, doc["sources"], [tuple(e) for e in entries.values()],
+                          doc["failures"] + rows, tar_path)
+    _write_atomic(out_dir / stats_name(index), _json_bytes(new))
+    return new
+
+
+def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shards: int | None = None
+                     ) -> tuple[dict[str, Any], list[dict]]:
+    """Make the dataset consistent and (re)build ``manifest.json`` and ``failures.jsonl``.
+
+    Reads the stats of shards ``0 .. n_shards-1`` (default: every consecutive stats file from 0),
+    drops samples that conflict with earlier ones (see ``_decide_drops``), and writes the manifest
+    and the failure rows of all shards atomically. Idempotent: running it again changes nothing.
+    ``created_by=None`` keeps the existing manifest's value.
+    Returns (manifest, failure rows).
+    """
+    out = Path(out_dir)
+    if n_shards is None:
+        n_shards = 0
+        while (out / stats_name(n_shards)).exists():
+            n_shards += 1
+    docs = [read_shard_stats(out / stats_name(i)) for i in range(n_shards)]
+    for i, rows in _decide_drops(docs).items():
+        for row in rows:
+            log.warning("%s: %s: %s", shard_name(i), row["key"], row["reason"])
+        docs[i] = _drop_samples(out, i, docs[i], rows)
+    if (out / stats_name(n_shards)).exists():
+        log.warning("%s: holds shards beyond the %d of this job (from an earlier, larger job?); "
+                    "they are not in the manifest", out, n_shards)
+    if created_by is None:
+        try:
+            created_by = json.loads((out / MANIFEST).read_text()).get("created_by", "")
+        except (OSError, ValueError, AttributeError):
+            created_by = ""
+    manifest = build_manifest(docs, created_by)
+    failures = [row for d in docs for row in d["failures"]]
+    _write_atomic(out / FAILURES, b"".join(_json_bytes(r) + b"\n" for r in failures))
+    _write_atomic(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n")
+    return manifest, failures
+
+
+# ---------------------------------------------------------------- the job
+
+def _is_complete(out_dir: Path, index: int, sources: list[str]) -> bool:
+    path = out_dir / stats_name(index)
+    if not (path.exists() and (out_dir / shard_name(index)).exists()):
+        return False
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s: unreadable, shard will be rewritten", path)
+        return False
+    if doc.get("sources") != sources:
+        log.warning("%s: made from other inputs than this job's; shard will be rewritten", path)
+        return False
+    return True
+
+
+def run_sharded_job(out_dir: str | Path, inputs: list, make_episodes: Callable[[Any], Iterable[Episode]],
+                    samples_per_shard: int, workers: int = 1, created_by: str = "", desc: str = "shards") -> JobResult:
+    """Turn ``inputs`` into a dataset in ``out_dir``, resuming whatever an earlier run completed.
+
+    ``make_episodes(input)`` yields 0..n ``Episode``s; with ``workers > 1`` it runs in spawned
+    processes, so it must be picklable (a module-level function or a functools.partial of one).
+    """
+    if samples_per_shard < 1 or workers < 1:
+        raise ValueError(f"samples_per_shard and workers must be >= 1, got {samples_per_shard}, {workers}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = list(inputs)
+    chunks = [inputs[i:i + samples_per_shard] for i in range(0, len(inputs), samples_per_shard)]
+    pending = [i for i, c in enumerate(chunks) if not _is_complete(out, i, [str(x) for x in c])]
+    if len(pending) < len(chunks):
+        log.info("%s: resuming, %d of %d shards already complete", out, len(chunks) - len(pending), len(chunks))
+    bar = tqdm(total=len(chunks), initial=len(chunks) - len(pending), desc=desc, unit="shard")
+    if workers == 1 or len(pending) <= 1:
+        for i in pending:
+            _job_shard(str(out), i, chunks[i], make_episodes)
+            bar.update()
+    else:
+        try:
+            pickle.dumps(make_episodes)
+        except Exception as e:  # noqa: BLE001
+            raise TypeError(f"make_episodes must be picklable with workers > 1 (a module-level function): {e}") from None
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx) as pool:
+            futures = [pool.submit(_job_shard, str(out), i, chunks[i], make_episodes) for i in pending]
+            for fut in as_completed(futures):
+                fut.result()
+                bar.update()
+    bar.close()
+    manifest, failures = finalize_dataset(out, created_by=created_by, n_shards=len(chunks))
+    totals = manifest["totals"]
+    log.info("%s: %d samples, %d frames in %d shards; %d failures%s", out, totals["samples"], totals["frames"],
+             totals["shards"], len(failures), f" (see {out / FAILURES})" if failures else "")
+    return JobResult(manifest, failures, DATA_FAILURES if failures else 0)

@@ -1,0 +1,224 @@
+"""`wm ingest episodes` for npz, robomimic hdf5 and LeRobot v3 demos: round trips and bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.format import read_manifest
+
+
+def wm(*args: str, check_rc: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def read_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for s in read_manifest(out)["shards"]:
+        with tarfile.open(out / s["name"]) as tar:
+            for m in tar:
+                key, _, suffix = m.name.partition(".")
+                samples.setdefault(key, {})[suffix] = tar.extractfile(m).read()
+    return samples
+
+
+def npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def by_source(samples: dict) -> dict[str, dict]:
+    return {json.loads(m["meta.json"])["source"]: m for m in samples.values()}
+
+
+def failures(out: Path) -> dict[str, str]:
+    rows = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    return {Path(r["source"]).name: r["reason"] for r in rows}
+
+
+def episode(rng, t: int, a: int = 4, s: int = 7, size: int = 32) -> dict[str, np.ndarray]:
+    return {"frames": rng.integers(0, 255, (t, size, size, 3), dtype=np.uint8),
+            "action": rng.normal(size=(t, a)).astype(np.float32), "state": rng.normal(size=(t, s)).astype(np.float32)}
+
+
+def test_npz_round_trip_is_bit_exact_and_bad_episodes_fail(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "demos"
+    src.mkdir()
+    good = {}
+    for i in range(3):
+        ep = episode(rng, 10 + i)
+        np.savez(src / f"ep{i}.npz", **ep, task="push-v3", instruction="push the puck", success=i != 1)
+        good[str(src / f"ep{i}.npz")] = ep
+    np.savez(src / "wrist_cam.npz", wrist_image=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
+             actions=np.ones((6, 4), np.float32), fps=np.float64(20), embodiment="sawyer")
+    ep = episode(rng, 10)
+    np.savez(src / "x_len.npz", frames=ep["frames"], action=ep["action"][:9])
+    nan = ep["action"].copy()
+    nan[4, 2] = np.nan
+    np.savez(src / "x_nan.npz", frames=ep["frames"], action=nan)
+    np.savez(src / "y_dim.npz", frames=ep["frames"], action=np.zeros((10, 3), np.float32))  # robot has A=4
+    np.savez(src / "y_noaction.npz", frames=ep["frames"])
+    (src / "z_junk.npz").write_bytes(b"this is not a zip archive")
+
+    out = tmp_path / "out"
+    proc = wm("ingest", "episodes", str(src), "--format", "npz", "--out", str(out), "--workers", "1", check_rc=3)
+    assert "4 samples" in proc.stdout and "5 failure(s)" in proc.stdout
+    reasons = failures(out)
+    assert "action has 9 rows but the video has 10 frames" in reasons["x_len.npz"]
+    assert "NaN" in reasons["x_nan.npz"]
+    assert "action dim 3 differs" in reasons["y_dim.npz"]
+    assert "no 'action'" in reasons["y_noaction.npz"]
+    assert "not an .npz file" in reasons["z_junk.npz"]
+
+    samples = by_source(read_samples(out))
+    for path, ep in good.items():
+        m = samples[path]
+        action, state = npy(m["action.npy"]), npy(m["state.npy"])
+        assert action.dtype == np.float32 and action.tobytes() == ep["action"].tobytes()
+        assert state.dtype == np.float32 and state.tobytes() == ep["state"].tobytes()
+        meta = json.loads(m["meta.json"])
+        assert (meta["task"], meta["instruction"], meta["embodiment"]) == ("push-v3", "push the puck", "robot")
+        assert meta["success"] == (not path.endswith("ep1.npz")) and meta["cameras"] == ["image"]
+        assert meta["n_frames"] == len(ep["action"]) and "image.mp4" in m
+    wrist = json.loads(samples[str(src / "wrist_cam.npz")]["meta.json"])
+    assert (wrist["cameras"], wrist["fps"], wrist["embodiment"]) == (["wrist"], 20.0, "sawyer")
+    manifest = read_manifest(out)
+    assert manifest["embodiments"]["robot"]["action_dim"] == 4 and manifest["tasks"] == {"push-v3": 3}
+
+
+def write_robomimic(path: Path, rng, lengths: list[int], bad_demo: int | None = None) -> dict:
+    demos = {}
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "env_kwargs": {"control_freq": 20}})
+        for i, t in enumerate(lengths):
+            g = data.create_group(f"demo_{i}")
+            d = {"actions": rng.normal(size=(t, 7)).astype(np.float32),
+                 "robot0_eef_pos": rng.normal(size=(t, 3)).astype(np.float32),
+                 "robot0_gripper_qpos": rng.normal(size=(t, 2)).astype(np.float32),
+                 "agentview_image": rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8),
+                 "robot0_eye_in_hand_image": rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)}
+            g.create_dataset("actions", data=d["actions"][:-1] if i == bad_demo else d["actions"])
+            for k, v in d.items():
+                if k != "actions":
+                    g.create_dataset(f"obs/{k}", data=v)
+            demos[f"demo_{i}"] = d
+    return demos
+
+
+def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path):
+    rng = np.random.default_rng(1)
+    demos = write_robomimic(tmp_path / "lift.hdf5", rng, [8, 9, 12], bad_demo=1)
+    (tmp_path / "broken.hdf5").write_bytes(b"\x89HDF not really")
+    out = tmp_path / "out"
+    wm("ingest", "episodes", str(tmp_path / "lift.hdf5"), str(tmp_path / "broken.hdf5"), "--format", "hdf5",
+       "--out", str(out), "--resolution", "32", "--workers", "1", check_rc=3)
+    reasons = failures(out)
+    assert set(reasons) == {"lift.hdf5::demo_1", "broken.hdf5"}
+    assert "action has 8 rows but the video has 9 frames" in reasons["lift.hdf5::demo_1"]
+    assert "not a readable HDF5 file" in reasons["broken.hdf5"]
+    samples = by_source(read_samples(out))
+    assert len(samples) == 2
+    for name in ("demo_0", "demo_2"):
+        m, d = samples[f"{tmp_path / 'lift.hdf5'}::{name}"], demos[name]
+        meta = json.loads(m["meta.json"])
+        assert npy(m["action.npy"]).tobytes() == d["actions"].tobytes()
+        # default state: every low-dim obs key, sorted
+        expected = np.concatenate([d["robot0_eef_pos"], d["robot0_gripper_qpos"]], axis=1)
+        assert npy(m["state.npy"]).tobytes() == expected.tobytes()
+        assert meta["extra"]["state_keys"] == ["robot0_eef_pos", "robot0_gripper_qpos"]
+        assert sorted(meta["cameras"]) == ["agentview", "robot0_eye_in_hand"]
+        assert (meta["height"], meta["width"], meta["fps"], meta["task"]) == (32, 32, 20.0, "Lift")
+        assert meta["episode_index"] == int(name[-1])
+
+    out2 = tmp_path / "out2"
+    wm("ingest", "episodes", str(tmp_path / "lift.hdf5"), "--format", "hdf5", "--out", str(out2),
+       "--camera", "agentview", "--state-keys", "robot0_gripper_qpos,robot0_eef_pos", "--embodiment", "panda",
+       check_rc=3)
+    m = by_source(read_samples(out2))[f"{tmp_path / 'lift.hdf5'}::demo_2"]
+    meta = json.loads(m["meta.json"])
+    d = demos["demo_2"]
+    assert meta["cameras"] == ["agentview"] and meta["embodiment"] == "panda"
+    assert (meta["height"], meta["width"]) == (48, 64)  # native size kept without --resolution
+    expected = np.concatenate([d["robot0_gripper_qpos"], d["robot0_eef_pos"]], axis=1)
+    assert npy(m["state.npy"]).tobytes() == expected.tobytes()
+
+
+def write_lerobot(root: Path, rng, lengths: list[int], fps: int = 10) -> list[dict]:
+    """A LeRobot v3 dataset: every episode in one data parquet and one mp4 per camera."""
+    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
+    (root / "data" / "chunk-000").mkdir(parents=True)
+    key = "observation.images.top"
+    (root / "videos" / key / "chunk-000").mkdir(parents=True)
+    info = {"codebase_version": "v3.0", "robot_type": "so100", "fps": fps,
+            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
+            "features": {key: {"dtype": "video", "shape": [32, 32, 3]},
+                         "action": {"dtype": "float32", "shape": [6]},
+                         "observation.state": {"dtype": "float32", "shape": [6]}}}
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    episodes, rows, ep_rows, frames, start = [], [], [], [], 0
+    for e, t in enumerate(lengths):
+        ep = {"action": rng.normal(size=(t, 6)).astype(np.float32), "state": rng.normal(size=(t, 6)).astype(np.float32),
+              "level": (np.arange(start, start + t) * 6).astype(np.uint8)}
+        episodes.append(ep)
+        for i in range(t):
+            rows.append({"action": ep["action"][i].tolist(), "observation.state": ep["state"][i].tolist(),
+                         "timestamp": i / fps, "frame_index": i, "episode_index": e, "index": start + i,
+                         "task_index": 0})
+        frames += [np.full((32, 32, 3), lv, np.uint8) for lv in ep["level"]]
+        ep_rows.append({"episode_index": e, "tasks": ["pick up the cube"], "length": t, "data/chunk_index": 0,
+                        "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + t,
+                        f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                        f"videos/{key}/from_timestamp": start / fps, f"videos/{key}/to_timestamp": (start + t) / fps})
+        start += t
+    schema = pa.schema([("action", pa.list_(pa.float32())), ("observation.state", pa.list_(pa.float32())),
+                        ("timestamp", pa.float32()), ("frame_index", pa.int64()), ("episode_index", pa.int64()),
+                        ("index", pa.int64()), ("task_index", pa.int64())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "data/chunk-000/file-000.parquet")
+    pq.write_table(pa.Table.from_pylist(ep_rows), root / "meta/episodes/chunk-000/file-000.parquet")
+    with av.open(str(root / "videos" / key / "chunk-000" / "file-000.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=Fraction(fps))
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return episodes
+
+
+def test_lerobot_v3_episodes_are_cut_from_shared_files(tmp_path):
+    rng = np.random.default_rng(2)
+    episodes = write_lerobot(tmp_path / "ds", rng, [7, 5, 9])
+    out = tmp_path / "out"
+    wm("ingest", "episodes", str(tmp_path / "ds"), str(tmp_path / "not_a_dataset"), "--format", "lerobot",
+       "--out", str(out), "--workers", "1", check_rc=3)
+    assert "meta/info.json" in failures(out)["not_a_dataset"]
+    samples = by_source(read_samples(out))
+    assert len(samples) == 3
+    for e, ep in enumerate(episodes):
+        m = samples[f"{tmp_path / 'ds'}::{e}"]
+        meta = json.loads(m["meta.json"])
+        assert (meta["embodiment"], meta["cameras"], meta["fps"]) == ("so100", ["top"], 10.0)
+        assert meta["instruction"] == "pick up the cube" and meta["n_frames"] == len(ep["action"])
+        assert npy(m["action.npy"]).tobytes() == ep["action"].tobytes()
+        assert npy(m["state.npy"]).tobytes() == ep["state"].tobytes()
+        with av.open(io.BytesIO(m["top.mp4"])) as c:  # the episode's own frames, in order
+            levels = [f.to_ndarray(format="rgb24").mean() for f in c.decode(video=0)]
+        np.testing.assert_allclose(levels, ep["level"], atol=3)

@@ -1,0 +1,81 @@
+"""`wm train MODEL --data DIR [--data DIR2] --out RUN [--config FILE] [--preset NAME] [key=value ...]`
+
+Trains any registered model (pipeline.registry) with the one runtime (pipeline.trainer). Rerunning
+the same command resumes from the latest complete checkpoint in RUN. Many processes::
+
+    torchrun --nproc_per_node 2 -m pipeline train MODEL --data DIR --out RUN
+
+Exit codes: 0 done, 2 bad config / data / model-data mismatch, 4 non-finite loss, 75 preempted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pipeline import exit_codes
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a registered model (resumes automatically)",
+        usage="wm train MODEL --data DIR [--data DIR2 ...] --out RUN [--config FILE] [--preset NAME] "
+              "[--plugin MODULE] [key=value ...]",
+        description="Train a registered model. Overrides are key=value pairs, e.g. optim.lr=3e-4 data.window=8; "
+                    "precedence: defaults < --preset < --config < key=value. See docs/TRAINING.md.")
+    p.add_argument("model", help="registered model name (e.g. lam, idm, worldmodel, decoder)")
+    p.add_argument("--data", action="append", default=[], metavar="DIR", help="dataset folder (repeatable)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder: config, checkpoints, logs, final/")
+    p.add_argument("--config", metavar="FILE", help="YAML run config (e.g. a previous RUN/config.yaml)")
+    p.add_argument("--preset", metavar="NAME", help="size preset: tiny, small (default) or base")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="module or .py file that registers models (also $WM_PLUGINS, comma-separated)")
+    p.set_defaults(run=run, overrides=[])
+    # key=value overrides may sit anywhere after the model name, between options; argparse cannot
+    # mix a variable-length positional with options, so they are collected from the leftovers.
+    parse_known = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, rest = parse_known(args, namespace)
+        ns.overrides = list(getattr(ns, "overrides", []) or []) + [a for a in rest if "=" in a and not a.startswith("-")]
+        return ns, [a for a in rest if not ("=" in a and not a.startswith("-"))]
+
+    p.parse_known_args = parse_known_args
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline import distributed
+    from pipeline.config import resolve
+    from pipeline.registry import get_model, load_plugins
+    from pipeline.trainer import train
+
+    torchrun = distributed.launched_world_size() > 1
+    if torchrun and int(os.environ.get("RANK", "0")) > 0:
+        logging.getLogger().setLevel(logging.WARNING)   # one copy of the log lines: rank 0's
+    try:
+        if "=" in args.model:
+            raise exit_codes.UsageError(f"expected a model name before overrides, got {args.model!r}")
+        load_plugins(args.plugin)
+        spec = get_model(args.model)
+        cfg = resolve(args.model, spec.config_cls, spec.presets, preset=args.preset, config_file=args.config,
+                      overrides=args.overrides, data_paths=args.data, run_presets=spec.run_presets)
+        code = train(cfg, spec, args.out).exit_code
+    except exit_codes.UsageError as e:
+        if not torchrun:
+            raise   # pipeline.cli prints it as one line, exit 2
+        print(f"wm train: error: {e}", file=sys.stderr)
+        code = exit_codes.USAGE
+    except Exception as e:
+        from shards.format import FormatError
+        if not (torchrun and isinstance(e, FormatError)):
+            raise
+        print(f"wm train: error: {e}", file=sys.stderr)
+        code = exit_codes.USAGE
+    if torchrun:
+        distributed.shutdown()
+        distributed.finish_process(code)
+    return code

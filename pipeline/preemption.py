@@ -1,0 +1,69 @@
+"""Preemption: turn SIGUSR1 / SIGTERM into "checkpoint at the next step boundary, then exit 75".
+
+Slurm sends SIGUSR1 before a time limit (``--signal=B:USR1@S`` via the sbatch trap) and SIGTERM
+on cancel / requeue. The handler only records the signal; the trainer asks ``stop_requested()``
+once per step, which all-reduces the flag so that every rank stops at the same step (a rank that
+stopped alone would hang the others in their next collective). Signals arriving while the
+checkpoint is being written only set the flag again: nothing is interrupted, and the checkpoint
+directory is renamed into place only once complete (pipeline.checkpoint), so a hard kill leaves
+the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionHandler:
+    def __init__(self, signals: tuple[int, ...] = SIGNALS):
+        self.signals = signals
+        self.received: str | None = None   # name of the first signal seen
+        self.count = 0                     # signals seen in total (repeats are queued, not acted on)
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        # Keep this tiny: it runs between two bytecodes of the training loop.
+        self.count += 1
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def install(self) -> "PreemptionHandler":
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: SIGUSR1/SIGTERM will not checkpoint")
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    @property
+    def local_flag(self) -> bool:
+        return self.received is not None
+
+
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """Logical OR of per-rank flags across all ranks (one all-reduce; identity on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

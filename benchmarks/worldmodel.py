@@ -1,0 +1,140 @@
+"""World-model speed: training step time and sampling latency of every mode, random weights, CPU.
+
+Configurations: the ``tiny`` and ``small`` presets (both variants), and ``uwm-reference``: the setting of
+the UWM reference measurement in docs/ANCHORS (2 views -> treated as 2x frames, 64 px, 2 + 2 frames,
+chunk 16 x 7, depth 4, width 256, 4 heads, 8 registers, batch 8, VAE latents precomputed, policy
+sampling at batch 1 with 10 steps). Reference on these machines: 318 ms per step, 113 ms per policy.
+
+    python benchmarks/worldmodel.py [--out results.json] [--threads N] [--configs tiny-uwm,...]
+
+Prints one JSON document (also written to ``--out``): per configuration the parameter count, tokens
+per sample, median train step (forward + backward + AdamW) and median latency of each sampling mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# run as a script, this file's folder comes first on sys.path and its name would shadow the package
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec  # noqa: E402
+
+ACTION_DIM = 7
+EMB = {"robot": embodiment_spec(action_dim=ACTION_DIM)}
+
+
+def configs() -> dict[str, tuple[WorldModelConfig, int]]:
+    """name -> (config, train batch size)."""
+    out = {}
+    for preset in ("tiny", "small"):
+        for variant in ("uwm", "dust"):
+            steps = dict(action_steps=10, video_steps=20 if variant == "dust" else 10)
+            out[f"{preset}-{variant}"] = (dataclasses.replace(PRESETS[preset], variant=variant, embodiments=EMB, **steps), 8)
+    # UWM reference: SDXL-VAE latents of 64 px frames are 4 x 8 x 8; 2 views x 2 frames -> 4 current and 4 future
+    # frames (patch 4: 4 tokens per frame; the reference's Conv3d (2, 4, 4) gives 4 per view and frame pair)
+    ref = WorldModelConfig(image_size=64, n_obs=4, n_future=4, action_horizon=16, frame_gap=4, width=256, depth=4,
+                           heads=4, registers=8, frame_space="vae", vae_latent_channels=4, vae_downsample=8,
+                           patch_size=4, embodiments=EMB, action_steps=10, video_steps=10)
+    out["uwm-reference"] = (ref, 8)
+    out["uwm-reference-dust"] = (dataclasses.replace(ref, variant="dust", video_steps=20), 8)
+    return out
+
+
+def make_batch(cfg: WorldModelConfig, b: int) -> dict:
+    s, t = cfg.image_size, cfg.window
+    batch = {"frames": torch.randint(0, 256, (b, t, 3, s, s), dtype=torch.uint8),
+             "action": torch.randn(b, t, ACTION_DIM), "action_mask": torch.ones(b, dtype=torch.bool),
+             "embodiment": ["robot"] * b, "task": [""] * b}
+    if cfg.frame_space == "vae":
+        h = s // cfg.vae_downsample
+        batch[cfg.vae_latent_key] = torch.randn(b, t, cfg.vae_latent_channels, h, h)
+    return batch
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def bench(cfg: WorldModelConfig, batch_size: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = WorldModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = make_batch(cfg, batch_size)
+
+    def step():
+        loss, _ = model(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    result = {"variant": cfg.variant, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+              "tokens_per_sample": model.num_tokens, "window": cfg.window, "batch": batch_size,
+              "train_step_ms": median_ms(step, repeats, warmup=2)}
+    model.eval()
+    one = make_batch(cfg, 1)
+    obs, nxt = one["frames"][:, : cfg.n_obs], one["frames"][:, cfg.future_indices()]
+    if cfg.frame_space == "vae":  # no VAE loaded: inverse dynamics takes latents; use the pixel stem's cost
+        nxt = None
+    actions = torch.randn(1, cfg.action_horizon, ACTION_DIM)
+    modes = {
+        "policy": lambda: model.sample_policy(obs, "robot", steps=cfg.action_steps),
+        "forward_dynamics": lambda: model.sample_forward_dynamics(obs, actions, "robot", steps=cfg.video_steps),
+        "video": lambda: model.sample_video(obs, steps=cfg.video_steps),
+        "joint": lambda: model.sample_joint(obs, "robot"),
+    }
+    if nxt is not None:
+        modes["inverse_dynamics"] = lambda: model.sample_inverse_dynamics(obs, nxt, "robot", steps=cfg.action_steps)
+    result["sample_ms_batch1"] = {name: median_ms(fn, repeats) for name, fn in modes.items()}
+    result["steps"] = {"action": cfg.action_steps, "video": cfg.video_steps}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", help="comma-separated subset of: " + ", ".join(configs()))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    chosen = configs()
+    if args.configs:
+        unknown = set(args.configs.split(",")) - set(chosen)
+        if unknown:
+            parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in args.configs.split(",")}
+    report = {"machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                          "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
+              "reference_uwm_ms": {"train_step_precomputed_latents": 318, "policy_10_steps_batch1": 113},
+              "results": {}}
+    for name, (cfg, batch_size) in (bar := tqdm(chosen.items(), desc="worldmodel bench")):
+        bar.set_postfix_str(name)
+        report["results"][name] = bench(cfg, batch_size, args.repeats)
+    report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The world model's contract, for both variants: modes and shapes, masked action loss, learning,
+use of the actions, checkpoints. Tiny models on tiny synthetic data; DUST specifics in test_dust.py."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec
+
+VARIANTS = ["uwm", "dust"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run ~10x faster on one thread than on two contended ones."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_config(variant="uwm", **kw) -> WorldModelConfig:
+    """16 px frames, 1 current + 1 future frame, 4-step chunks of a 2-dim action; window of 5 frames."""
+    base = dict(variant=variant, image_size=16, patch_size=4, n_obs=1, n_future=1, action_horizon=4, width=64,
+                depth=2, heads=2, registers=2, encoder_channels=[16, 32], action_steps=4, video_steps=4,
+                embodiments={"toy": embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}})})
+    return WorldModelConfig(**{**base, **kw})
+
+
+def action_dependent_batch(n: int, seed: int) -> dict:
+    """Current frame: a random grey level. Action: a constant 2-dim chunk in [-1, 1]. Future frame (index 4):
+    top half = action[0], bottom half = action[1] (in [-1, 1] pixel units): the future depends only on the action."""
+    g = torch.Generator().manual_seed(seed)
+    grey = torch.randint(0, 256, (n, 1, 1, 1, 1), generator=g, dtype=torch.uint8)
+    frames = grey.expand(n, 5, 3, 16, 16).clone()
+    a = torch.rand(n, 2, generator=g) * 2 - 1
+    future = torch.empty(n, 3, 16, 16)
+    future[:, :, :8] = a[:, 0, None, None, None]
+    future[:, :, 8:] = a[:, 1, None, None, None]
+    frames[:, 4] = ((future + 1) * 127.5).round().to(torch.uint8)
+    return {"frames": frames, "action": a[:, None].expand(n, 5, 2).clone(), "action_mask": torch.ones(n, dtype=torch.bool),
+            "embodiment": ["toy"] * n, "task": [""] * n}
+
+
+def random_batch(cfg: WorldModelConfig, n: int = 3, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s, t = cfg.image_size, cfg.window
+    return {"frames": torch.randint(0, 256, (n, t, 3, s, s), generator=g, dtype=torch.uint8),
+            "action": torch.randn(n, t, 2, generator=g), "action_mask": torch.ones(n, dtype=torch.bool),
+            "embodiment": ["toy"] * n, "task": ["push"] * n}
+
+
+def subset(batch: dict, idx) -> dict:
+    return {k: (v[idx] if torch.is_tensor(v) else [v[i] for i in idx]) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_mode_has_the_documented_shapes(variant):
+    cfg = toy_config(variant, n_obs=2, n_future=2, action_horizon=4, frame_gap=2, latent_action_dim=3,
+                     embodiments={"toy": embodiment_spec(action_dim=2, state_dim=5)})
+    model = WorldModel(cfg).eval()
+    assert cfg.window == 2 + max(3, 4) and cfg.future_indices() == [3, 5]
+    assert model.num_tokens == 4 + 2 * 16 + 2
+    b = 3
+    obs = torch.randint(0, 256, (b, 2, 3, 16, 16), dtype=torch.uint8)
+    nxt = torch.randint(0, 256, (b, 2, 3, 16, 16), dtype=torch.uint8)
+    state = torch.randn(b, 2, 5)
+    assert model.sample_policy(obs, "toy", state=state, steps=2).shape == (b, 4, 2)
+    assert model.sample_policy(obs, "latent", steps=2).shape == (b, 4, 3)
+    assert model.sample_forward_dynamics(obs, torch.randn(b, 4, 2), "toy", steps=2).shape == (b, 2, 3, 16, 16)
+    assert model.sample_inverse_dynamics(obs, nxt, "toy", steps=2).shape == (b, 4, 2)
+    for emb in (None, "toy"):
+        video = model.sample_video(obs, emb, steps=2)
+        assert video.shape == (b, 2, 3, 16, 16) and video.min() >= -1 and video.max() <= 1
+    actions, video = model.sample_joint(obs, "toy", action_steps=2, video_steps=3)
+    assert actions.shape == (b, 4, 2) and video.shape == (b, 2, 3, 16, 16)
+    with pytest.raises(ValueError, match="unknown embodiment 'arm'"):
+        model.sample_policy(obs, "arm")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_action_free_samples_contribute_exactly_zero_through_the_action_loss(variant):
+    cfg = toy_config(variant)
+    model = WorldModel(cfg)
+    batch = random_batch(cfg)
+    batch["action_mask"] = torch.tensor([True, False, True])
+    batch["embodiment"] = ["toy", "video", "toy"]
+    batch["action"][1] = float("nan")  # an action-free sample's actions are never read
+    batch["action"].requires_grad_(True)
+    out = model.losses(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["loss_action"] > 0 and out["action_fraction"] == pytest.approx(2 / 3)
+    out["loss_action"].backward()
+    grad = batch["action"].grad
+    assert torch.all(grad[1] == 0) and grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0
+
+    # a batch of action-free samples only: the action loss is exactly zero, and the total loss has exactly
+    # the gradients of the video loss alone
+    free = subset({**batch, "action": batch["action"].detach()}, [1])
+    params = [p for p in model.parameters()]
+
+    def grads(key):
+        out = model.losses(free, generator=torch.Generator().manual_seed(0))
+        g = torch.autograd.grad(out[key], params, allow_unused=True)
+        return out, [torch.zeros_like(p) if x is None else x for p, x in zip(params, g)]
+
+    out, total = grads("loss")
+    _, video = grads("loss_video")
+    assert out["loss_action"].item() == 0.0 and out["action_fraction"].item() == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(total, video))
+
+    # with a latent-action sidecar, action-free samples train the "latent" embodiment instead
+    model = WorldModel(dataclasses.replace(cfg, latent_action_dim=3))
+    out = model.losses({**free, "lam.latent": torch.randn(1, cfg.window, 3)}, generator=torch.Generator().manual_seed(0))
+    assert out["loss_action"] > 0 and out["action_fraction"].item() == 1.0
+
+
+def test_bad_batches_raise_clear_errors():
+    cfg = toy_config()
+    model = WorldModel(cfg)
+    batch = random_batch(cfg)
+    with pytest.raises(ValueError, match="windows of 5 frames"):
+        model(subset({**batch, "frames": batch["frames"][:, :3]}, [0, 1, 2]))
+    with pytest.raises(ValueError, match="embodiment 'arm'.*config.embodiments"):
+        model({**batch, "embodiment": ["toy", "arm", "toy"]})
+
+
+def test_a_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = toy_config(p_marginal=0.0)
+    model = WorldModel(cfg)
+    batch = random_batch(cfg, n=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(80):
+        # one batch, one draw of noise and timesteps: memorising it drives both losses towards zero
+        loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+        first = first or metrics
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+    assert metrics["loss_action"] < first["loss_action"] / 10
+    assert metrics["loss_video"] < first["loss_video"] / 10
+
+
+def train(model: WorldModel, data: dict, steps: int, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    n = data["frames"].shape[0]
+    for _ in range(steps):
+        loss, _ = model(subset(data, torch.randint(0, n, (batch_size,), generator=g)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_the_video_prediction_uses_the_actions():
+    """Where the future depends only on the action, forward dynamics (actions clean) must beat video
+    prediction (actions at full noise), and inverse dynamics must recover the actions from the frames."""
+    torch.manual_seed(0)
+    model = WorldModel(toy_config())
+    train(model, action_dependent_batch(256, seed=0), steps=300, batch_size=32)
+    model.eval()
+    test = action_dependent_batch(32, seed=1)
+    obs, future, actions = test["frames"][:, :1], test["frames"][:, 4:5], test["action"][:, :4]
+    truth = future.float() / 127.5 - 1
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    err_fd = ((model.sample_forward_dynamics(obs, actions, "toy", generator=g()) - truth) ** 2).mean()
+    err_video = ((model.sample_video(obs, "toy", generator=g()) - truth) ** 2).mean()
+    assert err_fd < 0.5 * err_video, (err_fd, err_video)
+    err_idm = ((model.sample_inverse_dynamics(obs, future, "toy", generator=g()) - actions) ** 2).mean()
+    err_policy = ((model.sample_policy(obs, "toy", generator=g()) - actions) ** 2).mean()
+    assert err_idm < 0.5 * err_policy, (err_idm, err_policy)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_and_load_give_identical_samples(variant, tmp_path):
+    cfg = toy_config(variant, tasks=["push", "reach"])
+    model = WorldModel(cfg)
+    train(model, random_batch(cfg, n=4), steps=3, batch_size=4, lr=1e-2)  # move the zero-initialised heads
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors"}
+    loaded = WorldModel.from_pretrained(tmp_path, strict=True).eval()
+    assert loaded.config == model.config
+    obs = random_batch(cfg, n=2, seed=5)["frames"][:, :1]
+    a1, v1 = model.sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
+    a2, v2 = loaded.sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a1, a2) and torch.equal(v1, v2)
+    a3, _ = WorldModel(cfg).eval().sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(a1, a3)  # the comparison can fail: other weights give other samples
+
+
+def test_task_conditioning_with_a_local_text_encoder(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "push", "the", "red", "block", "open", "door"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    text_dir = tmp_path / "text"
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(text_dir)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(text_dir)
+    cfg = toy_config(text_encoder_path=str(text_dir))
+    model = WorldModel(cfg)
+    assert not any(k.startswith("_frozen") or "text_model" in k for k in model.state_dict())
+    obs = random_batch(cfg, n=1)["frames"][:, :1].repeat(2, 1, 1, 1, 1)
+    c = model._condition(obs, ["toy"] * 2, None, None, ["push the red block", "open the door"])
+    assert not torch.allclose(c[0], c[1])  # same frames, different instructions
+    loss, _ = model(random_batch(cfg))
+    assert torch.isfinite(loss)
+
+
+def test_presets_build_and_report_their_token_counts():
+    for name, cfg in PRESETS.items():
+        if name == "base":
+            continue  # 137 M parameters: built by benchmarks/worldmodel.py, not in the unit tests
+        model = WorldModel(cfg)
+        per_frame = (cfg.image_size // cfg.patch_size) ** 2
+        assert model.num_tokens == cfg.action_horizon + cfg.n_future * per_frame + cfg.registers

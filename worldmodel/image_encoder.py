@@ -1,0 +1,100 @@
+"""A small GroupNorm ResNet that turns an image into one feature vector.
+
+Used for the current-frame conditioning of the world model (UWM runs a GroupNorm ResNet-18 per view
+and frame); trained in-domain with the model, so no pretrained weights are needed. GroupNorm instead
+of BatchNorm because batches are small and split over ranks, and because EMA weights work better
+without running statistics.
+
+Input: uint8 ``[N, C, H, W]`` in 0..255, or float ``[N, C, H, W]`` already in [-1, 1] (the world
+model's frame convention). Output: ``[N, out_dim]``.
+
+Pooling: ``"spatial_softmax"`` (default) returns the expected (x, y) position of every channel of the
+last feature map (Diffusion Policy's choice: manipulation needs *where* things are, which average
+pooling throws away); ``"avg"`` is global average pooling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with GroupNorm; ``stride=2`` halves the resolution (1x1 conv on the skip)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = _norm(c_out, groups)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = _norm(c_out, groups)
+        self.skip = None
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(c_out, groups))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm1(self.conv1(x)))
+        h = self.norm2(self.conv2(h))
+        return F.silu(h + (x if self.skip is None else self.skip(x)))
+
+
+class SpatialSoftmax(nn.Module):
+    """``[N, C, h, w]`` -> ``[N, 2C]``: per channel, the softmax-weighted mean (x, y) in [-1, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        attn = x.flatten(2).softmax(dim=-1).view(n, c, h, w)
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+        ex = (attn.sum(dim=2) * xs).sum(dim=-1)
+        ey = (attn.sum(dim=3) * ys).sum(dim=-1)
+        return torch.cat([ex, ey], dim=-1)
+
+
+class ImageEncoder(nn.Module):
+    """GroupNorm ResNet: a stride-2 stem, then one stage per entry of ``channels`` (each stage after the
+    first halves the resolution), then pooling and a linear projection to ``out_dim``.
+
+    With the defaults a 64x64 image ends as a 4x4 map of 256 channels (~1.2 M parameters at
+    ``blocks_per_stage=1``).
+    """
+
+    def __init__(
+        self,
+        out_dim: int = 256,
+        channels: tuple[int, ...] | list[int] = (32, 64, 128, 256),
+        blocks_per_stage: int = 1,
+        in_channels: int = 3,
+        pool: str = "spatial_softmax",
+        groups: int = 8,
+    ):
+        super().__init__()
+        if pool not in ("spatial_softmax", "avg"):
+            raise ValueError(f"pool must be 'spatial_softmax' or 'avg', got {pool!r}")
+        channels = list(channels)
+        self.in_channels = in_channels
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, channels[0], 3, 2, 1, bias=False), _norm(channels[0], groups), nn.SiLU()
+        )
+        layers, c_prev = [], channels[0]
+        for i, c in enumerate(channels):
+            for j in range(blocks_per_stage):
+                layers.append(ResidualBlock(c_prev, c, 2 if (i > 0 and j == 0) else 1, groups))
+                c_prev = c
+        self.stages = nn.Sequential(*layers)
+        self.pool = SpatialSoftmax() if pool == "spatial_softmax" else nn.AdaptiveAvgPool2d(1)
+        self.out = nn.Linear(2 * c_prev if pool == "spatial_softmax" else c_prev, out_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 ``[N, C, H, W]`` (0..255) or float in [-1, 1] -> ``[N, out_dim]``."""
+        if images.ndim != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(f"ImageEncoder expects [N, {self.in_channels}, H, W], got {tuple(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1.0
+        x = self.stages(self.stem(images.to(self.out.weight.dtype)))
+        return self.out(self.pool(x).flatten(1))

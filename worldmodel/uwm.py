@@ -1,0 +1,471 @@
+"""UWM: a unified world model (Zhu et al., "Unified World Models", WEIRDLabUW) trained by flow matching.
+
+One diffusion transformer denoises an action chunk and the future frames together, each with its own
+timestep; pinning one timestep gives the modes (policy, forward / inverse dynamics, video, joint).
+``variant="dust"`` swaps in DUST's dual-stream blocks (``worldmodel.dust``); everything else is shared.
+
+Timeline of one training window (``frames [B, T, C, H, W]``, ``action [B, T, A]``; ``action[t]`` is the
+action taken after seeing frame ``t``; ``t0 = n_obs - 1`` is the last observation)::
+
+    frame index   0 .. t0           t0+g   t0+2g ... t0+n_future*g        (g = frame_gap)
+                  current frames    future frames (denoised)
+    action index  t0, t0+1, ..., t0+H-1                                   (H = action_horizon)
+
+With the default ``frame_gap = H // n_future`` the last future frame is the one the chunk's last action
+leads to. ``config.window`` is the window length the stream must deliver (``n_obs + max(H - 1,
+n_future * g)``; 18 for 2 + 2 frames and a 16-step chunk); longer windows are cut, shorter ones refused.
+
+Tokens: ``[H action tokens | n_future * (S/p)^2 future-frame tokens | registers]``. The current frames do
+not become tokens: each goes through ``ImageEncoder``; with robot state, task and both timestep
+embeddings they form one condition vector injected in every block by AdaLN (shift, scale, gate;
+zero-initialised).
+
+Flow matching (t = 1 noise, t = 0 data): ``z_t = (1 - t) x + t e``, the network predicts ``e - x``;
+Euler from 1 to 0. Actions enter through per-embodiment linear adapters (normalised with the stats in
+the config); the LAM's latent actions are one more embodiment, ``"latent"``. Action-free samples train
+with latent actions when the batch carries them (``config.latent_action_key``), otherwise with the
+action timestep at full noise, learned null action tokens and the action loss masked out (exactly zero).
+
+Outputs of the ``sample_*`` modes: actions in raw units ``[B, H, A]``; frames float ``[B, n_future, 3,
+S, S]`` in [-1, 1] (``tokenizer.unit_to_uint8`` converts); with ``frame_space="vae"`` frames are decoded
+by the VAE, or returned as latents ``[B, n_future, c, h, w]`` when no VAE is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from worldmodel.attention import Block, FinalLayer, TimestepEmbedding
+from worldmodel.dust import DualStreamBlock, joint_schedule
+from worldmodel.image_encoder import ImageEncoder
+from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
+
+log = logging.getLogger(__name__)
+
+LATENT = "latent"  # the embodiment name of the LAM's latent actions
+
+
+def embodiment_spec(stats: dict | None = None, action_dim: int | None = None, state_dim: int | None = None) -> dict:
+    """A config entry for one embodiment from ``{"action": {"mean", "std"}, "state": {...}}`` stats
+    (as in the manifest / ``shards.stats.embodiment_stats``); dims are read from the stats when not given."""
+    stats = stats or {}
+    spec = {}
+    for key, dim in (("action", action_dim), ("state", state_dim)):
+        s = stats.get(key) or {}
+        dim = len(s["mean"]) if dim is None and "mean" in s else (dim or 0)
+        spec[f"{key}_dim"] = int(dim)
+        spec[f"{key}_mean"] = [float(v) for v in s.get("mean", [0.0] * dim)]
+        spec[f"{key}_std"] = [float(v) for v in s.get("std", [1.0] * dim)]
+    return spec
+
+
+@dataclasses.dataclass
+class WorldModelConfig:
+    variant: str = "uwm"  # "uwm" (single-stream blocks) | "dust" (dual-stream blocks)
+    # window (see the module docstring for the timeline)
+    image_size: int = 64
+    n_obs: int = 2
+    n_future: int = 2
+    action_horizon: int = 16
+    frame_gap: int | None = None  # None -> action_horizon // n_future
+    # transformer
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    registers: int = 8
+    # frames -> tokens
+    frame_space: str = "pixels"  # "pixels" | "vae"
+    patch_size: int = 8
+    vae_path: str | None = None  # local diffusers AutoencoderKL folder (frozen, not saved with the model)
+    vae_latent_key: str = "vae.latent"  # batch key of precomputed latents [B, T, c, h, w]
+    vae_latent_channels: int | None = None  # None -> read from the VAE
+    vae_downsample: int | None = None
+    # conditioning
+    encoder_channels: list = dataclasses.field(default_factory=lambda: [32, 64, 128, 256])
+    encoder_blocks: int = 1
+    encoder_pool: str = "spatial_softmax"
+    embodiments: dict = dataclasses.field(default_factory=dict)  # name -> embodiment_spec(...)
+    latent_action_dim: int = 0  # > 0 adds the "latent" embodiment
+    latent_action_key: str = "lam.latent"  # batch key of latent actions [B, T, latent_action_dim]
+    tasks: list = dataclasses.field(default_factory=list)  # learned task embedding vocabulary
+    text_encoder_path: str | None = None  # local transformers folder; replaces the task embedding
+    # objective and sampling
+    p_marginal: float = 0.1  # per sample and modality: probability of pinning t = 1 in training
+    action_loss_weight: float = 1.0
+    video_loss_weight: float = 1.0
+    action_steps: int = 10
+    video_steps: int = 10  # DUST: more video than action steps in sample_joint
+
+    def __post_init__(self):
+        if self.variant not in ("uwm", "dust"):
+            raise ValueError(f"variant must be 'uwm' or 'dust', got {self.variant!r}")
+        if self.frame_space not in ("pixels", "vae"):
+            raise ValueError(f"frame_space must be 'pixels' or 'vae', got {self.frame_space!r}")
+        if self.n_obs < 1 or self.n_future < 1 or self.action_horizon < 1:
+            raise ValueError("n_obs, n_future and action_horizon must be >= 1")
+        if self.frame_gap is None:
+            self.frame_gap = max(1, self.action_horizon // self.n_future)
+        if self.latent_action_dim and LATENT not in self.embodiments:
+            self.embodiments = {**self.embodiments, LATENT: embodiment_spec(action_dim=self.latent_action_dim)}
+        for name, spec in self.embodiments.items():
+            if "." in name or not spec.get("action_dim"):
+                raise ValueError(f"embodiment {name!r}: names have no dots and need action_dim > 0")
+
+    @property
+    def window(self) -> int:
+        return self.n_obs + max(self.action_horizon - 1, self.n_future * self.frame_gap)
+
+    def future_indices(self) -> list[int]:
+        return [self.n_obs - 1 + self.frame_gap * (j + 1) for j in range(self.n_future)]
+
+
+# Parameter counts without embodiment adapters (each adds ~2 x (A + 1) x width, plus state); tokens per sample.
+PRESETS = {
+    # 32 px, 44 tokens per sample (8 action + 2 x 16 frame + 4 registers), 0.33 M parameters (dust: 0.48 M)
+    "tiny": WorldModelConfig(image_size=32, action_horizon=8, width=64, depth=2, heads=2, registers=4,
+                             encoder_channels=[16, 32, 64], action_steps=4, video_steps=4),
+    # 64 px, 152 tokens (16 + 2 x 64 + 8), 6.9 M parameters (dust: 11.6 M); window 18
+    "small": WorldModelConfig(),
+    # 128 px, 160 tokens (16 + 2 x 64 + 16), patch 16, 12 x 768: 146 M parameters (dust: 273 M)
+    "base": WorldModelConfig(image_size=128, patch_size=16, width=768, depth=12, heads=12, registers=16,
+                             encoder_channels=[64, 128, 256, 512], encoder_blocks=2),
+}
+
+
+class EmbodimentAdapter(nn.Module):
+    """Per-embodiment action adapters (one linear layer each way) and state projection, with the
+    normalisation stats from the config as (non-persistent) buffers."""
+
+    def __init__(self, name: str, spec: dict, width: int, n_obs: int):
+        super().__init__()
+        self.action_dim, self.state_dim = int(spec["action_dim"]), int(spec.get("state_dim", 0))
+        self.action_in = nn.Linear(self.action_dim, width)
+        self.action_out = nn.Linear(width, self.action_dim)
+        nn.init.zeros_(self.action_out.weight)
+        nn.init.zeros_(self.action_out.bias)
+        self.state_in = nn.Linear(n_obs * self.state_dim, width) if self.state_dim else None
+        for key in ("action", "state"):
+            dim = getattr(self, f"{key}_dim")
+            mean = torch.tensor(spec.get(f"{key}_mean") or [0.0] * dim, dtype=torch.float32)
+            std = torch.tensor(spec.get(f"{key}_std") or [1.0] * dim, dtype=torch.float32)
+            if len(mean) != dim or len(std) != dim:
+                raise ValueError(f"embodiment {name!r}: {key}_mean / {key}_std have {len(mean)} / {len(std)} "
+                                 f"entries, {key}_dim is {dim}")
+            self.register_buffer(f"{key}_mean", mean, persistent=False)
+            self.register_buffer(f"{key}_std", std.clamp_min(1e-3), persistent=False)  # constant dims stay finite
+
+    def normalize_action(self, a: torch.Tensor) -> torch.Tensor:
+        return (a - self.action_mean) / self.action_std
+
+    def denormalize_action(self, a: torch.Tensor) -> torch.Tensor:
+        return a * self.action_std + self.action_mean
+
+    def state_features(self, state: torch.Tensor) -> torch.Tensor:
+        """state raw ``[N, n_obs, state_dim]`` -> ``[N, width]``."""
+        return self.state_in(((state - self.state_mean) / self.state_std).flatten(1))
+
+
+def _groups(names: list) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name is not None:
+            out.setdefault(name, []).append(i)
+    return out
+
+
+class WorldModel(nn.Module, PyTorchModelHubMixin):
+    """UWM / DUST world model. ``forward(batch) -> (loss, metrics)``; ``sample_*`` modes; see module doc."""
+
+    def __init__(self, config: WorldModelConfig):
+        super().__init__()
+        if isinstance(config, dict):  # from_pretrained hands back the JSON dict
+            config = WorldModelConfig(**config)
+        self.config = cfg = config
+        d = cfg.width
+        self._frozen: dict = {}  # VAE / text encoder: loaded from local paths, never saved with the weights
+        if cfg.frame_space == "vae":
+            if cfg.vae_path:
+                self._frozen["vae"] = vae = load_vae(cfg.vae_path)
+                cfg.vae_latent_channels = cfg.vae_latent_channels or vae.config.latent_channels
+                cfg.vae_downsample = cfg.vae_downsample or vae_downsample(vae)
+            if not (cfg.vae_latent_channels and cfg.vae_downsample):
+                raise ValueError("frame_space='vae' needs vae_path, or vae_latent_channels and vae_downsample")
+            self.tokenizer = PatchTokenizer(cfg.vae_latent_channels, cfg.image_size // cfg.vae_downsample, cfg.patch_size, d)
+        else:
+            self.tokenizer = PatchTokenizer(3, cfg.image_size, cfg.patch_size, d)
+        n_video = cfg.n_future * self.tokenizer.tokens_per_frame
+        self.num_tokens = cfg.action_horizon + n_video + cfg.registers
+
+        self.image_encoder = ImageEncoder(d, cfg.encoder_channels, cfg.encoder_blocks, pool=cfg.encoder_pool)
+        self.obs_proj = nn.Linear(cfg.n_obs * d, d)
+        self.adapters = nn.ModuleDict({n: EmbodimentAdapter(n, s, d, cfg.n_obs) for n, s in cfg.embodiments.items()})
+        if cfg.text_encoder_path:
+            from transformers import AutoModel, AutoTokenizer
+
+            text_model = AutoModel.from_pretrained(cfg.text_encoder_path).eval().requires_grad_(False)
+            self._frozen["text"] = (AutoTokenizer.from_pretrained(cfg.text_encoder_path), text_model, {})
+            self.text_proj = nn.Linear(text_model.config.hidden_size, d)
+        else:
+            self.task_embedding = nn.Embedding(len(cfg.tasks) + 1, d)  # index 0: unknown / no task
+        self.t_action = TimestepEmbedding(d)
+        self.t_video = TimestepEmbedding(d)
+
+        self.null_action = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.action_pos = nn.Parameter(torch.randn(1, cfg.action_horizon, d) * 0.02)
+        self.video_pos = nn.Parameter(torch.randn(1, n_video, d) * 0.02)
+        self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, d) * 0.02)
+        block = Block if cfg.variant == "uwm" else DualStreamBlock
+        self.blocks = nn.ModuleList([block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_action = FinalLayer(d)
+        self.final_video = FinalLayer(d)
+
+    # ----------------------------------------------------------------------------------- network
+    def _task_features(self, task: list[str] | None, batch_size: int, device) -> torch.Tensor:
+        task = list(task) if task is not None else [""] * batch_size
+        if "text" in self._frozen:
+            tokenizer, model, cache = self._frozen["text"]
+            missing = sorted({s for s in task if s not in cache})
+            if missing:
+                with torch.no_grad():
+                    enc = tokenizer(missing, return_tensors="pt", padding=True)
+                    hidden = model.to(device)(**enc.to(device)).last_hidden_state
+                    m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    for s, f in zip(missing, (hidden * m).sum(1) / m.sum(1).clamp_min(1)):
+                        cache[s] = f.float()
+            return self.text_proj(torch.stack([cache[s].to(device) for s in task]))
+        vocab = {name: i + 1 for i, name in enumerate(self.config.tasks)}
+        idx = torch.tensor([vocab.get(s, 0) for s in task], device=device)
+        return self.task_embedding(idx)
+
+    def _condition(self, obs: torch.Tensor, names: list, state, state_mask, task) -> torch.Tensor:
+        """obs ``[B, n_obs, 3, S, S]``, state raw ``[B, n_obs, S_max]`` or None -> condition ``[B, D]``
+        (without the timestep embeddings, so sampling computes it once)."""
+        b, n = obs.shape[:2]
+        if n != self.config.n_obs or obs.shape[-1] != self.config.image_size:
+            raise ValueError(f"expected current frames [B, {self.config.n_obs}, 3, {self.config.image_size}, "
+                             f"{self.config.image_size}], got {tuple(obs.shape)}")
+        cond = self.obs_proj(self.image_encoder(obs.flatten(0, 1)).view(b, -1))
+        cond = cond + self._task_features(task, b, cond.device)
+        if state is not None:
+            extra = torch.zeros_like(cond)
+            for name, idx in _groups(names).items():
+                adapter = self.adapters[name]
+                idx = [i for i in idx if state_mask is None or bool(state_mask[i])]
+                if adapter.state_in is not None and idx:
+                    extra[idx] = adapter.state_features(state[idx, :, : adapter.state_dim].to(cond))
+            cond = cond + extra
+        return cond
+
+    def _velocity(self, cond, t_a, t_v, z_a, z_v, names):
+        """Predicted velocities. cond ``[B, D]``; t_a, t_v ``[B]``; z_a noisy normalised actions
+        ``[B, H, A_max]``; z_v noisy frames ``[B, F, c, h, w]``; names: embodiment per sample (None: no
+        action stream, null tokens). -> v_a ``[B, H, A_max]`` (zero outside each sample's dims), v_v."""
+        cfg, b = self.config, z_a.shape[0]
+        c = F.silu(cond + self.t_action(t_a) + self.t_video(t_v))
+        tok_a = self.null_action.expand(b, cfg.action_horizon, -1).clone()
+        groups = _groups(names)
+        for name, idx in groups.items():
+            adapter = self.adapters[name]
+            tok_a[idx] = adapter.action_in(z_a[idx, :, : adapter.action_dim])
+        tok_v = self.tokenizer.patchify(z_v) + self.video_pos
+        x = torch.cat([tok_a + self.action_pos, tok_v, self.register_tokens.expand(b, -1, -1)], dim=1)
+        for blk in self.blocks:
+            x = blk(x, c, cfg.action_horizon)
+        h_a = self.final_action(x[:, : cfg.action_horizon], c)
+        v_v = self.tokenizer.unpatchify(self.final_video(x[:, cfg.action_horizon : cfg.action_horizon + tok_v.shape[1]], c))
+        v_a = z_a.new_zeros(z_a.shape).to(h_a.dtype)
+        for name, idx in groups.items():
+            adapter = self.adapters[name]
+            v_a[idx, :, : adapter.action_dim] = adapter.action_out(h_a[idx])
+        return v_a, v_v
+
+    # ----------------------------------------------------------------------------------- training
+    def _video_data(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames uint8 ``[B, F, 3, S, S]`` -> the denoised space: [-1, 1] pixels, or VAE latents."""
+        if self.config.frame_space == "pixels":
+            return frames_to_unit(frames)
+        if "vae" not in self._frozen:
+            raise ValueError(f"frame_space='vae' without a VAE: put precomputed latents under "
+                             f"{self.config.vae_latent_key!r} in the batch, or set vae_path")
+        vae = self._frozen["vae"].to(frames.device)
+        return encode_frames(vae, frames.flatten(0, 1)).view(*frames.shape[:2], *self.tokenizer_shape)
+
+    @property
+    def tokenizer_shape(self) -> tuple[int, int, int]:
+        t = self.tokenizer
+        return (t.channels, t.size, t.size)
+
+    def _action_data(self, batch: dict, b: int, device):
+        """Normalised action chunks ``[B, H, A_max]``, embodiment per sample (None: action-free without
+        latent actions) and a dims mask ``[B, A_max]``."""
+        cfg, t0 = self.config, self.config.n_obs - 1
+        mask = batch.get("action_mask")
+        latent = batch.get(cfg.latent_action_key)
+        names = []
+        for i, emb in enumerate(batch["embodiment"]):
+            if mask is None or bool(mask[i]):
+                if emb not in self.adapters:
+                    raise ValueError(f"sample {i} has actions of embodiment {emb!r}, which the config does not "
+                                     f"know (known: {sorted(self.adapters)}); add it to config.embodiments")
+                names.append(emb)
+            else:
+                names.append(LATENT if latent is not None and LATENT in self.adapters else None)
+        a_max = max([self.adapters[n].action_dim for n in names if n is not None] or [1])
+        x = torch.zeros(b, cfg.action_horizon, a_max, device=device)
+        dims = torch.zeros(b, a_max, device=device)
+        for name, idx in _groups(names).items():
+            adapter = self.adapters[name]
+            src = latent if name == LATENT else batch["action"]
+            chunk = src[idx, t0 : t0 + cfg.action_horizon].to(device).float().flatten(2)
+            if chunk.shape[-1] < adapter.action_dim:
+                key = cfg.latent_action_key if name == LATENT else "action"
+                raise ValueError(f"batch[{key!r}] has {chunk.shape[-1]} dims, embodiment {name!r} needs {adapter.action_dim}")
+            x[idx, :, : adapter.action_dim] = adapter.normalize_action(chunk[..., : adapter.action_dim])
+            dims[idx, : adapter.action_dim] = 1.0
+        return x, names, dims
+
+    def losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The two flow-matching losses (and their weighted sum ``loss``) on one training batch."""
+        cfg = self.config
+        device = self.null_action.device
+        frames = batch["frames"].to(device)
+        b, t = frames.shape[:2]
+        if t < cfg.window:
+            raise ValueError(f"batch frames have T={t}, the world model needs windows of {cfg.window} frames "
+                             f"(n_obs={cfg.n_obs}, n_future={cfg.n_future}, frame_gap={cfg.frame_gap}, "
+                             f"action_horizon={cfg.action_horizon})")
+        fut = cfg.future_indices()
+        if cfg.frame_space == "vae" and cfg.vae_latent_key in batch:
+            x_v = batch[cfg.vae_latent_key][:, fut].to(device).float()
+        else:
+            if cfg.frame_space == "vae" and not self._frozen.get("warned"):
+                self._frozen["warned"] = True
+                log.warning("no %r in the batch: encoding future frames with the VAE at every step (slow); "
+                            "precompute the latents once with a labelling pass", cfg.vae_latent_key)
+            x_v = self._video_data(frames[:, fut])
+        x_a, names, dims = self._action_data(batch, b, device)
+        has_actions = torch.tensor([n is not None for n in names], device=device)
+        state = batch.get("state")
+        cond = self._condition(frames[:, : cfg.n_obs], names, None if state is None else state[:, : cfg.n_obs].to(device),
+                               batch.get("state_mask"), batch.get("task"))
+
+        def draw_t():
+            u = torch.rand(b, device=device, generator=generator)
+            pin = torch.rand(b, device=device, generator=generator) < cfg.p_marginal
+            return torch.where(pin, torch.ones_like(u), u)
+
+        t_a = torch.where(has_actions, draw_t(), torch.ones(b, device=device))
+        t_v = draw_t()
+        e_a = torch.randn(x_a.shape, device=device, generator=generator) * dims[:, None]
+        e_v = torch.randn(x_v.shape, device=device, generator=generator)
+        z_a = (1 - t_a)[:, None, None] * x_a + t_a[:, None, None] * e_a
+        z_v = (1 - t_v).view(b, 1, 1, 1, 1) * x_v + t_v.view(b, 1, 1, 1, 1) * e_v
+        v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names)
+
+        err_a = ((v_a.float() - (e_a - x_a)) ** 2 * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
+        # torch.where, not a product: action-free samples contribute exactly zero (even if err were inf)
+        loss_a = torch.where(has_actions, err_a, torch.zeros_like(err_a)).sum() / has_actions.sum().clamp_min(1)
+        loss_v = ((v_v.float() - (e_v - x_v)) ** 2).mean()
+        loss = cfg.action_loss_weight * loss_a + cfg.video_loss_weight * loss_v
+        # the batch-dependent parameters (adapters, null token) join the graph with weight 0 whether or not
+        # this batch used them, so DDP needs no unused-parameter search
+        loss = loss + 0.0 * sum(p.sum() for p in [self.null_action, *self.adapters.parameters(),
+                                                  *self.final_action.parameters()])
+        return {"loss": loss, "loss_action": loss_a, "loss_video": loss_v,
+                "action_fraction": has_actions.float().mean()}
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.losses(batch, generator)
+        return out["loss"], {k: float(v.detach()) for k, v in out.items()}
+
+    # ----------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def _sample(self, obs, embodiment, *, actions=None, next_frames=None, gen_actions=True, gen_video=True,
+                task=None, state=None, action_steps=None, video_steps=None, generator=None):
+        """Shared sampler. A modality is generated (Euler 1 -> 0), given clean (t = 0), or left at full
+        noise (t = 1). Returns (actions raw ``[B, H, A]`` or None, frames or None)."""
+        cfg = self.config
+        device = self.null_action.device
+        obs = obs.to(device)
+        b = obs.shape[0]
+        if embodiment is not None and embodiment not in self.adapters:
+            raise ValueError(f"unknown embodiment {embodiment!r} (known: {sorted(self.adapters)})")
+        if embodiment is None and (gen_actions or actions is not None):
+            raise ValueError("this mode needs an embodiment (the action adapter to use)")
+        names = [embodiment] * b
+        adapter = self.adapters[embodiment] if embodiment is not None else None
+        cond = self._condition(obs, names, None if state is None else state.to(device), None, task)
+        a_dim = adapter.action_dim if adapter is not None else 1
+        x_a = torch.randn(b, cfg.action_horizon, a_dim, device=device, generator=generator)
+        x_v = torch.randn(b, cfg.n_future, *self.tokenizer_shape, device=device, generator=generator)
+        t_a = torch.ones(b, device=device)
+        t_v = torch.ones(b, device=device)
+        if actions is not None:
+            x_a, t_a = adapter.normalize_action(actions.to(device).float()), torch.zeros_like(t_a)
+        if next_frames is not None:
+            x_v, t_v = self._video_data(next_frames.to(device)), torch.zeros_like(t_v)
+        n_a = action_steps or cfg.action_steps
+        n_v = video_steps or cfg.video_steps
+        if gen_actions and gen_video:
+            schedule = joint_schedule(n_a, n_v)
+        else:
+            schedule = [(True, False)] * n_a if gen_actions else [(False, True)] * n_v
+        k_a = k_v = 0
+        for step_a, step_v in schedule:
+            v_a, v_v = self._velocity(cond, t_a, t_v, x_a, x_v, names)
+            if step_a:  # each stream on its own uniform grid; times set from the index, so they end at 0
+                k_a += 1
+                x_a, t_a = x_a - v_a.float() / n_a, torch.full_like(t_a, 1 - k_a / n_a)
+            if step_v:
+                k_v += 1
+                x_v, t_v = x_v - v_v.float() / n_v, torch.full_like(t_v, 1 - k_v / n_v)
+        out_a = adapter.denormalize_action(x_a) if gen_actions else None
+        out_v = self._frames_out(x_v) if gen_video else None
+        return out_a, out_v
+
+    def _frames_out(self, x_v: torch.Tensor) -> torch.Tensor:
+        if self.config.frame_space == "pixels":
+            return x_v.clamp(-1, 1)
+        if "vae" not in self._frozen:
+            return x_v  # latents; the caller decodes them
+        vae = self._frozen["vae"].to(x_v.device)
+        return decode_latents(vae, x_v.flatten(0, 1)).view(*x_v.shape[:2], 3, self.config.image_size, self.config.image_size)
+
+    def sample_policy(self, obs_frames, embodiment: str, *, task=None, state=None, steps=None, generator=None):
+        """Actions given current frames (video at full noise). obs_frames uint8 ``[B, n_obs, 3, S, S]``,
+        state raw ``[B, n_obs, S]`` -> actions raw ``[B, H, A]``."""
+        return self._sample(obs_frames, embodiment, gen_video=False, task=task, state=state,
+                            action_steps=steps, generator=generator)[0]
+
+    def sample_forward_dynamics(self, obs_frames, actions, embodiment: str, *, task=None, state=None, steps=None,
+                                generator=None):
+        """Future frames given current frames and actions raw ``[B, H, A]`` -> frames ``[B, n_future, 3, S, S]``."""
+        return self._sample(obs_frames, embodiment, actions=actions, gen_actions=False, task=task, state=state,
+                            video_steps=steps, generator=generator)[1]
+
+    def sample_inverse_dynamics(self, obs_frames, next_frames, embodiment: str, *, task=None, state=None, steps=None,
+                                generator=None):
+        """Actions given current and future frames (uint8 ``[B, n_future, 3, S, S]``) -> actions raw ``[B, H, A]``."""
+        return self._sample(obs_frames, embodiment, next_frames=next_frames, gen_video=False, task=task, state=state,
+                            action_steps=steps, generator=generator)[0]
+
+    def sample_video(self, obs_frames, embodiment: str | None = None, *, task=None, state=None, steps=None,
+                     generator=None):
+        """Future frames, actions at full noise (embodiment None: null action tokens, as action-free video
+        trains) -> frames ``[B, n_future, 3, S, S]``."""
+        return self._sample(obs_frames, embodiment, gen_actions=False, task=task, state=state,
+                            video_steps=steps, generator=generator)[1]
+
+    def sample_joint(self, obs_frames, embodiment: str, *, task=None, state=None, action_steps=None,
+                     video_steps=None, generator=None):
+        """Actions and future frames together; each stream on its own step count (DUST's asynchronous
+        sampling when ``video_steps > action_steps``) -> (actions ``[B, H, A]``, frames)."""
+        return self._sample(obs_frames, embodiment, task=task, state=state, action_steps=action_steps,
+                            video_steps=video_steps, generator=generator)

@@ -45,6 +45,10 @@ class PreemptionHandler:
         return self
 
     def uninstall(self) -> None:
+        if self.received is not None:
+            # Preempted: the process is on its way out with exit code 75. Restoring the default
+            # handlers now would let a late second SIGTERM kill it (-15) after the checkpoint.
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

@@ -51,6 +51,7 @@ class DataConfig:
     weights: list[float] | None = None                # sampling weight per data path (None: by size)
     windows_per_episode: int = 4                      # windows cut from one decoded episode
     shuffle_buffer: int = 64                          # windows mixed before batching
+    episodes_per_task: int = 0                        # few-shot: first K successful action episodes per task (0: all)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class EMAConfig:
 class RunConfig:
     model_name: str = ""
     preset: str = "small"
+    policy: str = ""                                  # what the model is trained as (decoder: scratch|latent|uwm|idm-bc)
+    init: str | None = None                           # a run folder to start from (``--init``), read by the model's prepare
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -330,7 +333,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                        ("train.log_every", t.log_every), ("train.ckpt_every", t.ckpt_every),
                        ("train.keep_last", t.keep_last)]:
         positive(key, value)
-    for key, value in [("data.num_workers", d.num_workers), ("optim.weight_decay", o.weight_decay),
+    for key, value in [("data.num_workers", d.num_workers), ("data.episodes_per_task", d.episodes_per_task),
+                       ("optim.weight_decay", o.weight_decay),
                        ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
                        ("train.eval_every", t.eval_every), ("train.nan_skip_steps", t.nan_skip_steps)]:
         positive(key, value, allow_zero=True)

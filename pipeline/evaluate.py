@@ -80,10 +80,14 @@ def load_policy(spec: str, info: dict[str, Any]) -> Policy:
 
 
 def check_compatible(policy: Policy, info: dict[str, Any]) -> None:
-    """Fail (UsageError naming both sides) if the policy's declared ``action_dim`` or ``image_size``
-    does not match the environment described by ``info`` (see ``env_info``). Undeclared attributes
-    are not checked."""
+    """Fail (UsageError naming both sides) if the policy's declared ``embodiment``, ``action_dim`` or
+    ``image_size`` does not match the environment described by ``info`` (see ``env_info``).
+    Undeclared attributes are not checked."""
     name = type(policy).__name__
+    embodiment = getattr(policy, "embodiment", None)
+    if embodiment is not None and embodiment != info["embodiment"]:
+        raise UsageError(f"policy {name} acts for embodiment '{embodiment}' but {info['env']} is "
+                         f"'{info['embodiment']}'")
     action_dim = getattr(policy, "action_dim", None)
     if action_dim is not None and int(action_dim) != info["action_dim"]:
         raise UsageError(f"policy {name} outputs {action_dim}-dim actions but {info['env']} "

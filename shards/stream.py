@@ -31,7 +31,7 @@ import io
 import logging
 import os
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,16 +243,17 @@ class WindowStream(torch.utils.data.IterableDataset):
     """Windows of ``window`` frames (``stride`` apart) from one or more shard datasets.
 
     Args beyond docs/CONTRACTS.md: ``weights`` (train mode: relative probability of drawing the
-    next episode from each data dir; default proportional to its sample count) and ``on_error``
+    next episode from each data dir; default proportional to its sample count), ``on_error``
     ("skip": log a warning naming shard + key and go on, the train default; "raise": the label
-    default) for undecodable or malformed samples.
+    default) for undecodable or malformed samples, and ``keys`` (one entry per data dir: the
+    sample keys to use from it, or None for all; e.g. a few-shot subset of demos).
     """
 
     def __init__(self, data: str | Path | Sequence[str | Path], *, window: int = 8, stride: int = 1,
                  camera: str | None = None, resize: int | Sequence[int] | None = None, backend: str = "auto",
                  mode: str = "train", labels: Sequence[str] = (), windows_per_episode: int = 4,
                  shuffle_buffer: int = 64, seed: int = 0, weights: Sequence[float] | None = None,
-                 on_error: str | None = None):
+                 on_error: str | None = None, keys: Sequence[Collection[str] | None] | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -263,8 +264,14 @@ class WindowStream(torch.utils.data.IterableDataset):
         if not self.dirs:
             raise ValueError("no data directories given")
         manifests = [read_manifest(d) for d in self.dirs]
-        self.shards = [[d / s["name"] for s in m["shards"]] for d, m in zip(self.dirs, manifests)]
-        sizes = [m["totals"]["samples"] for m in manifests]
+        if keys is not None and len(keys) != len(self.dirs):
+            raise ValueError(f"keys must have one entry per data dir ({len(self.dirs)}), got {len(keys)}")
+        self.keys = {d: frozenset(k) for d, k in zip(self.dirs, keys or []) if k is not None}
+        # shards without a wanted key are dropped up front: they would only be read to be skipped
+        self.shards = [[d / s["name"] for s in m["shards"] if d not in self.keys or self.keys[d] & set(s["keys"])]
+                       for d, m in zip(self.dirs, manifests)]
+        sizes = [m["totals"]["samples"] if d not in self.keys else len(self.keys[d])
+                 for d, m in zip(self.dirs, manifests)]
         if weights is None:
             weights = sizes
         if len(weights) != len(self.dirs) or min(weights) < 0 or sum(weights) <= 0:
@@ -299,11 +306,14 @@ class WindowStream(torch.utils.data.IterableDataset):
             stats = read_sidecar_stats(data_dir, name, shard.name)
             sidecars[name] = (read_sidecar(data_dir, name, shard.name), {f.get("key") for f in stats["failures"]})
         samples = read_tar_samples(shard)
+        wanted = self.keys.get(data_dir)
         while True:
             try:
                 raw = next(samples, None)
                 if raw is None:
                     return
+                if wanted is not None and raw["__key__"] not in wanted:
+                    continue
                 sample = parse_sample(raw, shard, self.camera)
             except FormatError as e:  # a malformed sample, or a broken tar (which ends the shard)
                 if self.on_error == "raise":

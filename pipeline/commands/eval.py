@@ -26,15 +26,34 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=64, help="rendered image size (square)")
     p.add_argument("--camera", default="corner", help="camera name")
     p.add_argument("--max-steps", type=int, default=200, help="actions per episode at most")
+    p.add_argument("--action-steps", type=int, default=None,
+                   help="chunked policies: actions executed per predicted chunk (default: horizon / 2)")
+    p.add_argument("--temporal-ensemble", type=float, default=None, metavar="K",
+                   help="chunked policies: predict every step and average chunks with weights exp(-K i)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="flow policies: integration steps (default: the model's, 10 for fm, 1 for meanflow)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch CPU threads for the policy: batch-1 inference gains little from more, and on a "
+                        "busy CPU extra threads spin (measured: 1.5 s vs 35 ms per chunk, tiny decoder)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="module or .py file that registers models / policy loaders (also $WM_PLUGINS)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate import env_info, evaluate, format_table, load_policy
+    from pipeline.registry import load_plugins
     from pipeline.sim.metaworld_env import parse_tasks
 
     tasks = parse_tasks(args.tasks)
     info = env_info(args.env, resolution=args.resolution, camera=args.camera)
+    info.update(action_steps=args.action_steps, temporal_ensemble=args.temporal_ensemble,
+                sampling_steps=args.sampling_steps)
+    if args.policy not in ("expert", "random"):
+        import torch
+
+        torch.set_num_threads(max(1, args.torch_threads))
+        load_plugins(args.plugin)   # the built-in model registrations add the run-folder loaders
     policy = load_policy(args.policy, info)
     results = evaluate(policy, tasks, episodes=args.episodes, seed=args.seed, out_dir=args.out,
                        video=args.video, resolution=args.resolution, camera=args.camera,

@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a registered model (resumes automatically)",
         usage="wm train MODEL --data DIR [--data DIR2 ...] --out RUN [--config FILE] [--preset NAME] "
-              "[--plugin MODULE] [key=value ...]",
+              "[--init RUN] [--episodes-per-task K] [--labels NAME ...] [--plugin MODULE] [key=value ...]",
         description="Train a registered model. Overrides are key=value pairs, e.g. optim.lr=3e-4 data.window=8; "
                     "precedence: defaults < --preset < --config < key=value. See docs/TRAINING.md.")
     p.add_argument("model", help="registered model name (e.g. lam, idm, worldmodel, decoder)")
@@ -32,6 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder: config, checkpoints, logs, final/")
     p.add_argument("--config", metavar="FILE", help="YAML run config (e.g. a previous RUN/config.yaml)")
     p.add_argument("--preset", metavar="NAME", help="size preset: tiny, small (default) or base")
+    p.add_argument("--init", metavar="RUN", help="run folder to start from (sets 'init'; e.g. a world model or LAM "
+                                                 "run for `wm train decoder`)")
+    p.add_argument("--episodes-per-task", type=int, metavar="K",
+                   help="few-shot: train on the first K successful episodes per task (sets data.episodes_per_task)")
+    p.add_argument("--labels", action="append", default=[], metavar="NAME",
+                   help="label sidecar to join (labels/NAME/ in every --data folder; repeatable; sets data.labels)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="module or .py file that registers models (also $WM_PLUGINS, comma-separated)")
     p.set_defaults(run=run, overrides=[])
@@ -61,8 +67,15 @@ def run(args: argparse.Namespace) -> int:
             raise exit_codes.UsageError(f"expected a model name before overrides, got {args.model!r}")
         load_plugins(args.plugin)
         spec = get_model(args.model)
+        overrides = list(args.overrides)   # the flags are shorthands for overrides: they beat --config
+        if args.init is not None:
+            overrides.append(f"init={args.init}")
+        if args.episodes_per_task is not None:
+            overrides.append(f"data.episodes_per_task={args.episodes_per_task}")
+        if args.labels:
+            overrides.append(f"data.labels={','.join(args.labels)}")
         cfg = resolve(args.model, spec.config_cls, spec.presets, preset=args.preset, config_file=args.config,
-                      overrides=args.overrides, data_paths=args.data, run_presets=spec.run_presets)
+                      overrides=overrides, data_paths=args.data, run_presets=spec.run_presets)
         code = train(cfg, spec, args.out).exit_code
     except exit_codes.UsageError as e:
         if not torchrun:

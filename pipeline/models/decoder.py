@@ -1,0 +1,231 @@
+"""`wm train decoder` and `wm eval --policy RUN` for chunked flow-matching action decoders.
+
+Training (few-shot fine-tuning on demos)::
+
+    wm train decoder --data DEMOS --out RUN [--preset tiny|small|base] [--episodes-per-task K]
+                     [policy=scratch] [model.objective=fm|meanflow]
+
+``prepare`` fills the data-dependent fields of ``DecoderConfig`` from the manifests (action / state
+dims, image size, task vocabulary, normalisation stats) and sets ``data.window`` to the decoder's
+``n_obs_steps - 1 + horizon``. ``--episodes-per-task K`` keeps the first K successful episodes with
+actions of each task, in (data dir, shard, key) order, so the subset is deterministic and K=5 is a
+prefix of K=10; episodes whose ``success`` is unknown (None) count as demos, failed ones do not.
+Action-free samples are not demos and pass through unfiltered.
+
+Policies (``policy=``): ``scratch`` (default) is the image encoder + decoder trained only on the
+demos. ``idm-bc``, ``latent`` and ``uwm`` need the IDM labels, a latent-action predictor or the
+world model, and are refused with a message saying what is missing (docs/RESULTS.md lists the gaps).
+
+Evaluation: ``load_decoder_policy`` (registered with ``pipeline.evaluate.register_policy_loader``)
+turns ``RUN`` (or ``RUN/final``) into a ``decoders.policy.DecoderPolicy``; the embodiment and state
+size are checked here, the action size and image size by the harness, all before any rollout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
+from pipeline.evaluate import register_policy_loader
+from pipeline.exit_codes import UsageError
+from pipeline.registry import ModelDataMismatch, register_model
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("scratch", "latent", "uwm", "idm-bc")
+NOT_READY = {
+    "latent": "needs a latent-action predictor that sees only the current frames (the world model in "
+              "policy mode) to drive it in closed loop; not available yet",
+    "uwm": "is the world model fine-tuned on actions: train it with `wm train worldmodel --init RUN`",
+    "idm-bc": "needs IDM pseudo-labels (`wm label idm`, sidecar labels/idm with field pseudo_action); "
+              "not wired yet",
+}
+
+
+# ---------------------------------------------------------------- few-shot selection
+
+@functools.lru_cache(maxsize=8)
+def _episode_index(data_dir: str) -> tuple[tuple[str, str, bool, bool | None], ...]:
+    """``(key, task, has_action, success)`` of every sample of a dataset, in shard / key order."""
+    from shards.format import META, SampleMeta, read_manifest
+    from shards.stream import read_tar_samples
+
+    root = Path(data_dir)
+    rows = []
+    for shard in read_manifest(root)["shards"]:
+        path = root / shard["name"]
+        for raw in read_tar_samples(path):
+            meta = SampleMeta.from_json(raw[META], where=f"{path}:{raw['__key__']}.{META}")
+            rows.append((meta.key, meta.task, meta.has_action, meta.success))
+    return tuple(rows)
+
+
+def few_shot_keys(paths: list[str], k: int) -> tuple[list[set[str]], dict[str, int]]:
+    """The first ``k`` successful episodes with actions of each task over ``paths`` (in order).
+
+    Returns (keys to use per data dir: the chosen demos plus every action-free sample, count of
+    chosen demos per task). A task with fewer than ``k`` usable demos is a UsageError naming it.
+    """
+    chosen: dict[str, list[tuple[int, str]]] = {}
+    available: dict[str, int] = {}
+    action_free: list[set[str]] = [set() for _ in paths]
+    for i, path in enumerate(paths):
+        for key, task, has_action, success in _episode_index(str(Path(path).resolve())):
+            if not has_action:
+                action_free[i].add(key)
+                continue
+            if success is False:
+                continue
+            available[task] = available.get(task, 0) + 1
+            if len(chosen.setdefault(task, [])) < k:
+                chosen[task].append((i, key))
+    if not chosen:
+        raise UsageError(f"--episodes-per-task {k}: no successful episodes with actions in {paths}")
+    short = {t: n for t, n in available.items() if n < k}
+    if short:
+        listed = ", ".join(f"'{t}' has {n}" for t, n in sorted(short.items()))
+        raise UsageError(f"--episodes-per-task {k}: not enough successful demos with actions in {paths}: "
+                         f"{listed} (need {k} per task)")
+    keys = [set(free) for free in action_free]
+    for picks in chosen.values():
+        for i, key in picks:
+            keys[i].add(key)
+    return keys, {t: len(p) for t, p in chosen.items()}
+
+
+# ---------------------------------------------------------------- registration
+
+def prepare(cfg, manifests: list[dict]) -> None:
+    """Fill ``cfg.model`` (a DecoderConfig) from the data; ModelDataMismatch when they disagree."""
+    policy = cfg.policy or "scratch"
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy '{policy}' for the decoder; choose from {', '.join(POLICIES)}")
+    if policy in NOT_READY:
+        raise UsageError(f"policy={policy} {NOT_READY[policy]}")
+    cfg.policy = policy
+    m, paths = cfg.model, list(cfg.data.paths)
+    robots: dict[str, tuple[int, int, str]] = {}   # embodiment -> (action_dim, state_dim, first data dir)
+    for path, man in zip(paths, manifests):
+        for name, e in man["embodiments"].items():
+            if e["action_dim"] and name not in robots:
+                robots[name] = (e["action_dim"], e["state_dim"], path)
+    if not robots:
+        raise ModelDataMismatch(f"no episodes with actions in {paths}: the decoder learns from demos")
+    dims = {(a, s) for a, s, _ in robots.values()}
+    if len(dims) > 1:
+        listed = ", ".join(f"{n} (action {a}, state {s})" for n, (a, s, _) in robots.items())
+        raise ModelDataMismatch(f"a decoder acts for one robot layout, but the demos mix {listed}")
+    (action_dim, state_dim), = dims
+    for key, mine, data in (("action_dim", m.action_dim, action_dim), ("state_dim", m.state_dim, state_dim)):
+        if mine and mine != data:
+            raise ModelDataMismatch(f"model.{key}={mine} but the demos in {paths} have {key}={data}")
+    sizes = {tuple(man["resolution"]) for man in manifests if man.get("resolution")}
+    if cfg.data.resize:
+        size = tuple(cfg.data.resize)
+    elif len(sizes) == 1:
+        size = sizes.pop()
+    else:
+        raise ModelDataMismatch(f"the data folders {paths} have different resolutions {sorted(sizes)}: "
+                                f"set data.resize=H,W")
+    m.action_dim, m.state_dim, m.image_size = action_dim, state_dim, [int(v) for v in size]
+    from shards.stats import embodiment_stats
+    m.stats = {name: {f: {k: np.asarray(v).tolist() for k, v in s.items()}
+                      for f, s in embodiment_stats(path)[name].items()}
+               for name, (_, _, path) in robots.items()}
+    if cfg.data.episodes_per_task:
+        _, counts = few_shot_keys(paths, cfg.data.episodes_per_task)
+        tasks = sorted(counts)
+        log.info("few-shot: %d demos per task for %s", cfg.data.episodes_per_task, ", ".join(tasks))
+    else:
+        tasks = sorted({t for man in manifests for t in man.get("tasks", {}) if t})
+    if not m.tasks:   # a config given back with --config keeps its vocabulary (embedding rows)
+        m.tasks = tasks
+    cfg.data.window = m.window_length
+
+
+def build_stream(cfg, seed: int):
+    """The default window stream, restricted to the few-shot subset when ``data.episodes_per_task``."""
+    import torch
+
+    from shards.stream import WindowStream, collate_windows
+
+    d = cfg.data
+    keys = few_shot_keys(list(d.paths), d.episodes_per_task)[0] if d.episodes_per_task else None
+    dataset = WindowStream(list(d.paths), window=d.window, stride=d.stride, camera=d.camera,
+                           resize=tuple(d.resize) if d.resize else None, backend=d.backend, mode="train",
+                           labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,
+                           shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys,
+                           weights=list(d.weights) if d.weights is not None else None)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_windows,
+        persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=2 if d.num_workers else None)
+
+
+RUN_PRESETS = {
+    "tiny": {"data": {"batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 32},
+             "optim": {"lr": 1e-3, "warmup_steps": 20}, "train": {"max_steps": 300, "ckpt_every": 300}},
+    "small": {"data": {"batch_size": 32, "num_workers": 1, "windows_per_episode": 8, "shuffle_buffer": 128},
+              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"max_steps": 2000, "eval_every": 0}},
+}
+
+register_model("decoder", DecoderConfig, ActionDecoder, PRESETS, prepare=prepare, build_stream=build_stream,
+               run_presets=RUN_PRESETS, required_keys=("frames", "action", "action_mask"))
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _decoder_dir(spec: str) -> Path | None:
+    """``RUN/final`` or a ``save_pretrained`` folder of a decoder; None when ``spec`` is not one."""
+    run = Path(spec)
+    if not run.is_dir():
+        return None
+    for folder in (run / "final", run):
+        run_config = folder / "run_config.yaml"
+        if run_config.is_file():
+            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
+            return folder if name == "decoder" else None
+    if (run / "config.yaml").is_file():   # a run folder without final/: training did not finish
+        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
+        if name == "decoder":
+            raise UsageError(f"{run}: decoder run has no final/ model yet (training not finished; see "
+                             f"{run / 'status.json'})")
+        return None
+    if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
+        return run
+    return None
+
+
+def load_decoder_policy(spec: str, info: dict[str, Any]):
+    """``wm eval --policy RUN``: a DecoderPolicy for a decoder run, None for anything else.
+
+    ``info`` is ``pipeline.evaluate.env_info`` plus the command's policy options (``action_steps``,
+    ``temporal_ensemble``, ``sampling_steps``)."""
+    from decoders.policy import DecoderPolicy
+
+    folder = _decoder_dir(spec)
+    if folder is None:
+        return None
+    decoder = ActionDecoder.from_pretrained(str(folder))
+    cfg = decoder.config
+    env = f"{info['env']} ({info['embodiment']})"
+    if info["embodiment"] not in cfg.stats:
+        raise UsageError(f"policy {spec} was trained for embodiment(s) {sorted(cfg.stats)} but {env} is "
+                         f"'{info['embodiment']}'")
+    if cfg.state_dim and cfg.state_dim != info.get("state_dim", cfg.state_dim):
+        raise UsageError(f"policy {spec} reads {cfg.state_dim}-dim states but {env} gives "
+                         f"{info['state_dim']}-dim states")
+    steps = info.get("action_steps")
+    if steps is not None and not 1 <= steps <= cfg.horizon:
+        raise UsageError(f"--action-steps {steps}: must be in 1..{cfg.horizon} (the policy's chunk horizon)")
+    return DecoderPolicy(decoder, n_action_steps=steps, temporal_ensemble=info.get("temporal_ensemble"),
+                         n_steps=info.get("sampling_steps"), embodiment=info["embodiment"])
+
+
+register_policy_loader(load_decoder_policy)

@@ -247,13 +247,20 @@ class WindowStream(torch.utils.data.IterableDataset):
     ("skip": log a warning naming shard + key and go on, the train default; "raise": the label
     default) for undecodable or malformed samples, and ``keys`` (one entry per data dir: the
     sample keys to use from it, or None for all; e.g. a few-shot subset of demos).
+
+    ``optional_labels=True`` lets a sidecar named in ``labels`` be absent from some data dirs (e.g.
+    IDM pseudo-labels on the video corpus, none on the demos; at least one dir must have it). Every
+    window then also carries ``<name>.present`` (bool), and windows from a dir without the sidecar
+    get its fields zero-filled (``[window, ...]``, shapes and dtypes read from the first sidecar row
+    found), so such windows collate with labelled ones.
     """
 
     def __init__(self, data: str | Path | Sequence[str | Path], *, window: int = 8, stride: int = 1,
                  camera: str | None = None, resize: int | Sequence[int] | None = None, backend: str = "auto",
                  mode: str = "train", labels: Sequence[str] = (), windows_per_episode: int = 4,
                  shuffle_buffer: int = 64, seed: int = 0, weights: Sequence[float] | None = None,
-                 on_error: str | None = None, keys: Sequence[Collection[str] | None] | None = None):
+                 on_error: str | None = None, keys: Sequence[Collection[str] | None] | None = None,
+                 optional_labels: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -282,11 +289,14 @@ class WindowStream(torch.utils.data.IterableDataset):
                 log.warning("%s: dataset holds no samples", d)
         self.action_dim = max([e["action_dim"] for m in manifests for e in m["embodiments"].values()], default=0)
         self.state_dim = max([e["state_dim"] for m in manifests for e in m["embodiments"].values()], default=0)
-        self.labels = tuple(labels)
+        self.labels, self.optional_labels = tuple(labels), optional_labels
+        # data dir -> the label names it has (all of them unless optional_labels)
+        self.dir_labels = {d: tuple(n for n in self.labels if sidecar_dir(d, n).is_dir()) for d in self.dirs}
         for d in self.dirs:
             for name in self.labels:
-                if not sidecar_dir(d, name).is_dir():
+                if name not in self.dir_labels[d] and not (optional_labels and self._has_label(name)):
                     raise FormatError(f"{sidecar_dir(d, name)}: no labels '{name}' for dataset {d}")
+        self.label_templates = {n: self._label_template(n) for n in self.labels} if optional_labels else {}
         self.window, self.stride, self.camera, self.size = window, stride, camera, _size(resize)
         # resolving imports the backend's library here, before any fork, so workers share it instead
         # of each importing it (~0.5 s CPU); decoder objects are still only made inside workers
@@ -298,11 +308,24 @@ class WindowStream(torch.utils.data.IterableDataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.span = (window - 1) * stride + 1  # frames a window covers in its episode
 
+    def _has_label(self, name: str) -> bool:
+        return any(name in have for have in self.dir_labels.values())
+
+    def _label_template(self, name: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{field: (per-frame shape, dtype)} of sidecar ``name``, from its first labelled row."""
+        for d, shards in zip(self.dirs, self.shards):
+            if name not in self.dir_labels[d]:
+                continue
+            for shard in shards:
+                for row in read_sidecar(d, name, shard.name).values():
+                    return {f: (tuple(a.shape[1:]), a.dtype) for f, a in row.items()}
+        raise FormatError(f"labels '{name}': no labelled sample in any of {[str(d) for d in self.dirs]}")
+
     # -- one shard -> episodes with their sidecar rows
 
     def _episodes(self, data_dir: Path, shard: Path) -> Iterator[tuple[EncodedSample, dict[str, dict]]]:
         sidecars = {}
-        for name in self.labels:
+        for name in self.dir_labels[data_dir]:
             stats = read_sidecar_stats(data_dir, name, shard.name)
             sidecars[name] = (read_sidecar(data_dir, name, shard.name), {f.get("key") for f in stats["failures"]})
         samples = read_tar_samples(shard)
@@ -363,6 +386,11 @@ class WindowStream(torch.utils.data.IterableDataset):
                 for field, arr in fields.items():
                     per_frame = arr.ndim >= 1 and arr.shape[0] == sample.meta.n_frames
                     w[f"{name}.{field}"] = torch.from_numpy(np.ascontiguousarray(arr[idx] if per_frame else arr))
+            for name, fields in self.label_templates.items():   # optional labels: flag, zero-fill
+                w[f"{name}.present"] = name in rows
+                if name not in rows:
+                    for field, (shape, dtype) in fields.items():
+                        w[f"{name}.{field}"] = torch.from_numpy(np.zeros((self.window, *shape), dtype))
             out.append(w)
         return out
 

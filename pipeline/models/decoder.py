@@ -13,8 +13,12 @@ prefix of K=10; episodes whose ``success`` is unknown (None) count as demos, fai
 Action-free samples are not demos and pass through unfiltered.
 
 Policies (``policy=``): ``scratch`` (default) is the image encoder + decoder trained only on the
-demos. ``idm-bc``, ``latent`` and ``uwm`` need the IDM labels, a latent-action predictor or the
-world model, and are refused with a message saying what is missing (docs/RESULTS.md lists the gaps).
+demos. ``idm-bc`` also trains on action-free video pseudo-labelled by an IDM (``wm label --labeller
+RUN_IDM --data VIDEO``: sidecar ``labels/idm``, field ``pseudo_action`` [n, A] raw units): the demos
+need no sidecar (the stream's ``optional_labels``), and ``idm_targets`` turns each action-free window
+whose pseudo-labels are all valid into a sample of the robot's embodiment with the pseudo-actions as
+its target. ``latent`` and ``uwm`` (the world model itself: pipeline/models/worldmodel_policy.py) are
+refused here with a message saying what is missing (docs/RESULTS.md lists the gaps).
 
 Evaluation: ``load_decoder_policy`` (registered with ``pipeline.evaluate.register_policy_loader``)
 turns ``RUN`` (or ``RUN/final``) into a ``decoders.policy.DecoderPolicy``; the embodiment and state
@@ -24,6 +28,7 @@ size are checked here, the action size and image size by the harness, all before
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,9 +48,8 @@ NOT_READY = {
     "latent": "needs a latent-action predictor that sees only the current frames (the world model in "
               "policy mode) to drive it in closed loop; not available yet",
     "uwm": "is the world model fine-tuned on actions: train it with `wm train worldmodel --init RUN`",
-    "idm-bc": "needs IDM pseudo-labels (`wm label idm`, sidecar labels/idm with field pseudo_action); "
-              "not wired yet",
 }
+IDM_LABELS = "idm"   # the sidecar idm-bc reads: labels/idm, fields pseudo_action [n, A] and valid [n]
 
 
 # ---------------------------------------------------------------- few-shot selection
@@ -147,6 +151,41 @@ def prepare(cfg, manifests: list[dict]) -> None:
     if not m.tasks:   # a config given back with --config keeps its vocabulary (embedding rows)
         m.tasks = tasks
     cfg.data.window = m.window_length
+    if policy == "idm-bc":
+        _prepare_idm_bc(cfg, paths, robots)
+
+
+def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
+    """Join the IDM sidecar (present in at least one data dir) for one robot embodiment."""
+    from shards.sidecar import sidecar_dir
+
+    if len(robots) != 1:
+        raise UsageError(f"policy=idm-bc labels video as one robot, but the demos have embodiments {sorted(robots)}")
+    if not any(sidecar_dir(p, IDM_LABELS).is_dir() for p in paths):
+        raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({IDM_LABELS}/) in any of {paths}; run "
+                         f"`wm label --labeller RUN_IDM --data VIDEO` first")
+    if IDM_LABELS not in cfg.data.labels:
+        cfg.data.labels = [*cfg.data.labels, IDM_LABELS]
+
+
+def idm_targets(batch: dict, embodiment: str, action_dim: int) -> dict:
+    """idm-bc: action-free windows with all-valid IDM pseudo-labels become action samples of
+    ``embodiment``: ``action`` [B, T, A] <- ``idm.pseudo_action``, ``action_mask`` True."""
+    import torch
+
+    key = f"{IDM_LABELS}.pseudo_action"
+    if key not in batch:
+        return batch
+    pseudo, present = batch[key].float(), batch[f"{IDM_LABELS}.present"].bool()
+    if pseudo.shape[-1] != action_dim:
+        raise ValueError(f"IDM pseudo-actions have {pseudo.shape[-1]} dims, the demos {action_dim}")
+    valid = batch[f"{IDM_LABELS}.valid"].bool().flatten(1).all(1)   # a tail row without label: skip window
+    use = present & valid & ~batch["action_mask"].bool()
+    if use.any():
+        batch["action"] = torch.where(use[:, None, None], pseudo, batch["action"])
+        batch["action_mask"] = batch["action_mask"].bool() | use
+        batch["embodiment"] = [embodiment if u else e for u, e in zip(use.tolist(), batch["embodiment"])]
+    return batch
 
 
 def build_stream(cfg, seed: int):
@@ -161,11 +200,16 @@ def build_stream(cfg, seed: int):
                            resize=tuple(d.resize) if d.resize else None, backend=d.backend, mode="train",
                            labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,
                            shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys,
-                           weights=list(d.weights) if d.weights is not None else None)
-    return torch.utils.data.DataLoader(
+                           weights=list(d.weights) if d.weights is not None else None,
+                           optional_labels=cfg.policy == "idm-bc")
+    loader = torch.utils.data.DataLoader(
         dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_windows,
         persistent_workers=False, generator=torch.Generator().manual_seed(seed),
         prefetch_factor=2 if d.num_workers else None)
+    if cfg.policy != "idm-bc":
+        return loader
+    (robot,) = cfg.model.stats
+    return (idm_targets(batch, robot, cfg.model.action_dim) for batch in loader)
 
 
 RUN_PRESETS = {
@@ -198,7 +242,8 @@ def _decoder_dir(spec: str) -> Path | None:
                              f"{run / 'status.json'})")
         return None
     if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
-        return run
+        # another model's save_pretrained folder (e.g. a world model) is left to its own loader
+        return run if "horizon" in json.loads((run / "config.json").read_text() or "{}") else None
     return None
 
 

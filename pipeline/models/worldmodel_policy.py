@@ -1,0 +1,89 @@
+"""`wm eval --policy RUN` for world-model runs: the world model in policy mode (``policy=uwm``).
+
+``load_world_model_policy`` (registered with ``pipeline.evaluate.register_policy_loader``) accepts
+``RUN`` or ``RUN/final`` of a ``wm train worldmodel`` run (``run_config.yaml``'s ``model_name`` is
+``worldmodel``), or a ``save_pretrained`` folder whose ``config.json`` is a ``WorldModelConfig``; it
+returns None for anything else, so the other loaders (the decoder's) get their turn. The embodiment
+and state size are checked here, the action and image size by the harness, before any rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.evaluate import register_policy_loader
+from pipeline.exit_codes import UsageError
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "worldmodel"
+
+
+def _is_world_model_config(path: Path) -> bool:
+    from worldmodel.uwm import WorldModelConfig
+
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    own = {f.name for f in dataclasses.fields(WorldModelConfig)}
+    return isinstance(cfg, dict) and {"variant", "n_future", "action_horizon", "embodiments"} <= set(cfg) <= own
+
+
+def world_model_dir(spec: str) -> Path | None:
+    """``RUN/final`` or a ``save_pretrained`` folder of a world model; None when ``spec`` is not one."""
+    run = Path(spec)
+    if not run.is_dir():
+        return None
+    for folder in (run / "final", run):
+        run_config = folder / "run_config.yaml"
+        if run_config.is_file():
+            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
+            return folder if name == MODEL_NAME else None
+    if (run / "config.yaml").is_file():   # a run folder without final/: training did not finish
+        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
+        if name == MODEL_NAME:
+            raise UsageError(f"{run}: world-model run has no final/ model yet (training not finished; see "
+                             f"{run / 'status.json'})")
+        return None
+    if (run / "model.safetensors").is_file() and _is_world_model_config(run / "config.json"):
+        return run
+    return None
+
+
+def load_world_model_policy(spec: str, info: dict[str, Any]):
+    """A WorldModelPolicy for a world-model run, None for anything else.
+
+    ``info`` is ``pipeline.evaluate.env_info`` plus the command's policy options (``action_steps``,
+    ``temporal_ensemble``, ``sampling_steps``)."""
+    from decoders.world_model_policy import WorldModelPolicy
+    from worldmodel.uwm import WorldModel
+
+    folder = world_model_dir(spec)
+    if folder is None:
+        return None
+    model = WorldModel.from_pretrained(str(folder))
+    cfg = model.config
+    env = f"{info['env']} ({info['embodiment']})"
+    robots = sorted(n for n in cfg.embodiments if n != "latent")
+    if info["embodiment"] not in robots:
+        hint = "" if robots else " (it was never trained on actions: fine-tune it with `wm train worldmodel --init`)"
+        raise UsageError(f"policy {spec} acts for embodiment(s) {robots} but {env} is '{info['embodiment']}'{hint}")
+    state_dim = int(cfg.embodiments[info["embodiment"]].get("state_dim") or 0)
+    if state_dim and state_dim != info.get("state_dim", state_dim):
+        raise UsageError(f"policy {spec} reads {state_dim}-dim states but {env} gives {info['state_dim']}-dim states")
+    steps = info.get("action_steps")
+    if steps is not None and not 1 <= steps <= cfg.action_horizon:
+        raise UsageError(f"--action-steps {steps}: must be in 1..{cfg.action_horizon} (the policy's chunk horizon)")
+    log.info("world model %s in policy mode (%s, horizon %d)", folder, info["embodiment"], cfg.action_horizon)
+    return WorldModelPolicy(model, embodiment=info["embodiment"], n_action_steps=steps,
+                            temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"))
+
+
+register_policy_loader(load_world_model_policy)

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from pipeline.distributed import barrier
+from pipeline.exit_codes import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +201,36 @@ def remove_partial(run_dir: str | Path) -> None:
     for p in root.glob("step-*.tmp") if root.is_dir() else []:
         log.info("removing incomplete checkpoint %s", p)
         shutil.rmtree(p, ignore_errors=True)
+
+
+def init_weights_file(init: str | Path) -> Path:
+    """``model.safetensors`` of a run folder (its ``final/``) or of a ``save_pretrained`` folder."""
+    init = Path(init)
+    for candidate in (init / "final" / "model.safetensors", init / "model.safetensors"):
+        if candidate.exists():
+            return candidate
+    raise UsageError(f"--init {init}: no final/model.safetensors or model.safetensors there "
+                     f"(is it a finished run folder?)")
+
+
+def load_init_weights(model: torch.nn.Module, init: str | Path) -> None:
+    """Warm start for fine-tuning: copy every tensor of ``init`` whose name and shape match.
+
+    Tensors that only one side has (e.g. the adapter of an embodiment seen only in pretraining, or
+    a new robot's adapter) or whose shape differs (a larger task vocabulary) keep their fresh
+    initialisation; both lists are logged. Nothing matching at all is an error: the run is not of
+    this model.
+    """
+    path = init_weights_file(init)
+    source = load_file(str(path))
+    own = model.state_dict()
+    matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise UsageError(f"--init {init}: none of its {len(source)} tensors fit this model; is it a run of "
+                         f"the same model and preset?")
+    model.load_state_dict(matched, strict=False)
+    fresh = sorted(k for k in own if k not in matched)
+    unused = sorted(k for k in source if k not in matched)
+    log.info("initialised %d/%d tensors from %s; fresh: %s; unused: %s", len(matched), len(own), path,
+             ", ".join(fresh[:8]) + (" ..." if len(fresh) > 8 else "") or "none",
+             ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "") or "none")

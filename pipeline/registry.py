@@ -55,6 +55,7 @@ class ModelSpec:
     run_presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     required_keys: tuple[str, ...] = ()
     evaluate: Callable[..., dict[str, float]] | None = None
+    warm_start: bool = False    # `--init RUN` loads RUN's weights into the new model (fine-tuning)
 
     def stream(self, cfg: Any, seed: int) -> Iterable[dict]:
         return (self.build_stream or default_stream)(cfg, seed=seed)
@@ -69,7 +70,8 @@ def register_model(name: str, config_cls: type, model_cls: type, presets: dict[s
                    build_stream: Callable[..., Iterable[dict]] | None = None,
                    run_presets: dict[str, dict[str, Any]] | None = None,
                    required_keys: Iterable[str] = (),
-                   evaluate: Callable[..., dict[str, float]] | None = None) -> ModelSpec:
+                   evaluate: Callable[..., dict[str, float]] | None = None,
+                   warm_start: bool = False) -> ModelSpec:
     """Register ``name``; registering the same classes again (a re-import) is a no-op."""
     old = _REGISTRY.get(name)
     if old is not None and (old.model_cls.__qualname__, old.model_cls.__module__) != \
@@ -81,7 +83,7 @@ def register_model(name: str, config_cls: type, model_cls: type, presets: dict[s
             raise TypeError(f"preset '{preset}' of model '{name}' is a {type(config).__name__}, "
                             f"not a {config_cls.__name__}")
     spec = ModelSpec(name, config_cls, model_cls, dict(presets), prepare, build_stream,
-                     dict(run_presets or {}), tuple(required_keys), evaluate)
+                     dict(run_presets or {}), tuple(required_keys), evaluate, warm_start)
     _REGISTRY[name] = spec
     return spec
 

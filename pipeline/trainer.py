@@ -200,6 +200,8 @@ class _Run:
         seed = cfg.train.seed
         set_seed(derive_seed(seed, "init"))   # identical initial weights on every rank
         model = spec.model_cls(cfg.model)
+        if spec.warm_start and cfg.init and checkpoint.latest_checkpoint(run_dir) is None:
+            checkpoint.load_init_weights(model, cfg.init)   # fine-tuning; a resume loads its own weights
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg)

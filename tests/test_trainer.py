@@ -124,3 +124,28 @@ def test_grad_accumulation_and_rerun_with_more_steps(data, tmp_path):
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == sorted(set(steps)) and steps[-1] == 30
     assert read_metrics(run)[-1]["samples_per_s"] > 0
+
+
+def test_init_warm_starts_from_a_finished_run(data, tmp_path):
+    spec = get_model("toy")
+    register_model("toy-finetune", spec.config_cls, spec.model_cls, spec.presets, prepare=spec.prepare,
+                   required_keys=spec.required_keys, warm_start=True)
+    cfg, _ = toy_cfg(data, "train.max_steps=40", "optim.lr=3e-3")
+    assert train(cfg, spec, tmp_path / "pre").exit_code == exit_codes.OK
+    pretrained = load_file(str(tmp_path / "pre" / "final" / "model.safetensors"))
+
+    # zero steps after warm start: the fine-tuned run starts from the pretrained weights exactly
+    cfg, ft = toy_cfg(data, "train.max_steps=1", "optim.lr=1e-12", "ema.decay=0", f"init={tmp_path / 'pre'}",
+                      model="toy-finetune")
+    assert train(cfg, ft, tmp_path / "ft").exit_code == exit_codes.OK
+    tuned = load_file(str(tmp_path / "ft" / "final" / "model.safetensors"))
+    for k in pretrained:
+        torch.testing.assert_close(tuned[k], pretrained[k], rtol=0, atol=1e-6)
+    # without --init the same run starts elsewhere, and a folder with no weights is a one-line error
+    cfg, _ = toy_cfg(data, "train.max_steps=1", "optim.lr=1e-12", "ema.decay=0", model="toy-finetune")
+    train(cfg, ft, tmp_path / "fresh")
+    fresh = load_file(str(tmp_path / "fresh" / "final" / "model.safetensors"))
+    assert any(not torch.allclose(fresh[k], pretrained[k]) for k in pretrained)
+    cfg, _ = toy_cfg(data, "train.max_steps=1", f"init={tmp_path / 'nothing'}", model="toy-finetune")
+    with pytest.raises(exit_codes.UsageError, match="no final/model.safetensors"):
+        train(cfg, ft, tmp_path / "bad")

@@ -5,7 +5,7 @@ the UWM reference measurement in docs/ANCHORS (2 views -> treated as 2x frames, 
 chunk 16 x 7, depth 4, width 256, 4 heads, 8 registers, batch 8, VAE latents precomputed, policy
 sampling at batch 1 with 10 steps). Reference on these machines: 318 ms per step, 113 ms per policy.
 
-    python benchmarks/worldmodel.py [--out results.json] [--threads N] [--configs tiny-uwm,...]
+    python benchmarks/world_model.py [--out results.json] [--threads N] [--configs tiny-uwm,...]
 
 Prints one JSON document (also written to ``--out``): per configuration the parameter count, tokens
 per sample, median train step (forward + backward + AdamW) and median latency of each sampling mode.

@@ -214,7 +214,7 @@ def test_task_conditioning_with_a_local_text_encoder(tmp_path):
 def test_presets_build_and_report_their_token_counts():
     for name, cfg in PRESETS.items():
         if name == "base":
-            continue  # 137 M parameters: built by benchmarks/worldmodel.py, not in the unit tests
+            continue  # 137 M parameters: built by benchmarks/world_model.py, not in the unit tests
         model = WorldModel(cfg)
         per_frame = (cfg.image_size // cfg.patch_size) ** 2
         assert model.num_tokens == cfg.action_horizon + cfg.n_future * per_frame + cfg.registers

@@ -34,6 +34,7 @@ STATE = "demo_state.json"
 # so no evaluation episode was ever seen in training.
 DEMO_SEED = 0
 VIDEO_SEED = 1000
+HELDOUT_SEED = 2000   # episodes with actions that no model trains on: probes and world-model eval
 EVAL_SEED = 0
 
 
@@ -44,6 +45,7 @@ class Profile:
     demos_per_task: int           # K: the few labelled demos per task
     video_per_task: int           # action-free episodes per task (the unlabelled corpus)
     eval_episodes: int            # closed-loop episodes per task and policy
+    heldout_per_task: int         # episodes with actions used only to score labels and the world model
     max_steps: int                # actions per episode (collect and eval)
     preset: str                   # model size preset for every model
     steps: dict[str, int]         # training steps per run
@@ -57,13 +59,14 @@ class Profile:
 PROFILES = {
     "quick": Profile(
         name="quick", tasks=["reach-v3", "push-v3"], demos_per_task=4, video_per_task=6, eval_episodes=3,
+        heldout_per_task=2,
         max_steps=80, preset="tiny",
         steps={"lam": 60, "idm": 60, "worldmodel": 60, "uwm": 40, "scratch-fm": 80, "scratch-meanflow": 80,
                "idm-bc": 80, "latent": 80},
         policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=4),
     "default": Profile(
         name="default", tasks=["reach-v3", "push-v3", "drawer-close-v3"], demos_per_task=10,
-        video_per_task=40, eval_episodes=20, max_steps=150, preset="small",
+        video_per_task=40, eval_episodes=20, heldout_per_task=4, max_steps=150, preset="small",
         steps={"lam": 1500, "idm": 1000, "worldmodel": 1200, "uwm": 600, "scratch-fm": 1500,
                "scratch-meanflow": 1500, "idm-bc": 1500, "latent": 1500},
         policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=45),
@@ -103,6 +106,10 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
         Stage("collect demos", [["collect", "metaworld", *common_collect, "--episodes", str(p.demos_per_task),
                                  "--seed", str(DEMO_SEED), "--out", str(data / "demos")]],
               data / "demos" / "manifest.json", 0.5),
+        Stage("collect held-out episodes", [["collect", "metaworld", *common_collect, "--episodes",
+                                             str(p.heldout_per_task), "--seed", str(HELDOUT_SEED),
+                                             "--out", str(data / "heldout")]],
+              data / "heldout" / "manifest.json", 0.3),
         Stage("collect action-free video", [["collect", "metaworld", *common_collect, "--episodes",
                                              str(p.video_per_task), "--seed", str(VIDEO_SEED), "--drop-actions",
                                              "--out", str(data / "video")]],
@@ -111,28 +118,26 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
               runs / "lam" / "final" / "config.json", 2.0),
         Stage("label with the LAM", [["label", "--labeller", str(runs / "lam"), "--data", str(data / "video")],
                                      ["label", "--labeller", str(runs / "lam"), "--data", str(data / "demos")],
-                                     ["probe", "--labeller", str(runs / "lam"), "--data", str(data / "demos"),
+                                     ["probe", "--labeller", str(runs / "lam"), "--data", str(data / "heldout"),
                                       "--out", str(evals / "probe-lam")]],
               evals / "probe-lam" / "probe.json", 0.5),
         Stage("train inverse-dynamics model", [train("idm", "idm", ["demos"], p.steps["idm"])],
               runs / "idm" / "final" / "config.json", 1.0),
         Stage("label with the IDM", [["label", "--labeller", str(runs / "idm"), "--data", str(data / "video")],
-                                     ["probe", "--labeller", str(runs / "idm"), "--data", str(data / "demos"),
+                                     ["probe", "--labeller", str(runs / "idm"), "--data", str(data / "heldout"),
                                       "--out", str(evals / "probe-idm")]],
               evals / "probe-idm" / "probe.json", 0.3),
         Stage("pretrain the world model", [train("worldmodel", "worldmodel", ["demos", "video"],
                                                  p.steps["worldmodel"], ["--labels", "lam"]),
                                            ["worldmodel", "eval", "--model", str(runs / "worldmodel"),
-                                            "--data", str(data / "demos"), "--out", str(evals / "worldmodel")]],
-              evals / "worldmodel" / "eval.json", 4.0),
+                                            "--data", str(data / "heldout"), "--out", str(evals / "worldmodel")]],
+              evals / "worldmodel" / "metrics.json", 4.0),
     ]
     for policy in p.policies:
         model, extra, sources, init = POLICY_TRAINING[policy]
         extra = list(extra) + ["--episodes-per-task", str(p.demos_per_task)]
         if init:
             extra += ["--init", str(runs / init)]
-        if policy == "idm-bc":
-            extra += ["--labels", "idm"]
         stages.append(Stage(f"train policy {policy}", [train(model, policy, sources, p.steps[policy], extra)],
                             runs / policy / "final" / "config.json", 2.0))
     for policy in ["expert", *p.policies]:

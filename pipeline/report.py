@@ -124,7 +124,7 @@ def write_report(out: Path, profile, stages) -> Path:
         add("\n![success rate per task and policy](plots/success.png)\n")
         add("Rollout videos (first episodes of each task):\n")
         for policy in results:
-            vids = sorted((evals / policy / "videos").glob("*.mp4"))[: 2 * len(tasks)]
+            vids = [v for t in tasks for v in sorted((evals / policy / "videos").glob(f"{t}_*.mp4"))[:2]]
             if vids:
                 add(f"- {policy}: " + ", ".join(f"[{v.stem}]({v.relative_to(out)})" for v in vids))
         add("")
@@ -144,7 +144,7 @@ def write_report(out: Path, profile, stages) -> Path:
         add("")
 
     # ---- world model
-    wm = _read_json(evals / "worldmodel" / "eval.json")
+    wm = _read_json(evals / "worldmodel" / "metrics.json")
     if wm:
         add("## World model (`wm worldmodel eval`, held-out episodes)\n")
         add("| metric | value |\n|---|---|")

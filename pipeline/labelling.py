@@ -28,7 +28,6 @@ encoder gives the same answer in any window). The last ``tail * stride`` rows of
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -43,6 +42,7 @@ import torch
 import yaml
 
 from pipeline.exit_codes import UsageError
+from shards.stats import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -283,17 +283,11 @@ def code_version() -> dict[str, Any]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def labeller_info(lab: Labeller, run: str, camera: str, batch_size: int) -> dict[str, Any]:
     return {"kind": lab.kind, "run": str(Path(run).resolve()), "checkpoint": str(lab.folder.resolve()),
-            "checkpoint_sha256": _sha256(lab.folder / "model.safetensors"), "config": lab.config,
+            "checkpoint_sha256": file_sha256(lab.folder / "model.safetensors"), "config": lab.config,
             "run_config": lab.run_config, "camera": camera, "image_size": list(lab.image_size),
             "window": lab.window, "stride": lab.stride, "tail": lab.tail, "hop": lab.hop, "batch_size": batch_size,
             "fields": {f: {"shape": ["n_frames", *s], "dtype": d} for f, (s, d) in lab.fields.items()},

@@ -102,7 +102,8 @@ def shard_accumulators(samples: list[tuple[str, dict[str, np.ndarray | None]]]) 
     return out
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -119,7 +120,7 @@ def shard_stats_doc(index: int, sources: list[str], entries: list[tuple[Any, Any
     return {
         "format": SCHEMA_NAME, "stats_schema": STATS_SCHEMA, "name": shard_name(index), "sources": sources,
         "samples": len(entries), "frames": sum(m.n_frames for m, _, _ in entries),
-        "bytes": tar_path.stat().st_size, "sha256": _sha256(tar_path), "keys": [m.key for m, _, _ in entries],
+        "bytes": tar_path.stat().st_size, "sha256": file_sha256(tar_path), "keys": [m.key for m, _, _ in entries],
         "sample_info": info, "failures": failures,
         "accumulators": shard_accumulators([(m.embodiment, {"action": a, "state": s}) for m, a, s in entries]),
     }

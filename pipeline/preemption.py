@@ -28,6 +28,7 @@ class PreemptionHandler:
         self.signals = signals
         self.received: str | None = None   # name of the first signal seen
         self.count = 0                     # signals seen in total (repeats are queued, not acted on)
+        self.stopping = False              # set by the trainer once the ranks agreed to stop
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
@@ -45,9 +46,10 @@ class PreemptionHandler:
         return self
 
     def uninstall(self) -> None:
-        if self.received is not None:
-            # Preempted: the process is on its way out with exit code 75. Restoring the default
-            # handlers now would let a late second SIGTERM kill it (-15) after the checkpoint.
+        if self.received is not None or self.stopping:
+            # Preempted (here or on another rank): the process is on its way out with exit code 75.
+            # Restoring the default handlers now would let a late SIGTERM (a second signal, or
+            # torchrun closing the other workers) kill it (-15) after the checkpoint.
             return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)

@@ -384,6 +384,7 @@ def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path) -> Tr
                         if run.step < t.max_steps and not stop:
                             data = run.data(run.step)   # new segment: resume replays it exactly
                 if stop:
+                    signals.stopping = True
                     if checkpoint.latest_checkpoint(run_dir) != checkpoint.step_dir(run_dir, run.step):
                         run.save()
                     log.warning("preempted by %s at step %d: checkpoint written, exiting %d; rerun the same "

@@ -47,9 +47,10 @@ class Profile:
     eval_episodes: int            # closed-loop episodes per task and policy
     heldout_per_task: int         # episodes with actions used only to score labels and the world model
     max_steps: int                # actions per episode (collect and eval)
-    preset: str                   # model size preset for every model
+    preset: str                   # model size preset, unless `presets` names another for a run
     steps: dict[str, int]         # training steps per run
     policies: list[str]           # decoders trained and evaluated (besides the experts)
+    presets: dict[str, str] = dataclasses.field(default_factory=dict)   # run -> preset
     resolution: int = 64
     workers: int = 2
     videos_per_policy: int = 2    # rollout MP4s kept per task and policy
@@ -64,12 +65,15 @@ PROFILES = {
         steps={"lam": 60, "idm": 60, "worldmodel": 60, "uwm": 40, "scratch-fm": 80, "scratch-meanflow": 80,
                "idm-bc": 80, "latent": 80},
         policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=4),
+    # Sized from measured speeds on 2 cores (docs/RESULTS.md): small LAM ~1 step/s, small world model
+    # ~1.5 steps/s, tiny decoders / IDM several steps/s, ~20 ms per simulated + rendered step.
     "default": Profile(
         name="default", tasks=["reach-v3", "push-v3", "drawer-close-v3"], demos_per_task=10,
-        video_per_task=40, eval_episodes=20, heldout_per_task=4, max_steps=150, preset="small",
-        steps={"lam": 1500, "idm": 1000, "worldmodel": 1200, "uwm": 600, "scratch-fm": 1500,
-               "scratch-meanflow": 1500, "idm-bc": 1500, "latent": 1500},
-        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=45),
+        video_per_task=30, eval_episodes=10, heldout_per_task=3, max_steps=150, preset="small",
+        presets={"idm": "tiny", "scratch-fm": "tiny", "scratch-meanflow": "tiny", "idm-bc": "tiny"},
+        steps={"lam": 400, "idm": 600, "worldmodel": 500, "uwm": 300, "scratch-fm": 800,
+               "scratch-meanflow": 800, "idm-bc": 800, "latent": 800},
+        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=40),
 }
 
 # How each decoder policy is trained: extra `wm train` arguments (besides --data/--out/--preset/steps).
@@ -100,7 +104,8 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
         argv = ["train", model]
         for s in sources:
             argv += ["--data", str(data / s)]
-        return argv + ["--out", str(runs / run), "--preset", p.preset, f"train.max_steps={steps}", *extra]
+        preset = p.presets.get(run, p.preset)
+        return argv + ["--out", str(runs / run), "--preset", preset, f"train.max_steps={steps}", *extra]
 
     stages = [
         Stage("collect demos", [["collect", "metaworld", *common_collect, "--episodes", str(p.demos_per_task),

@@ -104,7 +104,8 @@ def write_report(out: Path, profile, stages) -> Path:
     add(f"Tasks: {', '.join(tasks)}. {profile.demos_per_task} demos per task (seeds {0}..), "
         f"{profile.video_per_task} action-free episodes per task, {profile.eval_episodes} evaluation episodes "
         f"per task and policy on unseen seeds (100000..), {profile.max_steps} steps at most, "
-        f"{profile.resolution} px corner camera, `{profile.preset}` models.  ")
+        f"{profile.resolution} px corner camera, `{profile.preset}` models"
+        + "".join(f", `{v}` {k}" for k, v in profile.presets.items()) + ".  ")
     add(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; "
         f"stages took {_fmt_seconds(total)} in all. Written {time.strftime('%Y-%m-%d %H:%M')}.\n")
 

@@ -16,14 +16,6 @@ T = N_OBS - 1 + H
 TASKS = ["reach-v3", "push-v3"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- normalisation
 
 

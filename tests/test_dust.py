@@ -8,15 +8,6 @@ from worldmodel.dust import DualStreamBlock, joint_schedule
 from worldmodel.uwm import WorldModel, WorldModelConfig, embodiment_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~10x faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def dust_config(**kw) -> WorldModelConfig:
     """16 px frames, 1 current + 1 future frame (index 4), 4-step chunks of a 2-dim action."""
     base = dict(variant="dust", image_size=16, patch_size=4, n_obs=1, n_future=1, action_horizon=4, width=64, depth=2,

@@ -17,15 +17,6 @@ from decoders.flow import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny MLPs run fastest single-threaded, and the CI machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- time sampling
 
 

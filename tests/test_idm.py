@@ -8,15 +8,6 @@ import torch
 from latent_actions.idm import PRESETS, IDMConfig, InverseDynamicsModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one thread per test process is faster than two fighting ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_walk(b: int, t: int, size: int = 32, sq: int = 6, max_step: int = 2, seed: int = 0):
     """A square doing a random walk. frames uint8 [b, t, 3, size, size]; action float32 [b, t, 2]
     = the displacement from frame t to frame t+1 (the last step's action is never seen)."""

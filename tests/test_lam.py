@@ -28,15 +28,6 @@ def moving_squares(t: int = 4, size: int = 32, sq: int = 6) -> torch.Tensor:
     return frames
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CPU is shared: one thread per test process is faster than two fighting ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_config(**kw) -> LAMConfig:
     return dataclasses.replace(PRESETS["tiny"], dead_after=20, **kw)
 

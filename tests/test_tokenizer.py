@@ -10,14 +10,6 @@ from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, 
 from worldmodel.uwm import WorldModel, WorldModelConfig, embodiment_spec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def vae_dir(tmp_path):
     """A tiny AutoencoderKL: 32 px -> 4 x 16 x 16 latents (two encoder blocks: one halving)."""

@@ -13,15 +13,6 @@ from pipeline.registry import ModelDataMismatch, get_model, register_model
 from pipeline.trainer import lr_factor, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: extra intra-op threads only contend (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return toy_models.make_dataset(tmp_path_factory.mktemp("toy") / "data")

@@ -54,6 +54,8 @@ class DecoderConfig:
     latent_dim: int = 0  # D_l; 0 = no latent-action input
     latent_horizon: int = 0  # H_l; 0 = same as horizon
     latent_key: str = ""  # batch key of the per-frame latent label, e.g. "lam.latent"
+    # policy=latent: the world-model folder that predicts the latent chunk from frames at run time
+    latent_model: str = ""
     # Chunk timeline.
     n_obs_steps: int = 2
     horizon: int = 16

@@ -183,6 +183,8 @@ class DecoderPolicy(ChunkedPolicy):
         super().reset(seed)
         # a fresh generator per episode: the flow noise, hence the actions, depend only on the seed
         self.generator = torch.Generator(device=self.device).manual_seed(self.base_seed if seed is None else seed)
+        if hasattr(self.latent_source, "reset"):   # a sampling latent source reseeds its own noise
+            self.latent_source.reset(self.base_seed if seed is None else seed)
 
     def predict_chunk(self, obs_history: dict[str, Any]) -> np.ndarray:
         frames = torch.from_numpy(np.ascontiguousarray(obs_history["image"])).permute(0, 3, 1, 2)[None]

@@ -1,4 +1,5 @@
-"""The world model itself as a closed-loop policy (``policy=uwm``): UWM sampled in policy mode.
+"""The world model at run time: as the policy itself (``policy=uwm``, ``WorldModelPolicy``) or as
+the latent-action predictor in front of a decoder (``policy=latent``, ``WorldModelLatentSource``).
 
 A ``worldmodel.uwm.WorldModel`` fine-tuned on a robot's actions (``wm train worldmodel --init
 RUN_PRETRAINED --data DEMOS``) predicts an action chunk from its ``n_obs`` current frames with the
@@ -78,3 +79,43 @@ class WorldModelPolicy(ChunkedPolicy):
         actions = self.model.sample_policy(frames, self.embodiment, task=[task] if task else None, state=state,
                                            steps=self.n_steps, generator=self.generator)
         return actions[0].float().cpu().numpy()
+
+
+class WorldModelLatentSource:
+    """The latent-action predictor of ``policy=latent`` (ViPRA-style): a world model pretrained on
+    video with LAM latent actions (its ``"latent"`` embodiment), sampled in policy mode, gives the
+    latent-action chunk that conditions an ``ActionDecoder``.
+
+    ``__call__(obs_history)`` -> float ``[horizon, latent_dim]``: the last ``n_obs`` frames of the
+    history (the decoder may see more), video at full noise, only the current frames (never the
+    future). ``reset(seed)`` reseeds the flow noise (``DecoderPolicy.reset`` calls it), so an
+    episode's latents are a function of its seed.
+    """
+
+    def __init__(self, model, horizon: int | None = None, n_steps: int | None = None, seed: int = 0):
+        cfg = model.config
+        if "latent" not in cfg.embodiments:
+            raise ValueError("the world model has no 'latent' embodiment: pretrain it on LAM labels "
+                             "(`wm train worldmodel --labels lam`)")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.n_obs, self.latent_dim = cfg.n_obs, int(cfg.embodiments["latent"]["action_dim"])
+        self.horizon = horizon or cfg.action_horizon
+        if self.horizon > cfg.action_horizon:
+            raise ValueError(f"latent horizon {self.horizon} exceeds the world model's action horizon "
+                             f"{cfg.action_horizon}")
+        self.n_steps = n_steps
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(self, obs_history: dict[str, Any]) -> torch.Tensor:
+        images = np.ascontiguousarray(obs_history["image"][-self.n_obs:])
+        if len(images) < self.n_obs:
+            raise ValueError(f"the world model needs {self.n_obs} frames, the history holds {len(images)}")
+        frames = torch.from_numpy(images).permute(0, 3, 1, 2)[None]
+        task = obs_history.get("task")
+        latent = self.model.sample_policy(frames, "latent", task=[task] if task else None,
+                                          steps=self.n_steps, generator=self.generator)
+        return latent[0, : self.horizon].float().cpu()

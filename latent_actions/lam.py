@@ -36,9 +36,10 @@ Failure modes and their guards:
   matches the interval at which the robot's actions change (LAPA uses ~0.6 s).
 
 Presets (parameter counts, 3 channels, VQ):
-    tiny:  32 px, patch 4, width 64,  enc 2 / dec 2 layers, 2 tokens x 8,  8 codes  ->  0.22 M
-    small: 64 px, patch 8, width 256, enc 4 / dec 4 layers, 4 tokens x 16, 8 codes  ->  6.5 M
-    base:  128 px, patch 8, width 512, enc 8 / dec 6 layers, 4 tokens x 32, 16 codes -> 44.9 M
+    tiny:  32 px, patch 4, width 64,  enc 2 / dec 2 layers, 2 tokens x 8,  8 codes, k 1  ->  0.23 M
+    small: 64 px, patch 8, width 128, enc 3 / dec 3 layers, 4 tokens x 16, 8 codes, k 4  ->  1.3 M
+    base:  128 px, patch 8, width 512, enc 8 / dec 6 layers, 4 tokens x 32, 16 codes, k 4 -> 45.1 M
+(small: ~0.25 s per step of 16 windows x 2 transitions on 2 CPU cores.)
 """
 
 # no `from __future__ import annotations` here: PyTorchModelHubMixin finds the config class from
@@ -79,6 +80,20 @@ class LAMConfig:
     # 8 directions, tiny preset, 250 steps: L1 recon/copy 0.93 with the latent unused, MSE 0.018)
     recon_loss: str = "mse"
     predict_residual: bool = True     # decoder outputs x_{t+k} - x_t (copying is the start point)
+    # the encoder also embeds x_{t+k} - x_t (added to the x_{t+k} tokens): in robot video the two
+    # frames differ in a few pixels, so without it the encoder's outputs vary with the scene, not
+    # the motion, and every transition lands on the same code (measured: docs/RESULTS.md)
+    encoder_motion: bool = True
+    # divide the reconstruction loss by the copy loss of the batch (no gradient through it): the
+    # loss reads as "share of the motion not explained" whatever the share of static pixels, and
+    # the bottleneck terms (KL, commitment) are weighed against that instead of a ~1e-4 pixel MSE
+    normalize_recon: bool = True
+    # VQ only: standardise the encoder output per dimension (BatchNorm without affine, running
+    # statistics at inference) before the nearest-code search. Transitions of one robot scene differ
+    # little, so raw encoder outputs sit in a tiny cluster that drifts away from the codebook faster
+    # than the codes follow; NSVQ's noise (as large as the distance to the code) then drowns the
+    # differences and every transition maps to one code (measured: docs/RESULTS.md)
+    standardize_latent: bool = True
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -105,10 +120,10 @@ class LAMConfig:
 PRESETS: dict[str, LAMConfig] = {
     "tiny": LAMConfig(image_size=32, patch_size=4, width=64, enc_depth=2, dec_depth=2, n_heads=4,
                       n_tokens=2, latent_dim=8, num_codes=8),
-    "small": LAMConfig(image_size=64, patch_size=8, width=256, enc_depth=4, dec_depth=4, n_heads=4,
-                       n_tokens=4, latent_dim=16, num_codes=8),
+    "small": LAMConfig(image_size=64, patch_size=8, width=128, enc_depth=3, dec_depth=3, n_heads=4,
+                       n_tokens=4, latent_dim=16, num_codes=8, frame_gap=4),
     "base": LAMConfig(image_size=128, patch_size=8, width=512, enc_depth=8, dec_depth=6, n_heads=8,
-                      n_tokens=4, latent_dim=32, num_codes=16),
+                      n_tokens=4, latent_dim=32, num_codes=16, frame_gap=4),
 }
 
 
@@ -153,6 +168,7 @@ class LatentActionEncoder(nn.Module):
         self.cfg = cfg
         self.patch = PatchEmbed(cfg)
         self.frame_emb = nn.Parameter(torch.randn(2, 1, cfg.width) * 0.02)  # "before" / "after"
+        self.motion = PatchEmbed(cfg) if cfg.encoder_motion else None
         self.queries = nn.Parameter(torch.randn(1, cfg.n_tokens, cfg.width) * 0.02)
         self.blocks = _transformer(cfg.width, cfg.enc_depth, cfg.n_heads, cfg.mlp_ratio)
         self.out = nn.Linear(cfg.width, out_dim)
@@ -163,6 +179,8 @@ class LatentActionEncoder(nn.Module):
         tok = self.patch(x.flatten(0, 1)).unflatten(0, (b, t))           # [B, T, P, W]
         before = tok[:, :-k].flatten(0, 1) + self.frame_emb[0]           # [B*(T-k), P, W]
         after = tok[:, k:].flatten(0, 1) + self.frame_emb[1]
+        if self.motion is not None:
+            after = after + self.motion((x[:, k:] - x[:, :-k]).flatten(0, 1))
         q = self.queries.expand(before.shape[0], -1, -1)
         h = self.blocks(torch.cat([q, before, after], dim=1))
         return self.out(h[:, : self.cfg.n_tokens]).unflatten(0, (b, t - k))
@@ -213,6 +231,9 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
             enc_out = 2 * config.latent_dim
         self.encoder = LatentActionEncoder(config, enc_out)
         self.decoder = LatentActionDecoder(config)
+        self.standardize = None
+        if config.bottleneck == "vq" and config.standardize_latent:
+            self.standardize = nn.BatchNorm1d(config.latent_dim, affine=False, momentum=0.01)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LatentActionModel":
@@ -230,7 +251,10 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
 
     def _encode(self, x: torch.Tensor) -> BottleneckOutput:
         """pixels ``[B, T, C, H, W]`` -> bottleneck output with latent ``[B, T-k, n_tokens, latent_dim]``."""
-        return self.bottleneck(self.encoder(x))
+        z = self.encoder(x)
+        if self.standardize is not None:
+            z = self.standardize(z.reshape(-1, z.shape[-1]).float()).reshape(z.shape).to(z.dtype)
+        return self.bottleneck(z)
 
     def _recon(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(pred, target) if self.config.recon_loss == "l1" else F.mse_loss(pred, target)
@@ -243,9 +267,10 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         x_t, x_next = x[:, :-k].flatten(0, 1), x[:, k:].flatten(0, 1)
         pred = self.decoder(x_t, out.latent.flatten(0, 1))
         recon = self._recon(pred.float(), x_next)
-        loss = recon + out.loss
         with torch.no_grad():
             copy = self._recon(x_t, x_next)
+        loss = (recon / copy.clamp_min(1e-6) if self.config.normalize_recon else recon) + out.loss
+        with torch.no_grad():
             named = {"recon_loss": recon.detach(), "copy_loss": copy,
                      "recon_over_copy": recon.detach() / copy.clamp_min(1e-8),
                      "bottleneck_loss": out.loss.detach(), **out.metrics}

@@ -54,6 +54,9 @@ class Profile:
     resolution: int = 64
     workers: int = 2
     videos_per_policy: int = 2    # rollout MP4s kept per task and policy
+    # the action-free corpus comes from the experts with Gaussian action noise: scripted experts are
+    # deterministic given the scene, and a LAM learns nothing from their video (docs/RESULTS.md)
+    video_action_noise: float = 0.5
     estimate_minutes: float = 0   # measured on 2 cores; drives the ETA
 
 
@@ -64,16 +67,16 @@ PROFILES = {
         max_steps=80, preset="tiny",
         steps={"lam": 60, "idm": 60, "worldmodel": 60, "uwm": 40, "scratch-fm": 80, "scratch-meanflow": 80,
                "idm-bc": 80, "latent": 80},
-        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=4),
-    # Sized from measured speeds on 2 cores (docs/RESULTS.md): small LAM ~1 step/s, small world model
+        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "latent", "uwm"], estimate_minutes=4),
+    # Sized from measured speeds on 2 cores (docs/RESULTS.md): small LAM ~4 steps/s, small world model
     # ~1.5 steps/s, tiny decoders / IDM several steps/s, ~20 ms per simulated + rendered step.
     "default": Profile(
         name="default", tasks=["reach-v3", "push-v3", "drawer-close-v3"], demos_per_task=10,
         video_per_task=30, eval_episodes=10, heldout_per_task=3, max_steps=150, preset="small",
-        presets={"idm": "tiny", "scratch-fm": "tiny", "scratch-meanflow": "tiny", "idm-bc": "tiny"},
-        steps={"lam": 400, "idm": 600, "worldmodel": 500, "uwm": 300, "scratch-fm": 800,
+        presets={"idm": "tiny", "scratch-fm": "tiny", "scratch-meanflow": "tiny", "idm-bc": "tiny", "latent": "tiny"},
+        steps={"lam": 1000, "idm": 600, "worldmodel": 1000, "uwm": 300, "scratch-fm": 800,
                "scratch-meanflow": 800, "idm-bc": 800, "latent": 800},
-        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "uwm"], estimate_minutes=40),
+        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "latent", "uwm"], estimate_minutes=40),
 }
 
 # How each decoder policy is trained: extra `wm train` arguments (besides --data/--out/--preset/steps).
@@ -81,7 +84,7 @@ POLICY_TRAINING = {
     "scratch-fm": ("decoder", ["policy=scratch", "model.objective=fm"], ["demos"], None),
     "scratch-meanflow": ("decoder", ["policy=scratch", "model.objective=meanflow"], ["demos"], None),
     "idm-bc": ("decoder", ["policy=idm-bc", "model.objective=fm"], ["demos", "video"], None),
-    "latent": ("decoder", ["policy=latent", "model.objective=fm"], ["demos"], "lam"),
+    "latent": ("decoder", ["policy=latent", "model.objective=fm"], ["demos"], "worldmodel"),
     "uwm": ("worldmodel", [], ["demos"], "worldmodel"),
 }
 
@@ -117,6 +120,7 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
               data / "heldout" / "manifest.json", 0.3),
         Stage("collect action-free video", [["collect", "metaworld", *common_collect, "--episodes",
                                              str(p.video_per_task), "--seed", str(VIDEO_SEED), "--drop-actions",
+                                             "--action-noise", str(p.video_action_noise),
                                              "--out", str(data / "video")]],
               data / "video" / "manifest.json", 2.0),
         Stage("train latent-action model", [train("lam", "lam", ["video"], p.steps["lam"])],
@@ -210,8 +214,8 @@ def run_demo(profile: str, out: str | Path, tasks: list[str] | None = None) -> i
             continue
         remaining = sum(s.weight for s in stages[i - 1:]) / total_weight * budget
         elapsed = time.perf_counter() - started
-        if spent_weight:   # rescale the estimate by how fast this machine has been so far
-            remaining *= elapsed / (spent_weight / total_weight * budget)
+        if spent_weight >= 0.2 * total_weight:   # rescale by this machine's pace once it means something
+            remaining *= min(3.0, max(1 / 3, elapsed / (spent_weight / total_weight * budget)))
         log.info("[%d/%d] %s ... (elapsed %s, ETA %s)", i, len(stages), stage.name, _fmt(elapsed), _fmt(remaining))
         t0 = time.perf_counter()
         log_path = out / "logs" / f"{i:02d}-{stage.name.replace(' ', '-')}.log"

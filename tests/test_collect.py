@@ -93,3 +93,23 @@ def test_unknown_task_lists_valid_names_exit_2(tmp_path):
     assert "fly-v3" in proc.stderr and "push-v3" in proc.stderr and "valid tasks" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_action_noise_changes_the_motion_and_is_seeded(collected):
+    out = collected / "noisy"
+    assert _collect(out, "--action-noise", "0.5", "--max-steps", "30") == 0
+    again = collected / "noisy2"
+    assert _collect(again, "--action-noise", "0.5", "--max-steps", "30") == 0
+    assert _members(out) == _members(again)                     # the noise comes from the episode seed
+    expert, noisy = _members(collected / "a"), _members(out)
+    key = "reach-v3_000000"
+    meta = json.loads(noisy[f"{key}.meta.json"])
+    assert meta["extra"]["policy"] == "scripted-expert+gaussian(0.5)"
+    a_expert = np.load(io.BytesIO(expert[f"{key}.action.npy"]))
+    a_noisy = np.load(io.BytesIO(noisy[f"{key}.action.npy"]))
+    assert np.abs(a_noisy).max() <= 1.0
+    # the recorded actions are the executed, noisy ones: far from the expert's from the first step
+    diff = a_noisy[:10] - a_expert[:10]
+    assert 0.25 < diff.std() < 0.75, diff.std()
+    assert noisy[f"{key}.corner.mp4"] != expert[f"{key}.corner.mp4"]
+    assert _collect(collected / "bad", "--action-noise", "-1") == 2

@@ -5,7 +5,8 @@ Covers: a WorldModelPolicy around a tiny random WorldModel drives real Meta-Worl
 dispatches a trained world-model run to it (and a decoder run still to the decoder); the window
 stream mixes a labelled and an unlabelled folder with ``optional_labels``; ``wm train decoder
 policy=idm-bc`` trains on demos plus video labelled by a real IDM (``wm label``), with the
-pseudo-actions as targets.
+pseudo-actions as targets; ``policy=latent`` trains a decoder on LAM latents of the demos and runs
+it in closed loop with a world model predicting the latent chunk.
 """
 
 import json
@@ -181,3 +182,56 @@ def test_train_decoder_idm_bc_on_idm_pseudo_labels(data, tmp_path, capsys):
     assert all(m["action_samples"] > 0 for m in train_rows), train_rows
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert list(cfg["stats"]) == [EMBODIMENT]
+
+
+def test_train_decoder_latent_on_world_model_latents(data, tmp_path, capsys):
+    """policy=latent: LAM labels on the demos, a world model pretrained on them, a decoder that maps
+    the latent chunk to actions, and in closed loop the world model predicts that chunk."""
+    from decoders.policy import DecoderPolicy
+    from decoders.world_model_policy import WorldModelLatentSource
+
+    demos_src, _, _ = data
+    import shutil
+
+    demos = tmp_path / "demos"
+    shutil.copytree(demos_src, demos, ignore=shutil.ignore_patterns("labels"))
+    quiet = ["train.progress=false", "data.batch_size=2"]
+    lam, wm, dec = tmp_path / "lam", tmp_path / "wm", tmp_path / "dec"
+    assert main(["train", "lam", "--data", str(demos), "--out", str(lam), "--preset", "tiny", "train.max_steps=2",
+                 "train.ckpt_every=2", *quiet]) == 0
+    assert main(["train", "worldmodel", "--data", str(demos), "--out", str(wm), "--preset", "tiny",
+                 "train.max_steps=2", "train.ckpt_every=2", *quiet]) == 0      # no latent actions yet
+    decoder_args = ["train", "decoder", "--data", str(demos), "--out", str(dec), "--preset", "tiny", "policy=latent",
+                    "train.max_steps=3", "train.ckpt_every=3", "model.horizon=4", *quiet]
+    assert main(decoder_args) == 2 and "--init RUN_WM" in capsys.readouterr().err
+    assert main([*decoder_args, "--init", str(wm)]) == 2 and "without latent actions" in capsys.readouterr().err
+    assert main(["label", "--labeller", str(lam), "--data", str(demos), "--no-progress"]) == 0
+    shutil.rmtree(wm)
+    assert main(["train", "worldmodel", "--data", str(demos), "--labels", "lam", "--out", str(wm), "--preset",
+                 "tiny", "train.max_steps=2", "train.ckpt_every=2", *quiet]) == 0
+    assert main([*decoder_args, "--init", str(wm)]) == 0
+    cfg = json.loads((dec / "final" / "config.json").read_text())
+    wm_cfg = json.loads((wm / "final" / "config.json").read_text())
+    assert cfg["latent_key"] == "lam.latent" and cfg["latent_dim"] == wm_cfg["latent_action_dim"] > 0
+    assert cfg["latent_model"] == str((wm / "final").resolve()) and cfg["latent_horizon"] == 4
+
+    policy = load_policy(str(dec), env_info("metaworld", resolution=SIZE))
+    assert isinstance(policy, DecoderPolicy) and isinstance(policy.latent_source, WorldModelLatentSource)
+    obs = {"image": np.full((SIZE, SIZE, 3), 90, np.uint8), "state": np.zeros(STATE_DIM, np.float32),
+           "task": "reach-v3"}
+    history = {"image": np.stack([obs["image"]] * cfg["n_obs_steps"]), "task": "reach-v3"}
+    policy.reset(3)
+    first = policy.latent_source(history)
+    assert tuple(first.shape) == (4, cfg["latent_dim"])
+    policy.reset(3)
+    assert torch.equal(first, policy.latent_source(history))     # the latent noise is reseeded per episode
+    out = tmp_path / "eval"
+    assert main(["eval", "--policy", str(dec), "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "4",
+                 "--resolution", str(SIZE), "--action-steps", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["latency"]["calls"] == 2 and results["overall"]["mean_length"] == 4
+    # the world model the decoder was trained with is gone: a clear error before any rollout
+    shutil.rmtree(wm)
+    assert main(["eval", "--policy", str(dec), "--tasks", "reach-v3", "--episodes", "1", "--resolution", str(SIZE),
+                 "--out", str(tmp_path / "e2")]) == 2
+    assert "not there" in capsys.readouterr().err

@@ -165,6 +165,25 @@ def test_the_video_prediction_uses_the_actions():
     assert err_idm < 0.5 * err_policy, (err_idm, err_policy)
 
 
+@pytest.mark.parametrize("target,scale", [("residual", 4.0), ("residual", 8.0), ("frames", 4.0)])
+def test_video_target_and_scale_set_where_sampling_starts(target, scale):
+    """With a zero velocity the sampler returns its starting noise: divided by video_scale, around the
+    last observed frame (residual target) or around grey (frames target)."""
+    cfg = toy_config(video_target=target, video_scale=scale)
+    model = WorldModel(cfg).eval()
+    model._velocity = lambda cond, t_a, t_v, z_a, z_v, names: (torch.zeros_like(z_a), torch.zeros_like(z_v))
+    batch = random_batch(cfg, n=64, seed=1)
+    obs = batch["frames"][:, :1]
+    actions = batch["action"][:, :4]
+    pred = model.sample_forward_dynamics(obs, actions, "toy", generator=torch.Generator().manual_seed(0))
+    last = obs.float() / 127.5 - 1
+    centre = last if target == "residual" else torch.zeros_like(last)
+    noise = pred - centre      # clamped to [-1, 1] at the output: compare where the centre is mid-range
+    inside = (centre.abs() < 0.2).expand_as(noise)
+    assert abs(noise[inside].mean().item()) < 0.03
+    assert noise[inside].std().item() == pytest.approx(1 / scale, rel=0.15)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_and_load_give_identical_samples(variant, tmp_path):
     cfg = toy_config(variant, tasks=["push", "reach"])

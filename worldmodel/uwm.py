@@ -29,6 +29,12 @@ action timestep at full noise, learned null action tokens and the action loss ma
 Outputs of the ``sample_*`` modes: actions in raw units ``[B, H, A]``; frames float ``[B, n_future, 3,
 S, S]`` in [-1, 1] (``tokenizer.unit_to_uint8`` converts); with ``frame_space="vae"`` frames are decoded
 by the VAE, or returned as latents ``[B, n_future, c, h, w]`` when no VAE is loaded.
+
+Video target (``video_target``): ``"residual"`` (the presets) denoises the future frames minus the last
+observed frame, in the same space (pixels or VAE latents), and adds that frame back after sampling;
+``"frames"`` denoises the frames themselves. In robot video most of the picture does not move, so the
+residual is near zero almost everywhere and copying the last frame is where the model starts rather
+than a baseline it has to learn its way past (measured: docs/RESULTS.md, world model).
 """
 
 from __future__ import annotations
@@ -102,12 +108,24 @@ class WorldModelConfig:
     video_loss_weight: float = 1.0
     action_steps: int = 10
     video_steps: int = 10  # DUST: more video than action steps in sample_joint
+    # "frames" | "residual" (future minus last observed frame). The dataclass default keeps configs saved
+    # before this field meaning what they meant; the presets use "residual".
+    video_target: str = "frames"
+    # the video stream denoises target * video_scale (and divides samples by it): flow matching with unit
+    # noise predicts e - x, so x = z - v is a difference of two O(1) numbers; a target with std ~0.2 (the
+    # pixel residual) is then rebuilt from them with errors as large as itself. Scaling it towards unit
+    # std (the role of Stable Diffusion's latent scaling factor) is what makes residual samples beat copying
+    video_scale: float = 1.0
 
     def __post_init__(self):
         if self.variant not in ("uwm", "dust"):
             raise ValueError(f"variant must be 'uwm' or 'dust', got {self.variant!r}")
         if self.frame_space not in ("pixels", "vae"):
             raise ValueError(f"frame_space must be 'pixels' or 'vae', got {self.frame_space!r}")
+        if self.video_scale <= 0:
+            raise ValueError(f"video_scale must be > 0, got {self.video_scale}")
+        if self.video_target not in ("frames", "residual"):
+            raise ValueError(f"video_target must be 'frames' or 'residual', got {self.video_target!r}")
         if self.n_obs < 1 or self.n_future < 1 or self.action_horizon < 1:
             raise ValueError("n_obs, n_future and action_horizon must be >= 1")
         if self.frame_gap is None:
@@ -130,12 +148,14 @@ class WorldModelConfig:
 PRESETS = {
     # 32 px, 44 tokens per sample (8 action + 2 x 16 frame + 4 registers), 0.33 M parameters (dust: 0.48 M)
     "tiny": WorldModelConfig(image_size=32, action_horizon=8, width=64, depth=2, heads=2, registers=4,
-                             encoder_channels=[16, 32, 64], action_steps=4, video_steps=4),
+                             encoder_channels=[16, 32, 64], action_steps=4, video_steps=4, video_target="residual",
+                             video_scale=10.0),
     # 64 px, 152 tokens (16 + 2 x 64 + 8), 6.9 M parameters (dust: 11.6 M); window 18
-    "small": WorldModelConfig(),
+    "small": WorldModelConfig(video_target="residual", video_scale=10.0),
     # 128 px, 160 tokens (16 + 2 x 64 + 16), patch 16, 12 x 768: 146 M parameters (dust: 273 M)
     "base": WorldModelConfig(image_size=128, patch_size=16, width=768, depth=12, heads=12, registers=16,
-                             encoder_channels=[64, 128, 256, 512], encoder_blocks=2),
+                             encoder_channels=[64, 128, 256, 512], encoder_blocks=2, video_target="residual",
+                             video_scale=10.0),
 }
 
 
@@ -342,14 +362,20 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
                              f"(n_obs={cfg.n_obs}, n_future={cfg.n_future}, frame_gap={cfg.frame_gap}, "
                              f"action_horizon={cfg.action_horizon})")
         fut = cfg.future_indices()
+        last = cfg.n_obs - 1
         if cfg.frame_space == "vae" and cfg.vae_latent_key in batch:
             x_v = batch[cfg.vae_latent_key][:, fut].to(device).float()
+            base = batch[cfg.vae_latent_key][:, last : last + 1].to(device).float()
         else:
             if cfg.frame_space == "vae" and not self._frozen.get("warned"):
                 self._frozen["warned"] = True
                 log.warning("no %r in the batch: encoding future frames with the VAE at every step (slow); "
                             "precompute the latents once with a labelling pass", cfg.vae_latent_key)
-            x_v = self._video_data(frames[:, fut])
+            both = self._video_data(frames[:, [last, *fut]])
+            base, x_v = both[:, :1], both[:, 1:]
+        if cfg.video_target == "residual":
+            x_v = x_v - base
+        x_v = x_v * cfg.video_scale
         x_a, names, dims = self._action_data(batch, b, device)
         has_actions = torch.tensor([n is not None for n in names], device=device)
         state = batch.get("state")
@@ -409,8 +435,14 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         t_v = torch.ones(b, device=device)
         if actions is not None:
             x_a, t_a = adapter.normalize_action(actions.to(device).float()), torch.zeros_like(t_a)
+        base = None
+        if cfg.video_target == "residual" and (gen_video or next_frames is not None):
+            base = self._video_data(obs[:, -1:])    # the last observed frame, in the denoised space
         if next_frames is not None:
             x_v, t_v = self._video_data(next_frames.to(device)), torch.zeros_like(t_v)
+            if base is not None:
+                x_v = x_v - base
+            x_v = x_v * cfg.video_scale
         n_a = action_steps or cfg.action_steps
         n_v = video_steps or cfg.video_steps
         if gen_actions and gen_video:
@@ -427,6 +459,10 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
                 k_v += 1
                 x_v, t_v = x_v - v_v.float() / n_v, torch.full_like(t_v, 1 - k_v / n_v)
         out_a = adapter.denormalize_action(x_a) if gen_actions else None
+        if gen_video:
+            x_v = x_v / cfg.video_scale
+            if base is not None:
+                x_v = x_v + base
         out_v = self._frames_out(x_v) if gen_video else None
         return out_a, out_v
 

@@ -8,6 +8,10 @@ observation the expert saw before taking ``action[t]``, so ``n_frames == len(act
 ends ``EXTRA_STEPS_AFTER_SUCCESS`` actions after the first success (the clip shows the task
 completed, then stops) or after ``--max-steps`` actions. ``--drop-actions`` writes the same videos
 without ``action.npy`` / ``state.npy`` (an action-free corpus; embodiment stays "sawyer").
+``--action-noise S`` adds Gaussian noise of std S to every expert action (clipped to [-1, 1]; the
+noisy action is the one executed and recorded): scripted experts are deterministic given the
+scene, so from their video alone the next frame follows from the current one, and a latent-action
+model has nothing to learn; a noisy behaviour policy makes the motion carry information.
 docs/SIMULATION.md has the details.
 """
 
@@ -39,10 +43,12 @@ class EpisodeSpec:
     camera: str
     max_steps: int
     actions: bool
+    action_noise: float = 0.0
 
     def __str__(self) -> str:
+        noise = f":action_noise={self.action_noise:g}" if self.action_noise else ""
         return (f"metaworld:{self.task}:episode={self.episode}:seed={self.seed}:res={self.resolution}:"
-                f"camera={self.camera}:max_steps={self.max_steps}:actions={int(self.actions)}")
+                f"camera={self.camera}:max_steps={self.max_steps}:actions={int(self.actions)}{noise}")
 
 
 _ENV_CACHE: dict[tuple, object] = {}   # one live env per process: making one + its GL context takes ~2 s
@@ -67,17 +73,23 @@ def _close_envs() -> None:
 atexit.register(_close_envs)
 
 
-def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS) -> dict[str, np.ndarray | bool]:
+def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS,
+            action_noise: float = 0.0) -> dict[str, np.ndarray | bool]:
     """One scripted-expert episode: frames uint8 [T, H, W, 3], action float32 [T, 4], state float32
-    [T, 39] (frame/state t were observed before action t), success (reached at any step)."""
+    [T, 39] (frame/state t were observed before action t), success (reached at any step).
+    ``action_noise`` > 0 executes (and records) expert action + N(0, action_noise²), clipped to
+    [-1, 1], with noise drawn from ``seed`` (the same episode twice is the same episode)."""
     from pipeline.policy import ExpertPolicy
 
     expert = ExpertPolicy()
+    noise_rng = np.random.default_rng([seed, 1])
     obs = env.reset(seed=seed)
     frames, actions, states = [], [], []
     first_success, done = None, False
     while not done:
         action = expert.act(obs)
+        if action_noise > 0:
+            action = np.clip(action + noise_rng.normal(0.0, action_noise, action.shape), -1.0, 1.0).astype(np.float32)
         frames.append(obs["image"])
         states.append(obs["state"])
         actions.append(action)
@@ -97,14 +109,15 @@ def make_episodes(spec: EpisodeSpec):
     from shards.writer import Episode
 
     env = _env_for(spec)
-    r = rollout(env, spec.seed)
+    r = rollout(env, spec.seed, action_noise=spec.action_noise)
     log.debug("%s: %d steps, success=%s", spec, len(r["action"]), r["success"])
     yield Episode(
         key=f"{spec.task}_{spec.episode:06d}", frames={spec.camera: r["frames"]}, fps=env.fps,
         embodiment=EMBODIMENT, task=spec.task, instruction=instruction(spec.task), source=str(spec),
         action=r["action"] if spec.actions else None, state=r["state"] if spec.actions else None,
         success=r["success"], episode_index=spec.episode, seed=spec.seed,
-        extra={"simulator": "metaworld", "policy": "scripted-expert", "first_success_step": r["first_success_step"],
+        extra={"simulator": "metaworld",
+               "policy": "scripted-expert" + (f"+gaussian({spec.action_noise:g})" if spec.action_noise else ""), "first_success_step": r["first_success_step"],
                "max_steps": spec.max_steps})
 
 
@@ -125,6 +138,9 @@ def add_parser(subparsers) -> None:
     mw.add_argument("--max-steps", type=int, default=200, help="actions per episode at most")
     mw.add_argument("--drop-actions", action="store_true",
                     help="write video only (no action/state): an action-free corpus")
+    mw.add_argument("--action-noise", type=float, default=0.0,
+                    help="std of Gaussian noise added to every expert action (a more varied behaviour "
+                         "policy for action-free corpora; 0 = the expert as is)")
     mw.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     mw.add_argument("--samples-per-shard", type=int, default=16, help="episodes per shard")
     mw.set_defaults(run=run)
@@ -143,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
         raise exit_codes.UsageError(f"--resolution must be a positive even number, got {args.resolution}")
     if not 0 < args.max_steps <= MAX_PATH_LENGTH:
         raise exit_codes.UsageError(f"--max-steps must be in 1..{MAX_PATH_LENGTH}, got {args.max_steps}")
-    specs = [EpisodeSpec(task, i, args.seed + i, args.resolution, args.camera, args.max_steps, not args.drop_actions)
+    if not 0 <= args.action_noise <= 2:
+        raise exit_codes.UsageError(f"--action-noise must be in 0..2 (actions live in [-1, 1]), got {args.action_noise}")
+    specs = [EpisodeSpec(task, i, args.seed + i, args.resolution, args.camera, args.max_steps, not args.drop_actions,
+                         args.action_noise)
              for task in tasks for i in range(args.episodes)]
     result = run_sharded_job(args.out, specs, make_episodes, samples_per_shard=args.samples_per_shard,
                              workers=args.workers, created_by="wm collect metaworld", desc="collect")

@@ -17,8 +17,13 @@ demos. ``idm-bc`` also trains on action-free video pseudo-labelled by an IDM (``
 RUN_IDM --data VIDEO``: sidecar ``labels/idm``, field ``pseudo_action`` [n, A] raw units): the demos
 need no sidecar (the stream's ``optional_labels``), and ``idm_targets`` turns each action-free window
 whose pseudo-labels are all valid into a sample of the robot's embodiment with the pseudo-actions as
-its target. ``latent`` and ``uwm`` (the world model itself: pipeline/models/worldmodel_policy.py) are
-refused here with a message saying what is missing (docs/RESULTS.md lists the gaps).
+its target. ``latent`` (ViPRA-style) needs ``--init RUN_WM``, a world model pretrained with LAM latent
+actions (``wm train worldmodel --labels lam``), and the same LAM's sidecar on the demos (``wm label
+--labeller RUN_LAM --data DEMOS``): the decoder learns robot actions from frames + state + the LAM's
+latent chunk of the demo (teacher latents), and in closed loop the world model in policy mode
+predicts that chunk from the current frames (``decoders.world_model_policy.WorldModelLatentSource``;
+the world-model folder is recorded as ``model.latent_model``). ``uwm`` is the world model itself
+(pipeline/models/worldmodel_policy.py) and is refused here with a message saying how to train it.
 
 Evaluation: ``load_decoder_policy`` (registered with ``pipeline.evaluate.register_policy_loader``)
 turns ``RUN`` (or ``RUN/final``) into a ``decoders.policy.DecoderPolicy``; the embodiment and state
@@ -45,8 +50,6 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("scratch", "latent", "uwm", "idm-bc")
 NOT_READY = {
-    "latent": "needs a latent-action predictor that sees only the current frames (the world model in "
-              "policy mode) to drive it in closed loop; not available yet",
     "uwm": "is the world model fine-tuned on actions: train it with `wm train worldmodel --init RUN`",
 }
 IDM_LABELS = "idm"   # the sidecar idm-bc reads: labels/idm, fields pseudo_action [n, A] and valid [n]
@@ -150,9 +153,50 @@ def prepare(cfg, manifests: list[dict]) -> None:
         tasks = sorted({t for man in manifests for t in man.get("tasks", {}) if t})
     if not m.tasks:   # a config given back with --config keeps its vocabulary (embedding rows)
         m.tasks = tasks
+    if policy == "latent":
+        _prepare_latent(cfg, paths)
     cfg.data.window = m.window_length
     if policy == "idm-bc":
         _prepare_idm_bc(cfg, paths, robots)
+
+
+def _prepare_latent(cfg, paths: list[str]) -> None:
+    """policy=latent: take the latent-action layout from the world model given by ``--init`` and
+    join the LAM sidecar it was trained on."""
+    from pipeline.models.worldmodel_policy import world_model_dir
+    from shards.sidecar import sidecar_dir
+
+    m = cfg.model
+    if not cfg.init:
+        raise UsageError("policy=latent needs --init RUN_WM: a world model pretrained with LAM latent actions "
+                         "(`wm train worldmodel --labels lam`), which predicts the latent chunk in closed loop")
+    folder = world_model_dir(str(cfg.init))
+    if folder is None:
+        raise UsageError(f"policy=latent: --init {cfg.init} is not a world-model run (need `wm train worldmodel` "
+                         f"output with final/)")
+    wm = json.loads((folder / "config.json").read_text())
+    latent_dim = int(wm.get("latent_action_dim") or 0)
+    if not latent_dim:
+        raise UsageError(f"policy=latent: the world model {folder} was trained without latent actions; "
+                         f"pretrain it with `wm train worldmodel --labels lam`")
+    key = wm["latent_action_key"]
+    name = key.split(".")[0]
+    missing = [p for p in paths if not sidecar_dir(p, name).is_dir()]
+    if missing:
+        raise UsageError(f"policy=latent: no '{name}' labels in {missing} (the world model's latent actions); "
+                         f"run `wm label --labeller RUN_LAM --data DIR` on the demos first")
+    if list(m.image_size) != [wm["image_size"]] * 2:
+        raise ModelDataMismatch(f"policy=latent: the demos are {m.image_size[0]}x{m.image_size[1]} px but the "
+                                f"world model {folder} sees {wm['image_size']} px frames")
+    if m.n_obs_steps < wm["n_obs"]:
+        log.info("policy=latent: n_obs_steps %d -> %d (the world model's context)", m.n_obs_steps, wm["n_obs"])
+        m.n_obs_steps = int(wm["n_obs"])
+    m.latent_dim, m.latent_key, m.latent_model = latent_dim, key, str(folder.resolve())
+    m.latent_horizon = min(m.latent_horizon or m.horizon, int(wm["action_horizon"]))
+    if name not in cfg.data.labels:
+        cfg.data.labels = [*cfg.data.labels, name]
+    log.info("policy=latent: latent chunk [%d, %d] from %s (labels '%s')", m.latent_horizon, latent_dim,
+             folder, name)
 
 
 def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
@@ -269,8 +313,29 @@ def load_decoder_policy(spec: str, info: dict[str, Any]):
     steps = info.get("action_steps")
     if steps is not None and not 1 <= steps <= cfg.horizon:
         raise UsageError(f"--action-steps {steps}: must be in 1..{cfg.horizon} (the policy's chunk horizon)")
+    latent_source = _latent_source(spec, cfg) if cfg.latent_dim else None
     return DecoderPolicy(decoder, n_action_steps=steps, temporal_ensemble=info.get("temporal_ensemble"),
-                         n_steps=info.get("sampling_steps"), embodiment=info["embodiment"])
+                         n_steps=info.get("sampling_steps"), embodiment=info["embodiment"],
+                         latent_source=latent_source)
+
+
+def _latent_source(spec: str, cfg):
+    """policy=latent: the recorded world model as a latent-action predictor, checked against the decoder."""
+    from decoders.world_model_policy import WorldModelLatentSource
+    from pipeline.models.worldmodel_policy import world_model_dir
+    from worldmodel.uwm import WorldModel
+
+    folder = world_model_dir(cfg.latent_model) if cfg.latent_model else None
+    if folder is None:
+        raise UsageError(f"policy {spec} is conditioned on latent actions from the world model "
+                         f"'{cfg.latent_model}', which is not there (moved or deleted?)")
+    model = WorldModel.from_pretrained(str(folder))
+    dim = int(model.config.latent_action_dim)
+    if dim != cfg.latent_dim or model.config.n_obs > cfg.n_obs_steps:
+        raise UsageError(f"policy {spec} expects {cfg.latent_dim}-dim latents from {cfg.n_obs_steps} frames but the "
+                         f"world model {folder} gives {dim}-dim latents from {model.config.n_obs} frames")
+    log.info("latent actions from world model %s (chunk [%d, %d])", folder, cfg.latent_horizon or cfg.horizon, dim)
+    return WorldModelLatentSource(model, horizon=cfg.latent_horizon or cfg.horizon)
 
 
 register_policy_loader(load_decoder_policy)

@@ -67,7 +67,7 @@ def prepare(cfg, manifests: list[dict]) -> None:
 
 RUN_PRESETS = {
     "tiny": {"data": {"window": 3, "batch_size": 8}},
-    "small": {"data": {"window": 4, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
+    "small": {"data": {"window": 6, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
               "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"eval_every": 0}},
 }
 

@@ -76,7 +76,7 @@ PROFILES = {
         presets={"idm": "tiny", "scratch-fm": "tiny", "scratch-meanflow": "tiny", "idm-bc": "tiny", "latent": "tiny"},
         steps={"lam": 1000, "idm": 600, "worldmodel": 1000, "uwm": 300, "scratch-fm": 800,
                "scratch-meanflow": 800, "idm-bc": 800, "latent": 800},
-        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "latent", "uwm"], estimate_minutes=40),
+        policies=["scratch-fm", "scratch-meanflow", "idm-bc", "latent", "uwm"], estimate_minutes=39),
 }
 
 # How each decoder policy is trained: extra `wm train` arguments (besides --data/--out/--preset/steps).
@@ -87,6 +87,12 @@ POLICY_TRAINING = {
     "latent": ("decoder", ["policy=latent", "model.objective=fm"], ["demos"], "worldmodel"),
     "uwm": ("worldmodel", [], ["demos"], "worldmodel"),
 }
+
+
+# Stage weights for the ETA: minutes each stage took in the measured `default` run (docs/RESULTS.md);
+# policies sampling the world model once per chunk evaluate slowest.
+TRAIN_WEIGHT = {"uwm": 1.7}
+EVAL_WEIGHT = {"expert": 0.8, "latent": 5.8, "uwm": 3.0}
 
 
 @dataclasses.dataclass
@@ -122,25 +128,25 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
                                              str(p.video_per_task), "--seed", str(VIDEO_SEED), "--drop-actions",
                                              "--action-noise", str(p.video_action_noise),
                                              "--out", str(data / "video")]],
-              data / "video" / "manifest.json", 2.0),
+              data / "video" / "manifest.json", 1.5),
         Stage("train latent-action model", [train("lam", "lam", ["video"], p.steps["lam"])],
-              runs / "lam" / "final" / "config.json", 2.0),
+              runs / "lam" / "final" / "config.json", 7.0),
         Stage("label with the LAM", [["label", "--labeller", str(runs / "lam"), "--data", str(data / "video")],
                                      ["label", "--labeller", str(runs / "lam"), "--data", str(data / "demos")],
                                      ["probe", "--labeller", str(runs / "lam"), "--data", str(data / "heldout"),
                                       "--out", str(evals / "probe-lam")]],
-              evals / "probe-lam" / "probe.json", 0.5),
+              evals / "probe-lam" / "probe.json", 0.8),
         Stage("train inverse-dynamics model", [train("idm", "idm", ["demos"], p.steps["idm"])],
-              runs / "idm" / "final" / "config.json", 1.0),
+              runs / "idm" / "final" / "config.json", 1.4),
         Stage("label with the IDM", [["label", "--labeller", str(runs / "idm"), "--data", str(data / "video")],
                                      ["probe", "--labeller", str(runs / "idm"), "--data", str(data / "heldout"),
                                       "--out", str(evals / "probe-idm")]],
-              evals / "probe-idm" / "probe.json", 0.3),
+              evals / "probe-idm" / "probe.json", 1.2),
         Stage("pretrain the world model", [train("worldmodel", "worldmodel", ["demos", "video"],
                                                  p.steps["worldmodel"], ["--labels", "lam"]),
                                            ["worldmodel", "eval", "--model", str(runs / "worldmodel"),
                                             "--data", str(data / "heldout"), "--out", str(evals / "worldmodel")]],
-              evals / "worldmodel" / "metrics.json", 4.0),
+              evals / "worldmodel" / "metrics.json", 5.7),
     ]
     for policy in p.policies:
         model, extra, sources, init = POLICY_TRAINING[policy]
@@ -148,7 +154,8 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
         if init:
             extra += ["--init", str(runs / init)]
         stages.append(Stage(f"train policy {policy}", [train(model, policy, sources, p.steps[policy], extra)],
-                            runs / policy / "final" / "config.json", 2.0))
+                            runs / policy / "final" / "config.json",
+                            TRAIN_WEIGHT.get(policy, 1.0)))
     for policy in ["expert", *p.policies]:
         spec = "expert" if policy == "expert" else str(runs / policy)
         stages.append(Stage(f"evaluate {policy}", [["eval", "--policy", spec, "--env", "metaworld", "--tasks", tasks,
@@ -156,7 +163,7 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
                                                     "--max-steps", str(p.max_steps), "--resolution",
                                                     str(p.resolution), "--out", str(evals / policy),
                                                     "--video"]],
-                            evals / policy / "results.json", 1.5))
+                            evals / policy / "results.json", EVAL_WEIGHT.get(policy, 1.7)))
     return stages
 
 
@@ -212,7 +219,7 @@ def run_demo(profile: str, out: str | Path, tasks: list[str] | None = None) -> i
             log.info("[%d/%d] %s: done earlier, skipped", i, len(stages), stage.name)
             done_weight += stage.weight
             continue
-        remaining = sum(s.weight for s in stages[i - 1:]) / total_weight * budget
+        remaining = sum(s.weight for s in stages[i - 1:] if not s.marker.exists()) / total_weight * budget
         elapsed = time.perf_counter() - started
         if spent_weight >= 0.2 * total_weight:   # rescale by this machine's pace once it means something
             remaining *= min(3.0, max(1 / 3, elapsed / (spent_weight / total_weight * budget)))

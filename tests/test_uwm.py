@@ -185,6 +185,24 @@ def test_video_target_and_scale_set_where_sampling_starts(target, scale):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_x0_prediction_of_zero_residual_returns_the_last_frame_exactly(variant):
+    """video_prediction="x0": a head that outputs zero predicts 'nothing moves', and the sampler lands
+    exactly on the last observed frame (velocity prediction would have to reproduce the noise)."""
+    cfg = toy_config(variant, video_target="residual", video_prediction="x0")
+    model = WorldModel(cfg).eval()
+    for p in model.final_video.parameters():
+        torch.nn.init.zeros_(p)
+    batch = random_batch(cfg, n=4, seed=2)
+    obs = batch["frames"][:, :1]
+    pred = model.sample_forward_dynamics(obs, batch["action"][:, :4], "toy", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(pred, (obs.float() / 127.5 - 1).expand_as(pred), atol=1e-5, rtol=0)
+    loss, metrics = model(batch)   # the video loss is the error of the clean target: finite and bounded
+    assert 0 < metrics["loss_video"] < 10 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="video_prediction"):
+        toy_config(video_prediction="eps")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_save_and_load_give_identical_samples(variant, tmp_path):
     cfg = toy_config(variant, tasks=["push", "reach"])
     model = WorldModel(cfg)

@@ -142,6 +142,7 @@ def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "at every step" not in proc.stderr   # the latents came from the sidecar, not a per-step VAE pass
     cfg = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (cfg["video_target"], cfg["video_prediction"]) == ("residual", "x0")   # the residual of latents
     assert (cfg["frame_space"], cfg["vae_latent_key"], cfg["vae_latent_channels"], cfg["vae_downsample"]) == \
         ("vae", "vae.latent", 4, 2)
     rows = [r for r in _rows(run) if "loss_video" in r]

@@ -71,6 +71,9 @@ def embodiment_spec(stats: dict | None = None, action_dim: int | None = None, st
     return spec
 
 
+X0_MIN_T = 0.05   # video_prediction="x0": the velocity divides by t, floored here
+
+
 @dataclasses.dataclass
 class WorldModelConfig:
     variant: str = "uwm"  # "uwm" (single-stream blocks) | "dust" (dual-stream blocks)
@@ -111,11 +114,16 @@ class WorldModelConfig:
     # "frames" | "residual" (future minus last observed frame). The dataclass default keeps configs saved
     # before this field meaning what they meant; the presets use "residual".
     video_target: str = "frames"
-    # the video stream denoises target * video_scale (and divides samples by it): flow matching with unit
-    # noise predicts e - x, so x = z - v is a difference of two O(1) numbers; a target with std ~0.2 (the
-    # pixel residual) is then rebuilt from them with errors as large as itself. Scaling it towards unit
-    # std (the role of Stable Diffusion's latent scaling factor) is what makes residual samples beat copying
+    # the video stream denoises target * video_scale (and divides samples by it). With velocity prediction
+    # x = z - v is a difference of two O(1) numbers, and a target with std ~0.2 (the pixel residual) is
+    # rebuilt with errors as large as itself; scaling it up (the role of Stable Diffusion's latent scaling
+    # factor) helped (docs/RESULTS.md). The presets predict x0 instead, where the scale is not needed
     video_scale: float = 1.0
+    # what the network's video head outputs: "velocity" (e - x) or "x0" (the clean target, turned into the
+    # velocity (z - x0) / max(t, 0.05) for the sampler; the loss is then the MSE of x0). With x0 a region
+    # that does not move is an output of zero instead of an exact copy of the input noise (Li & He 2025,
+    # "Back to Basics: let denoising generative models denoise", for pixel patches)
+    video_prediction: str = "velocity"
 
     def __post_init__(self):
         if self.variant not in ("uwm", "dust"):
@@ -124,6 +132,8 @@ class WorldModelConfig:
             raise ValueError(f"frame_space must be 'pixels' or 'vae', got {self.frame_space!r}")
         if self.video_scale <= 0:
             raise ValueError(f"video_scale must be > 0, got {self.video_scale}")
+        if self.video_prediction not in ("velocity", "x0"):
+            raise ValueError(f"video_prediction must be 'velocity' or 'x0', got {self.video_prediction!r}")
         if self.video_target not in ("frames", "residual"):
             raise ValueError(f"video_target must be 'frames' or 'residual', got {self.video_target!r}")
         if self.n_obs < 1 or self.n_future < 1 or self.action_horizon < 1:
@@ -149,13 +159,13 @@ PRESETS = {
     # 32 px, 44 tokens per sample (8 action + 2 x 16 frame + 4 registers), 0.33 M parameters (dust: 0.48 M)
     "tiny": WorldModelConfig(image_size=32, action_horizon=8, width=64, depth=2, heads=2, registers=4,
                              encoder_channels=[16, 32, 64], action_steps=4, video_steps=4, video_target="residual",
-                             video_scale=10.0),
+                             video_prediction="x0"),
     # 64 px, 152 tokens (16 + 2 x 64 + 8), 6.9 M parameters (dust: 11.6 M); window 18
-    "small": WorldModelConfig(video_target="residual", video_scale=10.0),
+    "small": WorldModelConfig(video_target="residual", video_prediction="x0"),
     # 128 px, 160 tokens (16 + 2 x 64 + 16), patch 16, 12 x 768: 146 M parameters (dust: 273 M)
     "base": WorldModelConfig(image_size=128, patch_size=16, width=768, depth=12, heads=12, registers=16,
                              encoder_channels=[64, 128, 256, 512], encoder_blocks=2, video_target="residual",
-                             video_scale=10.0),
+                             video_prediction="x0"),
 }
 
 
@@ -300,6 +310,8 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             x = blk(x, c, cfg.action_horizon)
         h_a = self.final_action(x[:, : cfg.action_horizon], c)
         v_v = self.tokenizer.unpatchify(self.final_video(x[:, cfg.action_horizon : cfg.action_horizon + tok_v.shape[1]], c))
+        if cfg.video_prediction == "x0":
+            v_v = (z_v.float() - v_v.float()) / t_v.float().clamp_min(X0_MIN_T).view(-1, *[1] * (z_v.ndim - 1))
         v_a = z_a.new_zeros(z_a.shape).to(h_a.dtype)
         for name, idx in groups.items():
             adapter = self.adapters[name]
@@ -398,7 +410,11 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         err_a = ((v_a.float() - (e_a - x_a)) ** 2 * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
         # torch.where, not a product: action-free samples contribute exactly zero (even if err were inf)
         loss_a = torch.where(has_actions, err_a, torch.zeros_like(err_a)).sum() / has_actions.sum().clamp_min(1)
-        loss_v = ((v_v.float() - (e_v - x_v)) ** 2).mean()
+        if cfg.video_prediction == "x0":   # the error of the predicted clean target (a bounded loss, unlike
+            x_hat = z_v - t_v.clamp_min(X0_MIN_T).view(b, 1, 1, 1, 1) * v_v.float()   # v's 1 / t^2 weighting)
+            loss_v = ((x_hat - x_v) ** 2).mean()
+        else:
+            loss_v = ((v_v.float() - (e_v - x_v)) ** 2).mean()
         loss = cfg.action_loss_weight * loss_a + cfg.video_loss_weight * loss_v
         # the batch-dependent parameters (adapters, null token) join the graph with weight 0 whether or not
         # this batch used them, so DDP needs no unused-parameter search

@@ -101,6 +101,43 @@ def check_compatible(policy: Policy, info: dict[str, Any]) -> None:
                              f"{env_size[0]}x{env_size[1]} (set --resolution {size[0]})")
 
 
+def trained_run_folder(spec: str, model_name: str) -> Path | None:
+    """``RUN/final`` (or ``RUN`` itself when it is a final/ folder) of a ``wm train <model_name>`` run;
+    None when ``spec`` is another model's run or no run at all. A run of this model without final/
+    (training not finished) is a UsageError saying so."""
+    import yaml
+
+    run = Path(spec)
+    if not run.is_dir():
+        return None
+    for folder in (run / "final", run):
+        run_config = folder / "run_config.yaml"
+        if run_config.is_file():
+            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
+            return folder if name == model_name else None
+    if (run / "config.yaml").is_file():
+        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
+        if name == model_name:
+            raise UsageError(f"{run}: {model_name} run has no final/ model yet (training not finished; see "
+                             f"{run / 'status.json'})")
+    return None
+
+
+def check_policy_fits(spec: str, info: dict[str, Any], embodiments: list[str], state_dim: int, horizon: int,
+                      hint: str = "") -> None:
+    """Before any rollout: the environment's embodiment is one the policy knows, its state size is the one
+    the policy reads (0: reads none), and ``info["action_steps"]`` fits the chunk horizon (UsageError)."""
+    env = f"{info['env']} ({info['embodiment']})"
+    if info["embodiment"] not in embodiments:
+        raise UsageError(f"policy {spec} acts for embodiment(s) {sorted(embodiments)} but {env} is "
+                         f"'{info['embodiment']}'{hint}")
+    if state_dim and state_dim != info.get("state_dim", state_dim):
+        raise UsageError(f"policy {spec} reads {state_dim}-dim states but {env} gives {info['state_dim']}-dim states")
+    steps = info.get("action_steps")
+    if steps is not None and not 1 <= steps <= horizon:
+        raise UsageError(f"--action-steps {steps}: must be in 1..{horizon} (the policy's chunk horizon)")
+
+
 # ---------------------------------------------------------------- rollouts
 
 def eval_seed(seed: int, episode: int) -> int:

@@ -83,7 +83,8 @@ def main() -> None:
     x, y, groups = np.concatenate(x), np.concatenate(y), np.concatenate(groups)
     r2 = linear_probe(x, y, groups)
     r2_random = linear_probe(np.random.default_rng(0).normal(size=x.shape), y, groups)
-    print(json.dumps({"settings": overrides, "preset": args.preset, "steps": args.steps, "train_minutes": round(minutes, 2),
+    print(json.dumps({"settings": overrides, "preset": args.preset, "steps": args.steps,
+                      "train_minutes": round(minutes, 2),
                       "probe_r2": r2, "probe_r2_mean": mean_r2(r2), "random_latent_r2_mean": mean_r2(r2_random),
                       "own_over_copy": float(np.mean(own) / np.mean(copy)),
                       "shuffled_over_own": float(np.mean(shuffled) / np.mean(own))}))

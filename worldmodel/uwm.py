@@ -311,7 +311,8 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         h_a = self.final_action(x[:, : cfg.action_horizon], c)
         v_v = self.tokenizer.unpatchify(self.final_video(x[:, cfg.action_horizon : cfg.action_horizon + tok_v.shape[1]], c))
         if cfg.video_prediction == "x0":
-            v_v = (z_v.float() - v_v.float()) / t_v.float().clamp_min(X0_MIN_T).view(-1, *[1] * (z_v.ndim - 1))
+            t_floor = t_v.float().clamp_min(X0_MIN_T).view(-1, *[1] * (z_v.ndim - 1))
+            v_v = (z_v.float() - v_v.float()) / t_floor
         v_a = z_a.new_zeros(z_a.shape).to(h_a.dtype)
         for name, idx in groups.items():
             adapter = self.adapters[name]
@@ -410,8 +411,9 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         err_a = ((v_a.float() - (e_a - x_a)) ** 2 * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
         # torch.where, not a product: action-free samples contribute exactly zero (even if err were inf)
         loss_a = torch.where(has_actions, err_a, torch.zeros_like(err_a)).sum() / has_actions.sum().clamp_min(1)
-        if cfg.video_prediction == "x0":   # the error of the predicted clean target (a bounded loss, unlike
-            x_hat = z_v - t_v.clamp_min(X0_MIN_T).view(b, 1, 1, 1, 1) * v_v.float()   # v's 1 / t^2 weighting)
+        if cfg.video_prediction == "x0":
+            # the error of the predicted clean target: bounded, unlike the velocity error's 1 / t^2 weighting
+            x_hat = z_v - t_v.clamp_min(X0_MIN_T).view(b, 1, 1, 1, 1) * v_v.float()
             loss_v = ((x_hat - x_v) ** 2).mean()
         else:
             loss_v = ((v_v.float() - (e_v - x_v)) ** 2).mean()

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
-from pipeline.evaluate import register_policy_loader
+from pipeline.evaluate import check_policy_fits, register_policy_loader, trained_run_folder
 from pipeline.exit_codes import UsageError
 from pipeline.registry import ModelDataMismatch, register_model
 
@@ -271,20 +270,10 @@ register_model("decoder", DecoderConfig, ActionDecoder, PRESETS, prepare=prepare
 
 def _decoder_dir(spec: str) -> Path | None:
     """``RUN/final`` or a ``save_pretrained`` folder of a decoder; None when ``spec`` is not one."""
+    folder = trained_run_folder(spec, "decoder")
     run = Path(spec)
-    if not run.is_dir():
-        return None
-    for folder in (run / "final", run):
-        run_config = folder / "run_config.yaml"
-        if run_config.is_file():
-            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
-            return folder if name == "decoder" else None
-    if (run / "config.yaml").is_file():   # a run folder without final/: training did not finish
-        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
-        if name == "decoder":
-            raise UsageError(f"{run}: decoder run has no final/ model yet (training not finished; see "
-                             f"{run / 'status.json'})")
-        return None
+    if folder is not None or not run.is_dir() or (run / "config.yaml").is_file() or (run / "run_config.yaml").is_file():
+        return folder
     if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
         # another model's save_pretrained folder (e.g. a world model) is left to its own loader
         return run if "horizon" in json.loads((run / "config.json").read_text() or "{}") else None
@@ -303,20 +292,11 @@ def load_decoder_policy(spec: str, info: dict[str, Any]):
         return None
     decoder = ActionDecoder.from_pretrained(str(folder))
     cfg = decoder.config
-    env = f"{info['env']} ({info['embodiment']})"
-    if info["embodiment"] not in cfg.stats:
-        raise UsageError(f"policy {spec} was trained for embodiment(s) {sorted(cfg.stats)} but {env} is "
-                         f"'{info['embodiment']}'")
-    if cfg.state_dim and cfg.state_dim != info.get("state_dim", cfg.state_dim):
-        raise UsageError(f"policy {spec} reads {cfg.state_dim}-dim states but {env} gives "
-                         f"{info['state_dim']}-dim states")
-    steps = info.get("action_steps")
-    if steps is not None and not 1 <= steps <= cfg.horizon:
-        raise UsageError(f"--action-steps {steps}: must be in 1..{cfg.horizon} (the policy's chunk horizon)")
+    check_policy_fits(spec, info, list(cfg.stats), cfg.state_dim, cfg.horizon)
     latent_source = _latent_source(spec, cfg) if cfg.latent_dim else None
-    return DecoderPolicy(decoder, n_action_steps=steps, temporal_ensemble=info.get("temporal_ensemble"),
-                         n_steps=info.get("sampling_steps"), embodiment=info["embodiment"],
-                         latent_source=latent_source)
+    return DecoderPolicy(decoder, n_action_steps=info.get("action_steps"),
+                         temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"),
+                         embodiment=info["embodiment"], latent_source=latent_source)
 
 
 def _latent_source(spec: str, cfg):

@@ -15,10 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.evaluate import register_policy_loader
-from pipeline.exit_codes import UsageError
+from pipeline.evaluate import check_policy_fits, register_policy_loader, trained_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +35,10 @@ def _is_world_model_config(path: Path) -> bool:
 
 def world_model_dir(spec: str) -> Path | None:
     """``RUN/final`` or a ``save_pretrained`` folder of a world model; None when ``spec`` is not one."""
+    folder = trained_run_folder(spec, MODEL_NAME)
     run = Path(spec)
-    if not run.is_dir():
-        return None
-    for folder in (run / "final", run):
-        run_config = folder / "run_config.yaml"
-        if run_config.is_file():
-            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
-            return folder if name == MODEL_NAME else None
-    if (run / "config.yaml").is_file():   # a run folder without final/: training did not finish
-        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
-        if name == MODEL_NAME:
-            raise UsageError(f"{run}: world-model run has no final/ model yet (training not finished; see "
-                             f"{run / 'status.json'})")
-        return None
+    if folder is not None or not run.is_dir() or (run / "config.yaml").is_file() or (run / "run_config.yaml").is_file():
+        return folder
     if (run / "model.safetensors").is_file() and _is_world_model_config(run / "config.json"):
         return run
     return None
@@ -70,19 +57,12 @@ def load_world_model_policy(spec: str, info: dict[str, Any]):
         return None
     model = WorldModel.from_pretrained(str(folder))
     cfg = model.config
-    env = f"{info['env']} ({info['embodiment']})"
     robots = sorted(n for n in cfg.embodiments if n != "latent")
-    if info["embodiment"] not in robots:
-        hint = "" if robots else " (it was never trained on actions: fine-tune it with `wm train worldmodel --init`)"
-        raise UsageError(f"policy {spec} acts for embodiment(s) {robots} but {env} is '{info['embodiment']}'{hint}")
-    state_dim = int(cfg.embodiments[info["embodiment"]].get("state_dim") or 0)
-    if state_dim and state_dim != info.get("state_dim", state_dim):
-        raise UsageError(f"policy {spec} reads {state_dim}-dim states but {env} gives {info['state_dim']}-dim states")
-    steps = info.get("action_steps")
-    if steps is not None and not 1 <= steps <= cfg.action_horizon:
-        raise UsageError(f"--action-steps {steps}: must be in 1..{cfg.action_horizon} (the policy's chunk horizon)")
+    hint = "" if robots else " (it was never trained on actions: fine-tune it with `wm train worldmodel --init`)"
+    spec_of = cfg.embodiments.get(info["embodiment"]) or {}
+    check_policy_fits(spec, info, robots, int(spec_of.get("state_dim") or 0), cfg.action_horizon, hint)
     log.info("world model %s in policy mode (%s, horizon %d)", folder, info["embodiment"], cfg.action_horizon)
-    return WorldModelPolicy(model, embodiment=info["embodiment"], n_action_steps=steps,
+    return WorldModelPolicy(model, embodiment=info["embodiment"], n_action_steps=info.get("action_steps"),
                             temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"))
 
 

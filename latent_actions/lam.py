@@ -267,8 +267,7 @@ class LatentActionModel(nn.Module, PyTorchModelHubMixin):
         x_t, x_next = x[:, :-k].flatten(0, 1), x[:, k:].flatten(0, 1)
         pred = self.decoder(x_t, out.latent.flatten(0, 1))
         recon = self._recon(pred.float(), x_next)
-        with torch.no_grad():
-            copy = self._recon(x_t, x_next)
+        copy = self._recon(x_t, x_next)   # inputs only: no gradient
         loss = (recon / copy.clamp_min(1e-6) if self.config.normalize_recon else recon) + out.loss
         with torch.no_grad():
             named = {"recon_loss": recon.detach(), "copy_loss": copy,

@@ -384,8 +384,9 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
                 self._frozen["warned"] = True
                 log.warning("no %r in the batch: encoding future frames with the VAE at every step (slow); "
                             "precompute the latents once with a labelling pass", cfg.vae_latent_key)
-            both = self._video_data(frames[:, [last, *fut]])
-            base, x_v = both[:, :1], both[:, 1:]
+            residual = cfg.video_target == "residual"
+            both = self._video_data(frames[:, [last, *fut] if residual else fut])   # one VAE pass at most
+            base, x_v = (both[:, :1], both[:, 1:]) if residual else (None, both)
         if cfg.video_target == "residual":
             x_v = x_v - base
         x_v = x_v * cfg.video_scale

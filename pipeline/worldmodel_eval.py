@@ -9,11 +9,17 @@ mode: one exact, ordered pass, so two evaluations see the same windows), with th
 | ``forward_dynamics_mse`` | current frames + true actions -> future frames | true future frames |
 | ``copy_last_frame_mse`` | (baseline) the last current frame repeated | true future frames |
 | ``video_mse`` | current frames only, actions at full noise (null tokens) | true future frames |
+| ``*_mean_mse`` | the same two modes in one step from full noise: the model's estimate of the mean future | true future frames |
 | ``inverse_dynamics_r2`` | current + true future frames -> action chunk | true actions |
 | ``inverse_dynamics_no_future_r2`` | the same, future frames replaced by the last current frame | true actions |
 | ``policy_mse`` / ``policy_r2`` | current frames only (video at full noise) -> action chunk | true actions |
 
-Frame errors are mean squared errors of pixels scaled to [-1, 1]. Action errors are in raw action units.
+Frame errors are mean squared errors of pixels scaled to [-1, 1]. A sample carries the spread of the
+predicted distribution, which the squared error counts twice (E|x - y|² = bias² + var(x) + var(y));
+copying the last frame is a point forecast, and the fair comparison for it is the model's point
+forecast: one Euler step from t = 1 lands on the network's estimate of the clean future given the
+context (for a velocity head, noise minus the predicted velocity; for an x0 head, its output).
+Action errors are in raw action units.
 The ``no_future`` variant is the same call with a deterministic input that holds no future information:
 it separates what the future frames contribute from what a clean (noise-free) video input does. R² is
 pooled over action dims: ``1 - sum (a - â)² / sum (a - mean a)²`` over every (window, chunk
@@ -109,7 +115,8 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
     out_dir = Path(out_dir) if out_dir else Path(run) / "eval"
     gen = torch.Generator().manual_seed(seed)
     t0, fut, h = cfg.n_obs - 1, cfg.future_indices(), cfg.action_horizon
-    sums = {"forward_dynamics_mse": 0.0, "copy_last_frame_mse": 0.0, "video_mse": 0.0}
+    sums = {"forward_dynamics_mse": 0.0, "forward_dynamics_mean_mse": 0.0, "copy_last_frame_mse": 0.0,
+            "video_mse": 0.0, "video_mean_mse": 0.0}
     actions: dict[str, list[np.ndarray]] = {"true": [], "inverse": [], "no_future": [], "policy": []}
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n = 0
@@ -126,11 +133,15 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             target = frames_to_unit(true_next)
             pred = model.sample_forward_dynamics(obs, act, emb, steps=steps, **kw)
             video = model.sample_video(obs, None, steps=steps, **kw)
+            pred_mean = model.sample_forward_dynamics(obs, act, emb, steps=1, **kw)
+            video_mean = model.sample_video(obs, None, steps=1, **kw)
             copy = frames_to_unit(obs[:, -1:]).expand_as(target)
             m = len(idx)
             sums["forward_dynamics_mse"] += float(((pred - target) ** 2).mean()) * m
             sums["copy_last_frame_mse"] += float(((copy - target) ** 2).mean()) * m
             sums["video_mse"] += float(((video - target) ** 2).mean()) * m
+            sums["forward_dynamics_mean_mse"] += float(((pred_mean - target) ** 2).mean()) * m
+            sums["video_mean_mse"] += float(((video_mean - target) ** 2).mean()) * m
             actions["inverse"].append(model.sample_inverse_dynamics(obs, true_next, emb, steps=steps, **kw).numpy())
             still = obs[:, -1:].expand_as(true_next)   # the last current frame, repeated: no future information
             actions["no_future"].append(model.sample_inverse_dynamics(obs, still, emb, steps=steps, **kw).numpy())
@@ -150,6 +161,7 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
     metrics = {k: v / n for k, v in sums.items()}
     metrics.update({
         "forward_dynamics_vs_copy": metrics["forward_dynamics_mse"] / max(metrics["copy_last_frame_mse"], 1e-12),
+        "forward_dynamics_mean_vs_copy": metrics["forward_dynamics_mean_mse"] / max(metrics["copy_last_frame_mse"], 1e-12),
         "inverse_dynamics_r2": inv_r2, "inverse_dynamics_r2_per_dim": inv_dims,
         "inverse_dynamics_mse": float(((flat["true"] - flat["inverse"]) ** 2).mean()),
         "inverse_dynamics_no_future_r2": still_r2, "inverse_dynamics_no_future_r2_per_dim": still_dims,
@@ -162,8 +174,9 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_grid(shown, out_dir, fps=2.0)
-    log.info("world model eval on %d windows: forward dynamics %.4g vs copy-last %.4g, video %.4g, inverse R² %.3f (%.3f "
-             "without future frames), policy R² %.3f (MSE %.4g) -> %s", n, metrics["forward_dynamics_mse"], metrics["copy_last_frame_mse"],
+    log.info("world model eval on %d windows: forward dynamics %.4g (mean forecast %.4g) vs copy-last %.4g, video %.4g, "
+             "inverse R² %.3f (%.3f without future frames), policy R² %.3f (MSE %.4g) -> %s", n,
+             metrics["forward_dynamics_mse"], metrics["forward_dynamics_mean_mse"], metrics["copy_last_frame_mse"],
              metrics["video_mse"], inv_r2, still_r2, pol_r2, metrics["policy_mse"], out_dir)
     return metrics
 

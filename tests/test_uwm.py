@@ -171,7 +171,7 @@ def test_video_target_and_scale_set_where_sampling_starts(target, scale):
     last observed frame (residual target) or around grey (frames target)."""
     cfg = toy_config(video_target=target, video_scale=scale)
     model = WorldModel(cfg).eval()
-    model._velocity = lambda cond, t_a, t_v, z_a, z_v, names: (torch.zeros_like(z_a), torch.zeros_like(z_v))
+    model._velocity = lambda cond, t_a, t_v, z_a, z_v, names, last=None: (torch.zeros_like(z_a), torch.zeros_like(z_v))
     batch = random_batch(cfg, n=64, seed=1)
     obs = batch["frames"][:, :1]
     actions = batch["action"][:, :4]
@@ -200,6 +200,30 @@ def test_x0_prediction_of_zero_residual_returns_the_last_frame_exactly(variant):
     assert 0 < metrics["loss_video"] < 10 and torch.isfinite(loss)
     with pytest.raises(ValueError, match="video_prediction"):
         toy_config(video_prediction="eps")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_frame_context_shows_the_last_frame_to_the_video_tokens(variant):
+    """video_context="last_frame": with the pooled condition vector blind to the frames (obs_proj zeroed) and
+    the future denoised as frames (no residual added back), the prediction still depends on the last frame;
+    without the context it cannot."""
+    preds = {}
+    for context in ("none", "last_frame"):
+        torch.manual_seed(0)
+        model = WorldModel(toy_config(variant, video_context=context)).eval()
+        for p in [*model.obs_proj.parameters()]:
+            torch.nn.init.zeros_(p)
+        for p in [*model.final_video.parameters(), *model.tokenizer.out.parameters()]:   # zero-initialised heads
+            torch.nn.init.normal_(p, std=0.1)
+        obs = torch.stack([torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 255.0)]).to(torch.uint8)
+        act = torch.zeros(2, 4, 2)
+        out = [model.sample_forward_dynamics(obs[i : i + 1], act[:1], "toy", generator=torch.Generator().manual_seed(1))
+               for i in range(2)]
+        preds[context] = (out[0] - out[1]).abs().max().item()
+    assert preds["none"] < 1e-6
+    assert preds["last_frame"] > 1e-3
+    with pytest.raises(ValueError, match="video_context"):
+        toy_config(video_context="all_frames")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -71,7 +71,8 @@ def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert _json(proc.stdout) == metrics
     assert metrics["windows"] == 6 and metrics["variant"] == "uwm"
-    for k in ("forward_dynamics_mse", "copy_last_frame_mse", "video_mse", "policy_mse", "inverse_dynamics_mse"):
+    for k in ("forward_dynamics_mse", "forward_dynamics_mean_mse", "copy_last_frame_mse", "video_mse", "video_mean_mse",
+              "policy_mse", "inverse_dynamics_mse"):
         assert np.isfinite(metrics[k]) and metrics[k] > 0, k
     assert max(metrics[k] for k in ("inverse_dynamics_r2", "inverse_dynamics_no_future_r2", "policy_r2")) <= 1
     grid = np.asarray(Image.open(out / "grid.png"))

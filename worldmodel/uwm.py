@@ -124,6 +124,11 @@ class WorldModelConfig:
     # that does not move is an output of zero instead of an exact copy of the input noise (Li & He 2025,
     # "Back to Basics: let denoising generative models denoise", for pixel patches)
     video_prediction: str = "velocity"
+    # "last_frame": the last observed frame (in the denoised space) is patch-embedded and added to every
+    # future frame's tokens, so the video stream sees where things are, not only the pooled condition
+    # vector (the frame-concatenation conditioning of image-to-video diffusion models). "none" keeps
+    # configs saved before this field meaning the same; the presets use "last_frame"
+    video_context: str = "none"
 
     def __post_init__(self):
         if self.variant not in ("uwm", "dust"):
@@ -134,6 +139,8 @@ class WorldModelConfig:
             raise ValueError(f"video_scale must be > 0, got {self.video_scale}")
         if self.video_prediction not in ("velocity", "x0"):
             raise ValueError(f"video_prediction must be 'velocity' or 'x0', got {self.video_prediction!r}")
+        if self.video_context not in ("none", "last_frame"):
+            raise ValueError(f"video_context must be 'none' or 'last_frame', got {self.video_context!r}")
         if self.video_target not in ("frames", "residual"):
             raise ValueError(f"video_target must be 'frames' or 'residual', got {self.video_target!r}")
         if self.n_obs < 1 or self.n_future < 1 or self.action_horizon < 1:
@@ -159,13 +166,13 @@ PRESETS = {
     # 32 px, 44 tokens per sample (8 action + 2 x 16 frame + 4 registers), 0.33 M parameters (dust: 0.48 M)
     "tiny": WorldModelConfig(image_size=32, action_horizon=8, width=64, depth=2, heads=2, registers=4,
                              encoder_channels=[16, 32, 64], action_steps=4, video_steps=4, video_target="residual",
-                             video_prediction="x0"),
+                             video_prediction="x0", video_context="last_frame"),
     # 64 px, 152 tokens (16 + 2 x 64 + 8), 6.9 M parameters (dust: 11.6 M); window 18
-    "small": WorldModelConfig(video_target="residual", video_prediction="x0"),
+    "small": WorldModelConfig(video_target="residual", video_prediction="x0", video_context="last_frame"),
     # 128 px, 160 tokens (16 + 2 x 64 + 16), patch 16, 12 x 768: 146 M parameters (dust: 273 M)
     "base": WorldModelConfig(image_size=128, patch_size=16, width=768, depth=12, heads=12, registers=16,
                              encoder_channels=[64, 128, 256, 512], encoder_blocks=2, video_target="residual",
-                             video_prediction="x0"),
+                             video_prediction="x0", video_context="last_frame"),
 }
 
 
@@ -250,6 +257,9 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         self.null_action = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.action_pos = nn.Parameter(torch.randn(1, cfg.action_horizon, d) * 0.02)
         self.video_pos = nn.Parameter(torch.randn(1, n_video, d) * 0.02)
+        if cfg.video_context == "last_frame":   # same patch grid as the tokenizer, its own weights
+            t = self.tokenizer
+            self.context_embed = nn.Conv2d(t.channels, d, t.patch, t.patch)
         self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, d) * 0.02)
         block = Block if cfg.variant == "uwm" else DualStreamBlock
         self.blocks = nn.ModuleList([block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
@@ -293,10 +303,28 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             cond = cond + extra
         return cond
 
-    def _velocity(self, cond, t_a, t_v, z_a, z_v, names):
+    def _context_tokens(self, last: torch.Tensor) -> torch.Tensor:
+        """The last observed frame in the denoised space ``[B, 1, c, h, w]`` -> tokens added to each future
+        frame's ``[B, n_future * N, D]``."""
+        tok = self.context_embed(last[:, 0].to(self.context_embed.weight.dtype))   # [B, D, g, g]
+        return tok.flatten(2).transpose(1, 2).repeat(1, self.config.n_future, 1)
+
+    def _last_frame(self, frames: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The last observed frame in the denoised space ``[B, 1, c, h, w]``, when the residual target or the
+        frame context needs it (else None). ``latents``: precomputed VAE latents of the window."""
+        cfg = self.config
+        if cfg.video_target != "residual" and cfg.video_context == "none":
+            return None
+        last = cfg.n_obs - 1
+        if latents is not None:
+            return latents[:, last : last + 1].float()
+        return self._video_data(frames[:, last : last + 1])
+
+    def _velocity(self, cond, t_a, t_v, z_a, z_v, names, last=None):
         """Predicted velocities. cond ``[B, D]``; t_a, t_v ``[B]``; z_a noisy normalised actions
         ``[B, H, A_max]``; z_v noisy frames ``[B, F, c, h, w]``; names: embodiment per sample (None: no
-        action stream, null tokens). -> v_a ``[B, H, A_max]`` (zero outside each sample's dims), v_v."""
+        action stream, null tokens); last: the last observed frame in the denoised space (needed with
+        ``video_context="last_frame"``). -> v_a ``[B, H, A_max]`` (zero outside each sample's dims), v_v."""
         cfg, b = self.config, z_a.shape[0]
         c = F.silu(cond + self.t_action(t_a) + self.t_video(t_v))
         tok_a = self.null_action.expand(b, cfg.action_horizon, -1).clone()
@@ -305,6 +333,10 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             adapter = self.adapters[name]
             tok_a[idx] = adapter.action_in(z_a[idx, :, : adapter.action_dim])
         tok_v = self.tokenizer.patchify(z_v) + self.video_pos
+        if cfg.video_context == "last_frame":
+            if last is None:
+                raise ValueError("video_context='last_frame' needs the last observed frame")
+            tok_v = tok_v + self._context_tokens(last)
         x = torch.cat([tok_a + self.action_pos, tok_v, self.register_tokens.expand(b, -1, -1)], dim=1)
         for blk in self.blocks:
             x = blk(x, c, cfg.action_horizon)
@@ -377,16 +409,16 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         fut = cfg.future_indices()
         last = cfg.n_obs - 1
         if cfg.frame_space == "vae" and cfg.vae_latent_key in batch:
-            x_v = batch[cfg.vae_latent_key][:, fut].to(device).float()
-            base = batch[cfg.vae_latent_key][:, last : last + 1].to(device).float()
+            latents = batch[cfg.vae_latent_key].to(device)
+            x_v, base = latents[:, fut].float(), self._last_frame(frames, latents)
         else:
             if cfg.frame_space == "vae" and not self._frozen.get("warned"):
                 self._frozen["warned"] = True
                 log.warning("no %r in the batch: encoding future frames with the VAE at every step (slow); "
                             "precompute the latents once with a labelling pass", cfg.vae_latent_key)
-            residual = cfg.video_target == "residual"
-            both = self._video_data(frames[:, [last, *fut] if residual else fut])   # one VAE pass at most
-            base, x_v = (both[:, :1], both[:, 1:]) if residual else (None, both)
+            need_last = cfg.video_target == "residual" or cfg.video_context != "none"
+            both = self._video_data(frames[:, [last, *fut] if need_last else fut])   # one VAE pass at most
+            base, x_v = (both[:, :1], both[:, 1:]) if need_last else (None, both)
         if cfg.video_target == "residual":
             x_v = x_v - base
         x_v = x_v * cfg.video_scale
@@ -407,7 +439,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         e_v = torch.randn(x_v.shape, device=device, generator=generator)
         z_a = (1 - t_a)[:, None, None] * x_a + t_a[:, None, None] * e_a
         z_v = (1 - t_v).view(b, 1, 1, 1, 1) * x_v + t_v.view(b, 1, 1, 1, 1) * e_v
-        v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names)
+        v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names, base)
 
         err_a = ((v_a.float() - (e_a - x_a)) ** 2 * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
         # torch.where, not a product: action-free samples contribute exactly zero (even if err were inf)
@@ -454,12 +486,12 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         t_v = torch.ones(b, device=device)
         if actions is not None:
             x_a, t_a = adapter.normalize_action(actions.to(device).float()), torch.zeros_like(t_a)
-        base = None
-        if cfg.video_target == "residual" and (gen_video or next_frames is not None):
-            base = self._video_data(obs[:, -1:])    # the last observed frame, in the denoised space
+        base = None   # the last observed frame in the denoised space, where the target or the context needs it
+        if cfg.video_context != "none" or gen_video or next_frames is not None:
+            base = self._last_frame(obs)
         if next_frames is not None:
             x_v, t_v = self._video_data(next_frames.to(device)), torch.zeros_like(t_v)
-            if base is not None:
+            if cfg.video_target == "residual":
                 x_v = x_v - base
             x_v = x_v * cfg.video_scale
         n_a = action_steps or cfg.action_steps
@@ -470,7 +502,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             schedule = [(True, False)] * n_a if gen_actions else [(False, True)] * n_v
         k_a = k_v = 0
         for step_a, step_v in schedule:
-            v_a, v_v = self._velocity(cond, t_a, t_v, x_a, x_v, names)
+            v_a, v_v = self._velocity(cond, t_a, t_v, x_a, x_v, names, base)
             if step_a:  # each stream on its own uniform grid; times set from the index, so they end at 0
                 k_a += 1
                 x_a, t_a = x_a - v_a.float() / n_a, torch.full_like(t_a, 1 - k_a / n_a)
@@ -480,7 +512,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         out_a = adapter.denormalize_action(x_a) if gen_actions else None
         if gen_video:
             x_v = x_v / cfg.video_scale
-            if base is not None:
+            if cfg.video_target == "residual":
                 x_v = x_v + base
         out_v = self._frames_out(x_v) if gen_video else None
         return out_a, out_v

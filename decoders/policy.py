@@ -41,6 +41,16 @@ import torch
 LatentSource = Callable[[dict[str, Any]], "np.ndarray | torch.Tensor"]
 
 
+def frames_tensor(images: np.ndarray) -> torch.Tensor:
+    """History images uint8 ``[T, H, W, 3]`` -> a batch of one, uint8 ``[1, T, 3, H, W]``."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)[None]
+
+
+def episode_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A fresh noise generator for one episode: sampled actions become a function of the seed."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class ChunkedPolicy:
     """Receding-horizon execution of action chunks; subclasses implement ``predict_chunk``.
 
@@ -181,13 +191,12 @@ class DecoderPolicy(ChunkedPolicy):
 
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
-        # a fresh generator per episode: the flow noise, hence the actions, depend only on the seed
-        self.generator = torch.Generator(device=self.device).manual_seed(self.base_seed if seed is None else seed)
+        self.generator = episode_generator(self.device, self.base_seed if seed is None else seed)
         if hasattr(self.latent_source, "reset"):   # a sampling latent source reseeds its own noise
             self.latent_source.reset(self.base_seed if seed is None else seed)
 
     def predict_chunk(self, obs_history: dict[str, Any]) -> np.ndarray:
-        frames = torch.from_numpy(np.ascontiguousarray(obs_history["image"])).permute(0, 3, 1, 2)[None]
+        frames = frames_tensor(obs_history["image"])
         state = None
         if self.state_dim:
             state = torch.as_tensor(np.asarray(obs_history["state"][-1], np.float32))[None]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from decoders.policy import ChunkedPolicy
+from decoders.policy import ChunkedPolicy, episode_generator, frames_tensor
 
 
 class WorldModelPolicy(ChunkedPolicy):
@@ -64,11 +64,10 @@ class WorldModelPolicy(ChunkedPolicy):
 
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
-        # a fresh generator per episode: the noise, hence the actions, depend only on the seed
-        self.generator = torch.Generator(device=self.device).manual_seed(self.base_seed if seed is None else seed)
+        self.generator = episode_generator(self.device, self.base_seed if seed is None else seed)
 
     def predict_chunk(self, obs_history: dict[str, Any]) -> np.ndarray:
-        frames = torch.from_numpy(np.ascontiguousarray(obs_history["image"])).permute(0, 3, 1, 2)[None]
+        frames = frames_tensor(obs_history["image"])
         state = None
         if self.state_dim:
             state = torch.as_tensor(np.asarray(obs_history["state"], np.float32))[None]   # [1, n_obs, S]
@@ -108,13 +107,13 @@ class WorldModelLatentSource:
         self.reset(seed)
 
     def reset(self, seed: int) -> None:
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = episode_generator(self.device, seed)
 
     def __call__(self, obs_history: dict[str, Any]) -> torch.Tensor:
-        images = np.ascontiguousarray(obs_history["image"][-self.n_obs:])
+        images = obs_history["image"][-self.n_obs:]
         if len(images) < self.n_obs:
             raise ValueError(f"the world model needs {self.n_obs} frames, the history holds {len(images)}")
-        frames = torch.from_numpy(images).permute(0, 3, 1, 2)[None]
+        frames = frames_tensor(images)
         task = obs_history.get("task")
         latent = self.model.sample_policy(frames, "latent", task=[task] if task else None,
                                           steps=self.n_steps, generator=self.generator)

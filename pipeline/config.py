@@ -306,6 +306,11 @@ def _raw_strings(obj: Any, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def apply_overrides(obj: Any, overrides: list[str], source: str = "command line") -> Any:
+    """``obj`` (any config dataclass) with ``KEY=VALUE`` overrides applied and checked against its schema."""
+    return update(obj, _raw_strings(obj, parse_overrides(list(overrides))), source)
+
+
 def to_dict(obj: Any) -> Any:
     """A plain, YAML-safe nested dict/list copy of a config."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -386,7 +391,7 @@ def resolve(model_name: str, model_config_cls: type, model_presets: dict[str, An
     cfg.model = copy.deepcopy(model_presets[chosen])
     file_values = {k: v for k, v in file_values.items() if k not in ("model_name", "preset")}
     cfg = update(cfg, file_values, file_source)
-    cfg = update(cfg, _raw_strings(cfg, parse_overrides(list(overrides))), "command line")
+    cfg = apply_overrides(cfg, overrides)
     cfg.model_name, cfg.preset = model_name, chosen
     if data_paths:
         cfg.data.paths = [str(p) for p in data_paths]

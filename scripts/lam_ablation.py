@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from latent_actions.lam import PRESETS, LatentActionModel
-from pipeline.config import _raw_strings, parse_overrides, update
+from pipeline.config import apply_overrides
 from pipeline.probe import linear_probe, mean_r2
 from shards.stream import iter_samples
 
@@ -39,9 +39,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    base = PRESETS[args.preset]
-    overrides = _raw_strings(base, parse_overrides(args.set))
-    cfg = update(base, overrides, "--set")
+    cfg = apply_overrides(PRESETS[args.preset], args.set, "--set")
     torch.manual_seed(args.seed)
     model = LatentActionModel(cfg)
     size = (cfg.image_size, cfg.image_size)

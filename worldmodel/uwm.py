@@ -18,7 +18,8 @@ n_future * g)``; 18 for 2 + 2 frames and a 16-step chunk); longer windows are cu
 Tokens: ``[H action tokens | n_future * (S/p)^2 future-frame tokens | registers]``. The current frames do
 not become tokens: each goes through ``ImageEncoder``; with robot state, task and both timestep
 embeddings they form one condition vector injected in every block by AdaLN (shift, scale, gate;
-zero-initialised).
+zero-initialised). With ``video_context="last_frame"`` (the presets) the last current frame is also
+patch-embedded and added to each future frame's tokens, so the video stream knows where things are.
 
 Flow matching (t = 1 noise, t = 0 data): ``z_t = (1 - t) x + t e``, the network predicts ``e - x``;
 Euler from 1 to 0. Actions enter through per-embodiment linear adapters (normalised with the stats in

@@ -143,18 +143,25 @@ def _import_plugin(plugin: str) -> None:
 # ---------------------------------------------------------------- default data stream
 
 def default_stream(cfg: Any, seed: int) -> Iterable[dict]:
-    """Batches of training windows (see docs/CONTRACTS.md, shards.stream) for one rank.
+    """Batches of training windows (see docs/CONTRACTS.md, shards.stream) for one rank, restricted to the
+    few-shot subset when ``data.episodes_per_task`` is set (pipeline.few_shot).
 
     ``seed`` already folds in the rank and the step this stream starts at (pipeline.trainer);
     the stream itself splits shards by rank and worker."""
     import torch
     from shards.stream import WindowStream, collate_windows
 
+    from pipeline.few_shot import few_shot_keys
+
     d = cfg.data
-    dataset = WindowStream(d.paths if len(d.paths) != 1 else d.paths[0], window=d.window, stride=d.stride,
+    keys = None
+    if d.episodes_per_task:
+        keys, counts = few_shot_keys(list(d.paths), d.episodes_per_task)
+        log.info("few-shot: %d demos per task for %s", d.episodes_per_task, ", ".join(sorted(counts)))
+    dataset = WindowStream(list(d.paths), window=d.window, stride=d.stride,
                            camera=d.camera, resize=tuple(d.resize) if d.resize else None, backend=d.backend,
                            mode="train", labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,
-                           shuffle_buffer=d.shuffle_buffer, seed=seed, **_weights_kw(d))
+                           shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys, **_weights_kw(d))
     return torch.utils.data.DataLoader(
         dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_windows,
         persistent_workers=False, generator=torch.Generator().manual_seed(seed),

@@ -13,7 +13,7 @@ from decoders.policy import ChunkedPolicy, DecoderPolicy
 from pipeline import evaluate as ev
 from pipeline.cli import main
 from pipeline.exit_codes import UsageError
-from pipeline.models.decoder import few_shot_keys
+from pipeline.few_shot import few_shot_keys
 from pipeline.policy import ChunkedPolicy as ReexportedChunkedPolicy
 from pipeline.policy import RandomPolicy
 from shards.stream import WindowStream
@@ -94,6 +94,21 @@ def test_first_k_successful_episodes_per_task(demos):
     for i, w in zip(range(60), stream):
         seen.add(w["key"])
     assert seen == keys[0]   # every chosen episode and no other (reach_001 failed, reach_003 is the 3rd)
+
+
+def test_the_shared_training_stream_keeps_only_the_few_shot_demos(demos):
+    """default_stream (every model without its own stream, e.g. the world model fine-tuned as the uwm
+    policy) reads data.episodes_per_task like the decoder does."""
+    from types import SimpleNamespace
+
+    from pipeline.config import DataConfig
+    from pipeline.registry import default_stream
+
+    data = DataConfig(paths=[str(demos)], window=4, batch_size=4, num_workers=0, shuffle_buffer=1, episodes_per_task=2)
+    seen = set()
+    for i, batch in zip(range(30), default_stream(SimpleNamespace(data=data), seed=0)):
+        seen.update(batch["key"])
+    assert seen == {"reach_000", "reach_002", "push_000", "push_001"}
 
 
 def test_train_decoder_few_shot_errors_name_task_and_dims(demos, tmp_path, capsys):

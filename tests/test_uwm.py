@@ -211,7 +211,7 @@ def test_frame_context_shows_the_last_frame_to_the_video_tokens(variant):
     for context in ("none", "last_frame"):
         torch.manual_seed(0)
         model = WorldModel(toy_config(variant, video_context=context)).eval()
-        for p in [*model.obs_proj.parameters()]:
+        for p in model.obs_proj.parameters():
             torch.nn.init.zeros_(p)
         for p in [*model.final_video.parameters(), *model.tokenizer.out.parameters()]:   # zero-initialised heads
             torch.nn.init.normal_(p, std=0.1)

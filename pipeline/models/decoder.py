@@ -32,7 +32,6 @@ size are checked here, the action size and image size by the harness, all before
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
 from pipeline.evaluate import check_policy_fits, register_policy_loader, trained_run_folder
 from pipeline.exit_codes import UsageError
+from pipeline.few_shot import few_shot_keys
 from pipeline.registry import ModelDataMismatch, register_model
 
 log = logging.getLogger(__name__)
@@ -52,57 +52,6 @@ NOT_READY = {
     "uwm": "is the world model fine-tuned on actions: train it with `wm train worldmodel --init RUN`",
 }
 IDM_LABELS = "idm"   # the sidecar idm-bc reads: labels/idm, fields pseudo_action [n, A] and valid [n]
-
-
-# ---------------------------------------------------------------- few-shot selection
-
-@functools.lru_cache(maxsize=8)
-def _episode_index(data_dir: str) -> tuple[tuple[str, str, bool, bool | None], ...]:
-    """``(key, task, has_action, success)`` of every sample of a dataset, in shard / key order."""
-    from shards.format import META, SampleMeta, read_manifest
-    from shards.stream import read_tar_samples
-
-    root = Path(data_dir)
-    rows = []
-    for shard in read_manifest(root)["shards"]:
-        path = root / shard["name"]
-        for raw in read_tar_samples(path):
-            meta = SampleMeta.from_json(raw[META], where=f"{path}:{raw['__key__']}.{META}")
-            rows.append((meta.key, meta.task, meta.has_action, meta.success))
-    return tuple(rows)
-
-
-def few_shot_keys(paths: list[str], k: int) -> tuple[list[set[str]], dict[str, int]]:
-    """The first ``k`` successful episodes with actions of each task over ``paths`` (in order).
-
-    Returns (keys to use per data dir: the chosen demos plus every action-free sample, count of
-    chosen demos per task). A task with fewer than ``k`` usable demos is a UsageError naming it.
-    """
-    chosen: dict[str, list[tuple[int, str]]] = {}
-    available: dict[str, int] = {}
-    action_free: list[set[str]] = [set() for _ in paths]
-    for i, path in enumerate(paths):
-        for key, task, has_action, success in _episode_index(str(Path(path).resolve())):
-            if not has_action:
-                action_free[i].add(key)
-                continue
-            if success is False:
-                continue
-            available[task] = available.get(task, 0) + 1
-            if len(chosen.setdefault(task, [])) < k:
-                chosen[task].append((i, key))
-    if not chosen:
-        raise UsageError(f"--episodes-per-task {k}: no successful episodes with actions in {paths}")
-    short = {t: n for t, n in available.items() if n < k}
-    if short:
-        listed = ", ".join(f"'{t}' has {n}" for t, n in sorted(short.items()))
-        raise UsageError(f"--episodes-per-task {k}: not enough successful demos with actions in {paths}: "
-                         f"{listed} (need {k} per task)")
-    keys = [set(free) for free in action_free]
-    for picks in chosen.values():
-        for i, key in picks:
-            keys[i].add(key)
-    return keys, {t: len(p) for t, p in chosen.items()}
 
 
 # ---------------------------------------------------------------- registration

@@ -142,12 +142,13 @@ def _import_plugin(plugin: str) -> None:
 
 # ---------------------------------------------------------------- default data stream
 
-def default_stream(cfg: Any, seed: int) -> Iterable[dict]:
+def default_stream(cfg: Any, seed: int, **stream_kw: Any) -> Iterable[dict]:
     """Batches of training windows (see docs/CONTRACTS.md, shards.stream) for one rank, restricted to the
     few-shot subset when ``data.episodes_per_task`` is set (pipeline.few_shot).
 
     ``seed`` already folds in the rank and the step this stream starts at (pipeline.trainer);
-    the stream itself splits shards by rank and worker."""
+    the stream itself splits shards by rank and worker. ``stream_kw``: more ``WindowStream`` arguments
+    (e.g. ``optional_labels``) for a model's own ``build_stream`` wrapped around this one."""
     import torch
     from shards.stream import WindowStream, collate_windows
 
@@ -161,7 +162,7 @@ def default_stream(cfg: Any, seed: int) -> Iterable[dict]:
     dataset = WindowStream(list(d.paths), window=d.window, stride=d.stride,
                            camera=d.camera, resize=tuple(d.resize) if d.resize else None, backend=d.backend,
                            mode="train", labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,
-                           shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys, **_weights_kw(d))
+                           shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys, **_weights_kw(d), **stream_kw)
     return torch.utils.data.DataLoader(
         dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_windows,
         persistent_workers=False, generator=torch.Generator().manual_seed(seed),

@@ -43,7 +43,7 @@ from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
 from pipeline.evaluate import check_policy_fits, register_policy_loader, trained_run_folder
 from pipeline.exit_codes import UsageError
 from pipeline.few_shot import few_shot_keys
-from pipeline.registry import ModelDataMismatch, register_model
+from pipeline.registry import ModelDataMismatch, default_stream, register_model
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +181,9 @@ def idm_targets(batch: dict, embodiment: str, action_dim: int) -> dict:
 
 
 def build_stream(cfg, seed: int):
-    """The default window stream, restricted to the few-shot subset when ``data.episodes_per_task``."""
-    import torch
-
-    from shards.stream import WindowStream, collate_windows
-
-    d = cfg.data
-    keys = few_shot_keys(list(d.paths), d.episodes_per_task)[0] if d.episodes_per_task else None
-    dataset = WindowStream(list(d.paths), window=d.window, stride=d.stride, camera=d.camera,
-                           resize=tuple(d.resize) if d.resize else None, backend=d.backend, mode="train",
-                           labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,
-                           shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys,
-                           weights=list(d.weights) if d.weights is not None else None,
-                           optional_labels=cfg.policy == "idm-bc")
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_windows,
-        persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=2 if d.num_workers else None)
+    """The default window stream (few-shot subset included); idm-bc reads action-free windows through
+    their IDM pseudo-labels."""
+    loader = default_stream(cfg, seed, optional_labels=cfg.policy == "idm-bc")
     if cfg.policy != "idm-bc":
         return loader
     (robot,) = cfg.model.stats

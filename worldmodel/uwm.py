@@ -328,11 +328,14 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         ``video_context="last_frame"``). -> v_a ``[B, H, A_max]`` (zero outside each sample's dims), v_v."""
         cfg, b = self.config, z_a.shape[0]
         c = F.silu(cond + self.t_action(t_a) + self.t_video(t_v))
-        tok_a = self.null_action.expand(b, cfg.action_horizon, -1).clone()
         groups = _groups(names)
+        embedded = {name: self.adapters[name].action_in(z_a[idx, :, : self.adapters[name].action_dim])
+                    for name, idx in groups.items()}
+        # under autocast the adapters give bf16: the null tokens take the same dtype before the scatter
+        dtype = next(iter(embedded.values())).dtype if embedded else self.null_action.dtype
+        tok_a = self.null_action.expand(b, cfg.action_horizon, -1).to(dtype).clone()
         for name, idx in groups.items():
-            adapter = self.adapters[name]
-            tok_a[idx] = adapter.action_in(z_a[idx, :, : adapter.action_dim])
+            tok_a[idx] = embedded[name]
         tok_v = self.tokenizer.patchify(z_v) + self.video_pos
         if cfg.video_context == "last_frame":
             if last is None:
@@ -346,10 +349,10 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         if cfg.video_prediction == "x0":
             t_floor = t_v.float().clamp_min(X0_MIN_T).view(-1, *[1] * (z_v.ndim - 1))
             v_v = (z_v.float() - v_v.float()) / t_floor
-        v_a = z_a.new_zeros(z_a.shape).to(h_a.dtype)
+        v_a = z_a.new_zeros(z_a.shape, dtype=torch.float32)
         for name, idx in groups.items():
             adapter = self.adapters[name]
-            v_a[idx, :, : adapter.action_dim] = adapter.action_out(h_a[idx])
+            v_a[idx, :, : adapter.action_dim] = adapter.action_out(h_a[idx]).float()
         return v_a, v_v
 
     # ----------------------------------------------------------------------------------- training

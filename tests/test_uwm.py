@@ -138,11 +138,15 @@ def test_a_tiny_model_overfits_one_batch():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_autocast_trains_and_samples(variant):
     """The runtime trains under bf16 autocast on CUDA (precision=auto); CPU autocast runs the same casts.
-    Both losses must fall, and every mode must return float32 of the right shape."""
+    With robot state, as the Meta-World demos have it. Both losses must fall, and every mode must return
+    float32 of the right shape."""
     torch.manual_seed(0)
-    cfg = toy_config(variant, p_marginal=0.0, video_target="residual", video_prediction="x0", video_context="last_frame")
+    spec = embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}, "state": {"mean": [0.0] * 3, "std": [1.0] * 3}})
+    cfg = toy_config(variant, p_marginal=0.0, video_target="residual", video_prediction="x0", video_context="last_frame",
+                     embodiments={"toy": spec})
     model = WorldModel(cfg)
     batch = random_batch(cfg, n=8)
+    batch.update(state=torch.randn(8, cfg.window, 3), state_mask=torch.ones(8, dtype=torch.bool))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
     for _ in range(60):
@@ -155,8 +159,9 @@ def test_bf16_autocast_trains_and_samples(variant):
     assert history[-1]["loss_action"] < history[0]["loss_action"] / 5
     assert history[-1]["loss_video"] < history[0]["loss_video"] / 5
     obs, nxt = batch["frames"][:2, : cfg.n_obs], batch["frames"][:2, cfg.future_indices()]
+    kw = {"state": batch["state"][:2, : cfg.n_obs]}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        samples = {"policy": model.sample_policy(obs, "toy"),
+        samples = {"policy": model.sample_policy(obs, "toy", **kw),
                    "inverse": model.sample_inverse_dynamics(obs, nxt, "toy"),
                    "forward": model.sample_forward_dynamics(obs, batch["action"][:2, : cfg.action_horizon], "toy"),
                    "video": model.sample_video(obs)}

@@ -300,7 +300,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
                 adapter = self.adapters[name]
                 idx = [i for i in idx if state_mask is None or bool(state_mask[i])]
                 if adapter.state_in is not None and idx:
-                    extra[idx] = adapter.state_features(state[idx, :, : adapter.state_dim].to(cond))
+                    extra[idx] = adapter.state_features(state[idx, :, : adapter.state_dim].to(cond)).to(extra.dtype)
             cond = cond + extra
         return cond
 

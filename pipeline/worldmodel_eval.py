@@ -13,13 +13,16 @@ mode: one exact, ordered pass, so two evaluations see the same windows), with th
 | ``inverse_dynamics_r2`` | current + true future frames -> action chunk | true actions |
 | ``inverse_dynamics_no_future_r2`` | the same, future frames replaced by the last current frame | true actions |
 | ``policy_mse`` / ``policy_r2`` | current frames only (video at full noise) -> action chunk | true actions |
+| ``*_mean_r2`` | the three action calls in one step from full noise: the estimate of the mean chunk | true actions |
 
 Frame errors are mean squared errors of pixels scaled to [-1, 1]. A sample carries the spread of the
 predicted distribution, which the squared error counts twice (E|x - y|² = bias² + var(x) + var(y));
 copying the last frame is a point forecast, and the fair comparison for it is the model's point
 forecast: one Euler step from t = 1 lands on the network's estimate of the clean future given the
 context (for a velocity head, noise minus the predicted velocity; for an x0 head, its output).
-Action errors are in raw action units.
+Action errors are in raw action units; the ``*_mean_r2`` rows are the same point forecast for actions
+(R² and MSE reward the conditional mean, and a sampled chunk adds its spread; the one-step calls draw
+their noise from a second generator, so the sampled metrics do not change with them).
 The ``no_future`` variant is the same call with a deterministic input that holds no future information:
 it separates what the future frames contribute from what a clean (noise-free) video input does. R² is
 pooled over action dims: ``1 - sum (a - â)² / sum (a - mean a)²`` over every (window, chunk
@@ -114,10 +117,12 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
                          f"this one was trained from latents alone")
     out_dir = Path(out_dir) if out_dir else Path(run) / "eval"
     gen = torch.Generator().manual_seed(seed)
+    gen_mean = torch.Generator().manual_seed(seed + 1)   # the one-step action calls: the other draws stay put
     t0, fut, h = cfg.n_obs - 1, cfg.future_indices(), cfg.action_horizon
     sums = {"forward_dynamics_mse": 0.0, "forward_dynamics_mean_mse": 0.0, "copy_last_frame_mse": 0.0,
             "video_mse": 0.0, "video_mean_mse": 0.0}
-    actions: dict[str, list[np.ndarray]] = {"true": [], "inverse": [], "no_future": [], "policy": []}
+    actions: dict[str, list[np.ndarray]] = {k: [] for k in ("true", "inverse", "no_future", "policy", "inverse_mean",
+                                                            "no_future_mean", "policy_mean")}
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n = 0
     for batch in _windows(model, run_config, data_dir, max_windows, batch_size, backend):
@@ -146,6 +151,10 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             still = obs[:, -1:].expand_as(true_next)   # the last current frame, repeated: no future information
             actions["no_future"].append(model.sample_inverse_dynamics(obs, still, emb, steps=steps, **kw).numpy())
             actions["policy"].append(model.sample_policy(obs, emb, steps=steps, **kw).numpy())
+            one = {**kw, "generator": gen_mean, "steps": 1}
+            actions["inverse_mean"].append(model.sample_inverse_dynamics(obs, true_next, emb, **one).numpy())
+            actions["no_future_mean"].append(model.sample_inverse_dynamics(obs, still, emb, **one).numpy())
+            actions["policy_mean"].append(model.sample_policy(obs, emb, **one).numpy())
             actions["true"].append(act.numpy())
             n += m
             for j in range(min(m, examples - len(shown))):
@@ -167,6 +176,9 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
         "inverse_dynamics_no_future_r2": still_r2, "inverse_dynamics_no_future_r2_per_dim": still_dims,
         "policy_r2": pol_r2, "policy_r2_per_dim": pol_dims,
         "policy_mse": float(((flat["true"] - flat["policy"]) ** 2).mean()),
+        "inverse_dynamics_mean_r2": _r2(flat["true"], flat["inverse_mean"])[0],
+        "inverse_dynamics_no_future_mean_r2": _r2(flat["true"], flat["no_future_mean"])[0],
+        "policy_mean_r2": _r2(flat["true"], flat["policy_mean"])[0],
         "windows": n, "variant": cfg.variant, "trained_as": run_config.get("policy") or "uwm",
         "frame_space": cfg.frame_space, "sampling_steps": steps or {"action": cfg.action_steps, "video": cfg.video_steps},
         "seed": seed, "data": str(data_dir), "model": str(run),
@@ -175,9 +187,11 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_grid(shown, out_dir, fps=2.0)
     log.info("world model eval on %d windows: forward dynamics %.4g (mean forecast %.4g) vs copy-last %.4g, video %.4g, "
-             "inverse R² %.3f (%.3f without future frames), policy R² %.3f (MSE %.4g) -> %s", n,
+             "inverse R² %.3f (%.3f without future frames), policy R² %.3f (MSE %.4g); mean chunks: inverse R² %.3f "
+             "(%.3f without future frames), policy R² %.3f -> %s", n,
              metrics["forward_dynamics_mse"], metrics["forward_dynamics_mean_mse"], metrics["copy_last_frame_mse"],
-             metrics["video_mse"], inv_r2, still_r2, pol_r2, metrics["policy_mse"], out_dir)
+             metrics["video_mse"], inv_r2, still_r2, pol_r2, metrics["policy_mse"], metrics["inverse_dynamics_mean_r2"],
+             metrics["inverse_dynamics_no_future_mean_r2"], metrics["policy_mean_r2"], out_dir)
     return metrics
 
 

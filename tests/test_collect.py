@@ -113,3 +113,25 @@ def test_action_noise_changes_the_motion_and_is_seeded(collected):
     assert 0.25 < diff.std() < 0.75, diff.std()
     assert noisy[f"{key}.corner.mp4"] != expert[f"{key}.corner.mp4"]
     assert _collect(collected / "bad", "--action-noise", "-1") == 2
+
+
+def test_noise_hold_keeps_each_draw_for_k_steps(collected):
+    """--noise-hold 5: executed action = expert(state) + a perturbation redrawn every 5 steps (small noise,
+    so clipping stays rare; where an action is clipped the check skips it)."""
+    from pipeline.policy import ExpertPolicy
+
+    out = collected / "held"
+    assert _collect(out, "--action-noise", "0.1", "--noise-hold", "5", "--max-steps", "20") == 0
+    noisy = _members(out)
+    key = "reach-v3_000000"
+    assert json.loads(noisy[f"{key}.meta.json"])["extra"]["policy"] == "scripted-expert+gaussian(0.1, held 5 steps)"
+    action = np.load(io.BytesIO(noisy[f"{key}.action.npy"]))
+    state = np.load(io.BytesIO(noisy[f"{key}.state.npy"]))
+    expert = ExpertPolicy()
+    offset = np.stack([action[t] - expert.act({"task": "reach-v3", "state": state[t]}) for t in range(20)])
+    inside = np.abs(action) < 0.999
+    blocks = [offset[b : b + 5][inside[b : b + 5].all(1)] for b in range(0, 20, 5)]
+    for blk in blocks:                                           # constant within a block
+        assert len(blk) >= 2 and np.abs(blk - blk[0]).max() < 1e-4
+    assert np.abs(blocks[0][0] - blocks[1][0]).max() > 1e-3       # redrawn between blocks
+    assert _collect(collected / "bad2", "--action-noise", "0.1", "--noise-hold", "0") == 2

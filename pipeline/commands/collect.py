@@ -12,7 +12,10 @@ without ``action.npy`` / ``state.npy`` (an action-free corpus; embodiment stays 
 noisy action is the one executed and recorded): scripted experts are deterministic given the
 scene, so from their video alone the next frame follows from the current one, and a latent-action
 model has nothing to learn; a noisy behaviour policy makes the motion carry information.
-docs/SIMULATION.md has the details.
+``--noise-hold K`` draws that noise once every K steps and holds it in between (a drifting operator
+rather than jitter): a perturbation that lasts K steps moves the arm visibly, so frames K steps apart
+show what was done (the regime where inverse dynamics has something to read), while i.i.d. noise
+averages out between them. docs/SIMULATION.md has the details.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ class EpisodeSpec:
     max_steps: int
     actions: bool
     action_noise: float = 0.0
+    noise_hold: int = 1
 
     def __str__(self) -> str:
         noise = f":action_noise={self.action_noise:g}" if self.action_noise else ""
+        noise += f":noise_hold={self.noise_hold}" if self.action_noise and self.noise_hold != 1 else ""
         return (f"metaworld:{self.task}:episode={self.episode}:seed={self.seed}:res={self.resolution}:"
                 f"camera={self.camera}:max_steps={self.max_steps}:actions={int(self.actions)}{noise}")
 
@@ -67,18 +72,23 @@ def _env_for(spec: EpisodeSpec):
 
 def _close_envs() -> None:
     while _ENV_CACHE:
-        _ENV_CACHE.popitem()[1].close()
+        env = _ENV_CACHE.popitem()[1]
+        try:
+            env.close()
+        except Exception as e:  # at a worker's exit the EGL display can be gone first; nothing is left to save
+            log.debug("closing a Meta-World env: %s", e)
 
 
 atexit.register(_close_envs)
 
 
 def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS,
-            action_noise: float = 0.0) -> dict[str, np.ndarray | bool]:
+            action_noise: float = 0.0, noise_hold: int = 1) -> dict[str, np.ndarray | bool]:
     """One scripted-expert episode: frames uint8 [T, H, W, 3], action float32 [T, 4], state float32
     [T, 39] (frame/state t were observed before action t), success (reached at any step).
     ``action_noise`` > 0 executes (and records) expert action + N(0, action_noise²), clipped to
-    [-1, 1], with noise drawn from ``seed`` (the same episode twice is the same episode)."""
+    [-1, 1], with noise drawn from ``seed`` (the same episode twice is the same episode), a new draw
+    every ``noise_hold`` steps (1: every step)."""
     from pipeline.policy import ExpertPolicy
 
     expert = ExpertPolicy()
@@ -89,7 +99,9 @@ def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS,
     while not done:
         action = expert.act(obs)
         if action_noise > 0:
-            action = np.clip(action + noise_rng.normal(0.0, action_noise, action.shape), -1.0, 1.0).astype(np.float32)
+            if len(actions) % noise_hold == 0:
+                offset = noise_rng.normal(0.0, action_noise, action.shape)
+            action = np.clip(action + offset, -1.0, 1.0).astype(np.float32)
         frames.append(obs["image"])
         states.append(obs["state"])
         actions.append(action)
@@ -109,7 +121,7 @@ def make_episodes(spec: EpisodeSpec):
     from shards.writer import Episode
 
     env = _env_for(spec)
-    r = rollout(env, spec.seed, action_noise=spec.action_noise)
+    r = rollout(env, spec.seed, action_noise=spec.action_noise, noise_hold=spec.noise_hold)
     log.debug("%s: %d steps, success=%s", spec, len(r["action"]), r["success"])
     yield Episode(
         key=f"{spec.task}_{spec.episode:06d}", frames={spec.camera: r["frames"]}, fps=env.fps,
@@ -117,8 +129,16 @@ def make_episodes(spec: EpisodeSpec):
         action=r["action"] if spec.actions else None, state=r["state"] if spec.actions else None,
         success=r["success"], episode_index=spec.episode, seed=spec.seed,
         extra={"simulator": "metaworld",
-               "policy": "scripted-expert" + (f"+gaussian({spec.action_noise:g})" if spec.action_noise else ""), "first_success_step": r["first_success_step"],
+               "policy": _behaviour(spec), "first_success_step": r["first_success_step"],
                "max_steps": spec.max_steps})
+
+
+def _behaviour(spec: EpisodeSpec) -> str:
+    """The behaviour policy's name in the episode's metadata."""
+    if not spec.action_noise:
+        return "scripted-expert"
+    hold = f", held {spec.noise_hold} steps" if spec.noise_hold != 1 else ""
+    return f"scripted-expert+gaussian({spec.action_noise:g}{hold})"
 
 
 def add_parser(subparsers) -> None:
@@ -141,6 +161,8 @@ def add_parser(subparsers) -> None:
     mw.add_argument("--action-noise", type=float, default=0.0,
                     help="std of Gaussian noise added to every expert action (a more varied behaviour "
                          "policy for action-free corpora; 0 = the expert as is)")
+    mw.add_argument("--noise-hold", type=int, default=1,
+                    help="steps each draw of --action-noise lasts (1: a new draw every step)")
     mw.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     mw.add_argument("--samples-per-shard", type=int, default=16, help="episodes per shard")
     mw.set_defaults(run=run)
@@ -161,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
         raise exit_codes.UsageError(f"--max-steps must be in 1..{MAX_PATH_LENGTH}, got {args.max_steps}")
     if not 0 <= args.action_noise <= 2:
         raise exit_codes.UsageError(f"--action-noise must be in 0..2 (actions live in [-1, 1]), got {args.action_noise}")
+    if args.noise_hold < 1:
+        raise exit_codes.UsageError(f"--noise-hold must be >= 1 (steps per noise draw), got {args.noise_hold}")
     specs = [EpisodeSpec(task, i, args.seed + i, args.resolution, args.camera, args.max_steps, not args.drop_actions,
-                         args.action_noise)
+                         args.action_noise, args.noise_hold)
              for task in tasks for i in range(args.episodes)]
     result = run_sharded_job(args.out, specs, make_episodes, samples_per_shard=args.samples_per_shard,
                              workers=args.workers, created_by="wm collect metaworld", desc="collect")

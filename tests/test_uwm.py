@@ -239,6 +239,32 @@ def test_x0_prediction_of_zero_residual_returns_the_last_frame_exactly(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_x0_action_head_samples_its_output_and_learns(variant):
+    """action_prediction="x0": the head's output is the clean chunk, so a head that outputs zero samples
+    exactly the action mean whatever the noise; and the model still overfits a batch's actions."""
+    cfg = toy_config(variant, action_prediction="x0", p_marginal=0.0)
+    model = WorldModel(cfg).eval()        # action_out starts at zero
+    batch = random_batch(cfg, n=4, seed=4)
+    obs = batch["frames"][:, :1]
+    got = model.sample_policy(obs, "toy", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-5, rtol=0)   # the toy embodiment's mean is 0
+    torch.manual_seed(0)
+    model = WorldModel(cfg)
+    batch = random_batch(cfg, n=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(80):
+        loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+        first = first or metrics
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert metrics["loss_action"] < first["loss_action"] / 10
+    with pytest.raises(ValueError, match="action_prediction"):
+        toy_config(action_prediction="eps")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_frame_context_shows_the_last_frame_to_the_video_tokens(variant):
     """video_context="last_frame": with the pooled condition vector blind to the frames (obs_proj zeroed) and
     the future denoised as frames (no residual added back), the prediction still depends on the last frame;

@@ -21,8 +21,9 @@ embeddings they form one condition vector injected in every block by AdaLN (shif
 zero-initialised). With ``video_context="last_frame"`` (the presets) the last current frame is also
 patch-embedded and added to each future frame's tokens, so the video stream knows where things are.
 
-Flow matching (t = 1 noise, t = 0 data): ``z_t = (1 - t) x + t e``, the network predicts ``e - x``;
-Euler from 1 to 0. Actions enter through per-embodiment linear adapters (normalised with the stats in
+Flow matching (t = 1 noise, t = 0 data): ``z_t = (1 - t) x + t e``, the network predicts ``e - x``
+(or, per modality with ``video_prediction`` / ``action_prediction="x0"``, the clean ``x``, turned into
+that velocity for the sampler); Euler from 1 to 0. Actions enter through per-embodiment linear adapters (normalised with the stats in
 the config); the LAM's latent actions are one more embodiment, ``"latent"``. Action-free samples train
 with latent actions when the batch carries them (``config.latent_action_key``), otherwise with the
 action timestep at full noise, learned null action tokens and the action loss masked out (exactly zero).
@@ -72,7 +73,7 @@ def embodiment_spec(stats: dict | None = None, action_dim: int | None = None, st
     return spec
 
 
-X0_MIN_T = 0.05   # video_prediction="x0": the velocity divides by t, floored here
+X0_MIN_T = 0.05   # video_prediction / action_prediction="x0": the velocity divides by t, floored here
 
 
 @dataclasses.dataclass
@@ -125,6 +126,10 @@ class WorldModelConfig:
     # that does not move is an output of zero instead of an exact copy of the input noise (Li & He 2025,
     # "Back to Basics: let denoising generative models denoise", for pixel patches)
     video_prediction: str = "velocity"
+    # the same choice for the action head. "x0": the head regresses the clean chunk at every noise level,
+    # at t = 1 directly its conditional mean given the context (a velocity head must also carry the input
+    # noise through the network there). "velocity": configs saved before this field mean the same
+    action_prediction: str = "velocity"
     # "last_frame": the last observed frame (in the denoised space) is patch-embedded and added to every
     # future frame's tokens, so the video stream sees where things are, not only the pooled condition
     # vector (the frame-concatenation conditioning of image-to-video diffusion models). "none" keeps
@@ -140,6 +145,8 @@ class WorldModelConfig:
             raise ValueError(f"video_scale must be > 0, got {self.video_scale}")
         if self.video_prediction not in ("velocity", "x0"):
             raise ValueError(f"video_prediction must be 'velocity' or 'x0', got {self.video_prediction!r}")
+        if self.action_prediction not in ("velocity", "x0"):
+            raise ValueError(f"action_prediction must be 'velocity' or 'x0', got {self.action_prediction!r}")
         if self.video_context not in ("none", "last_frame"):
             raise ValueError(f"video_context must be 'none' or 'last_frame', got {self.video_context!r}")
         if self.video_target not in ("frames", "residual"):
@@ -353,6 +360,8 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         for name, idx in groups.items():
             adapter = self.adapters[name]
             v_a[idx, :, : adapter.action_dim] = adapter.action_out(h_a[idx]).float()
+        if cfg.action_prediction == "x0":   # v_a holds the clean chunk (zero outside each sample's dims)
+            v_a = (z_a.float() - v_a) / t_a.float().clamp_min(X0_MIN_T).view(-1, 1, 1)
         return v_a, v_v
 
     # ----------------------------------------------------------------------------------- training
@@ -445,7 +454,12 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         z_v = (1 - t_v).view(b, 1, 1, 1, 1) * x_v + t_v.view(b, 1, 1, 1, 1) * e_v
         v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names, base)
 
-        err_a = ((v_a.float() - (e_a - x_a)) ** 2 * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
+        if cfg.action_prediction == "x0":   # the error of the predicted clean chunk, as for the video
+            x_hat_a = z_a - t_a.clamp_min(X0_MIN_T).view(b, 1, 1) * v_a.float()
+            sq_a = (x_hat_a - x_a) ** 2
+        else:
+            sq_a = (v_a.float() - (e_a - x_a)) ** 2
+        err_a = (sq_a * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
         # torch.where, not a product: action-free samples contribute exactly zero (even if err were inf)
         loss_a = torch.where(has_actions, err_a, torch.zeros_like(err_a)).sum() / has_actions.sum().clamp_min(1)
         if cfg.video_prediction == "x0":

@@ -23,10 +23,11 @@ patch-embedded and added to each future frame's tokens, so the video stream know
 
 Flow matching (t = 1 noise, t = 0 data): ``z_t = (1 - t) x + t e``, the network predicts ``e - x``
 (or, per modality with ``video_prediction`` / ``action_prediction="x0"``, the clean ``x``, turned into
-that velocity for the sampler); Euler from 1 to 0. Actions enter through per-embodiment linear adapters (normalised with the stats in
-the config); the LAM's latent actions are one more embodiment, ``"latent"``. Action-free samples train
-with latent actions when the batch carries them (``config.latent_action_key``), otherwise with the
-action timestep at full noise, learned null action tokens and the action loss masked out (exactly zero).
+that velocity for the sampler); Euler from 1 to 0. Actions enter through per-embodiment linear
+adapters (normalised with the stats in the config); the LAM's latent actions are one more embodiment,
+``"latent"``. Action-free samples train with latent actions when the batch carries them
+(``config.latent_action_key``), otherwise with the action timestep at full noise, learned null action
+tokens and the action loss masked out (exactly zero).
 
 Outputs of the ``sample_*`` modes: actions in raw units ``[B, H, A]``; frames float ``[B, n_future, 3,
 S, S]`` in [-1, 1] (``tokenizer.unit_to_uint8`` converts); with ``frame_space="vae"`` frames are decoded

@@ -1,4 +1,4 @@
-"""How much can inverse dynamics gain over a policy on a dataset? An upper bound from the robot's state.
+"""How much can inverse dynamics gain over a policy on a dataset? An estimate from the robot's state.
 
 The world model's inverse-dynamics mode sees the current frames and the future frames; its policy mode
 (and the no-future control) the current frames only. Where the behaviour is a deterministic function of

@@ -116,20 +116,27 @@ def test_bad_batches_raise_clear_errors():
         model({**batch, "embodiment": ["toy", "arm", "toy"]})
 
 
+def fit_one_batch(model: WorldModel, batch: dict, steps: int, bf16: bool = False) -> list[dict]:
+    """AdamW on one batch with one draw of noise and timesteps (memorising it drives both losses towards
+    zero); ``bf16``: under CPU autocast. -> the metrics of every step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+        history.append(metrics)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return history
+
+
 def test_a_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = toy_config(p_marginal=0.0)
     model = WorldModel(cfg)
     batch = random_batch(cfg, n=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(80):
-        # one batch, one draw of noise and timesteps: memorising it drives both losses towards zero
-        loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
-        first = first or metrics
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    first = fit_one_batch(model, batch, 80)[0]
     _, metrics = model(batch, generator=torch.Generator().manual_seed(0))
     assert metrics["loss_action"] < first["loss_action"] / 10
     assert metrics["loss_video"] < first["loss_video"] / 10
@@ -147,15 +154,7 @@ def test_bf16_autocast_trains_and_samples(variant):
     model = WorldModel(cfg)
     batch = random_batch(cfg, n=8)
     batch.update(state=torch.randn(8, cfg.window, 3), state_mask=torch.ones(8, dtype=torch.bool))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    history = []
-    for _ in range(60):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
-        history.append(metrics)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    history = fit_one_batch(model, batch, 60, bf16=True)
     assert history[-1]["loss_action"] < history[0]["loss_action"] / 5
     assert history[-1]["loss_video"] < history[0]["loss_video"] / 5
     obs, nxt = batch["frames"][:2, : cfg.n_obs], batch["frames"][:2, cfg.future_indices()]
@@ -250,16 +249,8 @@ def test_x0_action_head_samples_its_output_and_learns(variant):
     torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-5, rtol=0)   # the toy embodiment's mean is 0
     torch.manual_seed(0)
     model = WorldModel(cfg)
-    batch = random_batch(cfg, n=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(80):
-        loss, metrics = model(batch, generator=torch.Generator().manual_seed(0))
-        first = first or metrics
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert metrics["loss_action"] < first["loss_action"] / 10
+    history = fit_one_batch(model, random_batch(cfg, n=8), 80)
+    assert history[-1]["loss_action"] < history[0]["loss_action"] / 10
     with pytest.raises(ValueError, match="action_prediction"):
         toy_config(action_prediction="eps")
 

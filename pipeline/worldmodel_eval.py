@@ -1,7 +1,8 @@
 """Offline evaluation of a trained world model on held-out episodes (`wm worldmodel eval`).
 
 For every window of the held-out data that has real actions (``shards.stream.WindowStream`` in label
-mode: one exact, ordered pass, so two evaluations see the same windows), with the model's own timeline
+mode: one exact, ordered pass, so two evaluations see the same windows; episodes tiled into
+non-overlapping windows, or with ``every=K`` a window at every K-th frame), with the model's own timeline
 (``n_obs`` current frames, an ``H``-step action chunk, ``n_future`` future frames):
 
 | metric | mode | compared with |
@@ -69,13 +70,16 @@ def load_world_model(run: str | Path):
     return model, run_config
 
 
-def _windows(model, run_config: dict, data_dir: Path, max_windows: int, batch_size: int, backend: str):
-    """Batches of held-out windows with real actions, in data order."""
+def _windows(model, run_config: dict, data_dir: Path, max_windows: int, batch_size: int, backend: str,
+             every: int | None = None):
+    """Batches of held-out windows with real actions, in data order (``max_windows`` 0: all); ``every``:
+    a window at every ``every``-th frame of each episode instead of the non-overlapping tiling."""
     from shards.stream import WindowStream, collate_windows
 
     cfg, data = model.config, run_config.get("data") or {}
     stream = WindowStream(str(data_dir), window=cfg.window, stride=int(data.get("stride") or 1),
-                          camera=data.get("camera"), resize=data.get("resize"), backend=backend, mode="label")
+                          camera=data.get("camera"), resize=data.get("resize"), backend=backend, mode="label",
+                          label_every=every)
     taken, pending = 0, []
     for w in stream:
         if not w["action_mask"] or w["embodiment"] not in model.adapters:
@@ -102,7 +106,7 @@ def _r2(true: np.ndarray, pred: np.ndarray) -> tuple[float, list[float]]:
 @torch.no_grad()
 def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
                          max_windows: int = 64, batch_size: int = 16, steps: int | None = None, seed: int = 0,
-                         examples: int = 4, backend: str = "auto") -> dict[str, Any]:
+                         examples: int = 4, backend: str = "auto", every: int | None = None) -> dict[str, Any]:
     """Score ``run`` on ``data_dir`` (see the module docstring); writes the artefacts to ``out_dir``
     (default ``RUN/eval``) and returns the metrics."""
     from worldmodel.tokenizer import frames_to_unit
@@ -125,7 +129,7 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
                                                             "no_future_mean", "policy_mean")}
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n = 0
-    for batch in _windows(model, run_config, data_dir, max_windows, batch_size, backend):
+    for batch in _windows(model, run_config, data_dir, max_windows, batch_size, backend, every):
         for emb in sorted(set(batch["embodiment"])):
             idx = [i for i, e in enumerate(batch["embodiment"]) if e == emb]
             adapter = model.adapters[emb]
@@ -179,7 +183,7 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
         "inverse_dynamics_mean_r2": _r2(flat["true"], flat["inverse_mean"])[0],
         "inverse_dynamics_no_future_mean_r2": _r2(flat["true"], flat["no_future_mean"])[0],
         "policy_mean_r2": _r2(flat["true"], flat["policy_mean"])[0],
-        "windows": n, "variant": cfg.variant, "trained_as": run_config.get("policy") or "uwm",
+        "windows": n, "window_every": every, "variant": cfg.variant, "trained_as": run_config.get("policy") or "uwm",
         "frame_space": cfg.frame_space, "sampling_steps": steps or {"action": cfg.action_steps, "video": cfg.video_steps},
         "seed": seed, "data": str(data_dir), "model": str(run),
     })

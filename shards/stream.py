@@ -253,6 +253,10 @@ class WindowStream(torch.utils.data.IterableDataset):
     window then also carries ``<name>.present`` (bool), and windows from a dir without the sidecar
     get its fields zero-filled (``[window, ...]``, shapes and dtypes read from the first sidecar row
     found), so such windows collate with labelled ones.
+
+    ``label_every=K`` (label mode): a window starts at every K-th frame of an episode (overlapping
+    windows, e.g. to score a model at many points of few episodes) instead of the ``label_starts``
+    tiling; an exact, ordered pass all the same.
     """
 
     def __init__(self, data: str | Path | Sequence[str | Path], *, window: int = 8, stride: int = 1,
@@ -260,8 +264,11 @@ class WindowStream(torch.utils.data.IterableDataset):
                  mode: str = "train", labels: Sequence[str] = (), windows_per_episode: int = 4,
                  shuffle_buffer: int = 64, seed: int = 0, weights: Sequence[float] | None = None,
                  on_error: str | None = None, keys: Sequence[Collection[str] | None] | None = None,
-                 optional_labels: bool = False):
+                 optional_labels: bool = False, label_every: int | None = None):
         super().__init__()
+        if label_every is not None and (mode != "label" or label_every < 1):
+            raise ValueError(f"label_every is a label-mode option and must be >= 1 (got {label_every}, mode {mode!r})")
+        self.label_every = label_every
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if window < 1 or stride < 1 or windows_per_episode < 1:
@@ -406,7 +413,10 @@ class WindowStream(torch.utils.data.IterableDataset):
         shards = [(d, s) for d, ss in zip(self.dirs, self.shards) for s in ss][rank::world][worker::workers]
         for data_dir, shard in shards:
             for sample, rows in self._episodes(data_dir, shard):
-                starts = label_starts(sample.meta.n_frames, self.window, self.stride)
+                if self.label_every:
+                    starts = list(range(0, sample.meta.n_frames - self.span + 1, self.label_every))
+                else:
+                    starts = label_starts(sample.meta.n_frames, self.window, self.stride)
                 if not starts:
                     log.warning("%s: %d frames, too short for a window of %d frames at stride %d (%d frames); "
                                 "no windows", sample.where, sample.meta.n_frames, self.window, self.stride, self.span)

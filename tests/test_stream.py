@@ -106,6 +106,16 @@ def test_label_mode_covers_every_window_exactly_once(robot, num_workers):
     assert ("ep3", 0) in seen and ("ep1", 5) in seen  # short episodes still covered, ends reached
 
 
+def test_label_every_starts_a_window_at_every_kth_frame(robot):
+    stream = WindowStream(robot, window=4, stride=2, mode="label", label_every=3)
+    seen = [(w["key"], int(w["start"])) for w in stream]
+    span = 3 * 2 + 1
+    expected = [(f"ep{i}", s) for i, n in enumerate(LENGTHS) for s in range(0, n - span + 1, 3)]
+    assert seen == expected   # in data order, overlapping, none beyond an episode's end
+    with pytest.raises(ValueError, match="label_every"):
+        WindowStream(robot, window=4, mode="train", label_every=3)
+
+
 def test_window_contents_equal_the_stored_arrays(robot):
     truth = stored(robot)
     stream = WindowStream(robot, window=4, stride=3, mode="label", backend="torchcodec", camera="front")

@@ -86,6 +86,15 @@ def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp
     assert _json(again.stdout)["forward_dynamics_mse"] == metrics["forward_dynamics_mse"]
     bad = _wm("worldmodel", "eval", "--model", str(mw["demos"]), "--data", str(mw["heldout"]))
     assert bad.returncode == 2 and "no world model" in bad.stderr and "Traceback" not in bad.stderr
+    # --every K --windows 0: a window at every K-th frame of every held-out episode
+    from shards.stream import WindowStream
+
+    dense = _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "e3"),
+                "--windows", "0", "--every", "3", "--examples", "1")
+    expected = sum(1 for _ in WindowStream(str(mw["heldout"]), window=10, mode="label", label_every=3))
+    assert dense.returncode == 0, dense.stderr
+    assert _json(dense.stdout)["windows"] == expected > 6 and _json(dense.stdout)["window_every"] == 3
+    assert _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--every", "0").returncode == 2
 
 
 def test_no_future_control_hides_future_frames(mw, tmp_path):

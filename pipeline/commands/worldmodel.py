@@ -1,4 +1,4 @@
-"""`wm worldmodel eval --model RUN --data DIR [--out DIR] [--windows N] [--steps K] [--seed S]`
+"""`wm worldmodel eval --model RUN --data DIR [--out DIR] [--windows N] [--every K] [--steps K] [--seed S]`
 
 Offline evaluation of a `wm train worldmodel` run on held-out episodes (pipeline/worldmodel_eval.py):
 forward-dynamics frame error against the copy-last-frame baseline, video-mode error, inverse-dynamics
@@ -25,7 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--model", required=True, metavar="RUN", help="world model run folder (or its final/)")
     e.add_argument("--data", required=True, metavar="DIR", help="held-out dataset folder (with actions)")
     e.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/eval)")
-    e.add_argument("--windows", type=int, default=64, metavar="N", help="windows to score (in data order)")
+    e.add_argument("--windows", type=int, default=64, metavar="N", help="windows to score (in data order; 0: all)")
+    e.add_argument("--every", type=int, default=None, metavar="K",
+                   help="a window at every K-th frame of each episode (overlapping; default: episodes tiled "
+                        "into non-overlapping windows)")
     e.add_argument("--batch-size", type=int, default=16, metavar="B")
     e.add_argument("--steps", type=int, default=None, metavar="K", help="sampling steps (default: the model's)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
@@ -38,10 +41,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipeline.exit_codes import UsageError
     from pipeline.worldmodel_eval import evaluate_world_model
 
-    if args.windows < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
-        raise UsageError("--windows, --batch-size and --steps must be >= 1")
+    if args.windows < 0 or args.batch_size < 1 or any(v is not None and v < 1 for v in (args.steps, args.every)):
+        raise UsageError("--windows must be >= 0, --batch-size, --steps and --every >= 1")
     metrics = evaluate_world_model(args.model, args.data, args.out, max_windows=args.windows,
                                    batch_size=args.batch_size, steps=args.steps, seed=args.seed,
-                                   examples=args.examples, backend=args.backend)
+                                   examples=args.examples, backend=args.backend, every=args.every)
     print(json.dumps(metrics, indent=2))
     return 0

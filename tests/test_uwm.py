@@ -170,6 +170,54 @@ def test_bf16_autocast_trains_and_samples(variant):
     assert samples["video"].shape == nxt.shape
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_p_inverse_pins_the_future_clean_and_leaves_it_unscored(variant):
+    """p_inverse = 1: every sample with actions sees its clean future (t_v = 0, the input is the target) and
+    adds nothing to the video loss; an action-free sample is still noised and scored."""
+    cfg = toy_config(variant, p_inverse=1.0, video_target="residual", video_prediction="x0", video_context="last_frame")
+    model = WorldModel(cfg)
+    seen = {}
+    velocity = model._velocity
+
+    def spy(cond, t_a, t_v, z_a, z_v, names, last=None):
+        seen.update(t_v=t_v, z_v=z_v, last=last)
+        return velocity(cond, t_a, t_v, z_a, z_v, names, last)
+
+    model._velocity = spy
+    batch = random_batch(cfg, n=4)
+    _, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+    assert metrics["loss_video"] == 0.0 and metrics["loss_action"] > 0
+    assert (seen["t_v"] == 0).all()
+    residual = model._video_data(batch["frames"][:, cfg.future_indices()]) - seen["last"]
+    torch.testing.assert_close(seen["z_v"], residual)
+    batch["action_mask"] = torch.tensor([True, False, True, True])
+    batch["embodiment"] = ["toy", "video", "toy", "toy"]
+    _, metrics = model(batch, generator=torch.Generator().manual_seed(0))
+    assert seen["t_v"][1] > 0 and (seen["t_v"][[0, 2, 3]] == 0).all()
+    assert metrics["loss_video"] > 0
+    with pytest.raises(ValueError, match="probabilities"):
+        toy_config(p_inverse=1.5)
+
+
+def test_without_state_the_model_reads_no_state():
+    spec = embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}, "state": {"mean": [0.0] * 3, "std": [1.0] * 3}})
+    with_state = WorldModel(toy_config(embodiments={"toy": spec}))
+    without = WorldModel(toy_config(embodiments={"toy": spec}, use_state=False))
+    assert with_state.adapters["toy"].state_in is not None and with_state.config.embodiments["toy"]["state_dim"] == 3
+    assert without.adapters["toy"].state_in is None and without.config.embodiments["toy"]["state_dim"] == 0
+    obs = torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    s1, s2 = torch.randn(2, 1, 3), torch.randn(2, 1, 3)
+    with torch.no_grad():   # DiT's zero-initialised modulation and heads ignore the condition: perturb all
+        for model in (with_state, without):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    assert not torch.allclose(with_state.sample_policy(obs, "toy", state=s1, generator=g()),
+                              with_state.sample_policy(obs, "toy", state=s2, generator=g()))
+    torch.testing.assert_close(without.sample_policy(obs, "toy", state=s1, generator=g()),
+                               without.sample_policy(obs, "toy", state=s2, generator=g()))   # given anyway, not read
+
+
 def train(model: WorldModel, data: dict, steps: int, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -77,6 +77,21 @@ def embodiment_spec(stats: dict | None = None, action_dim: int | None = None, st
 X0_MIN_T = 0.05   # video_prediction / action_prediction="x0": the velocity divides by t, floored here
 
 
+def _t_floor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` timesteps, floored at ``X0_MIN_T``, shaped to broadcast over ``like`` ``[B, ...]``."""
+    return t.float().clamp_min(X0_MIN_T).view(-1, *[1] * (like.ndim - 1))
+
+
+def velocity_from_clean(z: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """An x0 head's output as the velocity the sampler integrates: ``(z - x0) / max(t, X0_MIN_T)``."""
+    return (z.float() - x0.float()) / _t_floor(t, z)
+
+
+def clean_from_velocity(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``velocity_from_clean``: the clean estimate ``z - max(t, X0_MIN_T) v``."""
+    return z - _t_floor(t, z) * v.float()
+
+
 @dataclasses.dataclass
 class WorldModelConfig:
     variant: str = "uwm"  # "uwm" (single-stream blocks) | "dust" (dual-stream blocks)
@@ -368,14 +383,13 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         h_a = self.final_action(x[:, : cfg.action_horizon], c)
         v_v = self.tokenizer.unpatchify(self.final_video(x[:, cfg.action_horizon : cfg.action_horizon + tok_v.shape[1]], c))
         if cfg.video_prediction == "x0":
-            t_floor = t_v.float().clamp_min(X0_MIN_T).view(-1, *[1] * (z_v.ndim - 1))
-            v_v = (z_v.float() - v_v.float()) / t_floor
+            v_v = velocity_from_clean(z_v, v_v, t_v)
         v_a = z_a.new_zeros(z_a.shape, dtype=torch.float32)
         for name, idx in groups.items():
             adapter = self.adapters[name]
             v_a[idx, :, : adapter.action_dim] = adapter.action_out(h_a[idx]).float()
         if cfg.action_prediction == "x0":   # v_a holds the clean chunk (zero outside each sample's dims)
-            v_a = (z_a.float() - v_a) / t_a.float().clamp_min(X0_MIN_T).view(-1, 1, 1)
+            v_a = velocity_from_clean(z_a, v_a, t_a)
         return v_a, v_v
 
     # ----------------------------------------------------------------------------------- training
@@ -472,8 +486,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names, base)
 
         if cfg.action_prediction == "x0":   # the error of the predicted clean chunk, as for the video
-            x_hat_a = z_a - t_a.clamp_min(X0_MIN_T).view(b, 1, 1) * v_a.float()
-            sq_a = (x_hat_a - x_a) ** 2
+            sq_a = (clean_from_velocity(z_a, v_a, t_a) - x_a) ** 2
         else:
             sq_a = (v_a.float() - (e_a - x_a)) ** 2
         err_a = (sq_a * dims[:, None]).sum((1, 2)) / (cfg.action_horizon * dims.sum(1)).clamp_min(1)
@@ -481,8 +494,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         loss_a = torch.where(has_actions, err_a, torch.zeros_like(err_a)).sum() / has_actions.sum().clamp_min(1)
         if cfg.video_prediction == "x0":
             # the error of the predicted clean target: bounded, unlike the velocity error's 1 / t^2 weighting
-            x_hat = z_v - t_v.clamp_min(X0_MIN_T).view(b, 1, 1, 1, 1) * v_v.float()
-            err_v = ((x_hat - x_v) ** 2).flatten(1).mean(1)
+            err_v = ((clean_from_velocity(z_v, v_v, t_v) - x_v) ** 2).flatten(1).mean(1)
         else:
             err_v = ((v_v.float() - (e_v - x_v)) ** 2).flatten(1).mean(1)
         scored = t_v > 0   # a clean (pinned) video input is the answer: nothing to learn there

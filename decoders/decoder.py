@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from decoders.augment import random_shift
 from decoders.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from decoders.normalize import Normalizer, plain_stats
 
@@ -76,6 +77,8 @@ class DecoderConfig:
     dispersive_tau: float = 1.0
     action_norm: str = "min_max"
     state_norm: str = "mean_std"
+    # Training-time image augmentation: random shift of up to this many pixels (0 = none).
+    augment_shift: int = 0
 
     @property
     def window_length(self) -> int:
@@ -327,7 +330,10 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
             if cfg.latent_key not in batch:
                 raise ValueError(f"batch has no latent labels {cfg.latent_key!r} (keys: {sorted(batch)})")
             latent = batch[cfg.latent_key][:, now : now + self.latent_horizon]
-        cond = self.encode_condition(frames[:, : cfg.n_obs_steps], state, batch.get("task"), latent, emb_index)
+        obs = frames[:, : cfg.n_obs_steps]
+        if self.training and cfg.augment_shift:
+            obs = random_shift(obs, cfg.augment_shift)
+        cond = self.encode_condition(obs, state, batch.get("task"), latent, emb_index)
         chunk = self.action_normalizer.normalize(action[:, now : now + cfg.horizon].float(), emb_index)
         if cfg.objective == "fm":
             out = flow_matching_loss(self.velocity, chunk, cond)
@@ -396,6 +402,8 @@ def _validate(cfg: DecoderConfig) -> None:
         problems.append(f"width {cfg.width} must be even and divisible by heads {cfg.heads}")
     if cfg.latent_dim and not cfg.latent_key:
         problems.append("latent_dim > 0 needs latent_key (the batch key of the latent labels)")
+    if cfg.augment_shift < 0:
+        problems.append(f"augment_shift must be >= 0, got {cfg.augment_shift}")
     if len(cfg.image_size) != 2:
         problems.append(f"image_size must be [H, W], got {cfg.image_size}")
     if problems:

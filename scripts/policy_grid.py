@@ -1,0 +1,309 @@
+"""The policy grid: train decoder policies (arms x K demos per task x training seeds), score every
+checkpoint on validation data, evaluate the final checkpoint in closed loop, write one table and the plots.
+
+    python scripts/policy_grid.py --out grid --demos data/demos --val-demos data/valdemos \\
+        --tasks drawer-close-v3,door-open-v3 --ks 2,5,10 --seeds 0,1,2 \\
+        --arm "scratch=policy=scratch model.objective=meanflow model.augment_shift=4" \\
+        --arm "idm-bc=policy=idm-bc --data data/video model.objective=meanflow model.augment_shift=4" \\
+        --steps 12000 --ckpt-every 2000 --eval-episodes 50 --val-episodes 5 --lanes 2
+
+Everything that shapes an experiment is an argument: tasks, K, seeds, arms (a name and the extra
+arguments of ``wm train decoder``), step budget, checkpoint spacing, episodes, seeds of validation and
+evaluation, episode length, camera / resolution of the evaluation. A person with a GPU node reruns it
+bigger by changing arguments only (``--lanes`` jobs run at once; each job is one ``wm`` process).
+
+Seeds, kept apart:
+- demos: whatever ``--demos`` holds (``wm collect --seed 0``: seeds 0..N-1); the first K successful
+  episodes of each task are a policy's demos (``--episodes-per-task K``);
+- validation: ``--val-demos`` (e.g. ``wm collect --seed 50000``) for the held-out action error, and
+  closed-loop validation episodes on ``wm eval --seed VAL_SEED`` (VAL_SEED + 100000 + i);
+- evaluation: ``wm eval --seed EVAL_SEED`` (EVAL_SEED + 100000 + i), the FINAL checkpoint only; no
+  setting is chosen on these seeds.
+
+Layout under ``--out`` (every stage is skipped when its output is there, so a rerun resumes)::
+
+    runs/<arm>-k<K>-s<seed>/                  wm train output (checkpoints every --ckpt-every, final/)
+    val/<arm>-k<K>-s<seed>/step-<N>/          policy/ (that checkpoint's EMA weights), action_error.json,
+                                              eval/results.json (closed loop on validation seeds)
+    evals/<arm>-k<K>-s<seed>/results.json     the final checkpoint on the evaluation seeds
+    results.md, results.json                  the table (per task: mean over seeds +- standard error)
+    learning_curves.png, success_vs_k.png     validation curves per arm; final success against K
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("policy_grid")
+
+
+@dataclass(frozen=True)
+class Job:
+    arm: str
+    args: tuple[str, ...]
+    k: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-k{self.k}-s{self.seed}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="grid folder (resumable)")
+    p.add_argument("--demos", required=True, help="demo dataset folder (wm collect output)")
+    p.add_argument("--val-demos", default=None, help="validation demos for the held-out action error")
+    p.add_argument("--tasks", required=True, help="comma-separated Meta-World tasks to evaluate")
+    p.add_argument("--ks", default="10", help="demos per task, comma-separated")
+    p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=ARGS",
+                   help="a policy recipe: a name and the extra arguments of `wm train decoder` (repeatable)")
+    p.add_argument("--preset", default="tiny", help="decoder preset")
+    p.add_argument("--steps", type=int, default=12000, help="training steps (the final checkpoint is evaluated)")
+    p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint spacing (each is validated)")
+    p.add_argument("--eval-episodes", type=int, default=50, help="evaluation episodes per task")
+    p.add_argument("--eval-seed", type=int, default=0, help="wm eval --seed of the evaluation")
+    p.add_argument("--val-episodes", type=int, default=5, help="validation episodes per task per checkpoint (0: none)")
+    p.add_argument("--val-seed", type=int, default=50000, help="wm eval --seed of the validation")
+    p.add_argument("--max-steps", type=int, default=200, help="actions per episode at most")
+    p.add_argument("--resolution", type=int, default=64, help="rendered image size (the demos')")
+    p.add_argument("--camera", default="corner", help="camera (the demos')")
+    p.add_argument("--lanes", type=int, default=2, help="jobs at once (one torch thread each)")
+    p.add_argument("--stages", default="train,eval,val,report", help="stages to run")
+    p.add_argument("--wm", default=str(Path(sys.executable).with_name("wm")), help="the wm executable")
+    args = p.parse_args(argv)
+    if not args.arm:
+        args.arm = ["scratch=policy=scratch model.objective=meanflow model.augment_shift=4"]
+    return args
+
+
+def jobs_of(args) -> list[Job]:
+    arms = []
+    for spec in args.arm:
+        name, _, rest = spec.partition("=")
+        if not name or not rest:
+            raise SystemExit(f"policy_grid: --arm {spec!r} is not NAME=ARGS")
+        arms.append((name, tuple(rest.split())))
+    ks = [int(k) for k in args.ks.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    return [Job(a, extra, k, s) for a, extra in arms for k in ks for s in seeds]
+
+
+def run(cmd: list[str], log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    started = time.time()
+    with open(log_path, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise RuntimeError(f"exit {code} after {time.time() - started:.0f} s: {' '.join(cmd)} (log: {log_path})")
+    log.info("done in %.0f s: %s", time.time() - started, " ".join(cmd[1:4]))
+
+
+def finished(run_dir: Path) -> bool:
+    status = run_dir / "status.json"
+    return (run_dir / "final" / "model.safetensors").is_file() and status.is_file() and \
+        json.loads(status.read_text()).get("state") == "finished"
+
+
+def eval_cmd(args, policy: Path, episodes: int, seed: int, out: Path) -> list[str]:
+    return [args.wm, "eval", "--policy", str(policy), "--env", "metaworld", "--tasks", args.tasks,
+            "--episodes", str(episodes), "--seed", str(seed), "--max-steps", str(args.max_steps),
+            "--resolution", str(args.resolution), "--camera", args.camera, "--out", str(out)]
+
+
+def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
+    """Each checkpoint's EMA weights as a loadable decoder folder (config.json of final/)."""
+    out = []
+    for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+        step = int(ckpt.name.split("-")[1])
+        policy = val_dir / f"step-{step:07d}" / "policy"
+        if not (policy / "model.safetensors").is_file():
+            policy.mkdir(parents=True, exist_ok=True)
+            shutil.copy(run_dir / "final" / "config.json", policy / "config.json")
+            shutil.copy(ckpt / "ema.safetensors", policy / "model.safetensors.tmp")
+            os.replace(policy / "model.safetensors.tmp", policy / "model.safetensors")
+        out.append((step, policy))
+    return out
+
+
+def do_job(args, job: Job, stages: set[str]) -> None:
+    run_dir = args.out / "runs" / job.name
+    logs = args.out / "logs"
+    if "train" in stages and not finished(run_dir):
+        run([args.wm, "train", "decoder", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
+             "--episodes-per-task", str(job.k), *job.args, f"train.max_steps={args.steps}",
+             f"train.ckpt_every={args.ckpt_every}", "train.keep_last=1000", f"train.seed={job.seed}",
+             "train.progress=false", "data.num_workers=1"], logs / f"train-{job.name}.log")
+    if not finished(run_dir):
+        return
+    evals = args.out / "evals" / job.name
+    if "eval" in stages and not (evals / "results.json").is_file():
+        run(eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals), logs / f"eval-{job.name}.log")
+    if "val" in stages:
+        from pipeline.action_error import held_out_action_error
+
+        for step, policy in checkpoint_policies(run_dir, args.out / "val" / job.name):
+            folder = policy.parent
+            if args.val_demos and not (folder / "action_error.json").is_file():
+                metrics = held_out_action_error(policy, args.val_demos)
+                (folder / "action_error.json").write_text(json.dumps(metrics, indent=1) + "\n")
+            if args.val_episodes and not (folder / "eval" / "results.json").is_file():
+                run(eval_cmd(args, policy, args.val_episodes, args.val_seed, folder / "eval"),
+                    logs / f"val-{job.name}.log")
+
+
+# ---------------------------------------------------------------- report
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, float("nan")
+    var = sum((v - m) ** 2 for v in values) / (len(values) - 1)
+    return m, math.sqrt(var / len(values))
+
+
+def fmt(m: float, se: float) -> str:
+    return f"{m:.2f}" if math.isnan(se) else f"{m:.2f} ± {se:.2f}"
+
+
+def collect(args, jobs: list[Job]) -> dict:
+    tasks = args.tasks.split(",")
+    rows, curves = {}, {}
+    for job in jobs:
+        res = args.out / "evals" / job.name / "results.json"
+        key = (job.arm, job.k)
+        if res.is_file():
+            r = json.loads(res.read_text())
+            rows.setdefault(key, []).append({"seed": job.seed, "overall": r["overall"]["success_rate"],
+                                             "tasks": {t: r["tasks"][t]["success_rate"] for t in tasks},
+                                             "latency": r.get("latency"),
+                                             "train_s": _train_seconds(args.out / "runs" / job.name)})
+        for folder in sorted((args.out / "val" / job.name).glob("step-*")):
+            step = int(folder.name.split("-")[1])
+            point = {"seed": job.seed, "step": step}
+            if (folder / "action_error.json").is_file():
+                point.update(json.loads((folder / "action_error.json").read_text()))
+            if (folder / "eval" / "results.json").is_file():
+                point["val_success"] = json.loads((folder / "eval" / "results.json").read_text())["overall"]["success_rate"]
+            curves.setdefault(key, []).append(point)
+    return {"tasks": tasks, "rows": rows, "curves": curves}
+
+
+def _train_seconds(run_dir: Path) -> float | None:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    times = [json.loads(x).get("time") for x in lines if x.strip()]
+    times = [t for t in times if t]
+    return round(times[-1] - times[0], 1) if len(times) > 1 else None
+
+
+def report(args, jobs: list[Job]) -> None:
+    data = collect(args, jobs)
+    tasks, rows, curves = data["tasks"], data["rows"], data["curves"]
+    lines = [f"# Policy grid: {args.out}", "",
+             f"Final checkpoints ({args.steps} steps, preset {args.preset}), {args.eval_episodes} evaluation "
+             f"episodes per task on `wm eval --seed {args.eval_seed}`, at most {args.max_steps} steps, "
+             f"{args.camera} camera {args.resolution} px. Rates: mean over training seeds ± standard error "
+             f"of that mean (seed to seed).", "",
+             "| arm | K | seeds | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | mean | per seed |",
+             "|---|---|---|" + "---|" * (len(tasks) + 2)]
+    table = {}
+    for (arm, k), rs in sorted(rows.items()):
+        cells = [fmt(*mean_se([r["tasks"][t] for r in rs])) for t in tasks]
+        overall = mean_se([r["overall"] for r in rs])
+        per_seed = ", ".join(f"s{r['seed']} {r['overall']:.2f}" for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {arm} | {k} | {len(rs)} | " + " | ".join(cells) + f" | **{fmt(*overall)}** | {per_seed} |")
+        table[f"{arm}-k{k}"] = {"arm": arm, "k": k, "runs": rs, "mean": overall[0], "se": overall[1]}
+    lines += ["", "Validation (every checkpoint; seeds of neither training nor evaluation): mean over seeds.", "",
+              "| arm | K | step | held-out action MSE (normalised) | first-action MSE | validation success |",
+              "|---|---|---|---|---|---|"]
+    for (arm, k), pts in sorted(curves.items()):
+        for step in sorted({p["step"] for p in pts}):
+            at = [p for p in pts if p["step"] == step]
+            mse = [p["action_mse"] for p in at if "action_mse" in p]
+            first = [p["first_action_mse"] for p in at if "first_action_mse" in p]
+            succ = [p["val_success"] for p in at if "val_success" in p]
+            lines.append(f"| {arm} | {k} | {step} | {fmt(*mean_se(mse)) if mse else '-'} | "
+                         f"{fmt(*mean_se(first)) if first else '-'} | {fmt(*mean_se(succ)) if succ else '-'} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    (args.out / "results.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "table": table,
+         "curves": {f"{a}-k{k}": v for (a, k), v in curves.items()}}, indent=1) + "\n")
+    _plots(args.out, rows, curves)
+    print("\n".join(lines))
+
+
+def _plots(out: Path, rows: dict, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for (arm, k), pts in sorted(curves.items()):
+            steps = sorted({p["step"] for p in pts})
+            for ax, key in zip(axes, ("action_mse", "val_success")):
+                stats = [mean_se([p[key] for p in pts if p["step"] == s and key in p] or [math.nan]) for s in steps]
+                ax.errorbar(steps, [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
+                            marker="o", capsize=3, label=f"{arm} K={k}")
+        axes[0].set(xlabel="training step", ylabel="held-out action MSE (normalised)", yscale="log")
+        axes[1].set(xlabel="training step", ylabel="validation success", ylim=(0, 1.02))
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "learning_curves.png", dpi=120)
+        plt.close(fig)
+    if rows:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for arm in sorted({a for a, _ in rows}):
+            ks = sorted(k for a, k in rows if a == arm)
+            stats = [mean_se([r["overall"] for r in rows[(arm, k)]]) for k in ks]
+            ax.errorbar(ks, [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
+                        marker="o", capsize=3, label=arm)
+        ax.set(xlabel="demos per task (K)", ylabel="success (final checkpoint)", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "success_vs_k.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    jobs = jobs_of(args)
+    stages = set(args.stages.split(","))
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(args.lanes, 1)) as pool:
+        futures = {pool.submit(do_job, args, job, stages): job for job in jobs}
+        for future, job in futures.items():
+            try:
+                future.result()
+            except Exception as e:   # one failed job costs that job; the others and the report go on
+                failed.append(job.name)
+                log.error("%s failed: %s", job.name, e)
+    if "report" in stages:
+        report(args, jobs)
+    if failed:
+        log.error("failed jobs: %s", ", ".join(failed))
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ import pkgutil
 import sys
 
 from pipeline import commands, exit_codes
+from shards.folder_lock import FolderBusy
 from shards.format import FormatError
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.run(args) or 0)
-    except (exit_codes.UsageError, FormatError, FileNotFoundError) as e:
+    except (exit_codes.UsageError, FormatError, FileNotFoundError, FolderBusy) as e:   # FolderBusy: --out in use
         print(f"wm {args.command}: error: {e}", file=sys.stderr)
         return exit_codes.USAGE
     except KeyboardInterrupt:

@@ -6,6 +6,9 @@ One sidecar shard per video shard (``DIR/labels/NAME/shard-NNNNNN.tar``, shards/
 written atomically and marked complete by its ``stats.json``: the job is idempotent per shard, and
 a rerun after a kill finishes only what is missing. Sidecar bytes depend only on the labeller, the
 video and the batch size (batches never span shards), so a resumed run equals an uninterrupted one.
+Each shard is written under its own lock (``labels/NAME/.shard-NNNNNN.lock``, shards/folder_lock.py):
+the disjoint ranges of ``--shards i/N`` run side by side, and a job that reaches a shard another live
+job is writing stops with a one-line error naming that job (pid, host); a dead job's lock is taken over.
 
 Labellers are pluggable. A *kind* registers how to load a run folder and how to label a batch of
 windows::
@@ -350,6 +353,28 @@ def label_shard(spec: LabellerKind, lab: Labeller, data_dir: Path, shard: int, n
     return write_sidecar_shard(data_dir, name, entry["name"], rows, failures)
 
 
+def label_shards(spec: LabellerKind, lab: Labeller, data_dir: Path, shards: list[int], name: str, camera: str,
+                 batch_size: int, backend: str, bar=None) -> int:
+    """Label video shards ``shards`` into sidecar ``name``, each under its own lock
+    (``shards.sidecar.sidecar_shard_lock``; ``FolderBusy`` naming the holder when another job is
+    writing it); a shard that another job completed in the meantime is skipped. Returns the number of
+    failure rows."""
+    from shards.format import read_manifest
+    from shards.sidecar import sidecar_complete, sidecar_shard_lock
+
+    entries = read_manifest(data_dir)["shards"]
+    failures = 0
+    for i in shards:
+        with sidecar_shard_lock(data_dir, name, entries[i]["name"]):
+            if sidecar_complete(data_dir, name, entries[i]["name"]):
+                log.info("%s: labelled by another job meanwhile; skipped", entries[i]["name"])
+                if bar is not None:
+                    bar.update(len(entries[i]["keys"]))
+                continue
+            failures += len(label_shard(spec, lab, data_dir, i, name, camera, batch_size, backend, bar)["failures"])
+    return failures
+
+
 def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part: tuple[int, int] = (0, 1),
                   batch_size: int = 16, backend: str = "auto", rank: int = 0, world: int = 1,
                   progress: bool = True) -> dict[str, Any]:
@@ -357,7 +382,7 @@ def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part:
     from tqdm import tqdm
 
     from shards.format import read_manifest
-    from shards.sidecar import sidecar_done
+    from shards.sidecar import labeller_info_lock, sidecar_complete
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -368,16 +393,19 @@ def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part:
     spec, lab = load_labeller(run)
     camera = check_fits(lab, data_dir, manifest, run)
     name = name or lab.kind
-    _ensure_info(data_dir, name, labeller_info(lab, run, camera, batch_size), write=rank == 0)
+    info = labeller_info(lab, run, camera, batch_size)
+    if rank == 0:   # each task of a Slurm array is a rank 0: they take turns on labeller.json
+        with labeller_info_lock(data_dir, name):
+            _ensure_info(data_dir, name, info)
+    else:
+        _ensure_info(data_dir, name, info, write=False)
     mine = shard_range(len(manifest["shards"]), part, rank, world)
-    todo = [i for i in mine if not sidecar_done(data_dir, name, manifest["shards"][i]["name"])]
+    todo = [i for i in mine if not sidecar_complete(data_dir, name, manifest["shards"][i]["name"])]
     clips = sum(len(manifest["shards"][i]["keys"]) for i in todo)
     log.info("labelling %d of %d shards (%d already done) of %s with %s '%s' -> labels/%s", len(todo), len(mine),
              len(mine) - len(todo), data_dir, lab.kind, run, name)
-    failures = 0
     with torch.inference_mode(), tqdm(total=clips, unit="clip", desc=f"label {name}", disable=not progress,
                                       dynamic_ncols=True) as bar:
-        for i in todo:
-            failures += len(label_shard(spec, lab, data_dir, i, name, camera, batch_size, backend, bar)["failures"])
+        failures = label_shards(spec, lab, data_dir, todo, name, camera, batch_size, backend, bar)
     return {"shards": len(todo), "skipped": len(mine) - len(todo), "clips": clips, "failures": failures,
             "name": name}

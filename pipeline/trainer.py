@@ -16,6 +16,9 @@ after that step, at no fast-forward cost (skipping up to ``ckpt_every`` batches 
 decoding them). A preemption checkpoint starts a new segment too: the run stays deterministic
 from its checkpoints, but its sample order after the signal differs from an uninterrupted run.
 
+One job per run folder: rank 0 holds ``RUN/.lock`` (shards.folder_lock) for the whole run; a
+second job into the same folder stops at once on every rank with ``FolderBusy`` naming the holder.
+
 Exit codes (pipeline.exit_codes): 0 done, 4 non-finite loss, 75 preempted (checkpoint written).
 """
 
@@ -43,6 +46,7 @@ from pipeline.ema import EMA
 from pipeline.exit_codes import UsageError
 from pipeline.preemption import PreemptionHandler, agree
 from pipeline.registry import ModelDataMismatch, ModelSpec
+from shards.folder_lock import FolderBusy, FolderLock
 from shards.format import read_manifest
 
 log = logging.getLogger(__name__)
@@ -181,12 +185,29 @@ def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunC
     return final
 
 
+def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: contextlib.ExitStack) -> None:
+    """One job per run folder: the main rank holds ``RUN/.lock`` (shards.folder_lock) until ``locks``
+    closes; every rank learns whether it got it (one all-reduce), so that a refused job stops on all
+    ranks at once (``FolderBusy``) instead of leaving some waiting in a collective."""
+    refused = None
+    if main:
+        try:
+            locks.enter_context(FolderLock(run_dir, what=f"run folder {run_dir}"))
+        except FolderBusy as e:
+            refused = e
+    (busy,) = agree([refused is not None], device)
+    if refused is not None:
+        raise refused
+    if busy:
+        raise FolderBusy(f"run folder {run_dir} is in use by another job (rank 0's message names it)")
+
+
 # ---------------------------------------------------------------- the loop
 
 class _Run:
     """State of one training process; ``train`` drives it."""
 
-    def __init__(self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path):
+    def __init__(self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack):
         self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
         manifests = read_manifests(cfg.data.paths)
         if spec.prepare is not None:
@@ -194,6 +215,7 @@ class _Run:
         self.acc = make_accelerator(cfg.train.precision)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
+        lock_run_dir(run_dir, self.main, self.acc.device, locks)   # before anything is written there
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
             checkpoint.remove_partial(run_dir)
@@ -330,9 +352,15 @@ def _log_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
 
 
 def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path) -> TrainResult:
-    """Train ``spec``'s model with ``cfg`` into ``run_dir``, resuming from its latest checkpoint."""
-    run_dir = Path(run_dir)
-    run = _Run(cfg, spec, run_dir)
+    """Train ``spec``'s model with ``cfg`` into ``run_dir``, resuming from its latest checkpoint.
+
+    Holds ``run_dir/.lock`` (rank 0) for the whole run: ``FolderBusy`` when another job trains there."""
+    with contextlib.ExitStack() as locks:
+        return _train(cfg, spec, Path(run_dir), locks)
+
+
+def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack) -> TrainResult:
+    run = _Run(cfg, spec, run_dir, locks)
     t = cfg.train
     result = TrainResult(exit_codes.OK, run.step, run_dir, run.resumed_from)
     if run.step >= t.max_steps:

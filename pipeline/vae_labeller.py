@@ -11,7 +11,7 @@ or at ``resize`` when given.
 
 The kind ``"vae"`` is registered with ``pipeline.labelling.register_labeller`` (loader + per-window
 encoder + a ``detect`` that recognises an ``AutoencoderKL`` folder). ``label_vae`` drives the same
-per-shard machinery (``pipeline.labelling.label_shard``: atomic, idempotent, resumable sidecars)
+per-shard machinery (``pipeline.labelling.label_shards``: atomic, idempotent, resumable, locked per shard)
 directly, because ``wm label --labeller`` looks for a ``model.safetensors`` that a diffusers folder
 does not have (it holds ``diffusion_pytorch_model.safetensors``).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.exit_codes import UsageError
-from pipeline.labelling import Labeller, check_fits, code_version, label_shard, register_labeller
+from pipeline.labelling import Labeller, check_fits, code_version, label_shards, register_labeller
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def label_vae(data_dir: str | Path, vae_path: str | Path, name: str = KIND, *, r
     from tqdm import tqdm
 
     from shards.format import read_manifest
-    from shards.sidecar import read_labeller_info, sidecar_dir, sidecar_done, write_labeller_info
+    from shards.sidecar import (labeller_info_lock, read_labeller_info, sidecar_complete, sidecar_dir,
+                                write_labeller_info)
 
     data_dir, vae_path = Path(data_dir), Path(vae_path)
     if not data_dir.is_dir():
@@ -107,20 +108,19 @@ def label_vae(data_dir: str | Path, vae_path: str | Path, name: str = KIND, *, r
             "image_size": list(size), "window": lab.window, "stride": 1, "tail": 0, "batch_size": batch_size,
             "fields": {f: {"shape": ["n_frames", *s], "dtype": d} for f, (s, d) in lab.fields.items()},
             "rows": "row t is the latent of frame t", "code_version": code_version()}
-    if (sidecar_dir(data_dir, name) / "labeller.json").is_file():
-        old = read_labeller_info(data_dir, name)
-        if old.get("checkpoint_sha256") != info["checkpoint_sha256"]:
-            raise UsageError(f"{sidecar_dir(data_dir, name)}: labels of another checkpoint ({old.get('checkpoint')}); "
-                             f"use another name or delete the folder")
-    else:
-        write_labeller_info(data_dir, name, info)
+    with labeller_info_lock(data_dir, name):
+        if (sidecar_dir(data_dir, name) / "labeller.json").is_file():
+            old = read_labeller_info(data_dir, name)
+            if old.get("checkpoint_sha256") != info["checkpoint_sha256"]:
+                raise UsageError(f"{sidecar_dir(data_dir, name)}: labels of another checkpoint "
+                                 f"({old.get('checkpoint')}); use another name or delete the folder")
+        else:
+            write_labeller_info(data_dir, name, info)
     shards = manifest["shards"]
-    todo = [i for i, s in enumerate(shards) if not sidecar_done(data_dir, name, s["name"])]
-    failures = 0
+    todo = [i for i, s in enumerate(shards) if not sidecar_complete(data_dir, name, s["name"])]
     with torch.inference_mode(), tqdm(total=sum(len(shards[i]["keys"]) for i in todo), unit="clip",
                                       desc=f"label {name}", disable=not progress) as bar:
-        for i in todo:
-            failures += len(label_shard(SPEC, lab, data_dir, i, name, camera, batch_size, backend, bar)["failures"])
+        failures = label_shards(SPEC, lab, data_dir, todo, name, camera, batch_size, backend, bar)
     log.info("VAE latents of %s -> labels/%s: %d shards written, %d already done, %d failures", data_dir, name,
              len(todo), len(shards) - len(todo), failures)
     return {"shards": len(todo), "skipped": len(shards) - len(todo), "failures": failures, "name": name}

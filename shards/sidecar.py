@@ -8,7 +8,8 @@ Layout beside a video dataset ``<data>``::
 
 Labels never rewrite video shards. Each sidecar shard is written atomically (tmp + rename, then its
 stats.json), with fixed tar headers and sorted members, so rerunning a labelling job gives the same
-bytes and ``sidecar_done`` lets it skip finished shards (idempotent, resumable).
+bytes and ``sidecar_complete`` lets it skip finished shards (idempotent, resumable) whose tar has
+the size their stats.json records.
 
 Every key of the video shard must be either labelled (a row) or reported as a failure: the writer
 checks this, so a reader that finds neither knows the sidecar is broken, not the sample unlabelled.
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .folder_lock import FolderLock
 from .format import LABELLER_INFO, LABELS_DIR, FormatError, check_key, read_manifest, shard_index
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,42 @@ def _stats_path(tar_path: Path) -> Path:
     return tar_path.with_name(tar_path.name[: -len(".tar")] + ".stats.json")
 
 
+def sidecar_shard_lock(data_dir: str | Path, name: str, shard_name: str) -> FolderLock:
+    """The lock a labelling job holds while it writes one sidecar shard (``labels/<name>/.shard-NNNNNN.lock``).
+
+    Per shard, not per folder: the disjoint ``--shards i/N`` ranges of a Slurm array write one sidecar
+    folder side by side, while two jobs that reach the same shard cannot both write it."""
+    path = sidecar_path(data_dir, name, shard_name)
+    return FolderLock(path.parent, f".{path.stem}.lock", what=f"sidecar {path}")
+
+
+def labeller_info_lock(data_dir: str | Path, name: str, wait: float = 120.0) -> FolderLock:
+    """Held (briefly, waiting for others) while a job checks and writes ``labels/<name>/labeller.json``."""
+    folder = sidecar_dir(data_dir, name)
+    return FolderLock(folder, ".labeller.lock", what=f"{folder / LABELLER_INFO}", wait=wait)
+
+
 def sidecar_done(data_dir: str | Path, name: str, shard_name: str) -> bool:
     """True when the sidecar shard and its completion marker both exist."""
     path = sidecar_path(data_dir, name, shard_name)
     return path.exists() and _stats_path(path).exists()
+
+
+def sidecar_complete(data_dir: str | Path, name: str, shard_name: str) -> bool:
+    """``sidecar_done`` and the tar's size equals the one its stats.json records: a labelling job may
+    skip it. A mismatch (a stats file that belongs to another write) is logged; the shard is redone."""
+    if not sidecar_done(data_dir, name, shard_name):
+        return False
+    path = sidecar_path(data_dir, name, shard_name)
+    try:
+        recorded = json.loads(_stats_path(path).read_text()).get("bytes")
+    except (OSError, ValueError, AttributeError):
+        recorded = "unreadable"
+    size = path.stat().st_size
+    if recorded != size:
+        log.warning("%s: %d bytes but its stats.json records %s; it will be labelled again", path, size, recorded)
+        return False
+    return True
 
 
 def video_shard_keys(data_dir: str | Path, shard_name: str) -> list[str]:

@@ -11,8 +11,13 @@ Guarantees (docs/FORMAT.md has the user-facing version):
 - ``inputs`` are cut into shards of ``samples_per_shard`` consecutive inputs; shard ``i`` holds the
   episodes of its inputs in order. The split never depends on ``workers``.
 - A shard is written to ``shard-NNNNNN.tar.tmp`` and renamed; its ``stats.json`` is written (tmp +
-  rename) after that, and is the completion marker: a rerun skips shards whose stats exist (and
-  were made from the same inputs) and redoes every other shard.
+  rename) after that, and is the completion marker: a rerun skips shards whose stats exist, were
+  made from the same inputs and match the tar (its size and sha256), and redoes every other shard.
+- One job per output folder: ``run_sharded_job`` holds ``out_dir/.lock`` (``shards.folder_lock``)
+  for the whole job and refuses with ``FolderBusy`` (naming the holder's pid and host) when another
+  live process holds it; a dead holder's lock is taken over. Worker processes die with the job's
+  process (``PR_SET_PDEATHSIG`` on Linux, plus a parent check before every rename), so an orphan
+  never renames a shard after a ``kill -9`` of the job.
 - Bytes are deterministic (fixed tar headers, deterministic H.264, sorted JSON), so any number of
   workers, and any kill + resume, give byte-identical shards, manifest and failures.
 - Bad data never raises: each bad input or episode becomes a ``failures.jsonl`` row
@@ -26,6 +31,7 @@ Guarantees (docs/FORMAT.md has the user-facing version):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import io
 import json
@@ -33,7 +39,11 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
 import tarfile
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -42,9 +52,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .encode import EncodeError, check_frames, encode_video
+from .folder_lock import FolderLock
 from .format import (ACTION, FAILURES, MANIFEST, META, STATE, FormatError, SampleMeta, check_key, shard_name,
                      stats_name, video_member)
-from .stats import build_manifest, read_shard_stats, shard_stats_doc
+from .stats import build_manifest, file_sha256, read_shard_stats, shard_stats_doc
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +184,48 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+# ---------------------------------------------------------------- worker processes
+
+_JOB_PID: int | None = None   # in a pool worker: the pid of the job's process, which must outlive it
+
+
+def _orphaned() -> bool:
+    return _JOB_PID is not None and os.getppid() != _JOB_PID
+
+
+def _watch_parent() -> None:
+    while True:
+        if _orphaned():
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _worker_init(job_pid: int) -> None:
+    """Pool worker initializer: die with the job's process (a kill -9 of it must not leave writers).
+
+    Linux: the kernel sends SIGKILL when the parent dies (``prctl(PR_SET_PDEATHSIG)``); elsewhere a
+    thread polls ``getppid()``. Either way ``_replace`` checks once more before renaming anything.
+    """
+    global _JOB_PID
+    _JOB_PID = job_pid
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if _orphaned():   # the job died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, name="watch-job-process", daemon=True).start()
+
+
 def _replace(tmp: Path, path: Path) -> None:
     """fsync ``tmp`` and rename it to ``path``: readers see the old file or the whole new one."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    if _orphaned():   # a worker whose job is gone writes nothing: a rerun owns the folder now
+        os._exit(1)
     os.replace(tmp, path)
 
 
@@ -359,8 +408,9 @@ def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shard
 # ---------------------------------------------------------------- the job
 
 def _is_complete(out_dir: Path, index: int, sources: list[str]) -> bool:
-    path = out_dir / stats_name(index)
-    if not (path.exists() and (out_dir / shard_name(index)).exists()):
+    """A shard may be skipped: its stats exist, were made from ``sources`` and match the tar's size and sha256."""
+    path, tar = out_dir / stats_name(index), out_dir / shard_name(index)
+    if not (path.exists() and tar.exists()):
         return False
     try:
         doc = json.loads(path.read_text())
@@ -369,6 +419,11 @@ def _is_complete(out_dir: Path, index: int, sources: list[str]) -> bool:
         return False
     if doc.get("sources") != sources:
         log.warning("%s: made from other inputs than this job's; shard will be rewritten", path)
+        return False
+    size = tar.stat().st_size
+    if doc.get("bytes") != size or doc.get("sha256") != file_sha256(tar):
+        log.warning("%s: does not match its stats record (file: %d bytes; %s records %s bytes, sha256 %.12s...); "
+                    "shard will be rewritten", tar, size, path.name, doc.get("bytes"), doc.get("sha256"))
         return False
     return True
 
@@ -379,12 +434,17 @@ def run_sharded_job(out_dir: str | Path, inputs: list, make_episodes: Callable[[
 
     ``make_episodes(input)`` yields 0..n ``Episode``s; with ``workers > 1`` it runs in spawned
     processes, so it must be picklable (a module-level function or a functools.partial of one).
+    Holds ``out_dir/.lock`` throughout; raises ``shards.folder_lock.FolderBusy`` when another live
+    job holds it.
     """
     if samples_per_shard < 1 or workers < 1:
         raise ValueError(f"samples_per_shard and workers must be >= 1, got {samples_per_shard}, {workers}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = list(inputs)
+    with FolderLock(out_dir):
+        return _run_job(Path(out_dir), list(inputs), make_episodes, samples_per_shard, workers, created_by, desc)
+
+
+def _run_job(out: Path, inputs: list, make_episodes: Callable[[Any], Iterable[Episode]], samples_per_shard: int,
+             workers: int, created_by: str, desc: str) -> JobResult:
     chunks = [inputs[i:i + samples_per_shard] for i in range(0, len(inputs), samples_per_shard)]
     pending = [i for i, c in enumerate(chunks) if not _is_complete(out, i, [str(x) for x in c])]
     if len(pending) < len(chunks):
@@ -400,7 +460,8 @@ def run_sharded_job(out_dir: str | Path, inputs: list, make_episodes: Callable[[
         except Exception as e:  # noqa: BLE001
             raise TypeError(f"make_episodes must be picklable with workers > 1 (a module-level function): {e}") from None
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
+                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_job_shard, str(out), i, chunks[i], make_episodes) for i in pending]
             for fut in as_completed(futures):
                 fut.result()

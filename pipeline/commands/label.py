@@ -6,8 +6,13 @@ and ``labeller.json``. Rerunning finishes only the missing shards. ``--shards i/
 of N contiguous shard ranges (Slurm arrays: ``--shards $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``);
 under ``torchrun --nproc_per_node R -m pipeline label ...`` each rank takes its own part of that range.
 
-Exit codes: 0 done, 2 bad arguments or a labeller that does not fit the data (before any work),
-3 done but some samples could not be decoded (listed in the sidecars' stats.json failures).
+Each sidecar shard is written under its own lock (``labels/NAME/.shard-NNNNNN.lock``): ranges run
+side by side, and a job that reaches a shard another live job is writing stops with a one-line error
+naming it (pid, host).
+
+Exit codes: 0 done, 2 bad arguments or a labeller that does not fit the data (before any work), or a
+sidecar shard in use by another job, 3 done but some samples could not be decoded (listed in the
+sidecars' stats.json failures).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline import distributed
     from pipeline.labelling import label_dataset, parse_part
+    from shards.folder_lock import FolderBusy
 
     world = distributed.launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         summary = label_dataset(args.labeller, args.data, args.name, parse_part(args.shards), args.batch_size,
                                 args.backend, rank=rank, world=world, progress=not args.no_progress and rank == 0)
         code = exit_codes.DATA_FAILURES if summary["failures"] else exit_codes.OK
-    except exit_codes.UsageError as e:
+    except (exit_codes.UsageError, FolderBusy) as e:   # FolderBusy: another job writes one of our sidecar shards
         if world == 1:
             raise   # pipeline.cli prints one line, exit 2
         print(f"wm label: error: {e}", file=sys.stderr)

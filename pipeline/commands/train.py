@@ -5,7 +5,11 @@ the same command resumes from the latest complete checkpoint in RUN. Many proces
 
     torchrun --nproc_per_node 2 -m pipeline train MODEL --data DIR --out RUN
 
-Exit codes: 0 done, 2 bad config / data / model-data mismatch, 4 non-finite loss, 75 preempted.
+One job per run folder (RUN/.lock): a second `wm train` into a RUN that a live job is training in
+stops at once with a one-line error naming that job (pid, host).
+
+Exit codes: 0 done, 2 bad config / data / model-data mismatch / RUN in use by another job, 4 non-finite
+loss, 75 preempted.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.config import resolve
     from pipeline.registry import get_model, load_plugins
     from pipeline.trainer import train
+    from shards.folder_lock import FolderBusy
 
     torchrun = distributed.launched_world_size() > 1
     if torchrun and int(os.environ.get("RANK", "0")) > 0:
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve(args.model, spec.config_cls, spec.presets, preset=args.preset, config_file=args.config,
                       overrides=overrides, data_paths=args.data, run_presets=spec.run_presets)
         code = train(cfg, spec, args.out).exit_code
-    except exit_codes.UsageError as e:
+    except (exit_codes.UsageError, FolderBusy) as e:   # FolderBusy: another job trains in --out
         if not torchrun:
             raise   # pipeline.cli prints it as one line, exit 2
         print(f"wm train: error: {e}", file=sys.stderr)

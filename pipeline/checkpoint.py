@@ -13,12 +13,27 @@ Layout (``RUN/checkpoints/step-0001000/``)::
 
 Writes are atomic: all files go to ``step-XXXXXXX.tmp/`` and the directory is renamed into
 place when complete, so a crash or ``kill -9`` mid-save leaves the previous checkpoint the
-latest complete one. Only the newest ``keep_last`` are kept. Saving and loading are collective:
-every rank calls them (each writes / reads its own RNG files).
+latest complete one. A save that fails (disk full, quota, I/O error: an ``OSError`` or a
+safetensors write error) removes its ``.tmp`` folder and raises ``WriteFailed`` naming the file,
+on every rank (the ranks agree on the outcome instead of waiting in a barrier). Only the newest
+``keep_last`` are kept. Saving and loading are collective: every rank calls them (each writes /
+reads its own RNG files).
+
+Resume verifies before it loads (``resume_checkpoint``): the checkpoints are tried newest first,
+and one whose files do not all read back (``verify_checkpoint``: every file the loader reads is
+there, every safetensors header and tensor reads, every JSON file parses, ``trainer_state.json``
+names its step; on any rank) is skipped with a warning naming the file and why. The run resumes
+from the newest intact one, and the damaged newer ones are renamed ``step-XXXXXXX.damaged`` (kept
+for inspection, no longer counted as checkpoints). When checkpoints exist but none is intact,
+nothing is loaded and nothing is deleted: a one-line ``UsageError`` (exit 2) names every bad file;
+restarting from scratch is the user's decision (move ``RUN/checkpoints`` away). A checkpoint that
+reads but does not fit the model (names, shapes: the model config changed) is a different error,
+raised by ``load_checkpoint``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,19 +41,25 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file, save_model
 
-from pipeline.distributed import barrier
-from pipeline.exit_codes import UsageError
+from pipeline.distributed import any_rank
+from pipeline.exit_codes import UsageError, WriteFailed
+from pipeline.weights import UnreadableFile, check_json, check_safetensors, load_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+DAMAGED = ".damaged"   # suffix of a checkpoint folder set aside by resume_checkpoint
+# every file load_checkpoint reads (besides the per-rank RNG pair, optional: the world size may change)
+FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+         TRAINER_STATE)
 _STEP_RE = re.compile(r"^step-(\d{7,})$")
 
 
@@ -72,14 +93,15 @@ def _optimizer_to_files(state: dict, directory: Path) -> None:
                 tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(index), {})[name] = value
-    save_file(tensors, str(directory / "optimizer.safetensors"))
+    with _writing(directory / "optimizer.safetensors"):
+        save_file(tensors, str(directory / "optimizer.safetensors"))
     _write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
 
 
 def _optimizer_from_files(directory: Path, template: dict) -> dict:
-    meta = json.loads((directory / "optimizer.json").read_text())
+    meta = read_json(directory / "optimizer.json")
     state: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(str(directory / "optimizer.safetensors")).items():
+    for key, value in load_safetensors(directory / "optimizer.safetensors").items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
     for index, entry in meta["scalars"].items():
@@ -98,7 +120,9 @@ def _rng_to_files(directory: Path, rank: int) -> None:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
-    save_file(tensors, str(directory / f"rng-rank{rank:05d}.safetensors"))
+    path = directory / f"rng-rank{rank:05d}.safetensors"
+    with _writing(path):
+        save_file(tensors, str(path))
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     _write_json(directory / f"rng-rank{rank:05d}.json", {
@@ -110,12 +134,12 @@ def _rng_from_files(directory: Path, rank: int) -> bool:
     path = directory / f"rng-rank{rank:05d}.safetensors"
     if not path.is_file():
         return False
-    tensors = load_file(str(path))
+    tensors = load_safetensors(path)
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-    states = json.loads((directory / f"rng-rank{rank:05d}.json").read_text())
+    states = read_json(directory / f"rng-rank{rank:05d}.json")
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
@@ -124,7 +148,30 @@ def _rng_from_files(directory: Path, rank: int) -> bool:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1))
+    with _writing(path):
+        path.write_text(json.dumps(obj, indent=1))
+
+
+def _write_error(path: Path, e: BaseException) -> WriteFailed:
+    """``WriteFailed`` naming the file (an OSError's own file name when it has one, else ``path``)."""
+    if isinstance(e, WriteFailed):
+        return e
+    if isinstance(e, OSError):
+        where, reason = e.filename or path, e.strerror or str(e)
+    else:   # SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+        where, reason = path, str(e)
+        for prefix in ("Error while serializing: ", "I/O error: "):
+            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+    return WriteFailed(f"cannot write {where}: {' '.join(str(reason).split())}")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of ``path`` (OSError, safetensors error) into ``WriteFailed`` naming it."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise _write_error(path, e) from None
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -147,45 +194,158 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
                     rank: int = 0, keep_last: int = 3) -> Path:
     """Write the checkpoint of ``step`` atomically (collective: call on every rank).
 
-    ``model`` is the unwrapped live model; ``trainer_state`` is JSON (it gets ``step`` added)."""
+    ``model`` is the unwrapped live model; ``trainer_state`` is JSON (it gets ``step`` added). A write
+    that fails on any rank removes the partial ``.tmp`` folder and raises ``WriteFailed`` on every rank
+    (the failing rank's message names the file); the checkpoints written before stay as they were."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
+
+    def phase(fn: Callable[[], None] | None) -> None:
+        """Run this rank's part, then agree with the other ranks on whether every part succeeded."""
+        error = None
+        if fn is not None:
+            try:
+                fn()
+            except (OSError, SafetensorError, WriteFailed) as e:
+                error = _write_error(tmp, e)
+        if any_rank(error is not None):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            newest = latest_checkpoint(run_dir)
+            kept = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
+            raise WriteFailed(f"{error or 'writing the checkpoint failed on another rank (its log names the file)'} "
+                              f"(checkpoint of step {step}); removed the partial {tmp}; {kept}: make room and rerun "
+                              f"to resume") from None
+
+    def start() -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    _rng_to_files(tmp, rank)
-    barrier()
-    if rank == 0:
-        save_model(model, str(tmp / "model.safetensors"))
-        save_model(ema_model, str(tmp / "ema.safetensors"))
+        with _writing(tmp):
+            tmp.mkdir(parents=True)
+
+    def write() -> None:
+        with _writing(tmp / "model.safetensors"):
+            save_model(model, str(tmp / "model.safetensors"))
+        with _writing(tmp / "ema.safetensors"):
+            save_model(ema_model, str(tmp / "ema.safetensors"))
         _optimizer_to_files(optimizer.state_dict(), tmp)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
-        _fsync_tree(tmp)
-        if final.exists():   # a checkpoint of this step from an earlier attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_tree(final.parent)   # make the rename itself durable
+        with _writing(tmp):
+            _fsync_tree(tmp)
+            if final.exists():   # a checkpoint of this step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_tree(final.parent)   # make the rename itself durable
         prune(run_dir, keep_last)
         log.info("checkpoint step %d -> %s", step, final)
-    barrier()
+
+    phase(start if rank == 0 else None)
+    phase(lambda: _rng_to_files(tmp, rank))
+    phase(write if rank == 0 else None)
     return final
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, ema_model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0) -> dict[str, Any]:
-    """Restore everything saved by ``save_checkpoint`` into live objects; returns trainer_state."""
+    """Restore everything saved by ``save_checkpoint`` into live objects; returns trainer_state.
+
+    A file that cannot be read is an ``UnreadableFile`` naming it; weights that read but do not fit
+    the live objects raise what torch raises (RuntimeError / ValueError / KeyError)."""
     path = Path(path)
-    state = json.loads((path / TRAINER_STATE).read_text())
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    load_model(ema_model, str(path / "ema.safetensors"), strict=True)
+    state = read_json(path / TRAINER_STATE)
+    _load_weights(model, path / "model.safetensors")
+    _load_weights(ema_model, path / "ema.safetensors")
     optimizer.load_state_dict(_optimizer_from_files(path, optimizer.state_dict()))
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    scheduler.load_state_dict(read_json(path / "scheduler.json"))
     if not _rng_from_files(path, rank):
         log.warning("%s has no RNG state for rank %d (world size changed?); keeping the seeded one", path, rank)
     return state
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    """``safetensors.torch.load_model`` (strict; it restores tensors that ``save_model`` stored once for
+    several names) with read errors as ``UnreadableFile``."""
+    if not path.is_file():
+        raise UnreadableFile(path, "missing")
+    try:
+        load_model(model, str(path), strict=True)
+    except SafetensorError:
+        check_safetensors(path)   # raises UnreadableFile with the reason
+        raise
+
+
+def verify_checkpoint(path: str | Path, rank: int = 0) -> list[UnreadableFile]:
+    """What keeps ``rank`` from loading the checkpoint ``path``: one ``UnreadableFile`` per file that is
+    missing, empty, truncated or corrupt (every safetensors header and tensor is read, every JSON file
+    parsed); an empty list when it is intact. Whether the tensors fit the model is not checked here."""
+    path = Path(path)
+    problems: list[UnreadableFile] = []
+
+    def check(p: Path) -> bool:
+        try:
+            (check_safetensors if p.suffix == ".safetensors" else check_json)(p)
+            return True
+        except UnreadableFile as e:
+            problems.append(e)
+            return False
+
+    for name in FILES:
+        check(path / name)
+    state_file = path / TRAINER_STATE
+    if not any(p.path == state_file for p in problems):
+        state, m = read_json(state_file), _STEP_RE.match(path.name)
+        if not isinstance(state, dict) or "step" not in state or "ema" not in state:
+            problems.append(UnreadableFile(state_file, "not a trainer state (no 'step' or 'ema' entry)"))
+        elif m and int(state["step"]) != int(m.group(1)):
+            problems.append(UnreadableFile(state_file, f"inconsistent: it says step {state['step']}, its folder "
+                                                       f"step {int(m.group(1))}"))
+    rng = [path / f"rng-rank{rank:05d}.safetensors", path / f"rng-rank{rank:05d}.json"]
+    if any(p.exists() for p in rng):   # neither: a checkpoint of a smaller world, load_checkpoint says so
+        for p in rng:
+            check(p)
+    return problems
+
+
+def resume_checkpoint(run_dir: str | Path, rank: int = 0) -> tuple[Path | None, list[Path]]:
+    """The checkpoint to resume from: the newest one that verifies on every rank (collective: call on
+    every rank), and the newer ones skipped because they did not (a warning names each bad file).
+
+    ``(None, [])`` when there is no checkpoint. When there are checkpoints but none is intact, a
+    ``UsageError`` (exit 2) names every bad file: nothing is loaded, deleted or restarted."""
+    found = complete_checkpoints(run_dir)
+    skipped: list[Path] = []
+    reasons: list[str] = []
+    for _, path in reversed(found):
+        problems = verify_checkpoint(path, rank)
+        if not any_rank(bool(problems)):
+            if skipped:
+                log.warning("resuming from %s, the newest intact checkpoint (skipped: %s)", path,
+                            ", ".join(p.name for p in skipped))
+            return path, skipped
+        log.warning("checkpoint %s is damaged, skipping it: %s", path,
+                    "; ".join(str(p) for p in problems) or "a file of another rank is unreadable (its log names it)")
+        skipped.append(path)
+        reasons += [f"{p.path}: {p.reason.split(' (')[0]}" for p in problems] or [f"{path}: damaged on another rank"]
+    if not found:
+        return None, []
+    root = Path(run_dir) / CHECKPOINTS
+    raise UsageError(f"cannot resume: none of the {len(found)} checkpoint(s) in {root} is intact ({'; '.join(reasons)}); "
+                     f"restore them, or move {root} away to start the run from scratch")
+
+
+def set_aside(damaged: list[Path]) -> None:
+    """Rename checkpoints skipped by ``resume_checkpoint`` to ``step-XXXXXXX.damaged`` (rank 0, once the
+    resume succeeded): they no longer count as the latest or towards ``keep_last``, and stay on disk
+    for inspection until deleted by hand."""
+    for path in damaged:
+        target = path.with_name(path.name + DAMAGED)
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            log.warning("set the damaged checkpoint %s aside as %s (delete it when no longer needed)", path, target.name)
+        except OSError as e:
+            log.warning("could not set the damaged checkpoint %s aside (%s)", path, e)
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
@@ -222,7 +382,7 @@ def load_init_weights(model: torch.nn.Module, init: str | Path) -> None:
     this model.
     """
     path = init_weights_file(init)
-    source = load_file(str(path))
+    source = load_safetensors(path, context=f"--init {init}: ")
     own = model.state_dict()
     matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     if not matched:

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except (exit_codes.UsageError, FormatError, FileNotFoundError, FolderBusy) as e:   # FolderBusy: --out in use
         print(f"wm {args.command}: error: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    except exit_codes.WriteFailed as e:   # disk full / I/O error while writing an output: names the path
+        print(f"wm {args.command}: error: {e}", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
     except KeyboardInterrupt:
         print(f"wm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -66,6 +66,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (one all-reduce, so also a barrier);
+    ``flag`` itself on one process. Lets every rank learn that one rank failed (e.g. a checkpoint write)
+    instead of leaving the others waiting in the next collective."""
+    if not is_distributed():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shutdown() -> None:
     """Tear down the process group (after the DDP model and optimizer are gone)."""
     gc.collect()

@@ -45,6 +45,7 @@ import torch
 import yaml
 
 from pipeline.exit_codes import UsageError
+from pipeline.weights import loading, model_folders, read_json
 from shards.stats import file_sha256
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,9 @@ def load_labeller(run: str | Path) -> tuple[LabellerKind, Labeller]:
     run_config: dict = {}
     if (folder / "run_config.yaml").is_file():
         run_config = yaml.safe_load((folder / "run_config.yaml").read_text()) or {}
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise UsageError(f"{folder / 'config.json'}: not a model config (a JSON object)")
     kind = run_config.get("model_name") if run_config.get("model_name") in _KINDS else config.get("labeller_kind")
     if kind is None:
         kind = next((k for k, spec in _KINDS.items() if spec.detect is not None and spec.detect(folder)), None)
@@ -124,7 +127,10 @@ def load_labeller(run: str | Path) -> tuple[LabellerKind, Labeller]:
         what = run_config.get("model_name") or config.get("labeller_kind") or "unknown"
         raise UsageError(f"{run}: a '{what}' model is not a labeller; labeller kinds: {', '.join(labeller_kinds())}")
     spec = _KINDS[kind]
-    return spec, spec.load(folder, run_config)
+    # the kind's loader reads the weights (and whatever folders its config points at): read errors
+    # become one line naming the file
+    with loading(model_folders(folder), required=("config.json", "model.safetensors"), what="labeller"):
+        return spec, spec.load(folder, run_config)
 
 
 # ---------------------------------------------------------------- fitting the data

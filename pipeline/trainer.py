@@ -19,17 +19,29 @@ from its checkpoints, but its sample order after the signal differs from an unin
 One job per run folder: rank 0 holds ``RUN/.lock`` (shards.folder_lock) for the whole run; a
 second job into the same folder stops at once on every rank with ``FolderBusy`` naming the holder.
 
-Exit codes (pipeline.exit_codes): 0 done, 4 non-finite loss, 75 preempted (checkpoint written).
+Resume verifies the checkpoints before loading one (pipeline.checkpoint.resume_checkpoint): a damaged
+newest checkpoint is skipped with a warning naming the bad file, and the run resumes from the newest
+intact one; none intact is a one-line error (exit 2).
+
+``RUN/status.json`` always ends in a final state once this job holds the lock: ``finished``,
+``preempted``, ``nonfinite``, or ``failed`` (with the exit code) for any exception out of the run,
+e.g. a checkpoint write that hit a full disk (``WriteFailed``: the partial checkpoint is removed,
+exit 74).
+
+Exit codes (pipeline.exit_codes): 0 done, 2 bad config / data / unreadable file, 4 non-finite loss,
+74 an output could not be written, 75 preempted (checkpoint written).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -40,10 +52,10 @@ import yaml
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from pipeline import checkpoint, config as config_mod, exit_codes
+from pipeline import checkpoint, config as config_mod, exit_codes, weights
 from pipeline.distributed import derive_seed, make_accelerator
 from pipeline.ema import EMA
-from pipeline.exit_codes import UsageError
+from pipeline.exit_codes import UsageError, WriteFailed
 from pipeline.preemption import PreemptionHandler, agree
 from pipeline.registry import ModelDataMismatch, ModelSpec
 from shards.folder_lock import FolderBusy, FolderLock
@@ -141,8 +153,11 @@ class MetricSink:
                                     config=config_mod.to_dict(cfg), resume="allow", id=run_dir.name)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror or e}") from None
         for k, v in metrics.items():
             if self.tb is not None:
                 self.tb.add_scalar(k, v, step)
@@ -158,8 +173,60 @@ class MetricSink:
 
 
 def write_status(run_dir: Path, state: str, step: int, code: int) -> None:
-    (run_dir / STATUS).write_text(json.dumps({"state": state, "step": step, "exit_code": code,
-                                              "time": round(time.time(), 3)}) + "\n")
+    """RUN/status.json, replaced atomically (a full disk leaves the previous one, never half a file)."""
+    path, tmp = run_dir / STATUS, run_dir / (STATUS + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"state": state, "step": step, "exit_code": code,
+                                   "time": round(time.time(), 3)}) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"cannot write {path}: {e.strerror or e}") from None
+
+
+# errnos that mean "the disk refuses the write": reported as WriteFailed (exit 74), not as a bug
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The exit code the CLI gives for an exception leaving ``train`` (recorded in status.json)."""
+    from shards.format import FormatError
+
+    if isinstance(e, WriteFailed):
+        return exit_codes.WRITE_FAILED
+    if isinstance(e, (UsageError, FormatError, FileNotFoundError, FolderBusy)):
+        return exit_codes.USAGE
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return exit_codes.FAILED
+
+
+class _Status:
+    """RUN/status.json of this job: written by the main rank only, and only once it holds the run
+    folder's lock (a job refused before that leaves the folder as it was). ``close`` writes the final
+    state; ``fail`` writes ``failed`` with the exception's exit code unless a final state is written."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.active, self.closed, self.step = run_dir, False, False, 0
+
+    def write(self, state: str, step: int, code: int) -> None:
+        self.step = step
+        if self.active and not self.closed:
+            write_status(self.run_dir, state, step, code)
+
+    def close(self, state: str, step: int, code: int) -> None:
+        self.write(state, step, code)
+        self.closed = True
+
+    def fail(self, e: BaseException) -> None:
+        if not self.active or self.closed:
+            return
+        code = exit_code_of(e)
+        try:
+            self.close("failed", self.step, code)
+        except WriteFailed as again:
+            log.error("%s (the run failed with exit code %d)", again, code)
+            self.closed = True
 
 
 def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
@@ -174,11 +241,21 @@ def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
 
 
 def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunConfig) -> Path:
-    """RUN/final/: the EMA model via save_pretrained (+ the run config), atomically replaced."""
+    """RUN/final/: the EMA model via save_pretrained (+ the run config), atomically replaced. A failed
+    write removes ``final.tmp`` and raises ``WriteFailed`` (the last checkpoint still has the weights:
+    rerunning exports them)."""
+    from safetensors import SafetensorError
+
     final, tmp = run_dir / FINAL, run_dir / (FINAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ema_model.save_pretrained(tmp)
-    (tmp / "run_config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+    try:
+        ema_model.save_pretrained(tmp)
+        (tmp / "run_config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join(str(getattr(e, "strerror", None) or e).split())
+        raise WriteFailed(f"cannot write {getattr(e, 'filename', None) or tmp}: {reason}; removed {tmp}; the last "
+                          f"checkpoint holds the weights: make room and rerun to export them") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     log.info("exported EMA model -> %s", final)
@@ -207,7 +284,8 @@ def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: context
 class _Run:
     """State of one training process; ``train`` drives it."""
 
-    def __init__(self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack):
+    def __init__(self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
+                 status: _Status):
         self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
         manifests = read_manifests(cfg.data.paths)
         if spec.prepare is not None:
@@ -217,11 +295,14 @@ class _Run:
         self.main = self.acc.is_main_process
         lock_run_dir(run_dir, self.main, self.acc.device, locks)   # before anything is written there
         run_dir.mkdir(parents=True, exist_ok=True)
+        done = checkpoint.complete_checkpoints(run_dir)
+        status.active, status.step = self.main, done[-1][0] if done else 0   # from here on, any end is recorded
         if self.main:
             checkpoint.remove_partial(run_dir)
         seed = cfg.train.seed
         set_seed(derive_seed(seed, "init"))   # identical initial weights on every rank
-        model = spec.model_cls(cfg.model)
+        with weights.loading(weights.config_folders(cfg.model), what="a folder the model config points at:"):
+            model = spec.model_cls(cfg.model)   # may load frozen parts (a VAE, a text encoder) from disk
         if spec.warm_start and cfg.init and checkpoint.latest_checkpoint(run_dir) is None:
             checkpoint.load_init_weights(model, cfg.init)   # fine-tuning; a resume loads its own weights
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
@@ -231,13 +312,16 @@ class _Run:
         self.ema.model.to(self.acc.device)
         set_seed(derive_seed(seed, "rank", self.rank))   # model-internal noise differs per rank
         self.step, self.resumed_from, self.bad_steps = 0, None, 0
-        latest = checkpoint.latest_checkpoint(run_dir)
+        # the newest checkpoint whose files all read back on every rank; damaged newer ones are skipped
+        latest, damaged = checkpoint.resume_checkpoint(run_dir, self.rank)
         if latest is not None:
             try:
                 state = checkpoint.load_checkpoint(latest, model=self.acc.unwrap_model(self.model),
                                                    ema_model=self.ema.model, optimizer=self.optimizer,
                                                    scheduler=self.scheduler, rank=self.rank)
-            except (RuntimeError, KeyError, ValueError, OSError) as e:
+            except UsageError:   # an unreadable file (named): not a config change
+                raise
+            except (RuntimeError, KeyError, ValueError, OSError) as e:   # read fine, does not fit the model
                 first = " ".join(str(e).split())[:300] or type(e).__name__
                 raise UsageError(f"{latest}: cannot resume from it ({first}); did the model config change? "
                                  f"use a new --out, or the settings in {run_dir / 'config.yaml'}") from None
@@ -245,6 +329,9 @@ class _Run:
             self.bad_steps = int(state.get("bad_steps", 0))
             self.ema.load_state(state["ema"])
             log.info("resuming from %s (step %d of %d)", latest, self.step, cfg.train.max_steps)
+            if self.main:
+                checkpoint.set_aside(damaged)
+        status.step = self.step
         if self.main:   # after a successful resume: a refused config must not replace the good one
             _write_config(run_dir, cfg)
         self.eval_batches: list[dict] | None = None
@@ -354,19 +441,34 @@ def _log_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
 def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path) -> TrainResult:
     """Train ``spec``'s model with ``cfg`` into ``run_dir``, resuming from its latest checkpoint.
 
-    Holds ``run_dir/.lock`` (rank 0) for the whole run: ``FolderBusy`` when another job trains there."""
+    Holds ``run_dir/.lock`` (rank 0) for the whole run: ``FolderBusy`` when another job trains there.
+    Once the lock is held, every way out writes a final state to ``run_dir/status.json`` (rank 0): an
+    exception writes ``failed`` with its exit code (``exit_code_of``) and propagates; an OSError of a
+    full or read-only disk propagates as ``WriteFailed`` naming the file."""
+    run_dir = Path(run_dir)
+    status = _Status(run_dir)
     with contextlib.ExitStack() as locks:
-        return _train(cfg, spec, Path(run_dir), locks)
+        try:
+            return _train(cfg, spec, run_dir, locks, status)
+        except BaseException as e:
+            disk = isinstance(e, OSError) and e.errno in DISK_FULL and not isinstance(e, WriteFailed)
+            error = WriteFailed(f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e}") if disk else e
+            status.fail(error)
+            if disk:
+                raise error from None
+            raise
 
 
-def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack) -> TrainResult:
-    run = _Run(cfg, spec, run_dir, locks)
+def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
+           status: _Status) -> TrainResult:
+    run = _Run(cfg, spec, run_dir, locks, status)
     t = cfg.train
     result = TrainResult(exit_codes.OK, run.step, run_dir, run.resumed_from)
     if run.step >= t.max_steps:
         log.info("%s already reached max_steps=%d", run_dir, t.max_steps)
         if run.main and not (run_dir / FINAL).is_dir():
             export_final(run_dir, run.ema.model, cfg)
+        status.close("finished", run.step, exit_codes.OK)
         return result
     sink = MetricSink(run_dir, cfg, run.step) if run.main else None
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * run.world
@@ -376,12 +478,12 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
     n_window, t_window, t_warm, warm_step = 0, time.perf_counter(), None, None
     data = run.data(run.step)
     state, code = "running", exit_codes.OK
-    if run.main:
-        write_status(run_dir, state, run.step, code)
+    status.write(state, run.step, code)
     with PreemptionHandler() as signals:
         try:
             while run.step < t.max_steps:
                 bad, stop, m = run.train_step(data, signals.local_flag)
+                status.step = run.step
                 if not bad:
                     n_window += 1
                     for k, v in m.items():
@@ -434,8 +536,7 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
             if sink is not None:
                 sink.close()
             del data
-    if run.main:
-        write_status(run_dir, state, run.step, code)
+    status.close(state, run.step, code)
     result.exit_code, result.step = code, run.step
     del run
     return result

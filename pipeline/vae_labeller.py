@@ -27,6 +27,7 @@ import torch
 
 from pipeline.exit_codes import UsageError
 from pipeline.labelling import Labeller, check_fits, code_version, label_shards, register_labeller
+from pipeline.weights import loading, read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def load_vae_labeller(folder: Path, run_config: dict | None = None, image_size: 
     from worldmodel.tokenizer import load_vae, vae_downsample
 
     folder = Path(folder)
-    vae = load_vae(folder)
+    with loading([folder], required=("config.json",), what="VAE"):
+        vae = load_vae(folder)
     if image_size is None:
         s = vae.config.sample_size
         image_size = tuple(s) if isinstance(s, (list, tuple)) else (int(s), int(s))
@@ -97,6 +99,8 @@ def label_vae(data_dir: str | Path, vae_path: str | Path, name: str = KIND, *, r
     data_dir, vae_path = Path(data_dir), Path(vae_path)
     if not data_dir.is_dir():
         raise UsageError(f"data folder {data_dir} does not exist")
+    if (vae_path / "config.json").is_file():
+        read_json(vae_path / "config.json")   # a truncated config is named, not "not a VAE folder"
     if not is_vae_folder(vae_path):
         raise UsageError(f"{vae_path}: not a diffusers AutoencoderKL folder (config.json with _class_name AutoencoderKL)")
     manifest = read_manifest(data_dir)

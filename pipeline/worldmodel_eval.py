@@ -46,6 +46,7 @@ import torch
 import yaml
 
 from pipeline.exit_codes import UsageError
+from pipeline.weights import from_pretrained, read_json
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ def load_world_model(run: str | Path):
             break
     else:
         raise UsageError(f"{run}: no world model (final/config.json + model.safetensors); has training finished?")
-    config = json.loads((folder / "config.json").read_text())
-    if "action_horizon" not in config or "variant" not in config:
+    config = read_json(folder / "config.json")
+    if not isinstance(config, dict) or "action_horizon" not in config or "variant" not in config:
         raise UsageError(f"{folder}: config.json is not a world model's")
-    model = WorldModel.from_pretrained(str(folder), strict=True).eval()
+    model = from_pretrained(WorldModel, folder, what="world model", strict=True).eval()
     run_config = {}
     if (folder / "run_config.yaml").is_file():
         run_config = yaml.safe_load((folder / "run_config.yaml").read_text()) or {}

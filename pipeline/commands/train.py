@@ -8,8 +8,12 @@ the same command resumes from the latest complete checkpoint in RUN. Many proces
 One job per run folder (RUN/.lock): a second `wm train` into a RUN that a live job is training in
 stops at once with a one-line error naming that job (pid, host).
 
-Exit codes: 0 done, 2 bad config / data / model-data mismatch / RUN in use by another job, 4 non-finite
-loss, 75 preempted.
+Rerunning verifies the checkpoints first: a damaged newest one (a truncated file) is skipped with a
+warning naming the file, and the run resumes from the newest intact one (docs/TRAINING.md).
+
+Exit codes: 0 done, 2 bad config / data / model-data mismatch / unreadable weights file / no intact
+checkpoint / RUN in use by another job, 4 non-finite loss, 74 a checkpoint or other output could not
+be written (disk full: the partial checkpoint is removed), 75 preempted.
 """
 
 from __future__ import annotations
@@ -87,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
             raise   # pipeline.cli prints it as one line, exit 2
         print(f"wm train: error: {e}", file=sys.stderr)
         code = exit_codes.USAGE
+    except exit_codes.WriteFailed as e:   # e.g. a checkpoint on a full disk
+        if not torchrun:
+            raise   # pipeline.cli prints it as one line, exit 74
+        print(f"wm train: error: {e}", file=sys.stderr)
+        code = exit_codes.WRITE_FAILED
     except Exception as e:
         from shards.format import FormatError
         if not (torchrun and isinstance(e, FormatError)):

@@ -32,7 +32,6 @@ size are checked here, the action size and image size by the harness, all before
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from pipeline.evaluate import check_policy_fits, register_policy_loader, trained
 from pipeline.exit_codes import UsageError
 from pipeline.few_shot import few_shot_keys
 from pipeline.registry import ModelDataMismatch, default_stream, register_model
+from pipeline.weights import from_pretrained, read_json
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _prepare_latent(cfg, paths: list[str]) -> None:
     if folder is None:
         raise UsageError(f"policy=latent: --init {cfg.init} is not a world-model run (need `wm train worldmodel` "
                          f"output with final/)")
-    wm = json.loads((folder / "config.json").read_text())
+    wm = read_json(folder / "config.json", context=f"policy=latent: --init {cfg.init}: ")
     latent_dim = int(wm.get("latent_action_dim") or 0)
     if not latent_dim:
         raise UsageError(f"policy=latent: the world model {folder} was trained without latent actions; "
@@ -211,7 +211,8 @@ def _decoder_dir(spec: str) -> Path | None:
         return folder
     if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
         # another model's save_pretrained folder (e.g. a world model) is left to its own loader
-        return run if "horizon" in json.loads((run / "config.json").read_text() or "{}") else None
+        config = read_json(run / "config.json") if (run / "config.json").stat().st_size else {}
+        return run if isinstance(config, dict) and "horizon" in config else None
     return None
 
 
@@ -225,7 +226,7 @@ def load_decoder_policy(spec: str, info: dict[str, Any]):
     folder = _decoder_dir(spec)
     if folder is None:
         return None
-    decoder = ActionDecoder.from_pretrained(str(folder))
+    decoder = from_pretrained(ActionDecoder, folder, what="policy")
     cfg = decoder.config
     check_policy_fits(spec, info, list(cfg.stats), cfg.state_dim, cfg.horizon)
     latent_source = _latent_source(spec, cfg) if cfg.latent_dim else None
@@ -244,7 +245,8 @@ def _latent_source(spec: str, cfg):
     if folder is None:
         raise UsageError(f"policy {spec} is conditioned on latent actions from the world model "
                          f"'{cfg.latent_model}', which is not there (moved or deleted?)")
-    model = WorldModel.from_pretrained(str(folder))
+    model = from_pretrained(WorldModel, folder, what="the latent-action world model",
+                            context=f"policy {spec}: ")
     dim = int(model.config.latent_action_dim)
     if dim != cfg.latent_dim or model.config.n_obs > cfg.n_obs_steps:
         raise UsageError(f"policy {spec} expects {cfg.latent_dim}-dim latents from {cfg.n_obs_steps} frames but the "

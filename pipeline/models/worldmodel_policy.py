@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.evaluate import check_policy_fits, register_policy_loader, trained_run_folder
+from pipeline.weights import from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def load_world_model_policy(spec: str, info: dict[str, Any]):
     folder = world_model_dir(spec)
     if folder is None:
         return None
-    model = WorldModel.from_pretrained(str(folder))
+    model = from_pretrained(WorldModel, folder, what="policy")
     cfg = model.config
     robots = sorted(n for n in cfg.embodiments if n != "latent")
     hint = "" if robots else " (it was never trained on actions: fine-tune it with `wm train worldmodel --init`)"

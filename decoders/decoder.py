@@ -77,6 +77,10 @@ class DecoderConfig:
     dispersive_tau: float = 1.0
     action_norm: str = "min_max"
     state_norm: str = "mean_std"
+    # The state dims the decoder reads (indices into the robot state; empty = all). Meta-World's
+    # 39-dim state holds object and goal poses; [0, 1, 2, 3] keeps the proprioception (hand xyz,
+    # gripper opening), what an image policy such as Diffusion Policy gets beside its camera.
+    state_indices: list[int] = field(default_factory=list)
     # Training-time image augmentation: random shift of up to this many pixels (0 = none).
     augment_shift: int = 0
 
@@ -240,7 +244,8 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
         self.image_encoder = ImageEncoder(config.image_channels, config.encoder_channels, config.obs_dim)
         self.task_embedding = nn.Embedding(len(config.tasks) + 1, config.task_dim)
-        self.state_proj = nn.Linear(config.state_dim, config.task_dim) if config.state_dim else None
+        self.state_index = list(config.state_indices) or list(range(config.state_dim))
+        self.state_proj = nn.Linear(len(self.state_index), config.task_dim) if config.state_dim else None
         self.latent_horizon = config.latent_horizon or config.horizon
         self.latent_proj = None
         if config.latent_dim:
@@ -288,7 +293,8 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         parts = [self.image_encoder(obs_frames.flatten(0, 1)).view(b, n * self.config.obs_dim)]
         parts.append(self.task_embedding(self._task_index(task, b)))
         if self.state_proj is not None:
-            parts.append(self.state_proj(self.state_normalizer.normalize(state.float(), emb_index)))
+            state = self.state_normalizer.normalize(state.float(), emb_index)
+            parts.append(self.state_proj(state[:, self.state_index]))
         if self.latent_proj is not None:
             want = (self.latent_horizon, self.config.latent_dim)
             if latent is None or tuple(latent.shape[1:]) != want:
@@ -402,6 +408,8 @@ def _validate(cfg: DecoderConfig) -> None:
         problems.append(f"width {cfg.width} must be even and divisible by heads {cfg.heads}")
     if cfg.latent_dim and not cfg.latent_key:
         problems.append("latent_dim > 0 needs latent_key (the batch key of the latent labels)")
+    if cfg.state_indices and not all(0 <= i < cfg.state_dim for i in cfg.state_indices):
+        problems.append(f"state_indices {cfg.state_indices} must index the {cfg.state_dim}-dim state")
     if cfg.augment_shift < 0:
         problems.append(f"augment_shift must be >= 0, got {cfg.augment_shift}")
     if len(cfg.image_size) != 2:

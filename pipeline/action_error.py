@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.exit_codes import UsageError
+from pipeline.weights import from_pretrained
 
 
 @torch.no_grad()
@@ -31,11 +32,9 @@ def held_out_action_error(folder: str | Path, data_dir: str | Path, *, every: in
     from shards.stream import WindowStream, collate_windows
 
     folder, data_dir = Path(folder), Path(data_dir)
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise UsageError(f"{folder}: no decoder (config.json + model.safetensors)")
     if not data_dir.is_dir():
         raise UsageError(f"validation data folder {data_dir} does not exist")
-    model = ActionDecoder.from_pretrained(str(folder)).eval()
+    model = from_pretrained(ActionDecoder, folder, what="decoder").eval()
     cfg = model.config
     stream = WindowStream(str(data_dir), window=cfg.window_length, mode="label", label_every=every,
                           resize=list(cfg.image_size), backend=backend)

@@ -1,7 +1,8 @@
-"""decoders.augment.random_shift and the decoder's training-time augmentation: frames move, by at most
+"""decoders.augment.random_shift and the decoder's training-time augmentation (and its state_indices): frames move, by at most
 ``pad`` pixels and the same for every frame of a sample; actions, states and eval-mode outputs do not
 change; a decoder trained with the shift still learns."""
 
+import pytest
 import torch
 
 from decoders.augment import random_shift
@@ -78,3 +79,29 @@ def test_decoder_with_random_shift_still_learns():
     first = sum(m["mse"] for m in history[:20]) / 20
     last = sum(m["mse"] for m in history[-20:]) / 20
     assert last < 0.5 * first, (first, last)
+
+
+def test_state_indices_keep_only_the_chosen_state_dims():
+    torch.manual_seed(0)
+    batch = make_batch()
+    model = ActionDecoder(make_config(batch, objective="fm", state_indices=[0, 1, 2, 3])).eval()
+    assert model.state_proj.in_features == 4
+    with torch.no_grad():   # zero-initialised layers (AdaLN-Zero, the output) would hide the condition
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+
+    def chunk(state):
+        return model.predict_action_chunk(batch["frames"][:, :N_OBS], state, batch["task"],
+                                          generator=torch.Generator().manual_seed(5))
+
+    state = batch["state"][:, N_OBS - 1]
+    base = chunk(state)
+    ignored = state.clone()
+    ignored[:, 4:] += 100.0                                 # dims the decoder does not read
+    torch.testing.assert_close(chunk(ignored), base)
+    read = state.clone()
+    read[:, 0] += 5.0                                       # a dim it reads
+    assert not torch.allclose(chunk(read), base)
+    with pytest.raises(ValueError, match="state_indices"):
+        ActionDecoder(make_config(batch, state_indices=[0, 99]))

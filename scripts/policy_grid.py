@@ -178,8 +178,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / len(values))
 
 
-def fmt(m: float, se: float) -> str:
-    return f"{m:.2f}" if math.isnan(se) else f"{m:.2f} ± {se:.2f}"
+def fmt(m: float, se: float, digits: int = 2) -> str:
+    return f"{m:.{digits}f}" if math.isnan(se) else f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
 def collect(args, jobs: list[Job]) -> dict:
@@ -220,14 +220,16 @@ def report(args, jobs: list[Job]) -> None:
              f"episodes per task on `wm eval --seed {args.eval_seed}`, at most {args.max_steps} steps, "
              f"{args.camera} camera {args.resolution} px. Rates: mean over training seeds ± standard error "
              f"of that mean (seed to seed).", "",
-             "| arm | K | seeds | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | mean | per seed |",
-             "|---|---|---|" + "---|" * (len(tasks) + 2)]
+             "| arm | K | seeds | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | mean | per seed | train min |",
+             "|---|---|---|" + "---|" * (len(tasks) + 3)]
     table = {}
     for (arm, k), rs in sorted(rows.items()):
         cells = [fmt(*mean_se([r["tasks"][t] for r in rs])) for t in tasks]
         overall = mean_se([r["overall"] for r in rs])
         per_seed = ", ".join(f"s{r['seed']} {r['overall']:.2f}" for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {arm} | {k} | {len(rs)} | " + " | ".join(cells) + f" | **{fmt(*overall)}** | {per_seed} |")
+        minutes = [r["train_s"] / 60 for r in rs if r["train_s"]]
+        train = f"{sum(minutes) / len(minutes):.0f}" if minutes else "-"
+        lines.append(f"| {arm} | {k} | {len(rs)} | " + " | ".join(cells) + f" | **{fmt(*overall)}** | {per_seed} | {train} |")
         table[f"{arm}-k{k}"] = {"arm": arm, "k": k, "runs": rs, "mean": overall[0], "se": overall[1]}
     lines += ["", "Validation (every checkpoint; seeds of neither training nor evaluation): mean over seeds.", "",
               "| arm | K | step | held-out action MSE (normalised) | first-action MSE | validation success |",
@@ -238,8 +240,8 @@ def report(args, jobs: list[Job]) -> None:
             mse = [p["action_mse"] for p in at if "action_mse" in p]
             first = [p["first_action_mse"] for p in at if "first_action_mse" in p]
             succ = [p["val_success"] for p in at if "val_success" in p]
-            lines.append(f"| {arm} | {k} | {step} | {fmt(*mean_se(mse)) if mse else '-'} | "
-                         f"{fmt(*mean_se(first)) if first else '-'} | {fmt(*mean_se(succ)) if succ else '-'} |")
+            lines.append(f"| {arm} | {k} | {step} | {fmt(*mean_se(mse), 4) if mse else '-'} | "
+                         f"{fmt(*mean_se(first), 4) if first else '-'} | {fmt(*mean_se(succ)) if succ else '-'} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "table": table,

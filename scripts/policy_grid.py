@@ -128,7 +128,8 @@ def eval_cmd(args, policy: Path, episodes: int, seed: int, out: Path) -> list[st
 
 
 def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
-    """Each checkpoint's EMA weights as a loadable decoder folder (config.json of final/)."""
+    """Each checkpoint's EMA weights as a loadable decoder folder (config.json of final/, the weights
+    hard-linked where the file system allows)."""
     out = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
         step = int(ckpt.name.split("-")[1])
@@ -136,8 +137,11 @@ def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
         if not (policy / "model.safetensors").is_file():
             policy.mkdir(parents=True, exist_ok=True)
             shutil.copy(run_dir / "final" / "config.json", policy / "config.json")
-            shutil.copy(ckpt / "ema.safetensors", policy / "model.safetensors.tmp")
-            os.replace(policy / "model.safetensors.tmp", policy / "model.safetensors")
+            try:   # a hard link: the checkpoint's EMA weights are not read or written again
+                os.link(ckpt / "ema.safetensors", policy / "model.safetensors")
+            except OSError:   # another file system (or no hard links): copy
+                shutil.copy(ckpt / "ema.safetensors", policy / "model.safetensors.tmp")
+                os.replace(policy / "model.safetensors.tmp", policy / "model.safetensors")
         out.append((step, policy))
     return out
 

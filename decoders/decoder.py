@@ -38,6 +38,7 @@ from torch import nn
 from decoders.augment import random_shift
 from decoders.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from decoders.normalize import Normalizer, plain_stats
+from nets.spatial_softmax import SpatialSoftmax
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("fm", "meanflow")
@@ -67,6 +68,11 @@ class DecoderConfig:
     mlp_ratio: float = 4.0
     encoder_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     obs_dim: int = 256  # feature size per observation frame
+    # How the image encoder turns its last feature map into a vector: "grid" (average-pooled to 4x4
+    # and flattened) or "spatial_softmax" (``keypoints`` expected (x, y) positions, as robomimic and
+    # Diffusion Policy do: object positions become coordinates a few demos can map to actions).
+    encoder_pool: str = "grid"
+    keypoints: int = 32
     task_dim: int = 64
     # Objective and sampling.
     objective: str = "fm"  # "fm" | "meanflow"
@@ -112,23 +118,35 @@ def _groups(c: int) -> int:
     return 8 if c % 8 == 0 else 1
 
 
+POOLS = ("grid", "spatial_softmax")
+
+
 class ImageEncoder(nn.Module):
     """uint8 ``[N, C, H, W]`` -> ``[N, out_dim]``: stride-2 conv stages with GroupNorm and a residual
-    conv each, pooled to a 4x4 grid and flattened (keeps coarse positions, which manipulation needs)."""
+    conv each, then ``pool``: "grid" averages the map to 4x4 and flattens it (coarse positions);
+    "spatial_softmax" reads ``keypoints`` soft-argmax positions off it (``nets.SpatialSoftmax``)."""
 
-    def __init__(self, in_channels: int, channels: list[int], out_dim: int):
+    def __init__(self, in_channels: int, channels: list[int], out_dim: int, pool: str = "grid",
+                 keypoints: int = 32):
         super().__init__()
         layers, c_in = [], in_channels
         for c in channels:
             layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(), _ResConv(c)]
             c_in = c
         self.stages = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.proj = nn.Linear(c_in * 16, out_dim)
+        if pool == "grid":
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(1))
+            pooled = c_in * 16
+        elif pool == "spatial_softmax":
+            self.pool = SpatialSoftmax(c_in, keypoints)
+            pooled = 2 * keypoints
+        else:
+            raise ValueError(f"encoder pool {pool!r} is not one of {POOLS}")
+        self.proj = nn.Linear(pooled, out_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 127.5 - 1.0
-        return self.proj(self.pool(self.stages(x)).flatten(1))
+        return self.proj(self.pool(self.stages(x)))
 
 
 class _ResConv(nn.Module):
@@ -242,7 +260,8 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
             self.state_normalizer = Normalizer(config.stats, self.embodiments, "state", config.state_dim,
                                                config.state_norm)
         self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
-        self.image_encoder = ImageEncoder(config.image_channels, config.encoder_channels, config.obs_dim)
+        self.image_encoder = ImageEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
+                                          config.encoder_pool, config.keypoints)
         self.task_embedding = nn.Embedding(len(config.tasks) + 1, config.task_dim)
         self.state_index = list(config.state_indices) or list(range(config.state_dim))
         self.state_proj = nn.Linear(len(self.state_index), config.task_dim) if config.state_dim else None
@@ -410,6 +429,10 @@ def _validate(cfg: DecoderConfig) -> None:
         problems.append("latent_dim > 0 needs latent_key (the batch key of the latent labels)")
     if cfg.state_indices and not all(0 <= i < cfg.state_dim for i in cfg.state_indices):
         problems.append(f"state_indices {cfg.state_indices} must index the {cfg.state_dim}-dim state")
+    if cfg.encoder_pool not in POOLS:
+        problems.append(f"encoder_pool {cfg.encoder_pool!r} is not one of {POOLS}")
+    if cfg.keypoints < 1:
+        problems.append(f"keypoints must be >= 1, got {cfg.keypoints}")
     if cfg.augment_shift < 0:
         problems.append(f"augment_shift must be >= 0, got {cfg.augment_shift}")
     if len(cfg.image_size) != 2:

@@ -182,6 +182,25 @@ def test_meanflow_decoder_learns_and_trains_the_image_encoder():
     assert err < (target - target.mean((0, 1))).abs().mean()
 
 
+def test_spatial_softmax_encoder_learns_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    batch = make_batch()
+    model = ActionDecoder(make_config(batch, objective="fm", encoder_pool="spatial_softmax", keypoints=8))
+    assert model.image_encoder.proj.in_features == 16  # 8 keypoints x (x, y)
+    history = train(model, batch, steps=150, lr=1e-3)
+    first = sum(m["mse"] for m in history[:15]) / 15
+    last = sum(m["mse"] for m in history[-15:]) / 15
+    assert last < 0.5 * first, (first, last)
+    assert model.image_encoder.pool.heat.weight.grad.abs().sum() > 0
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = ActionDecoder.from_pretrained(tmp_path)
+    assert loaded.config.encoder_pool == "spatial_softmax"
+    torch.testing.assert_close(predict(loaded, batch), predict(model, batch), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="encoder_pool"):
+        ActionDecoder(make_config(batch, encoder_pool="max"))
+
+
 def test_action_free_samples_do_not_touch_the_loss():
     torch.manual_seed(0)
     batch = make_batch()

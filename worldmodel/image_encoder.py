@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nets.spatial_softmax import SpatialSoftmax
+
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels)
@@ -41,19 +43,6 @@ class ResidualBlock(nn.Module):
         h = F.silu(self.norm1(self.conv1(x)))
         h = self.norm2(self.conv2(h))
         return F.silu(h + (x if self.skip is None else self.skip(x)))
-
-
-class SpatialSoftmax(nn.Module):
-    """``[N, C, h, w]`` -> ``[N, 2C]``: per channel, the softmax-weighted mean (x, y) in [-1, 1]."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        attn = x.flatten(2).softmax(dim=-1).view(n, c, h, w)
-        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
-        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
-        ex = (attn.sum(dim=2) * xs).sum(dim=-1)
-        ey = (attn.sum(dim=3) * ys).sum(dim=-1)
-        return torch.cat([ex, ey], dim=-1)
 
 
 class ImageEncoder(nn.Module):

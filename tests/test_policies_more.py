@@ -182,6 +182,16 @@ def test_train_decoder_idm_bc_on_idm_pseudo_labels(data, tmp_path, capsys):
     assert all(m["action_samples"] > 0 for m in train_rows), train_rows
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert list(cfg["stats"]) == [EMBODIMENT]
+    # another sidecar name (one IDM per K): --labels NAME, refused by name while it is missing
+    args = ["train", "decoder", "--data", str(demos), "--data", str(video_copy), "--preset", "tiny",
+            "policy=idm-bc", "--labels", "idm-k2", "train.max_steps=2", "train.ckpt_every=2",
+            "train.progress=false", "data.batch_size=8", "data.shuffle_buffer=8", "model.horizon=4",
+            "model.n_obs_steps=1", "train.log_every=1", "data.weights=0,1"]
+    assert main([*args, "--out", str(tmp_path / "no2")]) == 2 and "--name idm-k2" in capsys.readouterr().err
+    (video_copy / "labels" / "idm").rename(video_copy / "labels" / "idm-k2")
+    assert main([*args, "--out", str(tmp_path / "dec2")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "dec2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["action_samples"] > 0 for m in rows if "loss" in m)
 
 
 def test_train_decoder_latent_on_world_model_latents(data, tmp_path, capsys):

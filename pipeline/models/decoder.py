@@ -14,7 +14,8 @@ Action-free samples are not demos and pass through unfiltered.
 
 Policies (``policy=``): ``scratch`` (default) is the image encoder + decoder trained only on the
 demos. ``idm-bc`` also trains on action-free video pseudo-labelled by an IDM (``wm label --labeller
-RUN_IDM --data VIDEO``: sidecar ``labels/idm``, field ``pseudo_action`` [n, A] raw units): the demos
+RUN_IDM --data VIDEO``: sidecar ``labels/idm``, field ``pseudo_action`` [n, A] raw units; another
+sidecar name with ``--labels NAME``, e.g. one IDM per K: ``wm label ... --name idm-k2``): the demos
 need no sidecar (the stream's ``optional_labels``), and ``idm_targets`` turns each action-free window
 whose pseudo-labels are all valid into a sample of the robot's embodiment with the pseudo-actions as
 its target. ``latent`` (ViPRA-style) needs ``--init RUN_WM``, a world model pretrained with LAM latent
@@ -147,31 +148,38 @@ def _prepare_latent(cfg, paths: list[str]) -> None:
              folder, name)
 
 
+def idm_labels_name(cfg) -> str:
+    """The IDM sidecar idm-bc reads: the one name given with ``--labels`` (default ``idm``)."""
+    if len(cfg.data.labels) > 1:
+        raise UsageError(f"policy=idm-bc reads one IDM sidecar; --labels names {cfg.data.labels}")
+    return cfg.data.labels[0] if cfg.data.labels else IDM_LABELS
+
+
 def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
     """Join the IDM sidecar (present in at least one data dir) for one robot embodiment."""
     from shards.sidecar import sidecar_dir
 
     if len(robots) != 1:
         raise UsageError(f"policy=idm-bc labels video as one robot, but the demos have embodiments {sorted(robots)}")
-    if not any(sidecar_dir(p, IDM_LABELS).is_dir() for p in paths):
-        raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({IDM_LABELS}/) in any of {paths}; run "
-                         f"`wm label --labeller RUN_IDM --data VIDEO` first")
-    if IDM_LABELS not in cfg.data.labels:
-        cfg.data.labels = [*cfg.data.labels, IDM_LABELS]
+    name = idm_labels_name(cfg)
+    if not any(sidecar_dir(p, name).is_dir() for p in paths):
+        raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({name}/) in any of {paths}; run "
+                         f"`wm label --labeller RUN_IDM --data VIDEO --name {name}` first")
+    cfg.data.labels = [name]
 
 
-def idm_targets(batch: dict, embodiment: str, action_dim: int) -> dict:
-    """idm-bc: action-free windows with all-valid IDM pseudo-labels become action samples of
-    ``embodiment``: ``action`` [B, T, A] <- ``idm.pseudo_action``, ``action_mask`` True."""
+def idm_targets(batch: dict, embodiment: str, action_dim: int, name: str = IDM_LABELS) -> dict:
+    """idm-bc: action-free windows with all-valid IDM pseudo-labels (sidecar ``name``) become action
+    samples of ``embodiment``: ``action`` [B, T, A] <- ``<name>.pseudo_action``, ``action_mask`` True."""
     import torch
 
-    key = f"{IDM_LABELS}.pseudo_action"
+    key = f"{name}.pseudo_action"
     if key not in batch:
         return batch
-    pseudo, present = batch[key].float(), batch[f"{IDM_LABELS}.present"].bool()
+    pseudo, present = batch[key].float(), batch[f"{name}.present"].bool()
     if pseudo.shape[-1] != action_dim:
         raise ValueError(f"IDM pseudo-actions have {pseudo.shape[-1]} dims, the demos {action_dim}")
-    valid = batch[f"{IDM_LABELS}.valid"].bool().flatten(1).all(1)   # a tail row without label: skip window
+    valid = batch[f"{name}.valid"].bool().flatten(1).all(1)   # a tail row without label: skip window
     use = present & valid & ~batch["action_mask"].bool()
     if use.any():
         batch["action"] = torch.where(use[:, None, None], pseudo, batch["action"])
@@ -187,7 +195,8 @@ def build_stream(cfg, seed: int):
     if cfg.policy != "idm-bc":
         return loader
     (robot,) = cfg.model.stats
-    return (idm_targets(batch, robot, cfg.model.action_dim) for batch in loader)
+    name = idm_labels_name(cfg)
+    return (idm_targets(batch, robot, cfg.model.action_dim, name) for batch in loader)
 
 
 RUN_PRESETS = {

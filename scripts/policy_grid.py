@@ -4,13 +4,20 @@ checkpoint on validation data, evaluate the final checkpoint in closed loop, wri
     python scripts/policy_grid.py --out grid --demos data/demos --val-demos data/valdemos \\
         --tasks drawer-close-v3,door-open-v3 --ks 2,5,10 --seeds 0,1,2 \\
         --arm "scratch=policy=scratch model.objective=meanflow model.augment_shift=4" \\
-        --arm "idm-bc=policy=idm-bc --data data/video model.objective=meanflow model.augment_shift=4" \\
+        --arm "idm-bc=policy=idm-bc model.objective=meanflow model.augment_shift=4" \\
+        --video data/video --idm-steps 3000 \\
         --steps 12000 --ckpt-every 2000 --eval-episodes 50 --val-episodes 5 --lanes 2
 
 Everything that shapes an experiment is an argument: tasks, K, seeds, arms (a name and the extra
 arguments of ``wm train decoder``), step budget, checkpoint spacing, episodes, seeds of validation and
 evaluation, episode length, camera / resolution of the evaluation. A person with a GPU node reruns it
 bigger by changing arguments only (``--lanes`` jobs run at once; each job is one ``wm`` process).
+
+Arms with ``policy=idm-bc`` learn from the action-free corpus ``--video``: for each (K, seed) the grid
+first trains an inverse-dynamics model on the same K demos per task (``runs/idm-k<K>-s<seed>``,
+``--idm-steps``), scores it on ``--val-demos`` (``wm probe``: R² to the true actions), labels the video
+with it into the sidecar ``labels/idm-k<K>-s<seed>`` and trains the arm on demos + video with
+``--labels idm-k<K>-s<seed>``: the video's only supervision comes from the K demos.
 
 Seeds, kept apart:
 - demos: whatever ``--demos`` holds (``wm collect --seed 0``: seeds 0..N-1); the first K successful
@@ -23,6 +30,7 @@ Seeds, kept apart:
 Layout under ``--out`` (every stage is skipped when its output is there, so a rerun resumes)::
 
     runs/<arm>-k<K>-s<seed>/                  wm train output (checkpoints every --ckpt-every, final/)
+    runs/idm-k<K>-s<seed>/                    the IDM of idm-bc arms (probe/ beside it: wm probe output)
     val/<arm>-k<K>-s<seed>/step-<N>/          policy/ (that checkpoint's EMA weights), action_error.json,
                                               eval/results.json (closed loop on validation seeds)
     evals/<arm>-k<K>-s<seed>/results.json     the final checkpoint on the evaluation seeds
@@ -40,6 +48,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--camera", default="corner", help="camera (the demos')")
     p.add_argument("--lanes", type=int, default=2, help="jobs at once (one torch thread each)")
     p.add_argument("--stages", default="train,eval,val,report", help="stages to run")
+    p.add_argument("--video", default=None, help="action-free corpus for idm-bc arms (labelled per K / seed)")
+    p.add_argument("--idm-steps", type=int, default=3000, help="training steps of each idm-bc arm's IDM")
+    p.add_argument("--idm-args", default="", help="extra arguments of `wm train idm`")
     p.add_argument("--wm", default=str(Path(sys.executable).with_name("wm")), help="the wm executable")
     args = p.parse_args(argv)
     if not args.arm:
@@ -113,6 +125,37 @@ def run(cmd: list[str], log_path: Path) -> None:
     if code != 0:
         raise RuntimeError(f"exit {code} after {time.time() - started:.0f} s: {' '.join(cmd)} (log: {log_path})")
     log.info("done in %.0f s: %s", time.time() - started, " ".join(cmd[1:4]))
+
+
+_idm_locks: dict[tuple[int, int], threading.Lock] = {}
+_idm_locks_guard = threading.Lock()
+
+
+def idm_labels(args, job: Job) -> list[str]:
+    """For an idm-bc arm: the IDM of (K, seed) trained, probed and run over ``--video`` (once, whichever
+    lane gets there first); returns the extra training arguments that read its labels."""
+    if "policy=idm-bc" not in job.args:
+        return []
+    if not args.video:
+        raise SystemExit(f"policy_grid: arm {job.arm} is idm-bc: give the action-free corpus with --video")
+    name = f"idm-k{job.k}-s{job.seed}"
+    with _idm_locks_guard:
+        lock = _idm_locks.setdefault((job.k, job.seed), threading.Lock())
+    with lock:
+        run_dir, logs = args.out / "runs" / name, args.out / "logs"
+        if not finished(run_dir):
+            run([args.wm, "train", "idm", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
+                 "--episodes-per-task", str(job.k), *args.idm_args.split(), f"train.max_steps={args.idm_steps}",
+                 f"train.seed={job.seed}", "train.progress=false", "data.num_workers=1"], logs / f"train-{name}.log")
+        if args.val_demos and not (run_dir / "probe" / "probe.json").is_file():
+            run([args.wm, "probe", "--labeller", str(run_dir), "--data", args.val_demos,
+                 "--out", str(run_dir / "probe")], logs / f"probe-{name}.log")
+        done = run_dir / "labelled.json"   # the grid's marker: this IDM has labelled --video
+        if not done.is_file():
+            run([args.wm, "label", "--labeller", str(run_dir), "--data", args.video, "--name", name,
+                 "--no-progress"], logs / f"label-{name}.log")
+            done.write_text(json.dumps({"video": str(args.video), "labels": name}) + "\n")
+    return ["--data", args.video, "--labels", name]
 
 
 def finished(run_dir: Path) -> bool:
@@ -150,8 +193,9 @@ def do_job(args, job: Job, stages: set[str]) -> None:
     run_dir = args.out / "runs" / job.name
     logs = args.out / "logs"
     if "train" in stages and not finished(run_dir):
+        extra = idm_labels(args, job)
         run([args.wm, "train", "decoder", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
-             "--episodes-per-task", str(job.k), *job.args, f"train.max_steps={args.steps}",
+             "--episodes-per-task", str(job.k), *job.args, *extra, f"train.max_steps={args.steps}",
              f"train.ckpt_every={args.ckpt_every}", "train.keep_last=1000", f"train.seed={job.seed}",
              "train.progress=false", "data.num_workers=1"], logs / f"train-{job.name}.log")
     if not finished(run_dir):

@@ -69,3 +69,29 @@ def test_policy_grid_trains_validates_evaluates_and_resumes(demos, tmp_path):
     before = held_out_action_error(tmp_path / "untrained", demos)["action_mse"]
     after = held_out_action_error(trained, demos)["action_mse"]
     assert after < 0.8 * before, (after, before)
+
+
+@pytest.mark.slow
+def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(demos, tmp_path):
+    """An idm-bc arm: the grid trains the IDM of (K, seed) on those K demos, probes it on the validation
+    demos, labels the action-free corpus under its own name and trains the decoder on demos + video."""
+    video = tmp_path / "video"
+    assert main(["collect", "metaworld", "--tasks", "reach-v3", "--episodes", "4", "--resolution", "32",
+                 "--seed", "1000", "--max-steps", "40", "--drop-actions", "--out", str(video)]) == 0
+    out = tmp_path / "grid"
+    cmd = [sys.executable, str(ROOT / "scripts" / "policy_grid.py"), "--out", str(out), "--demos", str(demos),
+           "--val-demos", str(demos), "--video", str(video), "--idm-steps", "30", "--tasks", "reach-v3",
+           "--ks", "2", "--seeds", "0", "--arm", "bc=policy=idm-bc model.objective=meanflow model.n_obs_steps=1",
+           "--steps", "40", "--ckpt-every", "40", "--eval-episodes", "1", "--val-episodes", "0",
+           "--max-steps", "10", "--resolution", "32", "--lanes", "1", "--stages", "train,report"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    idm = out / "runs" / "idm-k2-s0"
+    assert json.loads((idm / "status.json").read_text())["state"] == "finished"
+    assert "2 demos per task" in (out / "logs" / "train-idm-k2-s0.log").read_text()
+    assert json.loads((idm / "probe" / "probe.json").read_text())
+    assert (video / "labels" / "idm-k2-s0").is_dir() and not (video / "labels" / "idm").exists()
+    run = out / "runs" / "bc-k2-s0"
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    logged = (out / "logs" / "train-bc-k2-s0.log").read_text()
+    assert f"--data {video} --labels idm-k2-s0" in logged

@@ -20,7 +20,7 @@ import time
 import torch
 
 from decoders.decoder import ActionDecoder, DecoderConfig
-from decoders.normalize import stats_of
+from nets.normalize import stats_of
 
 log = logging.getLogger("decoder_latency")
 SETTINGS = [("fm", 1), ("fm", 2), ("fm", 5), ("fm", 10), ("meanflow", 1), ("meanflow", 2)]

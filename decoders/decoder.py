@@ -19,7 +19,7 @@ tasks share index 0) and the flattened latent-action chunk, mixed by an MLP. The
 is a small DiT over the H action tokens: time embeddings of ``t`` and ``t - r`` are added to the
 condition and injected into every block with AdaLN-Zero (shift, scale, gate).
 
-Actions and states are normalised per embodiment inside the model (``decoders.normalize``) with
+Actions and states are normalised per embodiment inside the model (``nets.normalize``) with
 stats stored in the config, so ``config.json`` carries them beside ``model.safetensors``. EMA,
 optimisers and the loop belong to the runtime in ``pipeline/``.
 """
@@ -36,8 +36,8 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from decoders.augment import random_shift
-from decoders.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
-from decoders.normalize import Normalizer, plain_stats
+from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
+from nets.normalize import Normalizer, plain_stats
 from nets.spatial_softmax import SpatialSoftmax
 
 log = logging.getLogger(__name__)

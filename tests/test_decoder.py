@@ -1,4 +1,4 @@
-"""decoders.normalize and decoders.decoder: exact normalisation round trips, the ActionDecoder
+"""nets.normalize and decoders.decoder: exact normalisation round trips, the ActionDecoder
 learning a tiny batch of contract-shaped windows (both objectives), checkpoints that reproduce
 actions, masking of action-free samples, latent conditioning, and clear errors for bad input."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
-from decoders.normalize import MODES, Normalizer, stats_of
+from nets.normalize import MODES, Normalizer, stats_of
 
 B, A, S, N_OBS, H, PX = 8, 4, 39, 2, 4, 32
 T = N_OBS - 1 + H

@@ -1,11 +1,11 @@
-"""decoders.flow: time samplers, the MeanFlow identity, samplers, dispersive loss, and learning a
+"""nets.flow: time samplers, the MeanFlow identity, samplers, dispersive loss, and learning a
 two-mode toy distribution (the failure every regression-to-the-mean decoder shows)."""
 
 import pytest
 import torch
 from torch import nn
 
-from decoders.flow import (
+from nets.flow import (
     dispersive_loss,
     flow_matching_loss,
     meanflow_loss,

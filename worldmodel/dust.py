@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worldmodel.attention import AdaLNStream, attention
+from nets.attention import AdaLNStream, attention
 
 
 class DualStreamBlock(nn.Module):

@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from worldmodel.attention import Block, FinalLayer, TimestepEmbedding
+from nets.attention import Block, FinalLayer, TimestepEmbedding
 from worldmodel.dust import DualStreamBlock, joint_schedule
-from worldmodel.image_encoder import ImageEncoder
+from nets.image_encoder import ImageEncoder
 from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
 
 log = logging.getLogger(__name__)

@@ -329,8 +329,8 @@ def _ensure_info(data_dir: Path, name: str, info: dict[str, Any], write: bool = 
 
 def label_shard(spec: LabellerKind, lab: Labeller, data_dir: Path, shard: int, name: str, camera: str,
                 batch_size: int, backend: str, bar=None) -> dict[str, Any]:
-    """Label one video shard into its sidecar; undecodable samples (or the rest of a broken shard)
-    become failure rows. Returns the sidecar's stats."""
+    """Label one video shard into its sidecar; each malformed, undecodable or missing sample becomes
+    a failure row naming shard, key and member, and the others are labelled. Returns the sidecar's stats."""
     from shards.format import FormatError, read_manifest
     from shards.sidecar import write_sidecar_shard
     from shards.stream import iter_shard_samples
@@ -339,6 +339,8 @@ def label_shard(spec: LabellerKind, lab: Labeller, data_dir: Path, shard: int, n
     size = tuple(lab.image_size) if lab.resize else None
     samples, failures, broken = [], [], None
     try:
+        # record mode: every key of the manifest comes back once, labelled-to-be or with its error
+        # (malformed, undecodable, or lost in a damaged tar); one bad sample costs that sample only
         for s in _prefetch(iter_shard_samples(data_dir, shard, camera=camera, resize=size, backend=backend,
                                               errors="record")):
             if s.error is not None:
@@ -347,11 +349,14 @@ def label_shard(spec: LabellerKind, lab: Labeller, data_dir: Path, shard: int, n
                 failures.append({"key": s.key, "reason": f"embodiment {s.meta.embodiment!r} unknown to the labeller"})
             else:
                 samples.append(s)
-    except FormatError as e:   # a broken tar or malformed sample: the shard's remaining keys fail
+    except (FormatError, OSError) as e:   # the shard file itself could not be read
         broken = str(e)
         log.warning("%s: %s", entry["name"], broken)
     seen = {s.key for s in samples} | {f["key"] for f in failures}
-    failures += [{"key": k, "reason": f"shard unreadable: {broken}"} for k in entry["keys"] if k not in seen]
+    failures += [{"key": k, "reason": f"not read: {broken or 'the shard ended before it'}"}
+                 for k in entry["keys"] if k not in seen]
+    for f in failures:
+        log.warning("%s: not labelled: %s", entry["name"], f["reason"])
     labelled = label_episodes(spec, lab, [(s.frames, s.meta.embodiment) for s in samples], batch_size)
     rows = {s.key: r for s, r in zip(samples, labelled)}
     if bar is not None:
@@ -406,12 +411,15 @@ def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part:
     else:
         _ensure_info(data_dir, name, info, write=False)
     mine = shard_range(len(manifest["shards"]), part, rank, world)
+    # a shard is redone unless complete without failures: a rerun retries the samples that failed
     todo = [i for i in mine if not sidecar_complete(data_dir, name, manifest["shards"][i]["name"])]
-    clips = sum(len(manifest["shards"][i]["keys"]) for i in todo)
+    keys = sum(len(manifest["shards"][i]["keys"]) for i in todo)
     log.info("labelling %d of %d shards (%d already done) of %s with %s '%s' -> labels/%s", len(todo), len(mine),
              len(mine) - len(todo), data_dir, lab.kind, run, name)
-    with torch.inference_mode(), tqdm(total=clips, unit="clip", desc=f"label {name}", disable=not progress,
+    with torch.inference_mode(), tqdm(total=keys, unit="clip", desc=f"label {name}", disable=not progress,
                                       dynamic_ncols=True) as bar:
         failures = label_shards(spec, lab, data_dir, todo, name, camera, batch_size, backend, bar)
-    return {"shards": len(todo), "skipped": len(mine) - len(todo), "clips": clips, "failures": failures,
+    # every key of a shard is labelled or a failure row (write_sidecar_shard checks), so this counts
+    # the clips actually labelled, not the ones attempted
+    return {"shards": len(todo), "skipped": len(mine) - len(todo), "clips": keys - failures, "failures": failures,
             "name": name}

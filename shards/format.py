@@ -103,12 +103,20 @@ class SampleMeta:
     def from_json(cls, data: bytes | str, where: str = "meta.json") -> "SampleMeta":
         try:
             raw = json.loads(data)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:   # flipped bytes may break the UTF-8 too
             raise FormatError(f"{where}: not valid JSON ({e})") from None
         return validate_meta(raw, where)
 
 
+_META_TYPES = {"key": str, "fps": (int, float), "n_frames": int, "height": int, "width": int, "cameras": list,
+               "embodiment": str, "task": str, "instruction": str, "source": str, "success": (bool, type(None)),
+               "has_action": bool, "action_dim": int, "state_dim": int, "episode_index": int,
+               "seed": (int, type(None)), "extra": dict, "schema": int}
+
+
 def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
+    if not isinstance(raw, dict):
+        raise FormatError(f"{where}: a JSON {type(raw).__name__}, expected an object")
     fields = {f.name: f for f in dataclasses.fields(SampleMeta)}
     required = [n for n, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -116,11 +124,16 @@ def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
     if missing:
         raise FormatError(f"{where}: missing field(s) {missing}")
     schema = raw.get("schema", SCHEMA_VERSION)
-    if schema > SCHEMA_VERSION:
+    if isinstance(schema, int) and schema > SCHEMA_VERSION:
         raise FormatError(f"{where}: schema {schema} is newer than this reader ({SCHEMA_VERSION}); upgrade wm-pipeline")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise FormatError(f"{where}: unknown field(s) {unknown}")
+    for name, value in raw.items():
+        types = _META_TYPES[name]
+        bad_bool = isinstance(value, bool) and types in (int, (int, float))
+        if bad_bool or not isinstance(value, types) or (name == "cameras" and not all(isinstance(c, str) for c in value)):
+            raise FormatError(f"{where}: field {name!r} is {value!r}, of the wrong type")
     meta = SampleMeta(**raw)
     check_key(meta.key)
     if meta.n_frames <= 0:

@@ -9,7 +9,7 @@ Layout beside a video dataset ``<data>``::
 Labels never rewrite video shards. Each sidecar shard is written atomically (tmp + rename, then its
 stats.json), with fixed tar headers and sorted members, so rerunning a labelling job gives the same
 bytes and ``sidecar_complete`` lets it skip finished shards (idempotent, resumable) whose tar has
-the size their stats.json records.
+the size their stats.json records and that hold no failure rows (a rerun retries those).
 
 Every key of the video shard must be either labelled (a row) or reported as a failure: the writer
 checks this, so a reader that finds neither knows the sidecar is broken, not the sample unlabelled.
@@ -80,18 +80,24 @@ def sidecar_done(data_dir: str | Path, name: str, shard_name: str) -> bool:
 
 
 def sidecar_complete(data_dir: str | Path, name: str, shard_name: str) -> bool:
-    """``sidecar_done`` and the tar's size equals the one its stats.json records: a labelling job may
-    skip it. A mismatch (a stats file that belongs to another write) is logged; the shard is redone."""
+    """``sidecar_done``, the tar's size equals the one its stats.json records, and no sample failed: a
+    labelling job may skip it. A size mismatch (a stats file that belongs to another write) is logged
+    and a shard with failure rows is retried: either way the shard is labelled again."""
     if not sidecar_done(data_dir, name, shard_name):
         return False
     path = sidecar_path(data_dir, name, shard_name)
     try:
-        recorded = json.loads(_stats_path(path).read_text()).get("bytes")
-    except (OSError, ValueError, AttributeError):
-        recorded = "unreadable"
+        stats = json.loads(_stats_path(path).read_text())
+        recorded, failed = stats.get("bytes"), [f.get("key") for f in stats.get("failures", [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        recorded, failed = "unreadable", []
     size = path.stat().st_size
     if recorded != size:
         log.warning("%s: %d bytes but its stats.json records %s; it will be labelled again", path, size, recorded)
+        return False
+    if failed:
+        log.info("%s: %d sample(s) failed in an earlier run (%s); retrying the shard", path, len(failed),
+                 ", ".join(map(str, failed[:5])) + (" ..." if len(failed) > 5 else ""))
         return False
     return True
 

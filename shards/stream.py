@@ -22,6 +22,10 @@ Two modes:
   shard yield nothing and return.
 
 ``iter_samples`` gives whole decoded episodes (frames + meta + key + shard) for labelling jobs.
+
+One bad sample costs one sample: shards are read past damage (``shards.tar_reader``), each sample is
+checked on its own, and the keys read are checked against the manifest; in train mode every problem is
+a counted, rate-limited warning (``SkipLog``) naming shard, key and member.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import dataclasses
 import io
 import logging
 import os
-import tarfile
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .decode import DecodeError, decode_video, resolve_backend
 from .format import ACTION, META, STATE, FormatError, SampleMeta, read_manifest, video_member
 from .sidecar import read_sidecar, read_sidecar_stats, sidecar_dir
+# read_tar_samples resyncs past a damaged header: one bad spot costs the members it touches, never the
+# rest of the shard; importable from here too, where readers have always found it
+from .tar_reader import TarIssue, read_tar_samples  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -86,26 +91,43 @@ def label_starts(n_frames: int, window: int, stride: int) -> list[int]:
 
 # ---------------------------------------------------------------- reading
 
-def read_tar_samples(path: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as ``{"__key__": key, "meta.json": bytes, "<cam>.mp4": bytes, ...}``."""
-    try:
-        with open(path, "rb") as f:
-            files = ({**m, "__url__": str(path)} for m in tar_file_iterator(f))
-            yield from group_by_keys(files, lcase=False)
-    except (tarfile.TarError, OSError, ValueError) as e:
-        raise FormatError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
+WARN_FIRST = 10   # skipped samples warned about one by one per process; then only at powers of two
 
 
-def _npy(sample: dict[str, Any], name: str, where: str, n_frames: int) -> np.ndarray | None:
+class SkipLog:
+    """Counts the samples (and shard damage) a stream skips in this process, and warns about them
+    rate-limited: each distinct problem is counted once (train mode meets it again every cycle), the
+    first ``WARN_FIRST`` are warned about one by one, later ones when the count reaches a power of two."""
+
+    def __init__(self):
+        self.count = 0
+        self.seen: set[str] = set()
+
+    def skip(self, ident: str, message: str) -> None:
+        if ident in self.seen:
+            return
+        self.seen.add(ident)
+        self.count += 1
+        if self.count <= WARN_FIRST or self.count & (self.count - 1) == 0:
+            more = "; further skips are warned about at powers of two" if self.count == WARN_FIRST else ""
+            log.warning("skipping %s (skip %d in this process%s)", message, self.count, more)
+
+
+def _npy(sample: dict[str, Any], name: str, where: str, n_frames: int, dim: int) -> np.ndarray | None:
     if name not in sample:
         return None
+    member = f"{where}.{name}"
     try:
         arr = np.load(io.BytesIO(sample[name]), allow_pickle=False)
-    except ValueError as e:
-        raise FormatError(f"{where}.{name}: unreadable ({e})") from None
-    if arr.ndim != 2 or arr.shape[0] != n_frames:
-        raise FormatError(f"{where}.{name}: shape {list(arr.shape)}, expected [n_frames={n_frames}, D]")
-    return arr.astype(np.float32, copy=False)
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub":
+            raise ValueError(f"not a numeric array ({type(arr).__name__} {getattr(arr, 'dtype', '')})")
+        arr = arr.astype(np.float32, copy=False)
+    except Exception as e:  # flipped header bytes raise ValueError, SyntaxError, EOFError, ... from numpy
+        raise FormatError(f"{member}: unreadable ({type(e).__name__}: {e})") from None
+    if arr.ndim != 2 or arr.shape[0] != n_frames or (dim and arr.shape[1] != dim):
+        raise FormatError(f"{member}: shape {list(arr.shape)}, meta.json says [n_frames={n_frames}, "
+                          f"{dim or 'D'}]")
+    return arr
 
 
 @dataclasses.dataclass
@@ -124,21 +146,43 @@ class EncodedSample:
     def where(self) -> str:
         return f"{self.shard}:{self.key}"
 
+    @property
+    def video_where(self) -> str:
+        """The video member, for decode errors: ``shard:key.<camera>.mp4``."""
+        return f"{self.where}.{video_member(self.camera)}"
+
+
+def _members(raw: dict[str, Any]) -> list[str]:
+    return sorted(k for k in raw if not k.startswith("__"))
+
 
 def parse_sample(raw: dict[str, Any], shard: Path, camera: str | None) -> EncodedSample:
-    """Validate one raw tar sample; ``FormatError`` naming shard and key when it is malformed."""
+    """Validate one raw tar sample; ``FormatError`` naming shard, key and member when it is malformed."""
     key = raw["__key__"]
     where = f"{shard}:{key}"
     if META not in raw:
-        raise FormatError(f"{where}: no {META}")
+        raise FormatError(f"{where}: no member {key}.{META} (the sample has {_members(raw)})")
     meta = SampleMeta.from_json(raw[META], where=f"{where}.{META}")
     if meta.key != key:
-        raise FormatError(f"{where}: meta.json says key {meta.key!r}")
+        raise FormatError(f"{where}.{META}: says key {meta.key!r}")
     cam = camera or meta.cameras[0]
-    if cam not in meta.cameras or video_member(cam) not in raw:
-        raise FormatError(f"{where}: no camera {cam!r} (has {meta.cameras})")
+    if cam not in meta.cameras:
+        raise FormatError(f"{where}: no camera {cam!r} (its {META} lists cameras {meta.cameras})")
+    if video_member(cam) not in raw:
+        raise FormatError(f"{where}: no member {key}.{video_member(cam)} for camera {cam!r} listed in its "
+                          f"{META} (the sample has {_members(raw)})")
+    for name, dim, flag in ((ACTION, meta.action_dim, meta.has_action), (STATE, meta.state_dim, meta.state_dim > 0)):
+        if flag and name not in raw:
+            raise FormatError(f"{where}: no member {key}.{name}, but its {META} gives it {name.split('.')[0]} "
+                              f"dim {dim} (the sample has {_members(raw)})")
     return EncodedSample(key, shard, meta, cam, raw[video_member(cam)],
-                         _npy(raw, ACTION, where, meta.n_frames), _npy(raw, STATE, where, meta.n_frames))
+                         _npy(raw, ACTION, where, meta.n_frames, meta.action_dim),
+                         _npy(raw, STATE, where, meta.n_frames, meta.state_dim))
+
+
+def missing_keys(listed: Sequence[str] | None, seen: Collection[str]) -> list[str]:
+    """Keys the manifest lists for a shard that reading it did not find, in manifest order."""
+    return [k for k in listed or () if k not in seen]
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
@@ -161,7 +205,7 @@ def _size(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
 def decode_frames(sample: EncodedSample, indices: np.ndarray | None, backend: str,
                   size: tuple[int, int] | None) -> torch.Tensor:
     """Frames ``indices`` (all when None) of a sample as uint8 ``[N, C, H, W]``, resized."""
-    frames = decode_video(sample.video, indices, backend, source=sample.where)
+    frames = decode_video(sample.video, indices, backend, source=sample.video_where)
     # one contiguous NCHW copy per episode: windows are then cheap views/copies of it (indexing a
     # permuted view per window costs ~6x more, and far more when torch threads compete for cores)
     return resize_frames(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), size)
@@ -171,42 +215,79 @@ def decode_frames(sample: EncodedSample, indices: np.ndarray | None, backend: st
 
 @dataclasses.dataclass
 class DecodedSample:
-    """A whole episode for labelling jobs. ``error`` is set (and frames None) when it failed to decode."""
+    """A whole episode for labelling jobs. ``error`` is set (and frames None) when it failed to decode;
+    ``meta`` is None too when the failure left no readable meta.json (or the sample is missing)."""
 
     key: str
     shard: Path
     shard_index: int           # position of the shard in its dataset's manifest
     data_dir: Path
-    meta: SampleMeta
+    meta: SampleMeta | None
     frames: torch.Tensor | None  # uint8 [n_frames, C, H, W]
     action: np.ndarray | None
     state: np.ndarray | None
     error: str | None = None
 
 
+def _missing_message(shard: Path, keys: list[str], issues: list[TarIssue]) -> str:
+    why = f"; the shard is damaged: {issues[0]}" if issues else ""
+    return (f"{shard}: {len(keys)} sample(s) the manifest lists are not in the shard: "
+            f"{keys[:10]}{' ...' if len(keys) > 10 else ''}{why}")
+
+
 def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | None = None,
                        resize=None, backend: str = "auto", errors: str = "raise") -> Iterator[DecodedSample]:
     """Decode every episode of shard ``shard_index`` of ``data_dir`` in order.
 
-    ``errors="raise"`` raises ``DecodeError`` / ``FormatError`` naming shard and key;
-    ``errors="record"`` yields the sample with ``error`` set instead (meta permitting).
+    ``errors="raise"`` raises ``DecodeError`` / ``FormatError`` naming shard, key and member;
+    ``errors="record"`` yields every sample the manifest lists exactly once, with ``error`` set when it
+    is malformed, undecodable or missing from the (damaged) tar; the damage itself (bad headers,
+    unsafe or non-file members, samples the manifest does not list) is logged as warnings naming the
+    shard, byte offset and member.
     """
     if errors not in ("raise", "record"):
         raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
     data_dir = Path(data_dir)
-    shard = data_dir / read_manifest(data_dir)["shards"][shard_index]["name"]
+    entry = read_manifest(data_dir)["shards"][shard_index]
+    shard, listed = data_dir / entry["name"], entry.get("keys")
     size = _size(resize)
-    for raw in read_tar_samples(shard):
-        s = parse_sample(raw, shard, camera)
+    record = errors == "record"
+    issues: list[TarIssue] | None = [] if record else None
+    reported, seen = 0, set()
+    for raw in read_tar_samples(shard, issues):
+        for issue in (issues or [])[reported:]:
+            log.warning("%s", issue)
+        reported = len(issues or [])
+        key = raw["__key__"]
+        if listed is not None and key not in listed:
+            message = f"{shard}:{key}: a sample the manifest does not list for this shard"
+            if not record:
+                raise FormatError(message)
+            log.warning("%s; ignored", message)
+            continue
+        seen.add(key)
+        meta = None
         try:
-            frames, error = decode_frames(s, None, backend, size), None
+            s = parse_sample(raw, shard, camera)
+            meta = s.meta
+            frames = decode_frames(s, None, backend, size)
             if frames.shape[0] != s.meta.n_frames:
-                raise DecodeError(s.where, backend, f"{frames.shape[0]} frames, meta.json says {s.meta.n_frames}")
-        except DecodeError as e:
-            if errors == "raise":
+                raise DecodeError(s.video_where, backend, f"{frames.shape[0]} frames, meta.json says {s.meta.n_frames}")
+        except (DecodeError, FormatError) as e:
+            if not record:
                 raise
-            frames, error = None, str(e)
-        yield DecodedSample(s.key, shard, shard_index, data_dir, s.meta, frames, s.action, s.state, error)
+            yield DecodedSample(key, shard, shard_index, data_dir, meta, None, None, None, str(e))
+            continue
+        yield DecodedSample(s.key, shard, shard_index, data_dir, s.meta, frames, s.action, s.state)
+    for issue in (issues or [])[reported:]:
+        log.warning("%s", issue)
+    missing = missing_keys(listed, seen)
+    if missing and not record:
+        raise FormatError(_missing_message(shard, missing, []))
+    for key in missing:
+        why = f" (the shard is damaged: {issues[0]})" if issues else ""
+        yield DecodedSample(key, shard, shard_index, data_dir, None, None, None, None,
+                            f"{shard}:{key}: listed in the manifest but not in the shard{why}")
 
 
 def iter_samples(data: str | Path | Sequence[str | Path], *, camera: str | None = None, resize=None,
@@ -244,8 +325,9 @@ class WindowStream(torch.utils.data.IterableDataset):
 
     Args beyond docs/CONTRACTS.md: ``weights`` (train mode: relative probability of drawing the
     next episode from each data dir; default proportional to its sample count), ``on_error``
-    ("skip": log a warning naming shard + key and go on, the train default; "raise": the label
-    default) for undecodable or malformed samples, and ``keys`` (one entry per data dir: the
+    ("skip": a counted skip, ``self.skips``, with a rate-limited warning naming shard, key and member,
+    the train default; "raise": the label default) for undecodable or malformed samples, damaged
+    tars and manifest keys the shard lacks (docs/STREAMING.md, "Bad samples"), and ``keys`` (one entry per data dir: the
     sample keys to use from it, or None for all; e.g. a few-shot subset of demos).
 
     ``optional_labels=True`` lets a sidecar named in ``labels`` be absent from some data dirs (e.g.
@@ -314,6 +396,9 @@ class WindowStream(torch.utils.data.IterableDataset):
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.span = (window - 1) * stride + 1  # frames a window covers in its episode
+        # data dir -> shard name -> the keys its manifest lists: what reading each shard must find
+        self.listed = {d: {s["name"]: s.get("keys") for s in m["shards"]} for d, m in zip(self.dirs, manifests)}
+        self.skips = SkipLog()  # per process: each DataLoader worker counts its own
 
     def _has_label(self, name: str) -> bool:
         return any(name in have for have in self.dir_labels.values())
@@ -331,29 +416,39 @@ class WindowStream(torch.utils.data.IterableDataset):
     # -- one shard -> episodes with their sidecar rows
 
     def _episodes(self, data_dir: Path, shard: Path) -> Iterator[tuple[EncodedSample, dict[str, dict]]]:
+        """The shard's usable samples with their sidecar rows. Skip mode: every problem (damaged tar,
+        malformed sample, manifest keys the shard lacks) is a counted, rate-limited warning naming
+        shard, key and member, and costs only the samples it touches; raise mode raises it."""
         sidecars = {}
         for name in self.dir_labels[data_dir]:
             stats = read_sidecar_stats(data_dir, name, shard.name)
             sidecars[name] = (read_sidecar(data_dir, name, shard.name), {f.get("key") for f in stats["failures"]})
-        samples = read_tar_samples(shard)
         wanted = self.keys.get(data_dir)
-        while True:
+        listed = self.listed[data_dir].get(shard.name)
+        issues: list[TarIssue] | None = [] if self.on_error == "skip" else None
+        reported, seen = 0, set()
+        for raw in read_tar_samples(shard, issues):
+            for issue in (issues or [])[reported:]:
+                self.skips.skip(f"{issue.shard}@{issue.offset}", f"damaged shard data: {issue}")
+            reported = len(issues or [])
+            key = raw["__key__"]
+            seen.add(key)
+            if wanted is not None and key not in wanted:
+                continue
             try:
-                raw = next(samples, None)
-                if raw is None:
-                    return
-                if wanted is not None and raw["__key__"] not in wanted:
-                    continue
+                if listed is not None and key not in listed:
+                    raise FormatError(f"{shard}:{key}: a sample the manifest does not list for this shard")
                 sample = parse_sample(raw, shard, self.camera)
-            except FormatError as e:  # a malformed sample, or a broken tar (which ends the shard)
+            except FormatError as e:  # a malformed sample: it alone is lost
                 if self.on_error == "raise":
                     raise
-                log.warning("skipping malformed data: %s", e)
+                self.skips.skip(f"{shard}:{key}", f"malformed sample: {e}")
                 continue
             rows = {}
             for name, (table, failed) in sidecars.items():
                 if sample.key in failed:  # the labeller reported this sample: it has no label
-                    log.warning("%s: labeller '%s' failed on this sample; skipping it", sample.where, name)
+                    self.skips.skip(f"{sample.where}#{name}", f"{sample.where}: labeller '{name}' failed on "
+                                                                f"this sample")
                     break
                 if sample.key not in table:
                     raise FormatError(f"{sidecar_dir(data_dir, name) / shard.name}: no labels for key "
@@ -361,6 +456,14 @@ class WindowStream(torch.utils.data.IterableDataset):
                 rows[name] = table[sample.key]
             else:
                 yield sample, rows
+        for issue in (issues or [])[reported:]:
+            self.skips.skip(f"{issue.shard}@{issue.offset}", f"damaged shard data: {issue}")
+        missing = [k for k in missing_keys(listed, seen) if wanted is None or k in wanted]
+        if missing:
+            message = _missing_message(shard, missing, issues or [])
+            if self.on_error == "raise":
+                raise FormatError(message)
+            self.skips.skip(f"{shard}#missing", message)
 
     def _windows(self, sample: EncodedSample, rows: dict[str, dict], starts: list[int]) -> list[dict[str, Any]]:
         """Decode the frames ``starts`` need (once) and cut one window dict per start."""
@@ -372,12 +475,12 @@ class WindowStream(torch.utils.data.IterableDataset):
         try:
             frames = decode_frames(sample, None if full else needed, self.backend, self.size)
             if frames.shape[0] != len(needed):
-                raise DecodeError(sample.where, self.backend, f"{frames.shape[0]} frames, meta.json says "
+                raise DecodeError(sample.video_where, self.backend, f"{frames.shape[0]} frames, meta.json says "
                                   f"{sample.meta.n_frames}")
         except DecodeError as e:
             if self.on_error == "raise":
                 raise
-            log.warning("skipping undecodable sample: %s", e)
+            self.skips.skip(sample.where, f"undecodable sample: {e}")
             return []
         n = sample.meta.n_frames
         action, state = _padded(sample.action, self.action_dim, n), _padded(sample.state, self.state_dim, n)

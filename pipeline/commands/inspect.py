@@ -19,6 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--sheet", default=None, help="contact-sheet PNG path (default: DIR/contact_sheet.png)")
     p.add_argument("--no-sheet", action="store_true", help="do not decode anything or write the PNG")
+    p.add_argument("--verify", action="store_true", help="read and decode every member of every shard; exit 3 "
+                                                         "listing the bad ones (docs/FORMAT.md)")
     p.add_argument("--samples", type=int, default=4, help="contact sheet rows: samples spread over the dataset (default: %(default)s)")
     p.add_argument("--frames", type=int, default=8, help="contact sheet columns: frames evenly spaced in a sample (default: %(default)s)")
     # PyAV by default: a few frames do not repay importing torch for torchcodec
@@ -27,11 +29,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shards.inspect import contact_sheet, dataset_summary, format_summary
+    from shards.inspect import contact_sheet, dataset_summary, format_summary, verify_dataset
 
     if args.samples < 1 or args.frames < 1:
         raise UsageError(f"--samples and --frames must be >= 1, got {args.samples}, {args.frames}")
     summary = dataset_summary(args.data)
+    if args.verify:
+        summary["verify"] = verify_dataset(args.data, backend=args.backend)
     sheet = None
     if not args.no_sheet and summary["samples"]:
         path = args.sheet or str(Path(args.data) / "contact_sheet.png")
@@ -41,4 +45,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary, sheet))
     # a damaged dataset (missing or resized shard files) is a data problem, like ingest failures
-    return exit_codes.DATA_FAILURES if summary["problems"] else exit_codes.OK
+    bad = summary["problems"] or (summary.get("verify") or {}).get("problems")
+    return exit_codes.DATA_FAILURES if bad else exit_codes.OK

@@ -10,9 +10,13 @@ Each sidecar shard is written under its own lock (``labels/NAME/.shard-NNNNNN.lo
 side by side, and a job that reaches a shard another live job is writing stops with a one-line error
 naming it (pid, host).
 
+One bad sample costs one sample: a malformed, undecodable or missing (damaged tar) sample becomes a
+failure row naming shard, key and member, and the rest of its shard is labelled. A rerun retries every
+shard whose sidecar lists failures.
+
 Exit codes: 0 done, 2 bad arguments or a labeller that does not fit the data (before any work), or a
-sidecar shard in use by another job, 3 done but some samples could not be decoded (listed in the
-sidecars' stats.json failures).
+sidecar shard in use by another job, 3 done but some samples could not be labelled (listed in the
+sidecars' stats.json failures; 3 again on every rerun while any remain).
 """
 
 from __future__ import annotations

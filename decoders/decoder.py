@@ -37,8 +37,10 @@ from torch import nn
 
 from decoders.augment import random_shift
 from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
+from nets.dit_block import Block, FinalLayer
 from nets.normalize import Normalizer, plain_stats
 from nets.spatial_softmax import SpatialSoftmax
+from nets.state_dict import rename_on_load
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("fm", "meanflow")
@@ -173,34 +175,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 20.0) -> torch.
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def _modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-class _Block(nn.Module):
-    """DiT block: bidirectional attention + GELU MLP, AdaLN-Zero conditioned on ``c [B, W]``."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        nn.init.zeros_(self.ada[1].weight)
-        nn.init.zeros_(self.ada[1].bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        b, n, w = x.shape
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
-        qkv = self.qkv(_modulate(self.norm1(x), sh1, sc1))
-        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, H, w/heads]
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
-        x = x + g1[:, None] * self.out(y)
-        return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), sh2, sc2))
+# Checkpoints saved before the velocity network used nets.dit_block (decoder blocks of their own, with
+# nn.Sequential(SiLU, Linear) AdaLN projections) load under the new names.
+OLD_VELOCITY_KEYS = [
+    (r"blocks\.(\d+)\.(qkv|mlp)\.(.*)", r"blocks.\1.stream.\2.\3"),
+    (r"blocks\.(\d+)\.out\.(.*)", r"blocks.\1.stream.proj.\2"),
+    (r"blocks\.(\d+)\.ada\.1\.(.*)", r"blocks.\1.stream.adaln.\2"),
+    (r"ada\.1\.(.*)", r"final.adaln.\1"),
+]
 
 
 class ChunkTransformer(nn.Module):
@@ -215,27 +197,25 @@ class ChunkTransformer(nn.Module):
         self.action_in = nn.Linear(action_dim, width)
         self.pos = nn.Parameter(torch.randn(1, horizon, width) * 0.02)
         self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(_Block(width, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.final = FinalLayer(width)
         self.action_out = nn.Linear(width, action_dim)
-        for layer in (self.ada[1], self.action_out):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.action_out.weight)
+        nn.init.zeros_(self.action_out.bias)
         self.width, self.feature_block = width, max(depth // 2 - 1, 0)
+        rename_on_load(self, OLD_VELOCITY_KEYS)
 
     def forward(self, z, t, r, cond):
         half = self.width // 2
         time = torch.cat([timestep_embedding(t, half), timestep_embedding(t - r, self.width - half)], -1)
-        c = cond + self.time_mlp(time)
+        c = F.silu(cond + self.time_mlp(time))  # DiT's AdaLN input: SiLU, then each block's projection
         x = self.action_in(z) + self.pos
         features = None
         for i, block in enumerate(self.blocks):
             x = block(x, c)
             if i == self.feature_block:
                 features = x.mean(1)
-        shift, scale = self.ada(c).chunk(2, dim=-1)
-        return self.action_out(_modulate(self.norm(x), shift, scale)), features
+        return self.action_out(self.final(x, c)), features
 
 
 class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "flow-matching"]):

@@ -1,28 +1,28 @@
-"""The world model's transformer pieces: the attention function, the AdaLN weights of one token stream,
-UWM's single-stream block, the final AdaLN layer and the timestep embedding.
+"""Bidirectional multi-head attention, dispatched to the fastest kernel that fits.
 
-``attention`` uses flash-attn when it is installed and the tensors are half precision on CUDA,
-and torch's ``scaled_dot_product_attention`` everywhere else (CPU, fp32, no flash-attn).
+``attention(q, k, v)`` uses flash-attn when it is installed and the tensors are half precision on
+CUDA, and torch's ``scaled_dot_product_attention`` everywhere else (CPU, fp32, no flash-attn).
 
-``AdaLNStream`` holds what a transformer block keeps per token stream: LayerNorms without affine,
-qkv and output projections, a GELU MLP and the AdaLN projection (shift, scale, gate for attention and
-MLP; zero-initialised so every block starts as the identity). UWM's ``Block`` has one for all tokens;
-DUST's block (``worldmodel.dust.DualStreamBlock``) has one per modality and joins them only inside
-attention.
+``math_attention()`` is a context in which every call takes torch's math SDPA kernel instead (no
+flash-attn, no fused kernel): forward-mode AD (``torch.func.jvp``, the MeanFlow target) is not
+implemented for the fused kernels, the math one supports it.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional GPU extra: pip install wm-pipeline[gpu]
     from flash_attn import flash_attn_func as _flash_attn_func
 except ImportError:  # no flash-attn here (it needs CUDA to build)
     _flash_attn_func = None
+
+_MATH_ONLY = contextvars.ContextVar("math_attention", default=False)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -30,93 +30,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     q, k, v: ``[B, heads, L, head_dim]`` -> ``[B, heads, L, head_dim]``.
     """
-    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if (_flash_attn_func is not None and not _MATH_ONLY.get() and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):
         # flash-attn wants [B, L, heads, head_dim]
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN: ``x [B, L, D]`` shifted and scaled by per-sample ``[B, 1, D]`` vectors."""
-    return x * (1 + scale) + shift
-
-
-class AdaLNStream(nn.Module):
-    """The weights of one token stream in an AdaLN transformer block.
-
-    A block uses it in two halves around a (possibly joint) attention call:
-    ``q, k, v, mod = stream.pre_attention(x, c)`` then ``x = stream.post_attention(x, o, mod)``.
-    """
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        # shift/scale/gate for attention and for the MLP; zero init -> the block starts as identity
-        self.adaln = nn.Linear(width, 6 * width)
-        nn.init.zeros_(self.adaln.weight)
-        nn.init.zeros_(self.adaln.bias)
-
-    def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
-        """x ``[B, L, D]``, c ``[B, D]`` (already SiLU'd) -> q, k, v ``[B, heads, L, D/heads]`` and modulation."""
-        mod = self.adaln(c).unsqueeze(1).chunk(6, dim=-1)
-        h = modulate(self.norm1(x), mod[0], mod[1])
-        b, n, d = h.shape
-        q, k, v = self.qkv(h).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return q, k, v, mod
-
-    def post_attention(self, x: torch.Tensor, o: torch.Tensor, mod) -> torch.Tensor:
-        """o ``[B, heads, L, head_dim]`` (this stream's slice of the attention output) -> new x ``[B, L, D]``."""
-        b, _, n, _ = o.shape
-        x = x + mod[2] * self.proj(o.transpose(1, 2).reshape(b, n, -1))
-        return x + mod[5] * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))
-
-
-class Block(nn.Module):
-    """UWM's single-stream block: one set of weights for all tokens, bidirectional attention."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.stream = AdaLNStream(width, heads, mlp_ratio)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, n_action: int) -> torch.Tensor:
-        q, k, v, mod = self.stream.pre_attention(x, c)
-        return self.stream.post_attention(x, attention(q, k, v), mod)
-
-
-class FinalLayer(nn.Module):
-    """LayerNorm + AdaLN shift/scale (zero init) before a modality's output projection."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.adaln = nn.Linear(width, 2 * width)
-        nn.init.zeros_(self.adaln.weight)
-        nn.init.zeros_(self.adaln.bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaln(c).unsqueeze(1).chunk(2, dim=-1)
-        return modulate(self.norm(x), shift, scale)
-
-
-class TimestepEmbedding(nn.Module):
-    """t in [0, 1] ``[B]`` -> ``[B, width]``: sinusoidal features of 1000 t, then an MLP."""
-
-    def __init__(self, width: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-        args = 1000.0 * t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+@contextlib.contextmanager
+def math_attention():
+    """Within it ``attention`` (and any direct SDPA call) uses torch's math kernel: what ``torch.func.jvp`` needs."""
+    token = _MATH_ONLY.set(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        _MATH_ONLY.reset(token)

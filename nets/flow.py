@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nets.attention import math_attention
 
 VelocityNet = Callable[..., Any]  # net(z, t, r, cond) -> v [B, ...] or (v, features [B, D])
 
@@ -146,8 +147,8 @@ def meanflow_target(
         u_, feats_ = _split(net(z_, t_, r_, cond))
         return u_, (() if feats_ is None else (feats_,))  # jvp's aux must hold only tensors
 
-    # Forward-mode AD is not implemented for the fused attention kernels; the math kernel is.
-    with sdpa_kernel(SDPBackend.MATH):
+    # Forward-mode AD is not implemented for flash-attn or the fused SDPA kernels; the math kernel has it.
+    with math_attention():
         u, dudt, aux = torch.func.jvp(
             fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True
         )

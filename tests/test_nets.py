@@ -49,3 +49,106 @@ def test_keypoints_follow_an_object_and_learn():
 def test_spatial_softmax_rejects_keypoints_without_channels():
     with pytest.raises(ValueError, match="channels"):
         SpatialSoftmax(0, keypoints=4)
+
+
+# ----------------------------------------------------------------------------- old checkpoints
+
+# The velocity network's keys before it used nets.dit_block: written out, as the old code named them.
+OLD_DECODER_NAMES = {
+    "blocks.{i}.stream.qkv.": "blocks.{i}.qkv.",
+    "blocks.{i}.stream.proj.": "blocks.{i}.out.",
+    "blocks.{i}.stream.mlp.": "blocks.{i}.mlp.",
+    "blocks.{i}.stream.adaln.": "blocks.{i}.ada.1.",
+}
+
+
+def _as_old_decoder(state: dict, depth: int) -> dict:
+    """A current decoder state dict under the key names the code before nets/ saved."""
+    old = {}
+    for key, value in state.items():
+        for i in range(depth):
+            for new, was in OLD_DECODER_NAMES.items():
+                new, was = "velocity." + new.format(i=i), "velocity." + was.format(i=i)
+                if key.startswith(new):
+                    key = was + key[len(new):]
+        key = key.replace("velocity.final.adaln.", "velocity.ada.1.")
+        old[key] = value
+    return old
+
+
+def _decoder_and_batch():
+    from tests.test_decoder import make_batch, make_config
+
+    from decoders.decoder import ActionDecoder
+
+    batch = make_batch()
+    torch.manual_seed(0)
+    model = ActionDecoder(make_config(batch, objective="meanflow")).eval()
+    with torch.no_grad():   # non-zero AdaLN weights, so a key that failed to load would show
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model, batch
+
+
+def _predict(model, batch):
+    return model.predict_action_chunk(batch["frames"], batch["state"][:, 1], batch["task"],
+                                      generator=torch.Generator().manual_seed(1), embodiment="sawyer")
+
+
+def test_decoder_checkpoint_saved_with_old_block_names_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from decoders.decoder import ActionDecoder
+
+    model, batch = _decoder_and_batch()
+    old = _as_old_decoder(model.state_dict(), model.config.depth)
+    assert "velocity.blocks.0.out.weight" in old and "velocity.ada.1.weight" in old   # the old layout
+    model.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"))
+    loaded = ActionDecoder.from_pretrained(str(tmp_path)).eval()   # strict: every key found a home
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(_predict(loaded, batch), _predict(model, batch))
+    fresh = ActionDecoder(model.config)
+    fresh.load_state_dict(old, strict=True)     # a plain load_state_dict renames too
+    assert torch.equal(_predict(fresh.eval(), batch), _predict(model, batch))
+
+
+def test_rename_keys_leaves_current_names_alone():
+    from nets.state_dict import rename_keys
+
+    rules = [(r"blocks\.(\d+)\.out\.(.*)", r"blocks.\1.stream.proj.\2")]
+    sd = {"v.blocks.3.out.weight": 1, "v.blocks.4.stream.proj.weight": 2, "blocks.0.out.bias": 3}
+    assert rename_keys(sd, rules, prefix="v.") == {"v.blocks.3.stream.proj.weight": 1,
+                                                   "v.blocks.4.stream.proj.weight": 2, "blocks.0.out.bias": 3}
+
+
+# ----------------------------------------------------------------------------- DiT block, attention
+
+
+def test_decoder_and_world_model_share_the_dit_block():
+    from decoders.decoder import ChunkTransformer
+    from nets.dit_block import Block
+    from worldmodel.uwm import WorldModel, WorldModelConfig, embodiment_spec
+
+    net = ChunkTransformer(3, 4, 16, 2, 2, 2.0)
+    wm = WorldModel(WorldModelConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2, registers=1,
+                                     encoder_channels=[8], action_horizon=2, n_future=1,
+                                     embodiments={"a": embodiment_spec(action_dim=2)}))
+    assert all(type(b) is Block for b in net.blocks) and type(wm.blocks[0]) is Block
+
+
+def test_math_attention_lets_jvp_through_a_block():
+    from nets.attention import attention, math_attention
+    from nets.dit_block import Block
+
+    torch.manual_seed(0)
+    block = Block(8, 2)
+    torch.nn.init.normal_(block.stream.adaln.weight, std=0.1)
+    x, c = torch.randn(2, 5, 8), torch.randn(2, 8)
+    with math_attention():
+        out, tangent = torch.func.jvp(lambda x_: block(x_, c), (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(out, block(x, c))
+    assert torch.isfinite(tangent).all() and tangent.abs().sum() > 0
+    q = torch.randn(1, 2, 3, 4)
+    assert torch.equal(attention(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q))

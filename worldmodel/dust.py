@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nets.attention import AdaLNStream, attention
+from nets.attention import attention
+from nets.dit_block import AdaLNStream
 
 
 class DualStreamBlock(nn.Module):

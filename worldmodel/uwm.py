@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from nets.attention import Block, FinalLayer, TimestepEmbedding
+from nets.dit_block import Block, FinalLayer
 from worldmodel.dust import DualStreamBlock, joint_schedule
 from nets.image_encoder import ImageEncoder
+from nets.timestep import TimestepEmbedding
 from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
 
 log = logging.getLogger(__name__)

@@ -149,14 +149,15 @@ def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
 
 # ---------------------------------------------------------------- manifest
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """Read and validate ``manifest.json`` of a dataset folder."""
-    path = Path(root) / MANIFEST
+def read_manifest(root) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` of a dataset: a folder or a URL (``shards.location``)."""
+    from .location import locate   # location builds on this module's FormatError
+    path = locate(root) / MANIFEST
     if not path.exists():
-        raise FormatError(f"{path}: no manifest (is {root} a dataset folder written by `wm collect` / `wm ingest`?)")
+        raise FormatError(f"{path}: no manifest (is {root} a dataset written by `wm collect` / `wm ingest`?)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
     validate_manifest(manifest, str(path))
     return manifest
@@ -182,7 +183,8 @@ def validate_manifest(m: dict[str, Any], where: str) -> None:
                 raise FormatError(f"{where}: embodiment {name!r} lacks {k!r}")
 
 
-def shard_paths(root: str | Path) -> list[Path]:
-    """The dataset's shard files in order, as listed by its manifest."""
-    root = Path(root)
+def shard_paths(root) -> list:
+    """The dataset's shard files in order, as listed by its manifest (``Path`` or ``Location``)."""
+    from .location import locate
+    root = locate(root)
     return [root / s["name"] for s in read_manifest(root)["shards"]]

@@ -12,6 +12,7 @@ image is ``[rows * H, frames * W]`` pixels at the dataset resolution.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 
 from shards.decode import DecodeError, decode_video
 from shards.format import ACTION, FAILURES, META, STATE, FormatError, SampleMeta, read_manifest, video_member
+from shards.location import Location, locate, open_read
 from shards.tar_reader import read_tar_samples
 
 log = logging.getLogger(__name__)
@@ -30,16 +32,19 @@ STATS_DIMS = 8            # dims shown per stats row in the table
 
 
 def dataset_summary(root: str | Path) -> dict[str, Any]:
-    """Counts, per-embodiment dims and stats, tasks, failures and shard-file problems of a dataset."""
-    root = Path(root)
+    """Counts, per-embodiment dims and stats, tasks, failures and shard-file problems of a dataset
+    (a folder or a URL, ``shards.location``; a ``pipe:`` dataset's shard sizes are not checked: that
+    would read every shard)."""
+    root = locate(root)
     manifest = read_manifest(root)
     failures = _read_failures(root / FAILURES)
     problems = []
+    sized = not (isinstance(root, Location) and root.is_pipe)
     for s in manifest["shards"]:
         path = root / s["name"]
         if not path.exists():
             problems.append(f"{s['name']}: missing")
-        elif path.stat().st_size != s["bytes"]:
+        elif sized and path.stat().st_size != s["bytes"]:
             problems.append(f"{s['name']}: {path.stat().st_size} bytes, the manifest says {s['bytes']}")
     embodiments = {}
     for name, e in manifest["embodiments"].items():
@@ -129,6 +134,17 @@ def _verify_sample(raw: dict[str, Any], path: Path, backend: str) -> list[dict[s
     return problems
 
 
+def _size_and_sha256(path) -> tuple[int, str]:
+    """Bytes and hex SHA-256 of a local or remote file, read as one stream (a second read of a remote
+    shard: ``--verify`` downloads each twice)."""
+    h, size = hashlib.sha256(), 0
+    with open_read(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
 def verify_dataset(root: str | Path, backend: str = "pyav") -> dict[str, Any]:
     """Read and decode every member of every shard: headers, names, meta.json, arrays, every camera's
     video, the shard's size and sha256, and its keys against the manifest.
@@ -136,10 +152,9 @@ def verify_dataset(root: str | Path, backend: str = "pyav") -> dict[str, Any]:
     Returns ``{"shards", "samples", "members", "problems": [{"shard", "key", "member", "reason"}]}``;
     ``key`` / ``member`` are None where the problem is not one sample's (a damaged header, the hash).
     """
-    from shards.stats import file_sha256
     from shards.stream import missing_keys
 
-    root = Path(root)
+    root = locate(root)
     manifest = read_manifest(root)
     problems: list[dict[str, Any]] = []
     samples = members = 0
@@ -148,7 +163,12 @@ def verify_dataset(root: str | Path, backend: str = "pyav") -> dict[str, Any]:
         if not path.exists():
             problems.append(_problem(name, None, None, f"{path}: missing"))
             continue
-        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+        try:
+            changed = _size_and_sha256(path) != (entry["bytes"], entry["sha256"])
+        except FormatError as e:
+            problems.append(_problem(name, None, None, str(e)))
+            continue
+        if changed:
             problems.append(_problem(name, None, None, f"{path}: size or sha256 differs from the manifest's "
                                                        f"(the file changed after it was written)"))
         issues: list = []
@@ -180,7 +200,7 @@ def contact_sheet(root: str | Path, path: str | Path, samples: int = 4, frames: 
     """
     from PIL import Image  # Pillow comes with matplotlib
 
-    root = Path(root)
+    root = locate(root)
     manifest = read_manifest(root)
     picked = _pick_samples(manifest, samples)
     if not picked:
@@ -265,7 +285,7 @@ def format_summary(summary: dict[str, Any], sheet: dict[str, Any] | None = None)
     lines += [f"  {row.get('source')}{' [' + row['key'] + ']' if row.get('key') else ''}: {row.get('reason')}"
               for row in f["first"]]
     if f["count"] > len(f["first"]):
-        lines.append(f"  ... {f['count'] - len(f['first'])} more in {Path(summary['path']) / FAILURES}")
+        lines.append(f"  ... {f['count'] - len(f['first'])} more in {locate(summary['path']) / FAILURES}")
     for p in summary["problems"]:
         lines.append(f"problem    {p}")
     v = summary.get("verify")

@@ -19,10 +19,10 @@ cuts those to each window.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 from pathlib import Path
@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from .folder_lock import FolderLock
-from .format import LABELLER_INFO, LABELS_DIR, FormatError, check_key, read_manifest, shard_index
+from .format import LABELLER_INFO, LABELS_DIR, MANIFEST, FormatError, check_key, read_manifest, shard_index
+from .location import Location, locate, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,19 @@ class SidecarError(FormatError):
 def sidecar_dir(data_dir: str | Path, name: str) -> Path:
     if not _FIELD_RE.match(name):
         raise ValueError(f"labeller name {name!r}: letters, digits, '_' and '-' only")
-    return Path(data_dir) / LABELS_DIR / name
+    return locate(data_dir) / LABELS_DIR / name
+
+
+def has_sidecar(data_dir, name: str) -> bool:
+    """Whether dataset ``data_dir`` has sidecar ``name``: its folder exists (a local folder, or a prefix
+    on an object store), or, where folders cannot be listed (``http(s)://``, ``pipe:``), its
+    ``labeller.json`` does (``wm label`` always writes one)."""
+    folder = sidecar_dir(data_dir, name)
+    if not isinstance(folder, Location):
+        return folder.is_dir()
+    if folder.protocol not in ("http", "https", "pipe") and folder.is_dir():
+        return True
+    return (folder / LABELLER_INFO).exists()
 
 
 def sidecar_path(data_dir: str | Path, name: str, shard_name: str) -> Path:
@@ -64,12 +77,16 @@ def sidecar_shard_lock(data_dir: str | Path, name: str, shard_name: str) -> Fold
     Per shard, not per folder: the disjoint ``--shards i/N`` ranges of a Slurm array write one sidecar
     folder side by side, while two jobs that reach the same shard cannot both write it."""
     path = sidecar_path(data_dir, name, shard_name)
+    if isinstance(path, Location):   # no locks on object stores: keep --shards ranges disjoint
+        return contextlib.nullcontext()
     return FolderLock(path.parent, f".{path.stem}.lock", what=f"sidecar {path}")
 
 
 def labeller_info_lock(data_dir: str | Path, name: str, wait: float = 120.0) -> FolderLock:
     """Held (briefly, waiting for others) while a job checks and writes ``labels/<name>/labeller.json``."""
     folder = sidecar_dir(data_dir, name)
+    if isinstance(folder, Location):
+        return contextlib.nullcontext()
     return FolderLock(folder, ".labeller.lock", what=f"{folder / LABELLER_INFO}", wait=wait)
 
 
@@ -107,9 +124,9 @@ def video_shard_keys(data_dir: str | Path, shard_name: str) -> list[str]:
     for entry in read_manifest(data_dir)["shards"]:
         if entry["name"] == Path(shard_name).name:
             if "keys" not in entry:
-                raise FormatError(f"{Path(data_dir) / 'manifest.json'}: shard {shard_name} lists no keys")
+                raise FormatError(f"{locate(data_dir) / MANIFEST}: shard {shard_name} lists no keys")
             return list(entry["keys"])
-    raise FormatError(f"{Path(data_dir) / 'manifest.json'}: no shard named {shard_name}")
+    raise FormatError(f"{locate(data_dir) / MANIFEST}: no shard named {shard_name}")
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -125,18 +142,16 @@ def _add(tar: tarfile.TarFile, member: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _replace_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_replace_atomic = write_atomic   # local: tmp + fsync + rename; remote: one put
 
 
 def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
-                        rows: dict[str, dict[str, np.ndarray]], failures: list[dict[str, Any]] = ()) -> dict[str, Any]:
+                        rows: dict[str, dict[str, np.ndarray]], failures: list[dict[str, Any]] = (),
+                        video=None) -> dict[str, Any]:
     """Write ``labels/<name>/<shard_name>`` from ``rows`` {key: {field: array}}; returns its stats.
+
+    ``data_dir`` is where the sidecar goes (a folder, or an ``s3://`` / ``gs://`` URL); ``video`` the
+    dataset whose manifest lists the shard's keys, when that is elsewhere (default: ``data_dir``).
 
     ``failures`` are rows ``{"key", "reason"}`` for samples the labeller could not label. Labelled
     and failed keys together must equal the video shard's keys (checked; ``SidecarError`` otherwise).
@@ -146,7 +161,7 @@ def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
     where = f"sidecar {name}/{path.name}"
     failures = [dict(f) for f in failures]
     failed = [f.get("key") for f in failures]
-    expected = video_shard_keys(data_dir, shard_name)
+    expected = video_shard_keys(data_dir if video is None else video, shard_name)
     got = list(rows) + failed
     if sorted(got) != sorted(expected) or len(set(got)) != len(got):
         missing = sorted(set(expected) - set(got))[:5]
@@ -172,7 +187,7 @@ def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
     _replace_atomic(path, buf.getvalue())
     stats = {"schema": SIDECAR_SCHEMA, "name": path.name, "labeller": name, "samples": len(rows),
              "keys": sorted(rows), "fields": fields, "failures": sorted(failures, key=lambda f: str(f.get("key"))),
-             "bytes": path.stat().st_size}
+             "bytes": len(buf.getvalue())}
     _replace_atomic(_stats_path(path), json.dumps(stats, sort_keys=True, separators=(",", ":")).encode())
     return stats
 
@@ -195,7 +210,9 @@ def read_sidecar(data_dir: str | Path, name: str, shard_name: str) -> dict[str, 
     read_sidecar_stats(data_dir, name, shard_name)  # raises when incomplete
     rows: dict[str, dict[str, np.ndarray]] = {}
     try:
-        with tarfile.open(path, "r") as tar:
+        remote = isinstance(path, Location)
+        with (tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r") if remote else
+              tarfile.open(path, "r")) as tar:
             for info in tar:
                 if not info.isreg():
                     continue

@@ -45,7 +45,8 @@ from torch.utils.data import default_collate
 
 from .decode import DecodeError, decode_video, resolve_backend
 from .format import ACTION, META, STATE, FormatError, SampleMeta, read_manifest, video_member
-from .sidecar import read_sidecar, read_sidecar_stats, sidecar_dir
+from .location import Location, locate
+from .sidecar import has_sidecar, read_sidecar, read_sidecar_stats, sidecar_dir
 # read_tar_samples resyncs past a damaged header: one bad spot costs the members it touches, never the
 # rest of the shard; importable from here too, where readers have always found it
 from .tar_reader import TarIssue, read_tar_samples  # noqa: F401
@@ -56,6 +57,13 @@ MODES = ("train", "label")
 
 
 # ---------------------------------------------------------------- splitting
+
+def locate_all(data) -> list[Path | Location]:
+    """One dataset or a list of them (folders or URLs, ``shards.location``) as located roots."""
+    if isinstance(data, (str, os.PathLike, Location)):
+        return [locate(data)]
+    return [locate(d) for d in data]
+
 
 def rank_and_world() -> tuple[int, int]:
     """This process's (rank, world size): torch.distributed when initialised, else RANK / WORLD_SIZE."""
@@ -247,7 +255,7 @@ def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | 
     """
     if errors not in ("raise", "record"):
         raise ValueError(f"errors must be 'raise' or 'record', got {errors!r}")
-    data_dir = Path(data_dir)
+    data_dir = locate(data_dir)
     entry = read_manifest(data_dir)["shards"][shard_index]
     shard, listed = data_dir / entry["name"], entry.get("keys")
     size = _size(resize)
@@ -293,7 +301,7 @@ def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | 
 def iter_samples(data: str | Path | Sequence[str | Path], *, camera: str | None = None, resize=None,
                  backend: str = "auto", errors: str = "raise", split: bool = True) -> Iterator[DecodedSample]:
     """Every episode of one or more datasets, once; split by rank and DataLoader worker when ``split``."""
-    dirs = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
+    dirs = locate_all(data)
     shards = [(d, i) for d in dirs for i in range(len(read_manifest(d)["shards"]))]
     if split:
         (rank, world), (worker, workers) = rank_and_world(), worker_and_count()
@@ -356,7 +364,7 @@ class WindowStream(torch.utils.data.IterableDataset):
         if window < 1 or stride < 1 or windows_per_episode < 1:
             raise ValueError(f"window, stride and windows_per_episode must be >= 1 (got {window}, {stride}, "
                              f"{windows_per_episode})")
-        self.dirs = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
+        self.dirs = locate_all(data)
         if not self.dirs:
             raise ValueError("no data directories given")
         manifests = [read_manifest(d) for d in self.dirs]
@@ -380,7 +388,7 @@ class WindowStream(torch.utils.data.IterableDataset):
         self.state_dim = max([e["state_dim"] for m in manifests for e in m["embodiments"].values()], default=0)
         self.labels, self.optional_labels = tuple(labels), optional_labels
         # data dir -> the label names it has (all of them unless optional_labels)
-        self.dir_labels = {d: tuple(n for n in self.labels if sidecar_dir(d, n).is_dir()) for d in self.dirs}
+        self.dir_labels = {d: tuple(n for n in self.labels if has_sidecar(d, n)) for d in self.dirs}
         for d in self.dirs:
             for name in self.labels:
                 if name not in self.dir_labels[d] and not (optional_labels and self._has_label(name)):

@@ -23,13 +23,13 @@ Nothing is ever extracted to disk, so an unsafe name cannot write anywhere; it i
 from __future__ import annotations
 
 import dataclasses
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .format import FormatError
+from .location import LocationError, locate, open_read
 
 BLOCK = 512
 _SCAN_BLOCKS = 256                       # blocks read at a time while scanning for the next header
@@ -68,20 +68,51 @@ def _header(buf: bytes) -> tarfile.TarInfo | None:
         return None
 
 
-def _next_header(f, start: int, size: int) -> int | None:
+def _next_header(r: "_Blocks", start: int) -> int | None:
     """Offset of the first valid header at or after block offset ``start``, or None."""
     pos = start
-    while pos + BLOCK <= size:
-        f.seek(pos)
-        chunk = f.read(BLOCK * _SCAN_BLOCKS)
+    while True:
+        chunk = r.read_at(pos, BLOCK * _SCAN_BLOCKS)
         for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
             # cheap test first: the magic sits at byte 257 of every ustar header
             if chunk[i + 257: i + 262] == b"ustar" and _header(chunk[i: i + BLOCK]) is not None:
                 return pos + i
-        pos += len(chunk) - len(chunk) % BLOCK
-        if len(chunk) < BLOCK:
-            break
-    return None
+        if len(chunk) < BLOCK * _SCAN_BLOCKS:
+            return None
+        pos += len(chunk)
+
+
+class _Blocks:
+    """``read_at(pos, n)`` over a shard: a local file seeks; a remote stream (``shards.location``) is
+    read forward once, keeping only the bytes from the last read's start on (the reader never goes
+    back further), so resyncing works on a stream that cannot seek. Short reads mean the end."""
+
+    def __init__(self, f):
+        self.f = f
+        self.seekable = hasattr(f, "fileno") and hasattr(f, "seek")
+        self.base, self.buf, self.eof = 0, bytearray(), False
+
+    def read_at(self, pos: int, n: int) -> bytes:
+        if self.seekable:
+            self.f.seek(pos)
+            return self.f.read(n)
+        if pos < self.base:
+            raise AssertionError(f"tar reader went back from byte {self.base} to {pos} on a stream")
+        skip = pos - self.base
+        if skip >= len(self.buf):
+            skip -= len(self.buf)
+            self.buf.clear()
+            while skip and not self.eof:             # data nobody needs (a skipped member)
+                got = self.f.read(min(skip, 1 << 20))
+                self.eof, skip = not got, skip - len(got)
+        else:
+            del self.buf[:skip]
+        self.base = pos
+        while len(self.buf) < n and not self.eof:
+            got = self.f.read(max(n - len(self.buf), 1 << 16))
+            self.eof = not got
+            self.buf += got
+        return bytes(self.buf[:n])
 
 
 def _pax(data: bytes) -> dict[str, str]:
@@ -116,17 +147,20 @@ def unsafe_name(name: str) -> str | None:
     return None
 
 
-def iter_members(path: Path, report) -> Iterator[tuple[str, int, bytes]]:
-    """``(name, header offset, data)`` of every safe regular member; ``report(TarIssue)`` for the rest."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+def iter_members(path, report) -> Iterator[tuple[str, int, bytes]]:
+    """``(name, header offset, data)`` of every safe regular member; ``report(TarIssue)`` for the rest.
+
+    ``path``: a local file or a ``shards.location.Location``, read as one forward stream."""
+    with open_read(path) as f:
+        r = _Blocks(f)
         pos, pax, longname = 0, {}, None
-        while pos + BLOCK <= size:
-            f.seek(pos)
-            buf = f.read(BLOCK)
+        while True:
+            buf = r.read_at(pos, BLOCK)
+            if len(buf) < BLOCK:
+                break
             info = _header(buf)
             if info is None:
-                nxt = _next_header(f, pos + BLOCK, size)
+                nxt = _next_header(r, pos + BLOCK)
                 if buf.count(0) == BLOCK and nxt is None:
                     return                                  # the end-of-archive zero blocks
                 what = "zero block inside the archive" if buf.count(0) == BLOCK else "damaged tar header"
@@ -140,12 +174,16 @@ def iter_members(path: Path, report) -> Iterator[tuple[str, int, bytes]]:
             name = longname or pax.get("path") or info.name
             n = int(pax["size"]) if "size" in pax and pax["size"].isdigit() else info.size
             start = pos + BLOCK
-            if start + n > size:
+            keep = info.type in _REGULAR or info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME)
+            # the data of members we do not use is still read (a stream cannot skip without reading),
+            # but only kept for the length check
+            data = r.read_at(start, n)
+            if len(data) < n:
                 report(TarIssue(path, pos, name, f"truncated: {n} bytes of data, the file ends "
-                                                 f"{size - start} bytes after the header"))
+                                                 f"{len(data)} bytes after the header"))
                 return
-            f.seek(start)
-            data = f.read(n) if info.type in _REGULAR or info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME) else b""
+            if not keep:
+                data = b""
             nxt = start + -(-n // BLOCK) * BLOCK
             if info.type == tarfile.XHDTYPE:                 # pax header: applies to the next member
                 try:
@@ -172,6 +210,7 @@ def iter_members(path: Path, report) -> Iterator[tuple[str, int, bytes]]:
                 continue
             yield name, start - BLOCK, data
         # a complete tar ends in zero blocks (returned above); here the file stopped short of them
+        size = pos + len(buf)
         report(TarIssue(path, min(pos, size), None, f"truncated: the file ends at byte {size}, before the "
                                                      f"end-of-archive blocks"))
 
@@ -183,7 +222,7 @@ def read_tar_samples(path: str | Path, issues: list[TarIssue] | None = None) -> 
     member. Otherwise each problem is appended to ``issues`` (as it is met, so a caller can look at
     the list between samples) and reading goes on with the next valid member.
     """
-    path = Path(path)
+    path = locate(path)
 
     def report(issue: TarIssue) -> None:
         if issues is None:
@@ -211,5 +250,7 @@ def read_tar_samples(path: str | Path, issues: list[TarIssue] | None = None) -> 
             current[field] = data
         if current is not None:
             yield current
+    except LocationError:
+        raise
     except OSError as e:
         raise FormatError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None

@@ -27,7 +27,6 @@ optimisers and the loop belong to the runtime in ``pipeline/``.
 import copy
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +35,12 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from decoders.augment import random_shift
-from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from nets.dit_block import Block, FinalLayer
+from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from nets.normalize import Normalizer, plain_stats
 from nets.spatial_softmax import SpatialSoftmax
 from nets.state_dict import rename_on_load
+from nets.timestep import MEANFLOW_SCALE, timestep_embedding
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("fm", "meanflow")
@@ -163,18 +163,6 @@ class _ResConv(nn.Module):
         return F.silu(x + self.body(x))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 20.0) -> torch.Tensor:
-    """Sinusoidal embedding of ``t [B]`` in [0, 1] -> ``[B, dim]``.
-
-    The scale is low on purpose (DiT uses 1000): the MeanFlow target contains ``d_t u``, and
-    high-frequency time features make it huge; at 1000 MeanFlow training diverged in our runs.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * scale)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 # Checkpoints saved before the velocity network used nets.dit_block (decoder blocks of their own, with
 # nn.Sequential(SiLU, Linear) AdaLN projections) load under the new names.
 OLD_VELOCITY_KEYS = [
@@ -207,7 +195,8 @@ class ChunkTransformer(nn.Module):
 
     def forward(self, z, t, r, cond):
         half = self.width // 2
-        time = torch.cat([timestep_embedding(t, half), timestep_embedding(t - r, self.width - half)], -1)
+        time = torch.cat([timestep_embedding(t, half, MEANFLOW_SCALE),
+                          timestep_embedding(t - r, self.width - half, MEANFLOW_SCALE)], -1)
         c = F.silu(cond + self.time_mlp(time))  # DiT's AdaLN input: SiLU, then each block's projection
         x = self.action_in(z) + self.pos
         features = None

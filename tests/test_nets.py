@@ -152,3 +152,19 @@ def test_math_attention_lets_jvp_through_a_block():
     assert torch.isfinite(tangent).all() and tangent.abs().sum() > 0
     q = torch.randn(1, 2, 3, 4)
     assert torch.equal(attention(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q))
+
+
+# ----------------------------------------------------------------------------- timestep embedding
+
+
+def test_timestep_embedding_scale_is_the_one_difference():
+    from nets.timestep import MEANFLOW_SCALE, TimestepEmbedding, timestep_embedding
+
+    t = torch.tensor([0.0, 0.25, 1.0])
+    low, high = timestep_embedding(t, 8, MEANFLOW_SCALE), timestep_embedding(t, 8)
+    assert low.shape == high.shape == (3, 8)
+    assert torch.equal(low[0], torch.tensor([1.0] * 4 + [0.0] * 4))      # cos 0, sin 0
+    assert torch.equal(timestep_embedding(t * 50, 8, MEANFLOW_SCALE), high)  # 20 * 50 t = 1000 t
+    torch.manual_seed(0)
+    emb = TimestepEmbedding(16, freq_dim=8, scale=MEANFLOW_SCALE)
+    torch.testing.assert_close(emb(t), emb.mlp(low))

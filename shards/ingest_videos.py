@@ -14,7 +14,10 @@ One input file -> 0..n clips, each one sample with embodiment ``"video"`` and no
 Failures (each becomes one ``failures.jsonl`` row naming the file, never a traceback): a missing,
 empty or non-media file, no video stream, no decodable frame, a video shorter than one clip.
 A truncated or corrupt file yields the clips decoded before the damage AND a failure row saying
-how much was lost, so the good part is used and the damage is still reported.
+how much was lost, so the good part is used and the damage is still reported. A timestamp gap
+(decoded frames more than ``GAP_SECONDS`` and ``GAP_FRAMES`` source frames apart: a corrupt cluster
+the demuxer skipped) is not bridged with frozen frames: the clip across it is dropped, clips start
+again after it, and a failure row names where the gap is.
 
 Keys: ``<sanitised stem>-<8 hex of sha1(absolute path)>-c<clip index>``: stable across runs and
 worker counts, unique across folders that hold equal file names, no dots.
@@ -28,6 +31,7 @@ import functools
 import glob
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -45,6 +49,11 @@ DEFAULT_CAMERA = "video"
 TIME_TOLERANCE = 1e-3      # seconds; timestamps closer than this are equal (ms time bases)
 # A decode that ends this much before the container's stated duration is called truncated.
 TRUNCATION_SLACK = 0.5     # seconds, plus two source frames
+# Consecutive decoded frames further apart than this (and than GAP_FRAMES source frames) mark a gap:
+# footage the demuxer skipped (a corrupt Matroska cluster, a cut in the stream). Holding the last frame
+# across it would store frozen frames, so the clip across a gap is dropped and the gap reported.
+GAP_SECONDS = 0.25
+GAP_FRAMES = 4
 # Folder walks pick files with these suffixes; files named explicitly (or by a glob) are always tried.
 VIDEO_SUFFIXES = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts",
@@ -132,18 +141,22 @@ def resampled_frames(path: str, fps: float, size: int, stats: dict) -> Iterator[
     """Yield the video's frames at a constant ``fps``, each uint8 ``[size, size, 3]``.
 
     ``stats`` is filled as decoding goes: ``source_fps``, ``source_size`` [H, W], ``decoded``
-    (source frames), ``end`` (seconds covered), and ``error`` (why decoding stopped early, or None).
+    (source frames), ``end`` (seconds covered), ``error`` (why decoding stopped early, or None) and
+    ``gaps`` ([(from, to)] seconds since the first frame: timestamp gaps). At a gap it yields ``None``
+    (frames before and after it are not continuous) instead of holding the last frame across it.
     Raises ``BadInput`` when the file cannot be opened or holds no decodable frame.
     """
     container = _open(path)
     try:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 0) or None
-        stats.update(source_fps=rate, decoded=0, end=0.0, error=None)
+        stats.update(source_fps=rate, decoded=0, end=0.0, error=None, gaps=[])
         frame_dt = 1.0 / rate if rate else 1.0 / fps
+        gap = max(GAP_SECONDS, GAP_FRAMES * frame_dt)
         t0: float | None = None
         held, held_time, held_rgb = None, 0.0, None  # the source frame shown until the next one
         out_index = 0
+        gap_from: float | None = None   # inside a gap: where it began (waiting for the next keyframe)
 
         def emit_until(limit: float) -> Iterator[np.ndarray]:
             # every output time before `limit` shows the held frame
@@ -161,7 +174,18 @@ def resampled_frames(path: str, fps: float, size: int, stats: dict) -> Iterator[
                 if t0 is None:
                     t0 = t
                     stats["source_size"] = [frame.height, frame.width]
-                if held is not None:
+                if held is not None and gap_from is None and t - held_time > gap:   # skipped footage
+                    gap_from = held_time + frame_dt   # the last frame before it lasts one source frame
+                    yield from emit_until(gap_from)
+                if gap_from is not None:
+                    if not frame.key_frame:   # predicted from frames that were lost: garbage until a keyframe
+                        stats["decoded"] += 1
+                        continue
+                    stats["gaps"].append((gap_from - t0, t - t0))
+                    out_index = stats["next_index"] = max(out_index, math.ceil((t - t0 - TIME_TOLERANCE) * fps))
+                    gap_from = None
+                    yield None   # do not freeze across the gap: the clip in progress ends here
+                elif held is not None:
                     yield from emit_until(t)
                 held, held_time, held_rgb = frame, t, None
                 stats["decoded"] += 1
@@ -171,7 +195,10 @@ def resampled_frames(path: str, fps: float, size: int, stats: dict) -> Iterator[
             raise BadInput(stats["error"] or "no decodable video frame (zero-frame video)")
         end = held_time + frame_dt  # the last frame lasts one source frame
         stats["end"] = end - t0
-        yield from emit_until(end)
+        if gap_from is not None:   # no keyframe after the gap: the rest of the file is lost
+            stats["gaps"].append((gap_from - t0, None))
+        else:
+            yield from emit_until(end)
         if stats["error"] is None:
             stated = _stated_duration(container, stream)
             if stated is not None and stats["end"] < stated - TRUNCATION_SLACK - 2 * frame_dt:
@@ -198,18 +225,33 @@ def video_clips(path: str, *, resolution: int, fps: float, clip_seconds: float, 
     clip_len = clip_frames(fps, clip_seconds)
     stats: dict = {}
     buffer: list[np.ndarray] = []
-    n_clips = 0
+    n_clips, n_out, dropped = 0, 0, 0   # n_out: output frame times passed (gaps included)
     for rgb in resampled_frames(path, fps, resolution, stats):
+        if rgb is None:   # a timestamp gap: the clip in progress is not continuous, drop it
+            dropped += bool(buffer)
+            n_out = stats["next_index"]
+            buffer = []
+            continue
         buffer.append(rgb)
+        n_out += 1
         if len(buffer) == clip_len:
             yield Episode(
                 key=clip_key(path, n_clips), frames={camera: np.stack(buffer)}, fps=float(fps),
                 embodiment=EMBODIMENT, source=path, episode_index=n_clips,
-                extra={"clip_index": n_clips, "start_seconds": round(n_clips * clip_len / fps, 6),
+                extra={"clip_index": n_clips, "start_seconds": round((n_out - clip_len) / fps, 6),
                        "source_fps": stats.get("source_fps"), "source_size": stats.get("source_size")},
             )
             n_clips += 1
             buffer = []
+    gaps = stats.get("gaps") or []
+    if gaps:
+        a, b = gaps[0]
+        where = (f"no usable frame from {a:.2f} s to {b:.2f} s ({b - a:.2f} s missing or undecodable up to the next "
+                 f"keyframe: a corrupt or cut part)" if b is not None else
+                 f"no usable frame after {a:.2f} s (no keyframe after the damage)")
+        more = f" and {len(gaps) - 1} more" if len(gaps) > 1 else ""
+        stats["error"] = "; ".join(filter(None, [
+            f"timestamp gap: {where}{more}; dropped {dropped} partial clip(s) across it", stats.get("error")]))
     if stats.get("error"):
         raise BadInput(f"{stats['error']}; kept {n_clips} clip(s) from the good part")
     if n_clips == 0:

@@ -249,7 +249,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8 YAML) file: byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start} (a binary file?)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else "parse error"
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
@@ -352,8 +357,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in t.log_with:
         if name not in LOGGERS:
             raise ConfigError(f"config key 'train.log_with': {name!r} is not one of {list(LOGGERS)}")
-    if d.resize is not None and len(d.resize) != 2:
-        raise ConfigError(f"config key 'data.resize': expected [H, W], got {d.resize}")
+    if d.resize is not None and (len(d.resize) != 2 or not all(v > 0 for v in d.resize)):
+        raise ConfigError(f"config key 'data.resize': expected [H, W] with H, W > 0, got {d.resize}")
     if d.weights is not None and len(d.weights) != len(d.paths):
         raise ConfigError(f"config key 'data.weights': {len(d.weights)} weights for {len(d.paths)} data paths")
     return cfg

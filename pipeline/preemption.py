@@ -7,6 +7,11 @@ stopped alone would hang the others in their next collective). Signals arriving 
 checkpoint is being written only set the flag again: nothing is interrupted, and the checkpoint
 directory is renamed into place only once complete (pipeline.checkpoint), so a hard kill leaves
 the previous checkpoint intact.
+
+Installed from the start: `wm train` installs the handler before it imports torch or reads any data
+(this module imports nothing heavy), so a signal during start-up (imports, data checks, building the
+model, resuming) is held until the first step boundary and ends in a checkpoint and exit 75, like one
+during training, instead of killing the process.
 """
 
 from __future__ import annotations
@@ -14,9 +19,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-
-import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,11 @@ class PreemptionHandler:
         return self.received is not None
 
 
-def agree(flags: list[bool], device: torch.device) -> list[bool]:
+def agree(flags: list[bool], device: "torch.device") -> list[bool]:
     """Logical OR of per-rank flags across all ranks (one all-reduce; identity on one process)."""
+    import torch   # here, not at the top: `wm train` installs the handler before it imports torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(flags)
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)

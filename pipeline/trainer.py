@@ -279,6 +279,61 @@ def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: context
         raise FolderBusy(f"run folder {run_dir} is in use by another job (rank 0's message names it)")
 
 
+class _Reads:
+    """The run config as ``spec.prepare`` sees it: reads and writes go to ``cfg``, and the names of the
+    top-level fields read are recorded (does this recipe use ``init``?)."""
+
+    def __init__(self, cfg: config_mod.RunConfig):
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "read_fields", set())
+
+    def __getattr__(self, name: str) -> Any:
+        self.read_fields.add(name)
+        return getattr(self._cfg, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._cfg, name, value)
+
+
+def check_init_exists(cfg: config_mod.RunConfig) -> None:
+    if cfg.init is not None and not Path(cfg.init).exists():
+        raise UsageError(f"--init {cfg.init} does not exist (expected a run folder of `wm train`)")
+
+
+def check_init_used(cfg: config_mod.RunConfig, spec: ModelSpec, read: bool) -> None:
+    """Refuse an ``--init`` that nothing would load: the model does not fine-tune (``warm_start``) and
+    its ``prepare`` never looked at it for this recipe (e.g. ``wm train decoder policy=scratch``)."""
+    if cfg.init is None or spec.warm_start or read:
+        return
+    recipe = f"model '{spec.name}'" + (f" with policy={cfg.policy}" if cfg.policy else "")
+    raise UsageError(f"--init {cfg.init}: {recipe} does not use it (nothing would be loaded from it); "
+                     f"drop --init, or pick the policy that starts from it")
+
+
+# exceptions a model's constructor raises for config values it cannot build (sizes of 0, bad ratios)
+_BAD_CONFIG_ERRORS = (ValueError, TypeError, AssertionError, ZeroDivisionError, RuntimeError, IndexError)
+
+
+def build_model(cfg: config_mod.RunConfig, spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``cfg``: a config it cannot be built from is a one-line ``UsageError`` (exit 2), raised
+    before anything is written to the run folder, naming the model.* values that look suspicious."""
+    try:
+        with weights.loading(weights.config_folders(cfg.model), what="a folder the model config points at:"):
+            return spec.model_cls(cfg.model)   # may load frozen parts (a VAE, a text encoder) from disk
+    except UsageError:
+        raise
+    except _BAD_CONFIG_ERRORS as e:
+        log.debug("building model '%s' failed", spec.name, exc_info=True)
+        preset = spec.presets.get(cfg.preset)   # values <= 0 the user set (not the preset's own zeros)
+        suspicious = [f"model.{f.name}={getattr(cfg.model, f.name)}" for f in dataclasses.fields(cfg.model)
+                      if type(getattr(cfg.model, f.name)) in (int, float) and getattr(cfg.model, f.name) <= 0
+                      and getattr(preset, f.name, None) != getattr(cfg.model, f.name)]
+        hint = f" (check {', '.join(suspicious)})" if suspicious else ""
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UsageError(f"model '{spec.name}' cannot be built from this config: {type(e).__name__}: {first}"
+                         f"{hint}") from None
+
+
 # ---------------------------------------------------------------- the loop
 
 class _Run:
@@ -287,22 +342,26 @@ class _Run:
     def __init__(self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
                  status: _Status):
         self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
+        # Everything the user can get wrong is checked before anything is written to RUN: the data, the
+        # model/data fit, --init, and that the model builds from the config.
         manifests = read_manifests(cfg.data.paths)
+        check_init_exists(cfg)
         if spec.prepare is not None:
-            spec.prepare(cfg, manifests)   # fills data-dependent model fields; raises ModelDataMismatch
+            reads = _Reads(cfg)
+            spec.prepare(reads, manifests)   # fills data-dependent model fields; raises ModelDataMismatch
+            check_init_used(cfg, spec, "init" in reads.read_fields)
         self.acc = make_accelerator(cfg.train.precision)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
+        seed = cfg.train.seed
+        set_seed(derive_seed(seed, "init"))   # identical initial weights on every rank
+        model = build_model(cfg, spec)
         lock_run_dir(run_dir, self.main, self.acc.device, locks)   # before anything is written there
         run_dir.mkdir(parents=True, exist_ok=True)
         done = checkpoint.complete_checkpoints(run_dir)
         status.active, status.step = self.main, done[-1][0] if done else 0   # from here on, any end is recorded
         if self.main:
             checkpoint.remove_partial(run_dir)
-        seed = cfg.train.seed
-        set_seed(derive_seed(seed, "init"))   # identical initial weights on every rank
-        with weights.loading(weights.config_folders(cfg.model), what="a folder the model config points at:"):
-            model = spec.model_cls(cfg.model)   # may load frozen parts (a VAE, a text encoder) from disk
         if spec.warm_start and cfg.init and checkpoint.latest_checkpoint(run_dir) is None:
             checkpoint.load_init_weights(model, cfg.init)   # fine-tuning; a resume loads its own weights
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
@@ -421,6 +480,23 @@ class _Run:
         return {f"eval/{k}": float(v) for k, v in zip(names, values.tolist())}
 
     def save(self) -> None:
+        try:
+            self._save()
+        except WriteFailed as e:
+            raise WriteFailed(f"{e}; a checkpoint {self._room()}") from None
+
+    def _room(self) -> str:
+        """How much room a checkpoint takes (the newest complete one, else the weights in memory) and is free."""
+        from shards.writer import room_note
+
+        newest = checkpoint.latest_checkpoint(self.run_dir)
+        if newest is not None:
+            size = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+            return room_note(self.run_dir, size, f"the size of {newest.name}")
+        params = sum(p.numel() * p.element_size() for p in self.acc.unwrap_model(self.model).parameters())
+        return room_note(self.run_dir, 4 * params, "weights, EMA weights and two AdamW moments")
+
+    def _save(self) -> None:
         checkpoint.save_checkpoint(
             self.run_dir, self.step, model=self.acc.unwrap_model(self.model), ema_model=self.ema.model,
             optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank, keep_last=self.cfg.train.keep_last,
@@ -438,29 +514,46 @@ def _log_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
             f" | {m['samples_per_s']:.1f} samples/s | eta {eta}" + (f" | {extra}" if extra else ""))
 
 
-def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path) -> TrainResult:
+def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path,
+          signals: PreemptionHandler | None = None) -> TrainResult:
     """Train ``spec``'s model with ``cfg`` into ``run_dir``, resuming from its latest checkpoint.
 
     Holds ``run_dir/.lock`` (rank 0) for the whole run: ``FolderBusy`` when another job trains there.
     Once the lock is held, every way out writes a final state to ``run_dir/status.json`` (rank 0): an
     exception writes ``failed`` with its exit code (``exit_code_of``) and propagates; an OSError of a
-    full or read-only disk propagates as ``WriteFailed`` naming the file."""
+    full or read-only disk propagates as ``WriteFailed`` naming the file.
+
+    ``signals``: a ``PreemptionHandler`` installed by the caller as early as it could (`wm train` does so
+    before importing torch), so that SIGUSR1 / SIGTERM during start-up are a checkpoint at the first step
+    boundary, never a dead process; by default one is installed here, before anything else."""
     run_dir = Path(run_dir)
     status = _Status(run_dir)
-    with contextlib.ExitStack() as locks:
-        try:
-            return _train(cfg, spec, run_dir, locks, status)
-        except BaseException as e:
-            disk = isinstance(e, OSError) and e.errno in DISK_FULL and not isinstance(e, WriteFailed)
-            error = WriteFailed(f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e}") if disk else e
-            status.fail(error)
-            if disk:
-                raise error from None
-            raise
+    signals = signals if signals is not None else PreemptionHandler().install()
+    try:
+        with contextlib.ExitStack() as locks:
+            try:
+                return _train(cfg, spec, run_dir, locks, status, signals)
+            except BaseException as e:
+                disk = isinstance(e, OSError) and e.errno in DISK_FULL and not isinstance(e, WriteFailed)
+                error = _disk_error(e, run_dir) if disk else e
+                status.fail(error)
+                if disk:
+                    raise error from None
+                raise
+    finally:
+        signals.uninstall()
+
+
+def _disk_error(e: OSError, run_dir: Path) -> WriteFailed:
+    from shards.writer import free_bytes, megabytes
+
+    free = free_bytes(run_dir)
+    return WriteFailed(f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e} "
+                       f"({megabytes(free) if free is not None else 'unknown'} free there): make room and rerun")
 
 
 def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
-           status: _Status) -> TrainResult:
+           status: _Status, signals: PreemptionHandler) -> TrainResult:
     run = _Run(cfg, spec, run_dir, locks, status)
     t = cfg.train
     result = TrainResult(exit_codes.OK, run.step, run_dir, run.resumed_from)
@@ -479,7 +572,7 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
     data = run.data(run.step)
     state, code = "running", exit_codes.OK
     status.write(state, run.step, code)
-    with PreemptionHandler() as signals:
+    with contextlib.nullcontext():   # `signals` is installed since train() began and uninstalled when it ends
         try:
             while run.step < t.max_steps:
                 bad, stop, m = run.train_step(data, signals.local_flag)

@@ -20,6 +20,10 @@ Guarantees (docs/FORMAT.md has the user-facing version):
   never renames a shard after a ``kill -9`` of the job.
 - Bytes are deterministic (fixed tar headers, deterministic H.264, sorted JSON), so any number of
   workers, and any kill + resume, give byte-identical shards, manifest and failures.
+- A full disk never leaves half a file: a write that fails with ENOSPC (or a quota, a read-only
+  disk, a file too large) removes the partial ``*.tmp`` and ends the job with ``DiskFull``, one line
+  naming the file, the room the rest of the job needs and the room left (``wm`` exits 74). The shards
+  completed before stay; a rerun after making room resumes from them.
 - Bad data never raises: each bad input or episode becomes a ``failures.jsonl`` row
   ``{"source", "key", "reason"}`` and the rest is ingested.
 - Dataset-wide consistency (one resolution per dataset, one action/state dim per embodiment,
@@ -33,12 +37,14 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import io
 import json
 import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import sys
 import tarfile
@@ -80,6 +86,63 @@ class Episode:
     episode_index: int = -1
     seed: int | None = None
     extra: dict = dataclasses.field(default_factory=dict)
+
+
+# errnos that mean "the disk refuses the write" (not a bug, not bad data): DiskFull, exit code 74
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+class DiskFull(Exception):
+    """An output of the job could not be written (no space, a quota, a read-only disk). ``str(e)`` is one
+    line naming the file; its partial ``*.tmp`` is already removed. ``pipeline.cli`` exits 74
+    (WRITE_FAILED). ``written`` is how many bytes of that file had been written (a lower bound of the
+    room it needs)."""
+
+    def __init__(self, message: str, path: str = "", written: int = 0):
+        super().__init__(message, path, written)   # all args: it crosses process boundaries by pickle
+        self.message, self.path, self.written = message, path, written
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def megabytes(n: int) -> str:
+    """A byte count for a message: ``12 kB``, ``3.4 MB``, ``81.0 GB``."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent); None if unknown."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def room_note(path: str | Path, needed: int, what: str) -> str:
+    """``"needs about 1.2 MB (what), 0.3 MB free there"``: the second half of a disk-full message."""
+    free = free_bytes(path)
+    return f"needs about {megabytes(needed)} ({what}), {megabytes(free) if free is not None else 'unknown'} free there"
+
+
+def _disk_full(path: Path, e: OSError, tmp: Path | None = None) -> DiskFull:
+    """``DiskFull`` for an OSError of a full / read-only disk while writing ``path`` (``tmp`` removed)."""
+    written = 0
+    if tmp is not None:
+        try:
+            written = tmp.stat().st_size
+        except OSError:
+            pass
+        tmp.unlink(missing_ok=True)
+    where = e.filename or path
+    reason = e.strerror or str(e)
+    removed = f"; removed the partial {tmp}" if tmp is not None else ""
+    return DiskFull(f"cannot write {where}: {reason}{removed}", str(where), written)
 
 
 class BadInput(Exception):
@@ -231,8 +294,13 @@ def _replace(tmp: Path, path: Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    _replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        _replace(tmp, path)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise _disk_full(path, e, tmp) from None
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -254,6 +322,23 @@ def write_shard(out_dir: str | Path, index: int, items: Iterable[Episode | Failu
     entries: list[tuple[SampleMeta, Any, Any]] = []
     failures: list[dict] = []
     keys: set[str] = set()
+    try:
+        _write_tar(tmp, items, entries, failures, keys)
+        _replace(tmp, tar_path)
+    except OSError as e:   # a full disk: no half tar left behind, the job stops (DiskFull, exit 74)
+        if e.errno not in DISK_FULL:
+            raise
+        raise _disk_full(tar_path, e, tmp) from None
+    for row in failures:
+        log.warning("%s: %s%s", row["source"], f"{row['key']}: " if row["key"] else "", row["reason"])
+    doc = shard_stats_doc(index, sources or [], entries, failures, tar_path)
+    _write_atomic(stats_path, _json_bytes(doc))
+    return doc
+
+
+def _write_tar(tmp: Path, items: Iterable[Episode | Failure], entries: list, failures: list[dict],
+               keys: set[str]) -> None:
+    """Validate, encode and append ``items`` to the tar ``tmp``; fills ``entries`` and ``failures``."""
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for item in items:
             if isinstance(item, Failure):
@@ -278,12 +363,6 @@ def write_shard(out_dir: str | Path, index: int, items: Iterable[Episode | Failu
             for name, data in members + videos:
                 _tar_add(tar, f"{meta.key}.{name}", data)
             entries.append((meta, action, state))
-    _replace(tmp, tar_path)
-    for row in failures:
-        log.warning("%s: %s%s", row["source"], f"{row['key']}: " if row["key"] else "", row["reason"])
-    doc = shard_stats_doc(index, sources or [], entries, failures, tar_path)
-    _write_atomic(stats_path, _json_bytes(doc))
-    return doc
 
 
 def _episodes_of(inputs: list, make_episodes: Callable[[Any], Iterable[Episode]]) -> Iterator[Episode | Failure]:
@@ -351,6 +430,20 @@ def _drop_samples(out_dir: Path, index: int, doc: dict[str, Any], rows: list[dic
     tar_path = out_dir / shard_name(index)
     tmp = tar_path.with_name(tar_path.name + ".tmp")
     entries: dict[str, list] = {}
+    try:
+        _copy_without(tar_path, tmp, drop, entries)
+        _replace(tmp, tar_path)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise _disk_full(tar_path, e, tmp) from None
+    new = shard_stats_doc(index, doc["sources"], [tuple(e) for e in entries.values()],
+                          doc["failures"] + rows, tar_path)
+    _write_atomic(out_dir / stats_name(index), _json_bytes(new))
+    return new
+
+
+def _copy_without(tar_path: Path, tmp: Path, drop: set[str], entries: dict[str, list]) -> None:
     with tarfile.open(tar_path) as src, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as dst:
         for member in src:
             key, name = member.name.split(".", 1)
@@ -363,11 +456,6 @@ def _drop_samples(out_dir: Path, index: int, doc: dict[str, Any], rows: list[dic
                 e[0] = SampleMeta.from_json(data, f"{tar_path}:{member.name}")
             elif name in (ACTION, STATE):
                 e[1 if name == ACTION else 2] = np.load(io.BytesIO(data), allow_pickle=False)
-    _replace(tmp, tar_path)
-    new = shard_stats_doc(index, doc["sources"], [tuple(e) for e in entries.values()],
-                          doc["failures"] + rows, tar_path)
-    _write_atomic(out_dir / stats_name(index), _json_bytes(new))
-    return new
 
 
 def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shards: int | None = None
@@ -407,22 +495,23 @@ def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shard
 
 # ---------------------------------------------------------------- the job
 
-def _is_complete(out_dir: Path, index: int, sources: list[str]) -> bool:
+def _is_complete(out_dir: Path, index: int, sources: list[str], quiet: bool = False) -> bool:
     """A shard may be skipped: its stats exist, were made from ``sources`` and match the tar's size and sha256."""
     path, tar = out_dir / stats_name(index), out_dir / shard_name(index)
+    warn = log.debug if quiet else log.warning
     if not (path.exists() and tar.exists()):
         return False
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        log.warning("%s: unreadable, shard will be rewritten", path)
+        warn("%s: unreadable, shard will be rewritten", path)
         return False
     if doc.get("sources") != sources:
-        log.warning("%s: made from other inputs than this job's; shard will be rewritten", path)
+        warn("%s: made from other inputs than this job's; shard will be rewritten", path)
         return False
     size = tar.stat().st_size
     if doc.get("bytes") != size or doc.get("sha256") != file_sha256(tar):
-        log.warning("%s: does not match its stats record (file: %d bytes; %s records %s bytes, sha256 %.12s...); "
+        warn("%s: does not match its stats record (file: %d bytes; %s records %s bytes, sha256 %.12s...); "
                     "shard will be rewritten", tar, size, path.name, doc.get("bytes"), doc.get("sha256"))
         return False
     return True
@@ -443,6 +532,46 @@ def run_sharded_job(out_dir: str | Path, inputs: list, make_episodes: Callable[[
         return _run_job(Path(out_dir), list(inputs), make_episodes, samples_per_shard, workers, created_by, desc)
 
 
+def _write_pending(out: Path, chunks: list[list], pending: list[int], make_episodes: Callable, workers: int,
+                   bar: tqdm) -> None:
+    if workers == 1 or len(pending) <= 1:
+        for i in pending:
+            _job_shard(str(out), i, chunks[i], make_episodes)
+            bar.update()
+        return
+    try:
+        pickle.dumps(make_episodes)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"make_episodes must be picklable with workers > 1 (a module-level function): {e}") from None
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
+                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+        futures = [pool.submit(_job_shard, str(out), i, chunks[i], make_episodes) for i in pending]
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+                bar.update()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)   # a full disk: start no further shard
+            raise
+
+
+def _job_disk_full(out: Path, chunks: list[list], e: DiskFull) -> DiskFull:
+    """The job's one-line message: the file, the shards kept, the room the rest needs and the room left."""
+    done = [i for i in range(len(chunks)) if _is_complete(out, i, [str(x) for x in chunks[i]], quiet=True)]
+    left = len(chunks) - len(done)
+    sizes = [(out / shard_name(i)).stat().st_size for i in done]
+    if sizes and left:
+        mean = sum(sizes) // len(sizes)
+        room = room_note(out, mean * left, f"{left} shard(s) left x {megabytes(mean)} each")
+    else:   # no complete shard to measure: the free room was not enough for one
+        free = free_bytes(out)
+        room = (f"needs more than the {megabytes(free) if free is not None else 'unknown'} free there (the shard had "
+                f"written {megabytes(e.written)} when the disk filled)")
+    return DiskFull(f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}: "
+                    f"make room and rerun the same command to resume", e.path, e.written)
+
+
 def _run_job(out: Path, inputs: list, make_episodes: Callable[[Any], Iterable[Episode]], samples_per_shard: int,
              workers: int, created_by: str, desc: str) -> JobResult:
     chunks = [inputs[i:i + samples_per_shard] for i in range(0, len(inputs), samples_per_shard)]
@@ -450,24 +579,13 @@ def _run_job(out: Path, inputs: list, make_episodes: Callable[[Any], Iterable[Ep
     if len(pending) < len(chunks):
         log.info("%s: resuming, %d of %d shards already complete", out, len(chunks) - len(pending), len(chunks))
     bar = tqdm(total=len(chunks), initial=len(chunks) - len(pending), desc=desc, unit="shard")
-    if workers == 1 or len(pending) <= 1:
-        for i in pending:
-            _job_shard(str(out), i, chunks[i], make_episodes)
-            bar.update()
-    else:
-        try:
-            pickle.dumps(make_episodes)
-        except Exception as e:  # noqa: BLE001
-            raise TypeError(f"make_episodes must be picklable with workers > 1 (a module-level function): {e}") from None
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
-                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
-            futures = [pool.submit(_job_shard, str(out), i, chunks[i], make_episodes) for i in pending]
-            for fut in as_completed(futures):
-                fut.result()
-                bar.update()
-    bar.close()
-    manifest, failures = finalize_dataset(out, created_by=created_by, n_shards=len(chunks))
+    try:
+        _write_pending(out, chunks, pending, make_episodes, workers, bar)
+        manifest, failures = finalize_dataset(out, created_by=created_by, n_shards=len(chunks))
+    except DiskFull as e:
+        raise _job_disk_full(out, chunks, e) from None
+    finally:
+        bar.close()
     totals = manifest["totals"]
     log.info("%s: %d samples, %d frames in %d shards; %d failures%s", out, totals["samples"], totals["frames"],
              totals["shards"], len(failures), f" (see {out / FAILURES})" if failures else "")

@@ -137,6 +137,7 @@ def test_init_warm_starts_from_a_finished_run(data, tmp_path):
     train(cfg, ft, tmp_path / "fresh")
     fresh = load_file(str(tmp_path / "fresh" / "final" / "model.safetensors"))
     assert any(not torch.allclose(fresh[k], pretrained[k]) for k in pretrained)
+    (tmp_path / "nothing").mkdir()   # a folder that does not exist is refused earlier (tests/test_clear_errors.py)
     cfg, _ = toy_cfg(data, "train.max_steps=1", f"init={tmp_path / 'nothing'}", model="toy-finetune")
     with pytest.raises(exit_codes.UsageError, match="no final/model.safetensors"):
         train(cfg, ft, tmp_path / "bad")

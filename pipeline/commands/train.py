@@ -62,6 +62,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.preemption import PreemptionHandler
+
+    # first: SIGUSR1 / SIGTERM from here on checkpoint, never kill (pipeline.cli installed it already)
+    signals = getattr(args, "signals", None) or PreemptionHandler().install()
+    try:
+        return _run(args, signals)
+    finally:
+        signals.uninstall()
+
+
+def _run(args: argparse.Namespace, signals) -> int:
     from pipeline import distributed
     from pipeline.config import resolve
     from pipeline.registry import get_model, load_plugins
@@ -85,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"data.labels={','.join(args.labels)}")
         cfg = resolve(args.model, spec.config_cls, spec.presets, preset=args.preset, config_file=args.config,
                       overrides=overrides, data_paths=args.data, run_presets=spec.run_presets)
-        code = train(cfg, spec, args.out).exit_code
+        code = train(cfg, spec, args.out, signals).exit_code
     except (exit_codes.UsageError, FolderBusy) as e:   # FolderBusy: another job trains in --out
         if not torchrun:
             raise   # pipeline.cli prints it as one line, exit 2

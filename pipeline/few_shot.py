@@ -11,7 +11,6 @@ demos (decoders, the fine-tuned world model of the uwm policy) sees the same sub
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 from pipeline.exit_codes import UsageError
 
@@ -20,9 +19,10 @@ from pipeline.exit_codes import UsageError
 def _episode_index(data_dir: str) -> tuple[tuple[str, str, bool, bool | None], ...]:
     """``(key, task, has_action, success)`` of every sample of a dataset, in shard / key order."""
     from shards.format import META, SampleMeta, read_manifest
+    from shards.location import locate
     from shards.stream import read_tar_samples
 
-    root = Path(data_dir)
+    root = locate(data_dir)   # a folder or a URL (shards.location)
     rows = []
     for shard in read_manifest(root)["shards"]:
         path = root / shard["name"]
@@ -38,11 +38,13 @@ def few_shot_keys(paths: list[str], k: int) -> tuple[list[set[str]], dict[str, i
     Returns (keys to use per data dir: the chosen demos plus every action-free sample, count of
     chosen demos per task). A task with fewer than ``k`` usable demos is a UsageError naming it.
     """
+    from shards.location import identity
+
     chosen: dict[str, list[tuple[int, str]]] = {}
     available: dict[str, int] = {}
     action_free: list[set[str]] = [set() for _ in paths]
     for i, path in enumerate(paths):
-        for key, task, has_action, success in _episode_index(str(Path(path).resolve())):
+        for key, task, has_action, success in _episode_index(identity(path)):
             if not has_action:
                 action_free[i].add(key)
                 continue

@@ -1,8 +1,10 @@
 """`wm label`: run a trained labeller (LAM, IDM, ...) over a video corpus and write sidecar shards.
 
-    wm label --labeller RUN --data DIR [--name NAME] [--shards i/N] [--batch-size B]
+    wm label --labeller RUN --data DIR|URL [--labels-out DIR|URL] [--name NAME] [--shards i/N] [--batch-size B]
 
-One sidecar shard per video shard (``DIR/labels/NAME/shard-NNNNNN.tar``, shards/sidecar.py), each
+One sidecar shard per video shard (``DIR/labels/NAME/shard-NNNNNN.tar``, shards/sidecar.py; with
+``--labels-out OUT``: ``OUT/labels/NAME/...``, for data that cannot be written, e.g. over http(s):// or
+pipe:, see docs/STREAMING.md "Locations"), each
 written atomically and marked complete by its ``stats.json``: the job is idempotent per shard, and
 a rerun after a kill finishes only what is missing. Sidecar bytes depend only on the labeller, the
 video and the batch size (batches never span shards), so a resumed run equals an uninterrupted one.
@@ -304,7 +306,7 @@ def labeller_info(lab: Labeller, run: str, camera: str, batch_size: int) -> dict
             "code_version": code_version()}
 
 
-def _ensure_info(data_dir: Path, name: str, info: dict[str, Any], write: bool = True) -> None:
+def _ensure_info(data_dir, name: str, info: dict[str, Any], write: bool = True) -> None:
     """Write labeller.json once (rank 0 only: ranks would race on its tmp file); refuse to mix labels of
     another checkpoint under the same name."""
     from shards.sidecar import sidecar_dir, write_labeller_info
@@ -327,10 +329,11 @@ def _ensure_info(data_dir: Path, name: str, info: dict[str, Any], write: bool = 
         write_labeller_info(data_dir, name, info)
 
 
-def label_shard(spec: LabellerKind, lab: Labeller, data_dir: Path, shard: int, name: str, camera: str,
-                batch_size: int, backend: str, bar=None) -> dict[str, Any]:
-    """Label one video shard into its sidecar; each malformed, undecodable or missing sample becomes
-    a failure row naming shard, key and member, and the others are labelled. Returns the sidecar's stats."""
+def label_shard(spec: LabellerKind, lab: Labeller, data_dir, shard: int, name: str, camera: str,
+                batch_size: int, backend: str, bar=None, out=None) -> dict[str, Any]:
+    """Label one video shard into its sidecar (under ``out``, default ``data_dir``); each malformed,
+    undecodable or missing sample becomes a failure row naming shard, key and member, and the others
+    are labelled. Returns the sidecar's stats."""
     from shards.format import FormatError, read_manifest
     from shards.sidecar import write_sidecar_shard
     from shards.stream import iter_shard_samples
@@ -361,11 +364,12 @@ def label_shard(spec: LabellerKind, lab: Labeller, data_dir: Path, shard: int, n
     rows = {s.key: r for s, r in zip(samples, labelled)}
     if bar is not None:
         bar.update(len(entry["keys"]))
-    return write_sidecar_shard(data_dir, name, entry["name"], rows, failures)
+    return write_sidecar_shard(data_dir if out is None else out, name, entry["name"], rows, failures,
+                               video=data_dir)
 
 
-def label_shards(spec: LabellerKind, lab: Labeller, data_dir: Path, shards: list[int], name: str, camera: str,
-                 batch_size: int, backend: str, bar=None) -> int:
+def label_shards(spec: LabellerKind, lab: Labeller, data_dir, shards: list[int], name: str, camera: str,
+                 batch_size: int, backend: str, bar=None, out=None) -> int:
     """Label video shards ``shards`` into sidecar ``name``, each under its own lock
     (``shards.sidecar.sidecar_shard_lock``; ``FolderBusy`` naming the holder when another job is
     writing it); a shard that another job completed in the meantime is skipped. Returns the number of
@@ -374,52 +378,60 @@ def label_shards(spec: LabellerKind, lab: Labeller, data_dir: Path, shards: list
     from shards.sidecar import sidecar_complete, sidecar_shard_lock
 
     entries = read_manifest(data_dir)["shards"]
+    out = data_dir if out is None else out
     failures = 0
     for i in shards:
-        with sidecar_shard_lock(data_dir, name, entries[i]["name"]):
-            if sidecar_complete(data_dir, name, entries[i]["name"]):
+        with sidecar_shard_lock(out, name, entries[i]["name"]):   # no lock on object stores (docs/STREAMING.md)
+            if sidecar_complete(out, name, entries[i]["name"]):
                 log.info("%s: labelled by another job meanwhile; skipped", entries[i]["name"])
                 if bar is not None:
                     bar.update(len(entries[i]["keys"]))
                 continue
-            failures += len(label_shard(spec, lab, data_dir, i, name, camera, batch_size, backend, bar)["failures"])
+            failures += len(label_shard(spec, lab, data_dir, i, name, camera, batch_size, backend, bar,
+                                        out)["failures"])
     return failures
 
 
 def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part: tuple[int, int] = (0, 1),
                   batch_size: int = 16, backend: str = "auto", rank: int = 0, world: int = 1,
-                  progress: bool = True) -> dict[str, Any]:
-    """Label this process's shards of ``data_dir`` with ``run``; returns counts for the summary."""
+                  progress: bool = True, labels_out: str | Path | None = None) -> dict[str, Any]:
+    """Label this process's shards of ``data_dir`` (a folder or a URL, ``shards.location``) with ``run``
+    into ``labels_out/labels/NAME`` (default: beside the data); returns counts for the summary."""
     from tqdm import tqdm
 
     from shards.format import read_manifest
+    from shards.location import Location, locate
     from shards.sidecar import labeller_info_lock, sidecar_complete
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    data_dir = locate(data_dir)
+    if not isinstance(data_dir, Location) and not data_dir.is_dir():
         raise UsageError(f"data folder {data_dir} does not exist")
-    manifest = read_manifest(data_dir)
+    out = locate(labels_out) if labels_out is not None else data_dir
+    if isinstance(out, Location) and (out.is_pipe or out.protocol in ("http", "https")):
+        raise UsageError(f"{out}: sidecars cannot be written to a {out.protocol}: location; pass --labels-out DIR "
+                         f"(a folder, or an s3:// / gs:// URL)")
+    manifest = read_manifest(data_dir)   # a URL without one: a one-line error naming it
     spec, lab = load_labeller(run)
     camera = check_fits(lab, data_dir, manifest, run)
     name = name or lab.kind
     info = labeller_info(lab, run, camera, batch_size)
     if rank == 0:   # each task of a Slurm array is a rank 0: they take turns on labeller.json
-        with labeller_info_lock(data_dir, name):
-            _ensure_info(data_dir, name, info)
+        with labeller_info_lock(out, name):
+            _ensure_info(out, name, info)
     else:
-        _ensure_info(data_dir, name, info, write=False)
+        _ensure_info(out, name, info, write=False)
     mine = shard_range(len(manifest["shards"]), part, rank, world)
     # a shard is redone unless complete without failures: a rerun retries the samples that failed
-    todo = [i for i in mine if not sidecar_complete(data_dir, name, manifest["shards"][i]["name"])]
+    todo = [i for i in mine if not sidecar_complete(out, name, manifest["shards"][i]["name"])]
     keys = sum(len(manifest["shards"][i]["keys"]) for i in todo)
-    log.info("labelling %d of %d shards (%d already done) of %s with %s '%s' -> labels/%s", len(todo), len(mine),
-             len(mine) - len(todo), data_dir, lab.kind, run, name)
+    log.info("labelling %d of %d shards (%d already done) of %s with %s '%s' -> %s/labels/%s", len(todo), len(mine),
+             len(mine) - len(todo), data_dir, lab.kind, run, out, name)
     with torch.inference_mode(), tqdm(total=keys, unit="clip", desc=f"label {name}", disable=not progress,
                                       dynamic_ncols=True) as bar:
-        failures = label_shards(spec, lab, data_dir, todo, name, camera, batch_size, backend, bar)
+        failures = label_shards(spec, lab, data_dir, todo, name, camera, batch_size, backend, bar, out)
     # every key of a shard is labelled or a failure row (write_sidecar_shard checks), so this counts
     # the clips actually labelled, not the ones attempted
     return {"shards": len(todo), "skipped": len(mine) - len(todo), "clips": keys - failures, "failures": failures,
-            "name": name}
+            "name": name, "out": str(out)}

@@ -79,18 +79,20 @@ def code_usage(codes: np.ndarray, num_codes: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the probe
 
-def _held_out(lab, data_dir: Path) -> bool:
-    trained = [Path(p).resolve() for p in (lab.run_config.get("data") or {}).get("paths") or []]
-    return data_dir.resolve() not in trained
+def _held_out(lab, data_dir) -> bool:
+    from shards.location import identity
+    trained = [identity(p) for p in (lab.run_config.get("data") or {}).get("paths") or []]
+    return identity(data_dir) not in trained
 
 
 def probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
           max_episodes: int | None = None, folds: int = 5, backend: str = "auto") -> dict[str, Any]:
     from shards.format import read_manifest
+    from shards.location import locate, missing_folder
     from shards.stream import iter_samples
 
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    data_dir = locate(data_dir)   # a folder or a URL (shards.location)
+    if missing_folder(data_dir):
         raise UsageError(f"data folder {data_dir} does not exist")
     spec, lab = load_labeller(run)
     camera = check_fits(lab, data_dir, read_manifest(data_dir), run)
@@ -116,7 +118,7 @@ def probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None, bat
             result.update(_probe_idm(samples, rows))
         else:
             raise UsageError(f"wm probe knows lam and idm labellers, not '{lab.kind}'")
-    out = Path(out_dir) if out_dir else Path(run) / "probe" / data_dir.name
+    out = Path(out_dir) if out_dir else Path(run) / "probe" / (data_dir.name or "data")
     out.mkdir(parents=True, exist_ok=True)
     if lab.kind == "lam":
         _plot_lam(lab, samples, rows, out / "probe.png")

@@ -112,8 +112,10 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
     (default ``RUN/eval``) and returns the metrics."""
     from worldmodel.tokenizer import frames_to_unit
 
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    from shards.location import locate, missing_folder
+
+    data_dir = locate(data_dir)   # a folder or a URL (shards.location)
+    if missing_folder(data_dir):
         raise UsageError(f"data folder {data_dir} does not exist")
     model, run_config = load_world_model(run)
     cfg = model.config

@@ -254,6 +254,18 @@ def is_remote(where) -> bool:
     return isinstance(locate(where), Location)
 
 
+def identity(where) -> str:
+    """A string naming the same dataset however it was written: a resolved local path, or the URL."""
+    loc = locate(where)
+    return loc.url if isinstance(loc, Location) else str(loc.resolve())
+
+
+def missing_folder(where) -> bool:
+    """True for a local folder that does not exist (a URL is checked by reading its manifest)."""
+    loc = locate(where)
+    return not isinstance(loc, Location) and not loc.is_dir()
+
+
 def open_read(path: DataPath):
     """A binary stream of a local file or a remote one; ``LocationError`` naming it when unreadable."""
     if isinstance(path, Location):

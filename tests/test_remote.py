@@ -121,7 +121,7 @@ def _windows(where, **kw) -> list[tuple]:
     """Every label-mode window as comparable tuples (key, start, frames bytes, action bytes, labels)."""
     out = []
     for w in WindowStream(where, window=4, stride=2, mode="label", **kw):
-        labels = tuple(w[k].numpy().tobytes() for k in sorted(w) if k.startswith("lam."))
+        labels = tuple(w[k].numpy().tobytes() for k in sorted(w) if k.split(".")[0] in kw.get("labels", ()))
         out.append((w["key"], w["start"], w["frames"].numpy().tobytes(), w["action"].numpy().tobytes(), labels))
     return out
 
@@ -245,3 +245,99 @@ def test_missing_s3_object_is_one_line_naming_it(s3):
     fs, url = s3
     with pytest.raises(FormatError, match=f"s3://{BUCKET}/nope/manifest.json: no manifest"):
         read_manifest(f"s3://{BUCKET}/nope")
+
+
+# ---------------------------------------------------------------- the wm CLI
+
+def _wm(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_wm_inspect_verifies_a_dataset_over_http_and_s3(data, http_url, s3, tmp_path):
+    import json
+    for url in (http_url, s3[1]):
+        proc = _wm("inspect", url, "--json", "--verify", "--sheet", str(tmp_path / "sheet.png"))
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert (out["path"], out["samples"], out["shards"]) == (url, len(LENGTHS), 3)
+        assert out["problems"] == [] and out["verify"]["problems"] == [] and out["verify"]["samples"] == len(LENGTHS)
+        assert len(out["contact_sheet"]["rows"]) == 4 and (tmp_path / "sheet.png").stat().st_size > 0
+    missing = http_url + "-missing"
+    proc = _wm("inspect", missing)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert f"{missing}/manifest.json: no manifest" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def lam(data, tmp_path_factory):
+    """A LAM run trained (3 steps) on the local folder, and the sidecars it writes for that folder."""
+    from pipeline.cli import main
+    root = tmp_path_factory.mktemp("lam")
+    assert main(["train", "lam", "--data", str(data), "--out", str(root / "run"), "--preset", "tiny",
+                 "train.max_steps=3", "train.ckpt_every=3", "train.progress=false", "model.frame_gap=2"]) == 0
+    assert main(["label", "--labeller", str(root / "run"), "--data", str(data), "--labels-out", str(root / "ref"),
+                 "--name", "lamx", "--no-progress"]) == 0
+    ref = {p.name: p.read_bytes() for p in sorted((root / "ref" / "labels" / "lamx").glob("shard-*.tar"))}
+    assert len(ref) == 3 and not (data / "labels" / "lamx").exists()    # --labels-out: nothing beside the data
+    return root / "run", ref
+
+
+def test_wm_label_reads_http_and_writes_its_sidecars_to_a_local_folder(http_url, lam, tmp_path):
+    from pipeline.cli import main
+    run, ref = lam
+    assert main(["label", "--labeller", str(run), "--data", http_url, "--labels-out", str(tmp_path),
+                 "--name", "lamx", "--no-progress"]) == 0
+    got = {p.name: p.read_bytes() for p in sorted((tmp_path / "labels" / "lamx").glob("shard-*.tar"))}
+    assert got == ref                                      # byte-identical to labelling the folder
+    # http cannot take the sidecars: refused before any work, one line
+    proc = _wm("label", "--labeller", str(run), "--data", http_url, "--name", "lamx", "--no-progress")
+    assert proc.returncode == 2 and "--labels-out" in proc.stderr and http_url in proc.stderr
+
+
+def test_wm_label_reads_s3_and_writes_its_sidecars_beside_it_on_s3(s3, lam, data, tmp_path):
+    from pipeline.cli import main
+    fs, url = s3
+    run, ref = lam
+    assert main(["label", "--labeller", str(run), "--data", url, "--name", "lamx", "--no-progress"]) == 0
+    got = {name: fs.cat_file(f"{BUCKET}/ds/labels/lamx/{name}") for name in ref}
+    assert got == ref and fs.exists(f"{BUCKET}/ds/labels/lamx/labeller.json")
+    # a rerun finds every shard complete on s3 and labels nothing
+    from pipeline.labelling import label_dataset
+    assert label_dataset(str(run), url, "lamx", progress=False)["shards"] == 0
+    # and the stream joins them from s3 as it does the same sidecars in a local copy of the dataset
+    local = tmp_path / "ds"
+    shutil.copytree(data, local)
+    fs.get(f"{BUCKET}/ds/labels/lamx", str(local / "labels" / "lamx"), recursive=True)
+    windows = _windows(url, labels=("lamx",))
+    assert windows and all(w[4] for w in windows) and windows == _windows(local, labels=("lamx",))
+
+
+def test_dataloader_workers_stream_from_s3(data, s3):
+    """Two forked DataLoader workers, each opening its own S3 connections: the label pass over s3://
+    still delivers every window exactly once, equal to the folder's."""
+    from shards.stream import make_loader
+    fs, url = s3
+
+    def windows(where):
+        loader = make_loader(WindowStream(where, window=4, stride=2, mode="label"), batch_size=3, num_workers=2)
+        return sorted((k, int(s), f.numpy().tobytes()) for b in loader
+                      for k, s, f in zip(b["key"], b["start"], b["frames"]))
+
+    assert windows(url) == windows(data)
+
+
+def test_wm_probe_reads_a_url_and_scores_as_on_the_folder(data, http_url, lam, tmp_path):
+    import json
+
+    from pipeline.cli import main
+    run, _ = lam
+    scores = []
+    for where, out in ((data, tmp_path / "local"), (http_url, tmp_path / "http")):
+        assert main(["probe", "--labeller", str(run), "--data", str(where), "--out", str(out)]) == 0
+        result = json.loads((out / "probe.json").read_text())
+        assert result["data"] == str(where) and result["episodes"] == len(LENGTHS)
+        scores.append({k: v for k, v in result.items() if k not in ("data", "png", "json", "held_out")})
+    assert scores[0] == scores[1]

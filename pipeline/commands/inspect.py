@@ -1,4 +1,8 @@
-"""`wm inspect DIR`: counts, normalisation stats, failures and a contact-sheet PNG of a shard dataset."""
+"""`wm inspect DIR|URL`: counts, normalisation stats, failures and a contact-sheet PNG of a shard dataset.
+
+``DIR|URL``: a folder, or an ``s3://`` / ``gs://`` / ``http(s)://`` / ``pipe:CMD {}`` location
+(docs/STREAMING.md "Locations"); the contact sheet of a URL goes to ``./contact_sheet.png`` unless
+``--sheet`` says otherwise."""
 
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Print a dataset's counts (shards, samples, frames, per embodiment and "
                                           "task), normalisation stats, failures, and write a contact-sheet PNG: "
                                           "one row per sample, evenly spaced frames, no gaps.")
-    p.add_argument("data", metavar="DIR", help="dataset folder (holds manifest.json)")
+    p.add_argument("data", metavar="DIR|URL", help="dataset folder (holds manifest.json), or an s3:// gs:// "
+                                                   "http(s):// or pipe: location")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--sheet", default=None, help="contact-sheet PNG path (default: DIR/contact_sheet.png)")
+    p.add_argument("--sheet", default=None, help="contact-sheet PNG path (default: DIR/contact_sheet.png; for a "
+                                                 "URL ./contact_sheet.png)")
     p.add_argument("--no-sheet", action="store_true", help="do not decode anything or write the PNG")
     p.add_argument("--verify", action="store_true", help="read and decode every member of every shard; exit 3 "
                                                          "listing the bad ones (docs/FORMAT.md)")
@@ -30,6 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shards.inspect import contact_sheet, dataset_summary, format_summary, verify_dataset
+    from shards.location import is_remote
 
     if args.samples < 1 or args.frames < 1:
         raise UsageError(f"--samples and --frames must be >= 1, got {args.samples}, {args.frames}")
@@ -38,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         summary["verify"] = verify_dataset(args.data, backend=args.backend)
     sheet = None
     if not args.no_sheet and summary["samples"]:
-        path = args.sheet or str(Path(args.data) / "contact_sheet.png")
+        path = args.sheet or ("contact_sheet.png" if is_remote(args.data) else str(Path(args.data) / "contact_sheet.png"))
         sheet = contact_sheet(args.data, path, samples=args.samples, frames=args.frames, backend=args.backend)
     if args.json:
         print(json.dumps({**summary, "contact_sheet": sheet}, indent=1))

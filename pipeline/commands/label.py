@@ -1,8 +1,10 @@
-"""`wm label --labeller RUN --data DIR [--name NAME] [--shards i/N] [--batch-size B]`
+"""`wm label --labeller RUN --data DIR|URL [--labels-out DIR|URL] [--name NAME] [--shards i/N] [--batch-size B]`
 
 Labels a video corpus with a trained labeller (a `wm train lam` / `wm train idm` run, or any kind
 registered with ``pipeline.labelling.register_labeller``) into ``DIR/labels/NAME/`` sidecar shards
-and ``labeller.json``. Rerunning finishes only the missing shards. ``--shards i/N`` takes the i-th
+and ``labeller.json``. ``--data`` may be a URL (``s3://``, ``gs://``, ``http(s)://``, ``pipe:CMD {}``;
+docs/STREAMING.md "Locations"); ``--labels-out OUT`` writes the sidecars to ``OUT/labels/NAME/``
+instead (a local folder or an ``s3://`` / ``gs://`` URL; required for http(s):// and pipe: data). Rerunning finishes only the missing shards. ``--shards i/N`` takes the i-th
 of N contiguous shard ranges (Slurm arrays: ``--shards $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``);
 under ``torchrun --nproc_per_node R -m pipeline label ...`` each rank takes its own part of that range.
 
@@ -37,7 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Write DIR/labels/NAME/ sidecar shards with a trained labeller; "
                                           "idempotent per shard, resumable.")
     p.add_argument("--labeller", required=True, metavar="RUN", help="run folder of a labeller (lam, idm, ...)")
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder to label")
+    p.add_argument("--data", required=True, metavar="DIR|URL", help="dataset to label: a folder, or an s3:// gs:// "
+                                                                    "http(s):// or pipe: location")
+    p.add_argument("--labels-out", default=None, metavar="DIR|URL",
+                   help="write the sidecars to DIR|URL/labels/NAME/ (a folder, s3:// or gs://) instead of beside "
+                        "the data; needed for http(s):// and pipe: data")
     p.add_argument("--name", default=None, help="sidecar name (labels/NAME); default: the labeller kind")
     p.add_argument("--shards", default="0/1", metavar="i/N", help="label the i-th of N disjoint shard ranges")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="windows per forward pass")
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     code, summary = exit_codes.OK, None
     try:
         summary = label_dataset(args.labeller, args.data, args.name, parse_part(args.shards), args.batch_size,
-                                args.backend, rank=rank, world=world, progress=not args.no_progress and rank == 0)
+                                args.backend, rank=rank, world=world, progress=not args.no_progress and rank == 0,
+                                labels_out=args.labels_out)
         code = exit_codes.DATA_FAILURES if summary["failures"] else exit_codes.OK
     except (exit_codes.UsageError, FolderBusy) as e:   # FolderBusy: another job writes one of our sidecar shards
         if world == 1:
@@ -80,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
             summary = {**summary, "clips": sum(int(g[1]) for g in gathered),
                        "failures": sum(int(g[2]) for g in gathered)}
     if summary is not None and rank == 0:
-        log.info("labelled %d clips into %s/labels/%s (%d failures)", summary["clips"], args.data, summary["name"],
-                 summary["failures"])
+        log.info("labelled %d clips into %s/labels/%s (%d failures)", summary["clips"], summary["out"],
+                 summary["name"], summary["failures"])
     if world > 1:
         distributed.shutdown()
         distributed.finish_process(code)

@@ -16,7 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Label held-out episodes with actions in memory and score the labels.")
     p.add_argument("--labeller", required=True, metavar="RUN", help="run folder of a lam or idm labeller")
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset with true actions, not trained on")
+    p.add_argument("--data", required=True, metavar="DIR|URL", help="dataset with true actions, not trained on "
+                                                                   "(a folder or an s3:// gs:// http(s):// pipe: location)")
     p.add_argument("--out", default=None, metavar="DIR", help="where probe.json / probe.png go")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="windows per forward pass")
     p.add_argument("--max-episodes", type=int, default=None, metavar="N", help="probe the first N episodes only")

@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        description="Forward dynamics vs copy-last-frame, video mode, inverse-dynamics R², policy "
                                    "MSE on held-out windows; JSON + PNG/MP4 grid.")
     e.add_argument("--model", required=True, metavar="RUN", help="world model run folder (or its final/)")
-    e.add_argument("--data", required=True, metavar="DIR", help="held-out dataset folder (with actions)")
+    e.add_argument("--data", required=True, metavar="DIR|URL", help="held-out dataset with actions (a folder or "
+                                                                   "an s3:// gs:// http(s):// pipe: location)")
     e.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/eval)")
     e.add_argument("--windows", type=int, default=64, metavar="N", help="windows to score (in data order; 0: all)")
     e.add_argument("--every", type=int, default=None, metavar="K",

@@ -113,7 +113,7 @@ def _prepare_latent(cfg, paths: list[str]) -> None:
     """policy=latent: take the latent-action layout from the world model given by ``--init`` and
     join the LAM sidecar it was trained on."""
     from pipeline.models.worldmodel_policy import world_model_dir
-    from shards.sidecar import sidecar_dir
+    from shards.sidecar import has_sidecar
 
     m = cfg.model
     if not cfg.init:
@@ -130,7 +130,7 @@ def _prepare_latent(cfg, paths: list[str]) -> None:
                          f"pretrain it with `wm train worldmodel --labels lam`")
     key = wm["latent_action_key"]
     name = key.split(".")[0]
-    missing = [p for p in paths if not sidecar_dir(p, name).is_dir()]
+    missing = [p for p in paths if not has_sidecar(p, name)]
     if missing:
         raise UsageError(f"policy=latent: no '{name}' labels in {missing} (the world model's latent actions); "
                          f"run `wm label --labeller RUN_LAM --data DIR` on the demos first")
@@ -157,12 +157,12 @@ def idm_labels_name(cfg) -> str:
 
 def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
     """Join the IDM sidecar (present in at least one data dir) for one robot embodiment."""
-    from shards.sidecar import sidecar_dir
+    from shards.sidecar import has_sidecar
 
     if len(robots) != 1:
         raise UsageError(f"policy=idm-bc labels video as one robot, but the demos have embodiments {sorted(robots)}")
     name = idm_labels_name(cfg)
-    if not any(sidecar_dir(p, name).is_dir() for p in paths):
+    if not any(has_sidecar(p, name) for p in paths):
         raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({name}/) in any of {paths}; run "
                          f"`wm label --labeller RUN_IDM --data VIDEO --name {name}` first")
     cfg.data.labels = [name]

@@ -35,6 +35,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from decoders.augment import random_shift
+from nets.conv import ResConvBlock
 from nets.dit_block import Block, FinalLayer
 from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from nets.normalize import Normalizer, plain_stats
@@ -123,9 +124,19 @@ def _groups(c: int) -> int:
 POOLS = ("grid", "spatial_softmax")
 
 
-class ImageEncoder(nn.Module):
+# Checkpoints saved before the encoder used nets.conv (a residual conv of its own, ``body`` = conv,
+# GroupNorm, SiLU, conv, GroupNorm) load under the new names.
+OLD_ENCODER_KEYS = [
+    (r"stages\.(\d+)\.body\.0\.(.*)", r"stages.\1.conv1.\2"),
+    (r"stages\.(\d+)\.body\.1\.(.*)", r"stages.\1.norm1.\2"),
+    (r"stages\.(\d+)\.body\.3\.(.*)", r"stages.\1.conv2.\2"),
+    (r"stages\.(\d+)\.body\.4\.(.*)", r"stages.\1.norm2.\2"),
+]
+
+
+class ConvEncoder(nn.Module):
     """uint8 ``[N, C, H, W]`` -> ``[N, out_dim]``: stride-2 conv stages with GroupNorm and a residual
-    conv each, then ``pool``: "grid" averages the map to 4x4 and flattens it (coarse positions);
+    conv block each (``nets.conv.ResConvBlock``), then ``pool``: "grid" averages the map to 4x4 and flattens it (coarse positions);
     "spatial_softmax" reads ``keypoints`` soft-argmax positions off it (``nets.SpatialSoftmax``)."""
 
     def __init__(self, in_channels: int, channels: list[int], out_dim: int, pool: str = "grid",
@@ -133,7 +144,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
         layers, c_in = [], in_channels
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(), _ResConv(c)]
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(),
+                       ResConvBlock(c, c, groups=_groups(c), bias=True)]
             c_in = c
         self.stages = nn.Sequential(*layers)
         if pool == "grid":
@@ -145,22 +157,11 @@ class ImageEncoder(nn.Module):
         else:
             raise ValueError(f"encoder pool {pool!r} is not one of {POOLS}")
         self.proj = nn.Linear(pooled, out_dim)
+        rename_on_load(self, OLD_ENCODER_KEYS)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 127.5 - 1.0
         return self.proj(self.pool(self.stages(x)))
-
-
-class _ResConv(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(),
-            nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(_groups(c), c),
-        )
-
-    def forward(self, x):
-        return F.silu(x + self.body(x))
 
 
 # Checkpoints saved before the velocity network used nets.dit_block (decoder blocks of their own, with
@@ -229,7 +230,7 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
             self.state_normalizer = Normalizer(config.stats, self.embodiments, "state", config.state_dim,
                                                config.state_norm)
         self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
-        self.image_encoder = ImageEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
+        self.image_encoder = ConvEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
                                           config.encoder_pool, config.keypoints)
         self.task_embedding = nn.Embedding(len(config.tasks) + 1, config.task_dim)
         self.state_index = list(config.state_indices) or list(range(config.state_dim))

@@ -38,6 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
+from nets.conv import ResConvBlock
+from nets.state_dict import rename_on_load
+
 from .lam import frames_to_pixels
 
 
@@ -96,14 +99,18 @@ PRESETS: dict[str, IDMConfig] = {
 }
 
 
-class ResidualBlock(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                 nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+# Checkpoints saved before the IDM used nets.conv (a pre-activation residual block of its own, ``net`` =
+# GroupNorm, SiLU, conv, GroupNorm, SiLU, conv) load under the new names.
+OLD_FEATURE_KEYS = [
+    (r"stages\.(\d+)\.net\.0\.(.*)", r"stages.\1.norm1.\2"),
+    (r"stages\.(\d+)\.net\.2\.(.*)", r"stages.\1.conv1.\2"),
+    (r"stages\.(\d+)\.net\.3\.(.*)", r"stages.\1.norm2.\2"),
+    (r"stages\.(\d+)\.net\.5\.(.*)", r"stages.\1.conv2.\2"),
+]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.net(x)
+
+def _residual(ch: int) -> ResConvBlock:
+    return ResConvBlock(ch, ch, groups=8, bias=True, preact=True)
 
 
 class FrameFeatures(nn.Module):
@@ -116,12 +123,13 @@ class FrameFeatures(nn.Module):
             self.stem = nn.Conv3d(cfg.in_channels, c0, (3, 3, 3), padding=1)
         else:
             self.stem = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
-        stages: list[nn.Module] = [ResidualBlock(c0)]
+        stages: list[nn.Module] = [_residual(c0)]
         for c_in, c_out in zip(cfg.channels[:-1], cfg.channels[1:]):
-            stages += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), ResidualBlock(c_out)]
+            stages += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _residual(c_out)]
         stages += [nn.GroupNorm(8, cfg.channels[-1]), nn.SiLU(), nn.AdaptiveAvgPool2d(cfg.pool_size)]
         self.stages = nn.Sequential(*stages)
         self.proj = nn.Linear(cfg.channels[-1] * cfg.pool_size ** 2, cfg.width)
+        rename_on_load(self, OLD_FEATURE_KEYS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]

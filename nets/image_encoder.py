@@ -16,33 +16,14 @@ pooling throws away); ``"avg"`` is global average pooling.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from nets.conv import ResConvBlock
 from nets.spatial_softmax import SpatialSoftmax
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels)
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 convs with GroupNorm; ``stride=2`` halves the resolution (1x1 conv on the skip)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, groups: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.norm1 = _norm(c_out, groups)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = _norm(c_out, groups)
-        self.skip = None
-        if stride != 1 or c_in != c_out:
-            self.skip = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _norm(c_out, groups))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.norm1(self.conv1(x)))
-        h = self.norm2(self.conv2(h))
-        return F.silu(h + (x if self.skip is None else self.skip(x)))
 
 
 class ImageEncoder(nn.Module):
@@ -73,7 +54,7 @@ class ImageEncoder(nn.Module):
         layers, c_prev = [], channels[0]
         for i, c in enumerate(channels):
             for j in range(blocks_per_stage):
-                layers.append(ResidualBlock(c_prev, c, 2 if (i > 0 and j == 0) else 1, groups))
+                layers.append(ResConvBlock(c_prev, c, 2 if (i > 0 and j == 0) else 1, min(groups, c)))
                 c_prev = c
         self.stages = nn.Sequential(*layers)
         self.pool = SpatialSoftmax() if pool == "spatial_softmax" else nn.AdaptiveAvgPool2d(1)

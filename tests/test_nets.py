@@ -1,4 +1,6 @@
-"""The shared network pieces in nets/."""
+"""The shared network pieces in nets/, and checkpoints saved before the model packages used them."""
+
+import re
 
 import pytest
 import torch
@@ -72,8 +74,14 @@ def _as_old_decoder(state: dict, depth: int) -> dict:
                 if key.startswith(new):
                     key = was + key[len(new):]
         key = key.replace("velocity.final.adaln.", "velocity.ada.1.")
+        # the encoder's residual conv before nets.conv: body = conv, GroupNorm, SiLU, conv, GroupNorm
+        key = re.sub(r"^image_encoder\.stages\.(\d+)\.(conv1|norm1|conv2|norm2)\.",
+                     lambda m: f"image_encoder.stages.{m[1]}.body.{OLD_RESCONV[m[2]]}.", key)
         old[key] = value
     return old
+
+
+OLD_RESCONV = {"conv1": 0, "norm1": 1, "conv2": 3, "norm2": 4}
 
 
 def _decoder_and_batch():
@@ -102,7 +110,7 @@ def test_decoder_checkpoint_saved_with_old_block_names_loads(tmp_path):
 
     model, batch = _decoder_and_batch()
     old = _as_old_decoder(model.state_dict(), model.config.depth)
-    assert "velocity.blocks.0.out.weight" in old and "velocity.ada.1.weight" in old   # the old layout
+    assert {"velocity.blocks.0.out.weight", "velocity.ada.1.weight", "image_encoder.stages.3.body.4.weight"} <= set(old)
     model.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"))
     loaded = ActionDecoder.from_pretrained(str(tmp_path)).eval()   # strict: every key found a home
@@ -168,3 +176,45 @@ def test_timestep_embedding_scale_is_the_one_difference():
     torch.manual_seed(0)
     emb = TimestepEmbedding(16, freq_dim=8, scale=MEANFLOW_SCALE)
     torch.testing.assert_close(emb(t), emb.mlp(low))
+
+
+# ----------------------------------------------------------------------------- residual conv block
+
+
+def test_res_conv_block_both_variants():
+    import torch.nn.functional as F
+
+    from nets.conv import ResConvBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    post = ResConvBlock(8, 16, stride=2, groups=4)
+    assert post(x).shape == (2, 16, 3, 3) and post.skip is not None and post.conv1.bias is None
+    h = post.norm2(post.conv2(F.silu(post.norm1(post.conv1(x)))))
+    torch.testing.assert_close(post(x), F.silu(h + post.skip(x)))
+    pre = ResConvBlock(8, groups=8, bias=True, preact=True)
+    torch.testing.assert_close(pre(x), x + pre.conv2(F.silu(pre.norm2(pre.conv1(F.silu(pre.norm1(x)))))))
+    with pytest.raises(ValueError, match="pre-activation"):
+        ResConvBlock(8, 16, preact=True)
+
+
+def test_idm_checkpoint_saved_with_its_own_residual_block_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from latent_actions.idm import IDMConfig, InverseDynamicsModel
+
+    torch.manual_seed(0)
+    model = InverseDynamicsModel(IDMConfig(image_size=32, channels=(8, 16), width=32, depth=1, n_heads=2,
+                                           action_dim=2, stats={"sq": {"action": {"mean": [0, 1], "std": [2, 1]}}}))
+    old_index = {"norm1": 0, "conv1": 2, "norm2": 3, "conv2": 5}   # net = GN, SiLU, conv, GN, SiLU, conv
+    old = {re.sub(r"^features\.stages\.(\d+)\.(norm1|conv1|norm2|conv2)\.",
+                  lambda m: f"features.stages.{m[1]}.net.{old_index[m[2]]}.", k): v.contiguous()
+           for k, v in model.state_dict().items()}
+    assert "features.stages.0.net.5.weight" in old and "features.stages.2.net.0.bias" in old
+    model.save_pretrained(tmp_path)
+    save_file(old, str(tmp_path / "model.safetensors"))
+    loaded = InverseDynamicsModel.from_pretrained(str(tmp_path))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    frames = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(loaded.predict_actions(frames, "sq"), model.predict_actions(frames, "sq"))

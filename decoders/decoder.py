@@ -40,7 +40,7 @@ from nets.dit_block import Block, FinalLayer
 from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from nets.normalize import Normalizer, plain_stats
 from nets.spatial_softmax import SpatialSoftmax
-from nets.state_dict import rename_on_load
+from nets.state_dict import rename_on_load, sequential_renames
 from nets.timestep import MEANFLOW_SCALE, timestep_embedding
 
 log = logging.getLogger(__name__)
@@ -126,12 +126,7 @@ POOLS = ("grid", "spatial_softmax")
 
 # Checkpoints saved before the encoder used nets.conv (a residual conv of its own, ``body`` = conv,
 # GroupNorm, SiLU, conv, GroupNorm) load under the new names.
-OLD_ENCODER_KEYS = [
-    (r"stages\.(\d+)\.body\.0\.(.*)", r"stages.\1.conv1.\2"),
-    (r"stages\.(\d+)\.body\.1\.(.*)", r"stages.\1.norm1.\2"),
-    (r"stages\.(\d+)\.body\.3\.(.*)", r"stages.\1.conv2.\2"),
-    (r"stages\.(\d+)\.body\.4\.(.*)", r"stages.\1.norm2.\2"),
-]
+OLD_ENCODER_KEYS = sequential_renames("stages", "body", {0: "conv1", 1: "norm1", 3: "conv2", 4: "norm2"})
 
 
 class ConvEncoder(nn.Module):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 from nets.conv import ResConvBlock
-from nets.state_dict import rename_on_load
+from nets.state_dict import rename_on_load, sequential_renames
 
 from .lam import frames_to_pixels
 
@@ -101,12 +101,7 @@ PRESETS: dict[str, IDMConfig] = {
 
 # Checkpoints saved before the IDM used nets.conv (a pre-activation residual block of its own, ``net`` =
 # GroupNorm, SiLU, conv, GroupNorm, SiLU, conv) load under the new names.
-OLD_FEATURE_KEYS = [
-    (r"stages\.(\d+)\.net\.0\.(.*)", r"stages.\1.norm1.\2"),
-    (r"stages\.(\d+)\.net\.2\.(.*)", r"stages.\1.conv1.\2"),
-    (r"stages\.(\d+)\.net\.3\.(.*)", r"stages.\1.norm2.\2"),
-    (r"stages\.(\d+)\.net\.5\.(.*)", r"stages.\1.conv2.\2"),
-]
+OLD_FEATURE_KEYS = sequential_renames("stages", "net", {0: "norm1", 2: "conv1", 3: "norm2", 5: "conv2"})
 
 
 def _residual(ch: int) -> ResConvBlock:

@@ -34,6 +34,12 @@ def rename_keys(state_dict: dict, rules: Rules, prefix: str = "") -> dict:
     return out
 
 
+def sequential_renames(container: str, old: str, names: dict[int, str]) -> list[tuple[str, str]]:
+    """Rules for a block that was an ``nn.Sequential`` called ``old`` inside the numbered ``container``
+    (``container.N.old.I.*``) and now names its layers: ``names = {I: "conv1", ...}``."""
+    return [(rf"{container}\.(\d+)\.{old}\.{i}\.(.*)", rf"{container}.\1.{name}.\2") for i, name in names.items()]
+
+
 def rename_on_load(module: nn.Module, rules: Rules) -> None:
     """Make ``module.load_state_dict`` (and any parent's) accept keys of an older layout, per ``rules``."""
     rules = list(rules)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
 from nets.conv import ResConvBlock
+from nets.normalize import Normalizer
 from nets.state_dict import rename_on_load, sequential_renames
 
 from .lam import frames_to_pixels
@@ -148,6 +149,10 @@ class InverseDynamicsModel(nn.Module, PyTorchModelHubMixin):
         self.temporal = nn.TransformerEncoder(layer, config.depth, norm=nn.LayerNorm(config.width),
                                               enable_nested_tensor=False)
         self.head = nn.Linear(config.width, config.action_dim)
+        # nets.normalize's mean_std map with the IDM's std floor; buffers only, nothing in the weights file
+        self.action_embodiments = [e for e, f in config.stats.items() if isinstance(f, dict) and f.get("action")]
+        self.action_normalizer = Normalizer(config.stats, self.action_embodiments, "action", config.action_dim,
+                                            "mean_std", min_scale=config.min_std)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "InverseDynamicsModel":
@@ -158,19 +163,19 @@ class InverseDynamicsModel(nn.Module, PyTorchModelHubMixin):
     # -- normalisation ------------------------------------------------------------------
     def _stats(self, embodiments: Sequence[str], needed: Sequence[bool], device) -> tuple[torch.Tensor, torch.Tensor]:
         """mean, std ``[B, A]`` per sample; samples not ``needed`` get (0, 1)."""
-        a = self.config.action_dim
-        mean = torch.zeros(len(embodiments), a)
-        std = torch.ones(len(embodiments), a)
-        for i, (emb, need) in enumerate(zip(embodiments, needed)):
-            if not need:
-                continue
-            act = self.config.stats.get(emb, {}).get("action")
-            if act is None:
+        norm, known = self.action_normalizer, self.action_embodiments
+        for emb, need in zip(embodiments, needed):
+            if need and emb not in known:
                 raise ValueError(f"IDM has no action stats for embodiment {emb!r} (known: "
                                  f"{sorted(self.config.stats)}): fill config.stats from the manifest "
                                  f"(shards.stats.embodiment_stats)")
-            mean[i] = torch.tensor(act["mean"])
-            std[i] = torch.tensor(act["std"]).clamp_min(self.config.min_std)
+        a = self.config.action_dim
+        if not any(needed):
+            return torch.zeros(len(embodiments), a, device=device), torch.ones(len(embodiments), a, device=device)
+        rows = torch.tensor([known.index(e) if n else 0 for e, n in zip(embodiments, needed)], device=norm.center.device)
+        need = torch.tensor(list(needed), dtype=torch.bool, device=norm.center.device)[:, None]
+        mean = torch.where(need, norm.center[rows], torch.zeros_like(norm.center[rows]))
+        std = torch.where(need, norm.scale[rows], torch.ones_like(norm.scale[rows]))
         return mean.to(device), std.to(device)
 
     # -- model --------------------------------------------------------------------------

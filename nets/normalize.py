@@ -18,6 +18,11 @@ Modes (one per key):
 Every mode is an affine map ``x -> (x - center) / scale``, so the round trip is exact to float
 precision. A degenerate dimension (zero range or zero std: a gripper that never moves) gets
 ``scale = 1`` instead of a division by ~0: the round trip stays exact even for values never seen.
+``min_scale`` replaces that rule by a floor, ``scale = max(scale, min_scale)``: the world model and
+the inverse-dynamics model normalise ``mean_std`` with a floor of 1e-3 (``MIN_STD``).
+
+This is the one stats encoding of every model package: ``{"mean": [...], "std": [...], ...}`` per key
+(``"action"``, ``"state"``), per embodiment, as above.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 MODES = ("min_max", "mean_std", "quantile")
 DEFAULT_MODES = {"action": "min_max", "state": "mean_std"}
 _EPS = 1e-6
+MIN_STD = 1e-3   # the world model's and the IDM's floor on a std (``min_scale``)
 _NEEDS = {"min_max": ("min", "max"), "mean_std": ("mean", "std"), "quantile": ("q01", "q99")}
 
 
@@ -60,8 +66,10 @@ def plain_stats(stats: dict) -> dict:
     return float(stats) if isinstance(stats, (int, float)) else stats
 
 
-def affine_params(stats: dict, mode: str, *, where: str = "stats") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(center, scale)`` float64 ``[D]`` for one key's stats; ``where`` names it in errors."""
+def affine_params(stats: dict, mode: str, *, where: str = "stats",
+                  min_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(center, scale)`` float64 ``[D]`` for one key's stats; ``where`` names it in errors.
+    ``min_scale``: None, a degenerate dim gets scale 1; a number, scales are floored at it."""
     if mode not in MODES:
         raise ValueError(f"{where}: unknown normalisation mode {mode!r} (expected one of {MODES})")
     lo_name, hi_name = _NEEDS[mode]
@@ -78,6 +86,8 @@ def affine_params(stats: dict, mode: str, *, where: str = "stats") -> tuple[torc
         center, scale = lo, hi
     else:
         center, scale = (lo + hi) / 2, (hi - lo) / 2
+    if min_scale is not None:
+        return center, scale.clamp_min(min_scale)
     scale = torch.where(scale.abs() < _EPS, torch.ones_like(scale), scale)
     return center, scale
 
@@ -90,7 +100,8 @@ class Normalizer(nn.Module):
     follow ``.to(device)`` but never enter the weights file: the config is their one home).
     """
 
-    def __init__(self, stats: dict, embodiments: list[str], key: str, dim: int, mode: str | None = None):
+    def __init__(self, stats: dict, embodiments: list[str], key: str, dim: int, mode: str | None = None,
+                 min_scale: float | None = None):
         super().__init__()
         self.key, self.dim = key, dim
         self.mode = mode or DEFAULT_MODES.get(key, "mean_std")
@@ -99,7 +110,7 @@ class Normalizer(nn.Module):
             where = f"stats[{emb!r}][{key!r}]"
             if key not in stats.get(emb, {}):
                 raise ValueError(f"{where}: missing (the model needs {key} stats for every embodiment it trains on)")
-            c, s = affine_params(stats[emb][key], self.mode, where=where)
+            c, s = affine_params(stats[emb][key], self.mode, where=where, min_scale=min_scale)
             if c.numel() != dim:
                 raise ValueError(f"{where}: stats have {c.numel()} dims but the model expects {key}_dim={dim}")
             centers.append(c)

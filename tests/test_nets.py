@@ -218,3 +218,44 @@ def test_idm_checkpoint_saved_with_its_own_residual_block_loads(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     frames = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(loaded.predict_actions(frames, "sq"), model.predict_actions(frames, "sq"))
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def test_world_model_reads_the_flat_stats_of_configs_saved_before(tmp_path):
+    import json
+
+    from worldmodel.uwm import WorldModel, WorldModelConfig, embodiment_spec
+
+    stats = {"action": {"mean": [0.0, 0.1], "std": [0.5, 0.0]}, "state": {"mean": [1.0, 2.0, 3.0], "std": [1.0, 2.0, 0.0]}}
+    flat = {"action_dim": 2, "action_mean": [0.0, 0.1], "action_std": [0.5, 0.0],   # the encoding saved before
+            "state_dim": 3, "state_mean": [1.0, 2.0, 3.0], "state_std": [1.0, 2.0, 0.0]}
+    small = dict(image_size=16, patch_size=8, width=16, depth=1, heads=2, registers=1, encoder_channels=[8],
+                 action_horizon=2, n_future=1)
+    assert embodiment_spec(stats)["stats"] == stats
+    torch.manual_seed(0)
+    new = WorldModel(WorldModelConfig(**small, embodiments={"arm": embodiment_spec(stats)}))
+    new.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["embodiments"]["arm"]["stats"] == stats
+    cfg["embodiments"]["arm"] = flat
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    old = WorldModel.from_pretrained(str(tmp_path))
+    assert old.config.embodiments == new.config.embodiments
+    for a, b in ((old.adapters["arm"], new.adapters["arm"]),):
+        for name in ("action_mean", "action_std", "state_mean", "state_std"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(new.adapters["arm"].action_std, torch.tensor([0.5, 1e-3]))   # the std floor
+    no_state = WorldModelConfig(**small, embodiments={"arm": flat}, use_state=False).embodiments["arm"]
+    assert no_state["state_dim"] == 0 and "state" not in no_state["stats"]
+
+
+def test_normalizer_floor_is_the_world_model_and_idm_rule():
+    from nets.normalize import MIN_STD, Normalizer
+
+    stats = {"a": {"action": {"mean": [1.0, 2.0], "std": [0.0, 4.0]}}}
+    floored = Normalizer(stats, ["a"], "action", 2, "mean_std", min_scale=MIN_STD)
+    plain = Normalizer(stats, ["a"], "action", 2, "mean_std")
+    assert torch.equal(floored.scale, torch.tensor([[MIN_STD, 4.0]]))
+    assert torch.equal(plain.scale, torch.tensor([[1.0, 4.0]]))   # the decoder's rule: a constant dim gets 1

@@ -53,6 +53,7 @@ from torch import nn
 from nets.dit_block import Block, FinalLayer
 from worldmodel.dust import DualStreamBlock, joint_schedule
 from nets.image_encoder import ImageEncoder
+from nets.normalize import MIN_STD, affine_params
 from nets.timestep import TimestepEmbedding
 from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
 
@@ -63,16 +64,34 @@ LATENT = "latent"  # the embodiment name of the LAM's latent actions
 
 def embodiment_spec(stats: dict | None = None, action_dim: int | None = None, state_dim: int | None = None) -> dict:
     """A config entry for one embodiment from ``{"action": {"mean", "std"}, "state": {...}}`` stats
-    (as in the manifest / ``shards.stats.embodiment_stats``); dims are read from the stats when not given."""
+    (as in the manifest / ``shards.stats.embodiment_stats``); dims are read from the stats when not given.
+
+    The entry is ``{"action_dim", "state_dim", "stats": {"action": {"mean", "std"}, "state": {...}}}``: the
+    stats in ``nets.normalize``'s encoding, the decoder's and the IDM's. Configs saved before held flat
+    ``action_mean`` / ``action_std`` / ``state_mean`` / ``state_std`` lists; ``WorldModelConfig`` reads them."""
     stats = stats or {}
-    spec = {}
+    spec: dict = {"stats": {}}
     for key, dim in (("action", action_dim), ("state", state_dim)):
         s = stats.get(key) or {}
         dim = len(s["mean"]) if dim is None and "mean" in s else (dim or 0)
         spec[f"{key}_dim"] = int(dim)
-        spec[f"{key}_mean"] = [float(v) for v in s.get("mean", [0.0] * dim)]
-        spec[f"{key}_std"] = [float(v) for v in s.get("std", [1.0] * dim)]
+        spec["stats"][key] = {"mean": [float(v) for v in s.get("mean", [0.0] * dim)],
+                              "std": [float(v) for v in s.get("std", [1.0] * dim)]}
     return spec
+
+
+def _upgrade_spec(spec: dict) -> dict:
+    """An embodiment entry saved before the stats moved under ``"stats"`` (flat ``{key}_mean`` /
+    ``{key}_std`` lists) -> the current form; a current entry is returned as it is."""
+    if not any(f"{key}_{f}" in spec for key in ("action", "state") for f in ("mean", "std")):
+        return spec
+    out = {k: v for k, v in spec.items() if not k.endswith(("_mean", "_std"))}
+    stats = dict(out.get("stats") or {})
+    for key in ("action", "state"):
+        if f"{key}_mean" in spec or f"{key}_std" in spec:
+            stats[key] = {"mean": list(spec.get(f"{key}_mean") or []), "std": list(spec.get(f"{key}_std") or [])}
+    out["stats"] = stats
+    return out
 
 
 X0_MIN_T = 0.05   # video_prediction / action_prediction="x0": the velocity divides by t, floored here
@@ -182,10 +201,12 @@ class WorldModelConfig:
             raise ValueError("n_obs, n_future and action_horizon must be >= 1")
         if self.frame_gap is None:
             self.frame_gap = max(1, self.action_horizon // self.n_future)
+        self.embodiments = {name: _upgrade_spec(spec) for name, spec in self.embodiments.items()}
         if self.latent_action_dim and LATENT not in self.embodiments:
             self.embodiments = {**self.embodiments, LATENT: embodiment_spec(action_dim=self.latent_action_dim)}
         if not self.use_state:
-            self.embodiments = {name: {**spec, "state_dim": 0, "state_mean": [], "state_std": []}
+            self.embodiments = {name: {**spec, "state_dim": 0,
+                                       "stats": {k: v for k, v in (spec.get("stats") or {}).items() if k != "state"}}
                                 for name, spec in self.embodiments.items()}
         for name, spec in self.embodiments.items():
             if "." in name or not spec.get("action_dim"):
@@ -216,7 +237,7 @@ PRESETS = {
 
 class EmbodimentAdapter(nn.Module):
     """Per-embodiment action adapters (one linear layer each way) and state projection, with the
-    normalisation stats from the config as (non-persistent) buffers."""
+    normalisation stats from the config (``nets.normalize``'s mean_std map) as (non-persistent) buffers."""
 
     def __init__(self, name: str, spec: dict, width: int, n_obs: int):
         super().__init__()
@@ -226,15 +247,18 @@ class EmbodimentAdapter(nn.Module):
         nn.init.zeros_(self.action_out.weight)
         nn.init.zeros_(self.action_out.bias)
         self.state_in = nn.Linear(n_obs * self.state_dim, width) if self.state_dim else None
+        stats = spec.get("stats") or {}
         for key in ("action", "state"):
             dim = getattr(self, f"{key}_dim")
-            mean = torch.tensor(spec.get(f"{key}_mean") or [0.0] * dim, dtype=torch.float32)
-            std = torch.tensor(spec.get(f"{key}_std") or [1.0] * dim, dtype=torch.float32)
-            if len(mean) != dim or len(std) != dim:
-                raise ValueError(f"embodiment {name!r}: {key}_mean / {key}_std have {len(mean)} / {len(std)} "
+            s = stats.get(key) or {}
+            s = {"mean": s.get("mean") or [0.0] * dim, "std": s.get("std") or [1.0] * dim}
+            if len(s["mean"]) != dim or len(s["std"]) != dim:
+                raise ValueError(f"embodiment {name!r}: {key} mean / std have {len(s['mean'])} / {len(s['std'])} "
                                  f"entries, {key}_dim is {dim}")
-            self.register_buffer(f"{key}_mean", mean, persistent=False)
-            self.register_buffer(f"{key}_std", std.clamp_min(1e-3), persistent=False)  # constant dims stay finite
+            # nets.normalize's mean_std map, std floored (constant dims stay finite)
+            mean, std = affine_params(s, "mean_std", where=f"embodiment {name!r} {key}", min_scale=MIN_STD)
+            self.register_buffer(f"{key}_mean", mean.float(), persistent=False)
+            self.register_buffer(f"{key}_std", std.float(), persistent=False)
 
     def normalize_action(self, a: torch.Tensor) -> torch.Tensor:
         return (a - self.action_mean) / self.action_std

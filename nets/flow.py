@@ -71,7 +71,22 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.dim() - 1)))
 
 
+def interpolate(x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The point on the straight path at time ``t [B]``: ``z_t = (1 - t) x + t e`` (``x`` data, ``e`` noise)."""
+    tb = _bcast(t, x)
+    return (1 - tb) * x + tb * e
+
+
 # ----------------------------------------------------------------------------- time sampling
+
+
+def sample_uniform_time(batch: int, *, p_noise: float = 0.0, device=None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """``t ~ U(0, 1)`` as ``[B]``, each pinned to 1 (pure noise) with probability ``p_noise``: UWM's draw,
+    which trains the marginal modes (a modality at full noise) exactly."""
+    u = torch.rand(batch, device=device, generator=generator)
+    pin = torch.rand(batch, device=device, generator=generator) < p_noise
+    return torch.where(pin, torch.ones_like(u), u)
 
 
 def sample_flow_time(batch: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -122,8 +137,7 @@ def flow_matching_loss(
     b = action.shape[0]
     e = torch.randn(action.shape, device=action.device, generator=generator) if noise is None else noise
     t = sample_flow_time(b, device=action.device, generator=generator) if t is None else t
-    tb = _bcast(t, action)
-    z = (1 - tb) * action + tb * e
+    z = interpolate(action, e, t)
     pred, feats = _split(net(z, t, t, cond))
     mse = _per_sample((pred - (e - action)) ** 2)
     return FlowLoss(loss=mse, mse=mse, features=feats)
@@ -180,8 +194,7 @@ def meanflow_loss(
     e = torch.randn(action.shape, device=action.device, generator=generator) if noise is None else noise
     if t is None or r is None:
         t, r = sample_meanflow_times(b, equal_fraction=equal_fraction, device=action.device, generator=generator)
-    tb = _bcast(t, action)
-    z = (1 - tb) * action + tb * e
+    z = interpolate(action, e, t)
     v = e - action
     u, u_tgt, feats = meanflow_target(net, z, t, r, v, cond)
     sq = ((u - u_tgt) ** 2).flatten(1).sum(1)

@@ -207,3 +207,20 @@ def test_meanflow_loss_weights_and_passes_features():
     torch.testing.assert_close(out.loss, sq / (sq + 1e-3).sqrt(), rtol=1e-4, atol=1e-6)
     out.loss.mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_interpolate_and_uniform_time_are_the_world_models_draws():
+    from nets.flow import interpolate, sample_uniform_time
+
+    x, e = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    z = interpolate(x, e, t)
+    assert torch.equal(z[0], x[0]) and torch.equal(z[3], e[3])
+    torch.testing.assert_close(z[1], 0.75 * x[1] + 0.25 * e[1])
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    drawn = sample_uniform_time(1000, p_noise=0.3, generator=g)
+    pinned = drawn != u
+    assert torch.all(drawn[pinned] == 1.0) and 0.2 < pinned.float().mean() < 0.4
+    assert torch.equal(sample_uniform_time(8, generator=torch.Generator().manual_seed(1)),
+                       torch.rand(8, generator=torch.Generator().manual_seed(1)))

@@ -52,6 +52,7 @@ from torch import nn
 
 from nets.dit_block import Block, FinalLayer
 from worldmodel.dust import DualStreamBlock, joint_schedule
+from nets.flow import interpolate, sample_uniform_time
 from nets.image_encoder import ImageEncoder
 from nets.normalize import MIN_STD, affine_params
 from nets.timestep import TimestepEmbedding
@@ -495,9 +496,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
                                batch.get("state_mask"), batch.get("task"))
 
         def draw_t():
-            u = torch.rand(b, device=device, generator=generator)
-            pin = torch.rand(b, device=device, generator=generator) < cfg.p_marginal
-            return torch.where(pin, torch.ones_like(u), u)
+            return sample_uniform_time(b, p_noise=cfg.p_marginal, device=device, generator=generator)
 
         t_a = torch.where(has_actions, draw_t(), torch.ones(b, device=device))
         t_v = draw_t()
@@ -506,8 +505,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             t_v = torch.where(pin, torch.zeros_like(t_v), t_v)
         e_a = torch.randn(x_a.shape, device=device, generator=generator) * dims[:, None]
         e_v = torch.randn(x_v.shape, device=device, generator=generator)
-        z_a = (1 - t_a)[:, None, None] * x_a + t_a[:, None, None] * e_a
-        z_v = (1 - t_v).view(b, 1, 1, 1, 1) * x_v + t_v.view(b, 1, 1, 1, 1) * e_v
+        z_a, z_v = interpolate(x_a, e_a, t_a), interpolate(x_v, e_v, t_v)
         v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names, base)
 
         if cfg.action_prediction == "x0":   # the error of the predicted clean chunk, as for the video

@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -164,8 +165,14 @@ class MetricSink:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def close(self) -> None:
-        self.file.close()
+    def close(self, failing: bool = False) -> None:
+        """Flush and close; a refused flush is ``WriteFailed`` naming the file, unless the run is already
+        ``failing`` (then the first error is the one reported)."""
+        try:
+            self.file.close()
+        except OSError as e:
+            if not failing:
+                raise WriteFailed(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -175,13 +182,29 @@ class MetricSink:
 def write_status(run_dir: Path, state: str, step: int, code: int) -> None:
     """RUN/status.json, replaced atomically (a full disk leaves the previous one, never half a file)."""
     path, tmp = run_dir / STATUS, run_dir / (STATUS + ".tmp")
+    text = json.dumps({"state": state, "step": step, "exit_code": code, "time": round(time.time(), 3)}) + "\n"
     try:
-        tmp.write_text(json.dumps({"state": state, "step": step, "exit_code": code,
-                                   "time": round(time.time(), 3)}) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        if e.errno in DISK_FULL and _overwrite_in_place(path, text):
+            return
         raise WriteFailed(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _overwrite_in_place(path: Path, text: str) -> bool:
+    """A full disk: rewrite the existing status.json inside the blocks it already holds (padded with
+    spaces to its old length, which JSON ignores), so that it still ends in a final state."""
+    try:
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.write(text.encode().ljust(size))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False
 
 
 # errnos that mean "the disk refuses the write": reported as WriteFailed (exit 74), not as a bug
@@ -237,7 +260,13 @@ def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
         changes = config_mod.diff(old, new)
         if changes:
             log.warning("config differs from the previous run in %s: %s", run_dir, "; ".join(changes))
-    path.write_text(yaml.safe_dump(new, sort_keys=False))
+    tmp = path.with_name(path.name + ".tmp")   # replaced atomically: a full disk leaves the old one whole
+    try:
+        tmp.write_text(yaml.safe_dump(new, sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunConfig) -> Path:
@@ -536,6 +565,8 @@ def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path,
             except BaseException as e:
                 disk = isinstance(e, OSError) and e.errno in DISK_FULL and not isinstance(e, WriteFailed)
                 error = _disk_error(e, run_dir) if disk else e
+                if isinstance(e, WriteFailed) and "free there" not in str(e):   # metrics, config, status, final
+                    error, disk = WriteFailed(f"{e} ({_free(run_dir)} free there): make room and rerun"), True
                 status.fail(error)
                 if disk:
                     raise error from None
@@ -545,11 +576,16 @@ def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path,
 
 
 def _disk_error(e: OSError, run_dir: Path) -> WriteFailed:
+    log.debug("the disk refused a write", exc_info=e)   # `wm -v train`: where it happened
+    return WriteFailed(f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e} "
+                       f"({_free(run_dir)} free there): make room and rerun")
+
+
+def _free(run_dir: Path) -> str:
     from shards.writer import free_bytes, megabytes
 
     free = free_bytes(run_dir)
-    return WriteFailed(f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e} "
-                       f"({megabytes(free) if free is not None else 'unknown'} free there): make room and rerun")
+    return megabytes(free) if free is not None else "unknown"
 
 
 def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
@@ -627,7 +663,7 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
         finally:
             bar.close()
             if sink is not None:
-                sink.close()
+                sink.close(failing=sys.exc_info()[0] is not None)
             del data
     status.close(state, run.step, code)
     result.exit_code, result.step = code, run.step

@@ -220,7 +220,10 @@ def enospc_ingest(ws: Workspace) -> Outcome:
     out = (disk or ws.folder("enospc-ingest")) / "out"
     args = ["ingest", "videos", src, *VIDEO_ARGS, "--workers", "2", "--out", out]
     code, text = wm(*args, file_size_limit=None if disk else shard // 2)
-    clean = one_line(text, "ingest") and "needs" in text and not leftovers(out) and not (out / "manifest.json").exists()
+    room = "needs" in text or "file-size limit" in text
+    unmarked = [t for t in out.glob("shard-*.tar") if not t.with_name(t.name[:-4] + ".stats.json").exists()]
+    clean = (one_line(text, "ingest") and room and not leftovers(out) and not unmarked
+             and not (out / "manifest.json").exists())
     if disk:
         ws.tmpfs("disk-ingest", 64 * 1024 * 1024)
     code2, _ = wm(*args)

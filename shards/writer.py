@@ -98,9 +98,9 @@ class DiskFull(Exception):
     (WRITE_FAILED). ``written`` is how many bytes of that file had been written (a lower bound of the
     room it needs)."""
 
-    def __init__(self, message: str, path: str = "", written: int = 0):
-        super().__init__(message, path, written)   # all args: it crosses process boundaries by pickle
-        self.message, self.path, self.written = message, path, written
+    def __init__(self, message: str, path: str = "", written: int = 0, errno: int = 0):
+        super().__init__(message, path, written, errno)   # all args: it crosses process boundaries by pickle
+        self.message, self.path, self.written, self.errno = message, path, written, errno
 
     def __str__(self) -> str:
         return self.message
@@ -142,7 +142,7 @@ def _disk_full(path: Path, e: OSError, tmp: Path | None = None) -> DiskFull:
     where = e.filename or path
     reason = e.strerror or str(e)
     removed = f"; removed the partial {tmp}" if tmp is not None else ""
-    return DiskFull(f"cannot write {where}: {reason}{removed}", str(where), written)
+    return DiskFull(f"cannot write {where}: {reason}{removed}", str(where), written, e.errno or 0)
 
 
 class BadInput(Exception):
@@ -332,8 +332,18 @@ def write_shard(out_dir: str | Path, index: int, items: Iterable[Episode | Failu
     for row in failures:
         log.warning("%s: %s%s", row["source"], f"{row['key']}: " if row["key"] else "", row["reason"])
     doc = shard_stats_doc(index, sources or [], entries, failures, tar_path)
-    _write_atomic(stats_path, _json_bytes(doc))
+    _write_stats(stats_path, doc, tar_path)
     return doc
+
+
+def _write_stats(stats_path: Path, doc: dict[str, Any], tar_path: Path) -> None:
+    """The shard's completion marker; on a full disk its tar goes too (only complete shards stay visible)."""
+    try:
+        _write_atomic(stats_path, _json_bytes(doc))
+    except DiskFull:
+        stats_path.unlink(missing_ok=True)
+        tar_path.unlink(missing_ok=True)
+        raise
 
 
 def _write_tar(tmp: Path, items: Iterable[Episode | Failure], entries: list, failures: list[dict],
@@ -439,7 +449,7 @@ def _drop_samples(out_dir: Path, index: int, doc: dict[str, Any], rows: list[dic
         raise _disk_full(tar_path, e, tmp) from None
     new = shard_stats_doc(index, doc["sources"], [tuple(e) for e in entries.values()],
                           doc["failures"] + rows, tar_path)
-    _write_atomic(out_dir / stats_name(index), _json_bytes(new))
+    _write_stats(out_dir / stats_name(index), new, tar_path)
     return new
 
 
@@ -561,6 +571,11 @@ def _job_disk_full(out: Path, chunks: list[list], e: DiskFull) -> DiskFull:
     done = [i for i in range(len(chunks)) if _is_complete(out, i, [str(x) for x in chunks[i]], quiet=True)]
     left = len(chunks) - len(done)
     sizes = [(out / shard_name(i)).stat().st_size for i in done]
+    if e.errno == errno.EFBIG:   # not the free room: a limit on one file's size
+        room = (f"writes files larger than the file system or the process's file-size limit (`ulimit -f`) allows "
+                f"({megabytes(e.written)} written); lower --samples-per-shard or raise the limit")
+        return DiskFull(f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}, "
+                        f"then rerun the same command to resume", e.path, e.written, e.errno)
     if sizes and left:
         mean = sum(sizes) // len(sizes)
         room = room_note(out, mean * left, f"{left} shard(s) left x {megabytes(mean)} each")
@@ -569,7 +584,7 @@ def _job_disk_full(out: Path, chunks: list[list], e: DiskFull) -> DiskFull:
         room = (f"needs more than the {megabytes(free) if free is not None else 'unknown'} free there (the shard had "
                 f"written {megabytes(e.written)} when the disk filled)")
     return DiskFull(f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}: "
-                    f"make room and rerun the same command to resume", e.path, e.written)
+                    f"make room and rerun the same command to resume", e.path, e.written, e.errno)
 
 
 def _run_job(out: Path, inputs: list, make_episodes: Callable[[Any], Iterable[Episode]], samples_per_shard: int,

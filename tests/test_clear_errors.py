@@ -1,10 +1,11 @@
 """Clear errors everywhere (issue 16, point 4), with real `wm` processes and real files.
 
-- a full disk during `wm ingest` (a real small tmpfs where this process may mount one; everywhere a
+- a full disk during `wm ingest` and `wm collect` (a real small tmpfs where this process may mount one; everywhere a
   real per-process file-size limit, RLIMIT_FSIZE, which makes the kernel refuse the write with EFBIG):
   exit 74, one line naming the shard and the room needed, no partial file left, the rerun after making
   room gives the same samples as a run that never failed;
 - `wm train` on a disk that refuses the checkpoint: exit 74, one line with the room a checkpoint needs;
+  on a disk full from the start (logs, config): one line naming the file, status.json still `failed`;
 - a binary `--config`, `data.resize=[0,0]`, `model.horizon=0`: exit 2, one line, the run folder not
   created (and an existing run left byte for byte as it was);
 - `--init` that does not exist, or that the recipe does not use: exit 2, one line;
@@ -134,11 +135,22 @@ def test_ingest_past_a_file_size_limit_stops_with_one_line(videos, tmp_path):
     assert "Traceback" not in err
     (line,) = error_lines(err, "ingest")
     assert f"cannot write {out / 'shard-000000.tar'}: File too large" in line, line
-    assert "0 of 6 shard(s) complete" in line and "needs more than" in line, line
+    assert "0 of 6 shard(s) complete" in line and "file-size limit (`ulimit -f`)" in line, line
     assert leftovers(out) == [] and not list(out.glob("shard-*"))
     code, _, err = wm("ingest", "videos", str(src), "--out", str(out), *VIDEO_ARGS)
     assert code == 0, err
     assert read_samples(out) == read_samples(ref)
+
+
+def test_collect_past_a_file_size_limit_is_one_line_and_no_traceback_at_exit(tmp_path):
+    out = tmp_path / "out"
+    code, _, err = wm("collect", "metaworld", "--tasks", "reach-v3", "--episodes", "1", "--resolution", "32",
+                      "--max-steps", "20", "--out", str(out), file_size_limit=8 * 1024)
+    assert code == 74, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err   # the simulator closed cleanly
+    (line,) = error_lines(err, "collect")
+    assert f"cannot write {out / 'shard-000000.tar'}: File too large" in line, line
+    assert leftovers(out) == [] and not list(out.glob("shard-*"))
 
 
 def test_train_checkpoint_past_a_file_size_limit_names_the_room_needed(data, tmp_path):
@@ -154,6 +166,21 @@ def test_train_checkpoint_past_a_file_size_limit_names_the_room_needed(data, tmp
     assert json.loads((run / "status.json").read_text())["exit_code"] == 74
     code, _, err = wm("train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS)
     assert code == 0, err
+
+
+def test_train_on_a_disk_full_from_the_start_is_one_line_and_a_final_status(data, small_tmpfs):
+    """16 kB: room for the config and the lock, not for the logs: whichever write is refused first."""
+    run = small_tmpfs(16 * 1024) / "run"
+    code, _, err = wm("train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS, "train.log_with=[tensorboard]")
+    assert code == 74, err
+    assert "Traceback" not in err
+    (line,) = error_lines(err, "train")
+    assert line.startswith(f"wm train: error: cannot write {run}/") and "No space left on device" in line, line
+    assert "free there): make room and rerun" in line, line
+    assert leftovers(run) == []
+    # status.json is rewritten in the blocks it holds: a final state even though the disk is full
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    assert json.loads((run / "status.json").read_text())["exit_code"] == 74
 
 
 # ---------------------------------------------------------------- bad config, bad --init

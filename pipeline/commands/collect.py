@@ -188,9 +188,11 @@ def run(args: argparse.Namespace) -> int:
     specs = [EpisodeSpec(task, i, args.seed + i, args.resolution, args.camera, args.max_steps, not args.drop_actions,
                          args.action_noise, args.noise_hold)
              for task in tasks for i in range(args.episodes)]
-    result = run_sharded_job(args.out, specs, make_episodes, samples_per_shard=args.samples_per_shard,
-                             workers=args.workers, created_by="wm collect metaworld", desc="collect")
-    _close_envs()
+    try:
+        result = run_sharded_job(args.out, specs, make_episodes, samples_per_shard=args.samples_per_shard,
+                                 workers=args.workers, created_by="wm collect metaworld", desc="collect")
+    finally:   # also on a full disk (exit 74): an env left to the interpreter's exit prints EGL tracebacks
+        _close_envs()
     m = result.manifest
     log.info("collected %d episodes (%d successful), %d frames -> %s", m["totals"]["samples"],
              sum(_success_flags(args.out, m)), m["totals"]["frames"], args.out)

@@ -259,3 +259,19 @@ def test_normalizer_floor_is_the_world_model_and_idm_rule():
     plain = Normalizer(stats, ["a"], "action", 2, "mean_std")
     assert torch.equal(floored.scale, torch.tensor([[MIN_STD, 4.0]]))
     assert torch.equal(plain.scale, torch.tensor([[1.0, 4.0]]))   # the decoder's rule: a constant dim gets 1
+
+
+def test_nets_imports_nothing_of_the_project_but_itself():
+    """The ground floor: nets/ imports torch, numpy and the standard library, never a model package."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    allowed = {"torch", "numpy", "nets", "__future__"} | set(sys.stdlib_module_names)
+    optional = {"flash_attn"}   # the GPU extra, imported under try
+    for path in sorted(Path(__file__).parents[1].joinpath("nets").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for name in names:
+                assert name.split(".")[0] in allowed | optional, f"{path.name} imports {name}"

@@ -295,17 +295,23 @@ def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: context
     """One job per run folder: the main rank holds ``RUN/.lock`` (shards.folder_lock) until ``locks``
     closes; every rank learns whether it got it (one all-reduce), so that a refused job stops on all
     ranks at once (``FolderBusy``) instead of leaving some waiting in a collective."""
+    from shards.writer import DiskFull, take_lock
+
     refused = None
     if main:
         try:
-            locks.enter_context(FolderLock(run_dir, what=f"run folder {run_dir}"))
+            locks.enter_context(take_lock(FolderLock(run_dir, what=f"run folder {run_dir}")))
         except FolderBusy as e:
             refused = e
-    (busy,) = agree([refused is not None], device)
+        except DiskFull as e:   # not even room for the lock file
+            refused = WriteFailed(str(e))
+    busy, disk = agree([isinstance(refused, FolderBusy), isinstance(refused, WriteFailed)], device)
     if refused is not None:
         raise refused
     if busy:
         raise FolderBusy(f"run folder {run_dir} is in use by another job (rank 0's message names it)")
+    if disk:
+        raise WriteFailed(f"rank 0 cannot write the lock file {run_dir / '.lock'} (its message says why)")
 
 
 class _Reads:

@@ -35,6 +35,7 @@ Guarantees (docs/FORMAT.md has the user-facing version):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -538,8 +539,32 @@ def run_sharded_job(out_dir: str | Path, inputs: list, make_episodes: Callable[[
     """
     if samples_per_shard < 1 or workers < 1:
         raise ValueError(f"samples_per_shard and workers must be >= 1, got {samples_per_shard}, {workers}")
-    with FolderLock(out_dir):
+    with take_lock(FolderLock(out_dir)):
         return _run_job(Path(out_dir), list(inputs), make_episodes, samples_per_shard, workers, created_by, desc)
+
+
+@contextlib.contextmanager
+def take_lock(lock: FolderLock) -> Iterator[FolderLock]:
+    """Hold ``lock`` for the ``with`` block; a disk too full for the lock file's few bytes is ``DiskFull``
+    naming it (the empty lock file removed), not a traceback."""
+    try:
+        lock.acquire()
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        try:
+            if lock.path.stat().st_size == 0:
+                lock.path.unlink()
+        except OSError:
+            pass
+        free = free_bytes(lock.path.parent)
+        raise DiskFull(f"cannot write {lock.path} (the job's lock): {e.strerror or e}; nothing else was written; "
+                       f"{megabytes(free) if free is not None else 'unknown'} free there: make room and rerun",
+                       str(lock.path), 0, e.errno) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def _write_pending(out: Path, chunks: list[list], pending: list[int], make_episodes: Callable, workers: int,

@@ -183,6 +183,23 @@ def test_train_on_a_disk_full_from_the_start_is_one_line_and_a_final_status(data
     assert json.loads((run / "status.json").read_text())["exit_code"] == 74
 
 
+def test_a_disk_without_room_for_the_lock_file_is_one_line(data, videos, small_tmpfs):
+    disk = small_tmpfs(8 * 1024)
+    with open(disk / "filler", "wb") as f:   # fill it to the last byte
+        try:
+            f.write(bytes(64 * 1024))
+        except OSError:
+            pass
+    src, _ = videos
+    for command, args in [("ingest", ["ingest", "videos", str(src), "--out", str(disk / "out"), *VIDEO_ARGS]),
+                          ("train", ["train", "toy", "--data", str(data), "--out", str(disk / "run"), *TRAIN_ARGS])]:
+        code, _, err = wm(*args)
+        assert code == 74, err
+        (line,) = error_lines(err, command)
+        assert "Traceback" not in err and "/.lock (the job's lock): No space left on device" in line, line
+        assert leftovers(disk) == []
+
+
 # ---------------------------------------------------------------- bad config, bad --init
 
 @pytest.fixture(scope="module")

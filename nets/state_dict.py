@@ -5,8 +5,9 @@ under the module's prefix is rewritten by the first rule ``(pattern, replacement
 on the key relative to the module) that matches it. Keys of the current layout match no rule and pass
 unchanged. The hook runs inside ``load_state_dict``, so every loader that goes through it
 (``from_pretrained``, ``safetensors.torch.load_model``, a plain ``load_state_dict``) sees new names.
-``rename_keys(state_dict, rules, prefix)`` is the same rewrite on a plain dict (for code that reads
-checkpoint names before loading them).
+``rename_keys(state_dict, rules, prefix)`` is the same rewrite on a plain dict, and
+``current_names(model, state_dict)`` applies every rule registered anywhere in ``model`` (for code that
+matches checkpoint names before loading them, e.g. a warm start that copies what fits).
 """
 
 from __future__ import annotations
@@ -51,3 +52,13 @@ def rename_on_load(module: nn.Module, rules: Rules) -> None:
         state_dict.update(renamed)
 
     module._register_load_state_dict_pre_hook(hook)
+    module._old_key_rules = rules
+
+
+def current_names(model: nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` with every key of an older layout renamed as ``model.load_state_dict`` would."""
+    for name, module in model.named_modules():
+        rules = getattr(module, "_old_key_rules", None)
+        if rules:
+            state_dict = rename_keys(state_dict, rules, f"{name}." if name else "")
+    return state_dict

@@ -48,6 +48,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
+from nets.state_dict import current_names
+
 from pipeline.distributed import any_rank
 from pipeline.exit_codes import UsageError, WriteFailed
 from pipeline.weights import UnreadableFile, check_json, check_safetensors, load_safetensors, read_json
@@ -382,7 +384,7 @@ def load_init_weights(model: torch.nn.Module, init: str | Path) -> None:
     this model.
     """
     path = init_weights_file(init)
-    source = load_safetensors(path, context=f"--init {init}: ")
+    source = current_names(model, load_safetensors(path, context=f"--init {init}: "))   # older layouts' names
     own = model.state_dict()
     matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     if not matched:

@@ -59,6 +59,7 @@ from pipeline.ema import EMA
 from pipeline.exit_codes import UsageError, WriteFailed
 from pipeline.preemption import PreemptionHandler, agree
 from pipeline.registry import ModelDataMismatch, ModelSpec
+from shards.location import missing_folder
 from shards.folder_lock import FolderBusy, FolderLock
 from shards.format import read_manifest
 
@@ -90,7 +91,7 @@ def read_manifests(paths: list[str]) -> list[dict]:
     if not paths:
         raise UsageError("no training data: pass --data DIR (a dataset folder with manifest.json)")
     for p in paths:
-        if not Path(p).is_dir():
+        if missing_folder(p):   # a URL (s3://, http://, pipe:) is checked by reading its manifest
             raise UsageError(f"data folder {p} does not exist")
     return [read_manifest(p) for p in paths]
 

@@ -122,6 +122,24 @@ def test_decoder_checkpoint_saved_with_old_block_names_loads(tmp_path):
     assert torch.equal(_predict(fresh.eval(), batch), _predict(model, batch))
 
 
+def test_warm_start_from_a_checkpoint_with_old_block_names_copies_every_tensor(tmp_path):
+    """--init (copy what fits by name) sees old-layout names through the model's rename rules."""
+    from safetensors.torch import save_file
+
+    from decoders.decoder import ActionDecoder
+    from pipeline.checkpoint import load_init_weights
+
+    model, batch = _decoder_and_batch()
+    old = _as_old_decoder(model.state_dict(), model.config.depth)
+    (tmp_path / "final").mkdir()
+    save_file({k: v.contiguous() for k, v in old.items()}, str(tmp_path / "final" / "model.safetensors"))
+    torch.manual_seed(123)
+    fresh = ActionDecoder(model.config).eval()
+    load_init_weights(fresh, tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
 def test_rename_keys_leaves_current_names_alone():
     from nets.state_dict import rename_keys
 

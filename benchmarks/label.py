@@ -4,7 +4,7 @@ Builds a dataset of synthetic episodes (a square moving on a gradient, real H.26
 labeller run (`wm train lam|idm` for a few steps: the weights do not change the cost), then
 measures, alternating for ``--rounds`` rounds (medians reported, the machine may be shared):
 
-- ``label``: ``pipeline.labelling.label_dataset`` end to end into a fresh sidecar name: decode
+- ``label``: ``wm_pipeline.jobs.labelling.label_dataset`` end to end into a fresh sidecar name: decode
   (prefetch thread), windowing, forward passes, sidecar tar + stats.json writes;
 - ``windows``: ``label_episodes`` on episodes decoded beforehand (windowing + forward, no I/O);
 - ``forward``: the model's labelling call alone on the same windows, stacked beforehand.
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cli import main as wm
-from pipeline.labelling import _starts, label_dataset, label_episodes, load_labeller
+from wm_pipeline.cli.main import main as wm
+from wm_pipeline.jobs.labelling import _starts, label_dataset, label_episodes, load_labeller
 from shards.stream import iter_samples
 from shards.writer import Episode, run_sharded_job
 

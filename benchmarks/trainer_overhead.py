@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import resolve
-from pipeline.ema import EMA
-from pipeline.registry import register_model
-from pipeline.trainer import build_optimizer, build_scheduler, train
+from wm_pipeline.training.config import resolve
+from wm_pipeline.training.ema import EMA
+from wm_pipeline.training.registry import register_model
+from wm_pipeline.training.trainer import build_optimizer, build_scheduler, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def main() -> None:
         "model.action_dim=3", "model.state_dim=2", f"model.image_size=[{args.size},{args.size}]"])
     cfg.data.paths = ["<in memory>"]
 
-    import pipeline.trainer as trainer_mod
+    import wm_pipeline.training.trainer as trainer_mod
     trainer_mod.read_manifests = lambda paths: []   # in-memory batches: no dataset folder to read
 
     runtime, bare = [], []

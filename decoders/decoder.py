@@ -21,7 +21,7 @@ condition and injected into every block with AdaLN-Zero (shift, scale, gate).
 
 Actions and states are normalised per embodiment inside the model (``nets.normalize``) with
 stats stored in the config, so ``config.json`` carries them beside ``model.safetensors``. EMA,
-optimisers and the loop belong to the runtime in ``pipeline/``.
+optimisers and the loop belong to the runtime in ``wm_pipeline/``.
 """
 
 import copy

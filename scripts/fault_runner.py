@@ -67,7 +67,7 @@ class Case:
 # ---------------------------------------------------------------- shared set-up
 
 def wm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *map(str, args)]
+    return [sys.executable, "-m", "wm_pipeline", *map(str, args)]
 
 
 def wm(*args, file_size_limit: int | None = None, timeout: float = 300) -> tuple[int, str]:

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from latent_actions.lam import PRESETS, LatentActionModel
-from pipeline.config import apply_overrides
-from pipeline.probe import linear_probe, mean_r2
+from wm_pipeline.training.config import apply_overrides
+from wm_pipeline.jobs.probe import linear_probe, mean_r2
 from shards.stream import iter_samples
 
 

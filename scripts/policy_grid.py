@@ -204,7 +204,7 @@ def do_job(args, job: Job, stages: set[str]) -> None:
     if "eval" in stages and not (evals / "results.json").is_file():
         run(eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals), logs / f"eval-{job.name}.log")
     if "val" in stages:
-        from pipeline.action_error import held_out_action_error
+        from wm_pipeline.jobs.action_error import held_out_action_error
 
         for step, policy in checkpoint_policies(run_dir, args.out / "val" / job.name):
             folder = policy.parent

@@ -52,11 +52,11 @@ class FolderBusy(RuntimeError):
 
 
 def _command() -> str:
-    """This process's command line, one line (``python -m pipeline ...`` shows as ``wm ...``)."""
+    """This process's command line, one line (``python -m wm_pipeline ...`` shows as ``wm ...``)."""
     argv = list(sys.argv) or [""]
     prog = Path(argv[0]).name
     if prog == "__main__.py":
-        prog = "wm" if Path(argv[0]).parent.name == "pipeline" else f"python -m {Path(argv[0]).parent.name}"
+        prog = "wm" if Path(argv[0]).parent.name == "wm_pipeline" else f"python -m {Path(argv[0]).parent.name}"
     return " ".join(shlex.join([prog, *argv[1:]]).split())[:500]
 
 

@@ -66,7 +66,7 @@ from .stats import build_manifest, file_sha256, read_shard_stats, shard_stats_do
 
 log = logging.getLogger(__name__)
 
-DATA_FAILURES = 3  # == pipeline.exit_codes.DATA_FAILURES (shards may not import pipeline)
+DATA_FAILURES = 3  # == wm_pipeline.exit_codes.DATA_FAILURES (shards may not import pipeline)
 _RESERVED = {"meta", "action", "state"}
 
 
@@ -95,7 +95,7 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 class DiskFull(Exception):
     """An output of the job could not be written (no space, a quota, a read-only disk). ``str(e)`` is one
-    line naming the file; its partial ``*.tmp`` is already removed. ``pipeline.cli`` exits 74
+    line naming the file; its partial ``*.tmp`` is already removed. ``wm_pipeline.cli.main`` exits 74
     (WRITE_FAILED). ``written`` is how many bytes of that file had been written (a lower bound of the
     room it needs)."""
 

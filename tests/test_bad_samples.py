@@ -19,8 +19,8 @@ import torch
 
 from test_stream import make_dataset
 
-from pipeline.cli import main
-from pipeline.labelling import Labeller, register_labeller
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.labelling import Labeller, register_labeller
 from shards.format import FormatError
 from shards.sidecar import read_sidecar, read_sidecar_stats
 from shards.stream import WindowStream, iter_samples, read_tar_samples
@@ -157,7 +157,7 @@ def test_samples_the_manifest_lists_but_the_shard_lacks_are_reported(clean, tmp_
 
 
 def _wm(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 

@@ -27,11 +27,12 @@ import yaml
 from safetensors.torch import load_file
 
 import toy_models
-from pipeline import checkpoint, exit_codes
-from pipeline.cli import main
-from pipeline.config import resolve
-from pipeline.registry import get_model, register_model
-from pipeline.trainer import train
+from wm_pipeline.training import checkpoint
+from wm_pipeline import exit_codes
+from wm_pipeline.cli.main import main
+from wm_pipeline.training.config import resolve
+from wm_pipeline.training.registry import get_model, register_model
+from wm_pipeline.training.trainer import train
 
 RUN_ARGS = ("train.max_steps=30", "train.ckpt_every=10", "train.keep_last=5", "train.log_every=10",
             "train.progress=false")
@@ -43,7 +44,7 @@ def data(tmp_path_factory):
 
 
 def wm_train(data, run, *overrides, model="toy", env=None, extra=()):
-    cmd = [sys.executable, "-m", "pipeline", "train", model, "--data", str(data), "--out", str(run),
+    cmd = [sys.executable, "-m", "wm_pipeline", "train", model, "--data", str(data), "--out", str(run),
            "--preset", "tiny", *extra, *RUN_ARGS, *overrides]
     proc = subprocess.run(cmd, env=env or toy_models.plugin_env(), capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
@@ -150,7 +151,7 @@ def test_truncated_init_weights_are_a_one_line_error(data, trained, tmp_path):
     bad = pre / "final" / "model.safetensors"
     truncate(bad)
     plugin = tmp_path / "finetune_plugin.py"
-    plugin.write_text("from pipeline.registry import get_model, register_model\n"
+    plugin.write_text("from wm_pipeline.training.registry import get_model, register_model\n"
                       "s = get_model('toy')\n"
                       "register_model('toy-finetune', s.config_cls, s.model_cls, s.presets, prepare=s.prepare,\n"
                       "               required_keys=s.required_keys, warm_start=True)\n")
@@ -231,10 +232,10 @@ def _tiny_text_encoder(path: Path) -> Path:
 def test_world_model_loaders_name_the_unreadable_file(tmp_path):
     """`wm eval --policy` / `wm worldmodel eval` of a world model, and the VAE / text-encoder folders
     its config points at (loaded when the model is built)."""
-    from pipeline.evaluate import env_info, load_policy
-    from pipeline.models.worldmodel_policy import load_world_model_policy
-    from pipeline.weights import UnreadableFile
-    from pipeline.worldmodel_eval import load_world_model
+    from wm_pipeline.jobs.closed_loop_eval import env_info, load_policy
+    from wm_pipeline.recipes.worldmodel_policy import load_world_model_policy
+    from wm_pipeline.weights import UnreadableFile
+    from wm_pipeline.jobs.worldmodel_offline_eval import load_world_model
     from worldmodel.uwm import WorldModel
 
     info = {**env_info("metaworld", resolution=16), "action_steps": None, "temporal_ensemble": None,
@@ -271,8 +272,8 @@ def test_world_model_loaders_name_the_unreadable_file(tmp_path):
 
 def test_worldmodel_training_names_an_unreadable_vae_folder(tmp_path):
     """The folders a run config points at are read when the model is built: `wm train` reports them."""
-    from pipeline.trainer import exit_code_of
-    from pipeline.weights import UnreadableFile, config_folders, loading
+    from wm_pipeline.training.trainer import exit_code_of
+    from wm_pipeline.weights import UnreadableFile, config_folders, loading
     from worldmodel.uwm import WorldModel
 
     vae = _tiny_vae(tmp_path / "vae")
@@ -288,9 +289,9 @@ def test_worldmodel_training_names_an_unreadable_vae_folder(tmp_path):
 def test_labellers_name_the_unreadable_file(tmp_path):
     from latent_actions.idm import InverseDynamicsModel
     from latent_actions.lam import LatentActionModel
-    from pipeline.labelling import load_labeller
-    from pipeline.vae_labeller import label_vae, load_vae_labeller
-    from pipeline.weights import UnreadableFile
+    from wm_pipeline.jobs.labelling import load_labeller
+    from wm_pipeline.jobs.vae_labeller import label_vae, load_vae_labeller
+    from wm_pipeline.weights import UnreadableFile
 
     for name, model in (("lam", LatentActionModel.from_preset("tiny")),
                         ("idm", InverseDynamicsModel.from_preset("tiny", action_dim=4))):
@@ -421,7 +422,7 @@ def test_an_exception_out_of_training_writes_a_final_status(data, tmp_path):
 
 def torchrun(data, run, *overrides, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline", "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
+           "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
            "train.ckpt_every=10", "train.keep_last=5", "train.log_every=10", "train.progress=false", *overrides]
     proc = subprocess.run(cmd, env=toy_models.plugin_env(), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr

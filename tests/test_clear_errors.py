@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 import toy_models
-from pipeline import exit_codes
+from wm_pipeline import exit_codes
 from test_ingest_videos import gray_ramp, read_samples, write_video
 
 TRAIN_ARGS = ("--preset", "tiny", "train.max_steps=20", "train.ckpt_every=10", "train.progress=false")
@@ -44,7 +44,7 @@ def wm(*args: str, env: dict | None = None, file_size_limit: int | None = None, 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG from write(), not a killing signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True,
                           timeout=timeout, env=env or toy_models.plugin_env(),
                           preexec_fn=limit if file_size_limit else None)
     return proc.returncode, proc.stdout, proc.stderr
@@ -258,7 +258,7 @@ def _has_torch(pid: int) -> bool:
 
 def test_sigusr1_during_start_up_checkpoints_instead_of_killing(data, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline", "train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS]
+    cmd = [sys.executable, "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS]
     proc = subprocess.Popen(cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 60
@@ -323,7 +323,7 @@ def test_mkv_with_a_corrupt_cluster_is_a_failure_row_without_frozen_frames(tmp_p
 # ---------------------------------------------------------------- a closed stdout
 
 def test_inspect_into_a_closed_pipe_ends_quietly(data):
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "inspect", str(data), "--no-sheet", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "wm_pipeline", "inspect", str(data), "--no-sheet", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=toy_models.plugin_env())
     proc.stdout.close()   # the reader is gone before the first line (`| head -0`)
     err = proc.stderr.read().decode()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from wm_pipeline.cli.main import main
 from shards.format import read_manifest
 
 
@@ -86,7 +86,7 @@ def test_drop_actions_writes_the_same_video_without_actions(collected):
 
 def test_unknown_task_lists_valid_names_exit_2(tmp_path):
     env = dict(os.environ, MUJOCO_GL="egl")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "collect", "metaworld", "--tasks", "reach-v3,fly-v3",
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", "collect", "metaworld", "--tasks", "reach-v3,fly-v3",
                            "--episodes", "1", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -118,7 +118,7 @@ def test_action_noise_changes_the_motion_and_is_seeded(collected):
 def test_noise_hold_keeps_each_draw_for_k_steps(collected):
     """--noise-hold 5: executed action = expert(state) + a perturbation redrawn every 5 steps (small noise,
     so clipping stays rare; where an action is clipped the check skips it)."""
-    from pipeline.policy import ExpertPolicy
+    from wm_pipeline.jobs.policy import ExpertPolicy
 
     out = collected / "held"
     assert _collect(out, "--action-noise", "0.1", "--noise-hold", "5", "--max-steps", "20") == 0

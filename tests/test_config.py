@@ -8,9 +8,10 @@ import torch
 import yaml
 
 import toy_models
-from pipeline import cli, exit_codes
-from pipeline.config import ConfigError, RunConfig, dump_yaml, load_yaml, resolve, to_dict
-from pipeline.registry import get_model
+from wm_pipeline.cli import main as cli
+from wm_pipeline import exit_codes
+from wm_pipeline.training.config import ConfigError, RunConfig, dump_yaml, load_yaml, resolve, to_dict
+from wm_pipeline.training.registry import get_model
 
 
 def toy(**kw):
@@ -110,7 +111,7 @@ def test_cli_unknown_model_and_overrides_between_options(data, tmp_path, capsys)
 
 
 def test_missing_data_folder_subprocess_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "toy", "--data", str(tmp_path / "nope"),
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", "train", "toy", "--data", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "run"), "optim.lr=3e-4"],
                           env=toy_models.plugin_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr

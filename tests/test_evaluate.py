@@ -6,10 +6,10 @@ import av
 import numpy as np
 import pytest
 
-from pipeline import evaluate as ev
-from pipeline.cli import main
-from pipeline.exit_codes import UsageError
-from pipeline.policy import ChunkedPolicy, ExpertPolicy, RandomPolicy
+from wm_pipeline.jobs import closed_loop_eval as ev
+from wm_pipeline.cli.main import main
+from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.jobs.policy import ChunkedPolicy, ExpertPolicy, RandomPolicy
 
 
 class CountingChunks(ChunkedPolicy):

@@ -38,7 +38,7 @@ VIDEO_ARGS = ["--resolution", "32", "--fps", "15", "--clip-seconds", "0.5", "--s
 
 
 def wm_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, "-m", "wm_pipeline", *args]
 
 
 def alive(pid: int) -> bool:
@@ -333,7 +333,7 @@ def frame_mean(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.labelling import Labeller, register_labeller
+    from wm_pipeline.jobs.labelling import Labeller, register_labeller
 
     folder = tmp_path / "frame_mean"
     folder.mkdir()
@@ -351,7 +351,7 @@ def frame_mean(tmp_path):
 
 
 def test_label_locks_each_sidecar_shard_so_disjoint_ranges_run_side_by_side(frame_mean, capsys):
-    from pipeline.cli import main
+    from wm_pipeline.cli.main import main
     from shards.sidecar import sidecar_done, sidecar_shard_lock
 
     labeller, data = frame_mean

@@ -20,7 +20,7 @@ from shards.format import read_manifest
 
 
 def wm(*args: str, check_rc: int) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == check_rc, proc.stdout + proc.stderr
     return proc

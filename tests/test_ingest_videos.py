@@ -39,7 +39,7 @@ def gray_ramp(n: int, h: int, w: int, step: int) -> np.ndarray:
 
 
 def wm(*args: str, check_rc: int | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in proc.stderr, proc.stderr
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout + proc.stderr
@@ -163,7 +163,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
 
     out = tmp_path / "out"
     # its own session, so that kill -9 reaches the spawned worker processes too
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ingest", "videos", *args, "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "wm_pipeline", "ingest", "videos", *args, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("shard-*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:

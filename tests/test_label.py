@@ -20,15 +20,15 @@ import torch
 
 torch.set_num_threads(1)   # 2 shared cores: one thread is ~25x faster than two fighting other jobs
 
-from pipeline.cli import main
-from pipeline.labelling import label_episodes, load_labeller, shard_range
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.labelling import label_episodes, load_labeller, shard_range
 from shards.format import read_manifest
 from shards.sidecar import read_labeller_info, read_sidecar, read_sidecar_stats, sidecar_dir
 from shards.stream import WindowStream, collate_windows, iter_samples
 from shards.writer import Episode, run_sharded_job
 
 LENGTHS = [14, 9, 21, 3, 17, 12, 25, 10]   # frames; one shorter than the LAM's frame gap + 1 window
-WM = [sys.executable, "-m", "pipeline"]
+WM = [sys.executable, "-m", "wm_pipeline"]
 
 
 def _episode(i: int, size: int = 32, camera: str = "front", fps: float = 10.0, n: int | None = None) -> list[Episode]:
@@ -162,7 +162,7 @@ def test_shard_ranges_are_disjoint_and_cover(setup, tmp_path):
 
 def test_torchrun_ranks_take_their_own_shards(setup):
     root, data = setup
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "wm_pipeline",
                         "label", "--labeller", str(root / "lam"), "--data", str(data), "--name", "ranks",
                         "--batch-size", "4", "--no-progress"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -240,7 +240,7 @@ def test_a_registered_labeller_kind_runs_through_the_same_job(setup, tmp_path):
 
     from safetensors.torch import save_file
 
-    from pipeline.labelling import Labeller, register_labeller
+    from wm_pipeline.jobs.labelling import Labeller, register_labeller
 
     root, data = setup
     folder = tmp_path / "frame_mean"

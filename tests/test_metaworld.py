@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.exit_codes import UsageError
-from pipeline.sim.metaworld_env import (MetaWorldEnv, _words_prefix_match, expert_policy, instruction, list_tasks,
+from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.sim.metaworld_env import (MetaWorldEnv, _words_prefix_match, expert_policy, instruction, list_tasks,
                                         parse_tasks)
 
 

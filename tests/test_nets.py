@@ -127,7 +127,7 @@ def test_warm_start_from_a_checkpoint_with_old_block_names_copies_every_tensor(t
     from safetensors.torch import save_file
 
     from decoders.decoder import ActionDecoder
-    from pipeline.checkpoint import load_init_weights
+    from wm_pipeline.training.checkpoint import load_init_weights
 
     model, batch = _decoder_and_batch()
     old = _as_old_decoder(model.state_dict(), model.config.depth)

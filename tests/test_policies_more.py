@@ -1,7 +1,7 @@
 """The world model as a closed-loop policy (``uwm``) and the decoder trained on IDM pseudo-labels (``idm-bc``).
 
 Covers: a WorldModelPolicy around a tiny random WorldModel drives real Meta-World episodes through
-``pipeline.evaluate.evaluate`` (latency reported, actions seeded per episode); ``wm eval --policy RUN``
+``wm_pipeline.jobs.closed_loop_eval.evaluate`` (latency reported, actions seeded per episode); ``wm eval --policy RUN``
 dispatches a trained world-model run to it (and a decoder run still to the decoder); the window
 stream mixes a labelled and an unlabelled folder with ``optional_labels``; ``wm train decoder
 policy=idm-bc`` trains on demos plus video labelled by a real IDM (``wm label``), with the
@@ -19,11 +19,11 @@ import torch
 torch.set_num_threads(1)
 
 from decoders.world_model_policy import WorldModelPolicy
-import pipeline.models  # noqa: F401  (registers the policy loaders)
-from pipeline.cli import main
-from pipeline.evaluate import env_info, evaluate, load_policy
-from pipeline.models.decoder import idm_targets
-from pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT, STATE_DIM
+import wm_pipeline.recipes  # noqa: F401  (registers the policy loaders)
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.closed_loop_eval import env_info, evaluate, load_policy
+from wm_pipeline.recipes.decoder import idm_targets
+from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT, STATE_DIM
 from shards.format import FormatError
 from shards.sidecar import read_sidecar
 from shards.stream import WindowStream, collate_windows

@@ -10,12 +10,12 @@ import torch
 
 from decoders.decoder import ActionDecoder, DecoderConfig
 from decoders.policy import ChunkedPolicy, DecoderPolicy
-from pipeline import evaluate as ev
-from pipeline.cli import main
-from pipeline.exit_codes import UsageError
-from pipeline.few_shot import few_shot_keys
-from pipeline.policy import ChunkedPolicy as ReexportedChunkedPolicy
-from pipeline.policy import RandomPolicy
+from wm_pipeline.jobs import closed_loop_eval as ev
+from wm_pipeline.cli.main import main
+from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.training.few_shot import few_shot_keys
+from wm_pipeline.jobs.policy import ChunkedPolicy as ReexportedChunkedPolicy
+from wm_pipeline.jobs.policy import RandomPolicy
 from shards.stream import WindowStream
 from shards.writer import Episode, run_sharded_job
 
@@ -101,8 +101,8 @@ def test_the_shared_training_stream_keeps_only_the_few_shot_demos(demos):
     policy) reads data.episodes_per_task like the decoder does."""
     from types import SimpleNamespace
 
-    from pipeline.config import DataConfig
-    from pipeline.registry import default_stream
+    from wm_pipeline.training.config import DataConfig
+    from wm_pipeline.training.registry import default_stream
 
     data = DataConfig(paths=[str(demos)], window=4, batch_size=4, num_workers=0, shuffle_buffer=1, episodes_per_task=2)
     seen = set()

@@ -1,7 +1,7 @@
 """scripts/policy_grid.py end to end on real Meta-World demos: two training seeds of one arm, every
 checkpoint validated (held-out action error + closed-loop validation episodes), the final checkpoint
 evaluated, one table with standard errors and the plots; a rerun resumes without redoing anything.
-Also pipeline.action_error: a trained decoder's chunks are closer to the demos than an untrained one's."""
+Also wm_pipeline.jobs.action_error: a trained decoder's chunks are closer to the demos than an untrained one's."""
 
 import json
 import subprocess
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.action_error import held_out_action_error
-from pipeline.cli import main
+from wm_pipeline.jobs.action_error import held_out_action_error
+from wm_pipeline.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import torch
 
 torch.set_num_threads(1)   # 2 shared cores: one thread is ~25x faster than two fighting other jobs
 
-from pipeline.cli import main
-from pipeline.probe import code_usage, linear_probe, r2_per_dim
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.probe import code_usage, linear_probe, r2_per_dim
 
 from shards.writer import Episode
 from test_label import _make

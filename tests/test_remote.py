@@ -250,7 +250,7 @@ def test_missing_s3_object_is_one_line_naming_it(s3):
 # ---------------------------------------------------------------- the wm CLI
 
 def _wm(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
@@ -274,7 +274,7 @@ def test_wm_inspect_verifies_a_dataset_over_http_and_s3(data, http_url, s3, tmp_
 @pytest.fixture(scope="module")
 def lam(data, tmp_path_factory):
     """A LAM run trained (3 steps) on the local folder, and the sidecars it writes for that folder."""
-    from pipeline.cli import main
+    from wm_pipeline.cli.main import main
     root = tmp_path_factory.mktemp("lam")
     assert main(["train", "lam", "--data", str(data), "--out", str(root / "run"), "--preset", "tiny",
                  "train.max_steps=3", "train.ckpt_every=3", "train.progress=false", "model.frame_gap=2"]) == 0
@@ -286,7 +286,7 @@ def lam(data, tmp_path_factory):
 
 
 def test_wm_label_reads_http_and_writes_its_sidecars_to_a_local_folder(http_url, lam, tmp_path):
-    from pipeline.cli import main
+    from wm_pipeline.cli.main import main
     run, ref = lam
     assert main(["label", "--labeller", str(run), "--data", http_url, "--labels-out", str(tmp_path),
                  "--name", "lamx", "--no-progress"]) == 0
@@ -298,14 +298,14 @@ def test_wm_label_reads_http_and_writes_its_sidecars_to_a_local_folder(http_url,
 
 
 def test_wm_label_reads_s3_and_writes_its_sidecars_beside_it_on_s3(s3, lam, data, tmp_path):
-    from pipeline.cli import main
+    from wm_pipeline.cli.main import main
     fs, url = s3
     run, ref = lam
     assert main(["label", "--labeller", str(run), "--data", url, "--name", "lamx", "--no-progress"]) == 0
     got = {name: fs.cat_file(f"{BUCKET}/ds/labels/lamx/{name}") for name in ref}
     assert got == ref and fs.exists(f"{BUCKET}/ds/labels/lamx/labeller.json")
     # a rerun finds every shard complete on s3 and labels nothing
-    from pipeline.labelling import label_dataset
+    from wm_pipeline.jobs.labelling import label_dataset
     assert label_dataset(str(run), url, "lamx", progress=False)["shards"] == 0
     # and the stream joins them from s3 as it does the same sidecars in a local copy of the dataset
     local = tmp_path / "ds"
@@ -332,7 +332,7 @@ def test_dataloader_workers_stream_from_s3(data, s3):
 def test_wm_probe_reads_a_url_and_scores_as_on_the_folder(data, http_url, lam, tmp_path):
     import json
 
-    from pipeline.cli import main
+    from wm_pipeline.cli.main import main
     run, _ = lam
     scores = []
     for where, out in ((data, tmp_path / "local"), (http_url, tmp_path / "http")):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def wm(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "pipeline", *argv], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "wm_pipeline", *argv], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"wm {' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     return r
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import toy_models
-from pipeline import checkpoint, exit_codes
+from wm_pipeline.training import checkpoint
+from wm_pipeline import exit_codes
 
 pytestmark = pytest.mark.distributed
 
@@ -25,7 +26,7 @@ def data(tmp_path_factory):
 
 def torchrun(data, run, *overrides):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline", "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
+           "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
            "train.progress=false", "train.log_every=5", f"model.record_keys_to={run / 'seen'}", *overrides]
     return subprocess.Popen(cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -1,4 +1,4 @@
-"""Resume and preemption with real processes: `python -m pipeline train`, kill -9, SIGUSR1/SIGTERM."""
+"""Resume and preemption with real processes: `python -m wm_pipeline train`, kill -9, SIGUSR1/SIGTERM."""
 
 import json
 import signal
@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import toy_models
-from pipeline import checkpoint, exit_codes
+from wm_pipeline.training import checkpoint
+from wm_pipeline import exit_codes
 
 STEPS = "train.max_steps=120"
 
@@ -22,7 +23,7 @@ def data(tmp_path_factory):
 
 
 def start(data, run, *overrides):
-    cmd = [sys.executable, "-m", "pipeline", "train", "toy", "--data", str(data), "--out", str(run),
+    cmd = [sys.executable, "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run),
            "--preset", "tiny", "train.progress=false", "train.log_every=10", *overrides]
     return subprocess.Popen(cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.cli import main
+from wm_pipeline.cli.main import main
 
 PRESET = ["--preset", "tiny", "train.progress=false", "data.num_workers=0"]
 
@@ -43,7 +43,7 @@ def _json(stdout: str) -> dict:
 
 
 def _wm(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp_path):
@@ -98,10 +98,10 @@ def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp
 
 
 def test_no_future_control_hides_future_frames(mw, tmp_path):
-    from pipeline.config import resolve
-    from pipeline.models.worldmodel import build_stream, hide_future
-    from pipeline.registry import get_model, load_plugins
-    from pipeline.trainer import read_manifests
+    from wm_pipeline.training.config import resolve
+    from wm_pipeline.recipes.worldmodel import build_stream, hide_future
+    from wm_pipeline.training.registry import get_model, load_plugins
+    from wm_pipeline.training.trainer import read_manifests
 
     load_plugins()
     spec = get_model("worldmodel")
@@ -125,7 +125,7 @@ def test_no_future_control_hides_future_frames(mw, tmp_path):
 def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path):
     from diffusers import AutoencoderKL
 
-    from pipeline.vae_labeller import label_vae
+    from wm_pipeline.jobs.vae_labeller import label_vae
     from shards.sidecar import read_sidecar
     from shards.stream import iter_samples
     from worldmodel.tokenizer import encode_frames, load_vae
@@ -172,7 +172,7 @@ def test_torchrun_two_ranks_train_and_the_final_model_loads(mw, tmp_path):
 
     run, logs = tmp_path / "run", tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--log-dir", str(logs), "--redirects", "3", "-m", "pipeline", "train", "worldmodel",
+           "--log-dir", str(logs), "--redirects", "3", "-m", "wm_pipeline", "train", "worldmodel",
            "--data", str(mw["demos"]), "--out", str(run), *PRESET, "train.max_steps=12", "train.log_every=4",
            "train.ckpt_every=12", "model.variant=dust"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)

@@ -264,6 +264,6 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_exit_code_agrees_with_pipeline():
-    from pipeline.exit_codes import DATA_FAILURES as PIPELINE_DATA_FAILURES
+    from wm_pipeline.exit_codes import DATA_FAILURES as PIPELINE_DATA_FAILURES
 
     assert DATA_FAILURES == PIPELINE_DATA_FAILURES

@@ -20,7 +20,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from pipeline.registry import ModelDataMismatch, register_model
+from wm_pipeline.training.registry import ModelDataMismatch, register_model
 from shards.writer import Episode, run_sharded_job
 
 ACTION_DIM, STATE_DIM = 3, 2

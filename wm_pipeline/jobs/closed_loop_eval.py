@@ -1,0 +1,272 @@
+"""Closed-loop evaluation: run seeded episodes of a policy in Meta-World and report what happened.
+
+    results = evaluate(load_policy("expert", env_info("metaworld")), tasks=["reach-v3"], episodes=10,
+                       seed=0, out_dir="runs/eval")
+
+For each task, episode ``i`` uses seed ``eval_seed(seed, i) = seed + EVAL_SEED_OFFSET + i``; demos
+from ``wm collect --seed S`` use ``S + i``, so evaluation layouts never coincide with collected demos
+for the same base seed (as long as a task has fewer than EVAL_SEED_OFFSET demos). An episode stops at
+its first success (success = reached at any step) or after ``max_steps`` actions.
+
+Reported per task: success rate, mean episode length (actions taken), and for policies that record
+``latencies`` the per-model-call latency (median and p95, ms). ``results.json`` holds everything;
+rollout videos go to ``<out>/videos/<task>_<episode>.mp4`` with ``video=True``.
+
+Policies are resolved by ``load_policy(spec, env_info)``: ``expert`` and ``random`` are built in;
+other specs (e.g. a run directory) are handled by loaders added with ``register_policy_loader``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.jobs.policy import ExpertPolicy, Policy, RandomPolicy, reset_policy
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED_OFFSET = 100_000
+ENVS = ("metaworld",)
+
+PolicyLoader = Callable[[str, dict[str, Any]], "Policy | None"]
+_LOADERS: list[PolicyLoader] = []
+
+
+# ---------------------------------------------------------------- policies
+
+def register_policy_loader(fn: PolicyLoader) -> PolicyLoader:
+    """Add a loader ``fn(spec, env_info) -> Policy | None`` (None: not mine). Usable as a decorator.
+
+    Loaders are tried in registration order after the built-in ``expert`` and ``random``.
+    """
+    if fn not in _LOADERS:
+        _LOADERS.append(fn)
+    return fn
+
+
+def env_info(env: str = "metaworld", resolution: int = 64, camera: str = "corner") -> dict[str, Any]:
+    """What a policy loader may need to know about the environment it will be driven in."""
+    if env not in ENVS:
+        raise UsageError(f"unknown --env {env!r}; available: {', '.join(ENVS)}")
+    from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT, STATE_DIM
+
+    return {"env": env, "embodiment": EMBODIMENT, "action_dim": ACTION_DIM, "state_dim": STATE_DIM,
+            "image_size": (resolution, resolution), "camera": camera}
+
+
+def load_policy(spec: str, info: dict[str, Any]) -> Policy:
+    """Build the policy named by ``spec`` ("expert", "random", or whatever a registered loader accepts)."""
+    if spec == "expert":
+        if info.get("env") != "metaworld":
+            raise UsageError(f"--policy expert needs the Meta-World scripted experts, not env {info.get('env')!r}")
+        return ExpertPolicy(action_dim=info["action_dim"])
+    if spec == "random":
+        return RandomPolicy(action_dim=info["action_dim"])
+    for loader in _LOADERS:
+        policy = loader(spec, info)
+        if policy is not None:
+            return policy
+    where = "" if Path(spec).exists() else " (no such file or directory)"
+    raise UsageError(f"cannot load policy {spec!r}{where}: expected 'expert', 'random', or a run directory "
+                     f"a registered policy loader accepts ({len(_LOADERS)} registered)")
+
+
+def check_compatible(policy: Policy, info: dict[str, Any]) -> None:
+    """Fail (UsageError naming both sides) if the policy's declared ``embodiment``, ``action_dim`` or
+    ``image_size`` does not match the environment described by ``info`` (see ``env_info``).
+    Undeclared attributes are not checked."""
+    name = type(policy).__name__
+    embodiment = getattr(policy, "embodiment", None)
+    if embodiment is not None and embodiment != info["embodiment"]:
+        raise UsageError(f"policy {name} acts for embodiment '{embodiment}' but {info['env']} is "
+                         f"'{info['embodiment']}'")
+    action_dim = getattr(policy, "action_dim", None)
+    if action_dim is not None and int(action_dim) != info["action_dim"]:
+        raise UsageError(f"policy {name} outputs {action_dim}-dim actions but {info['env']} "
+                         f"({info['embodiment']}) takes {info['action_dim']}-dim actions")
+    size = getattr(policy, "image_size", None)
+    if size is not None:
+        size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
+        env_size = tuple(info["image_size"])
+        if size != env_size:
+            raise UsageError(f"policy {name} expects {size[0]}x{size[1]} images but {info['env']} renders "
+                             f"{env_size[0]}x{env_size[1]} (set --resolution {size[0]})")
+
+
+def trained_run_folder(spec: str, model_name: str) -> Path | None:
+    """``RUN/final`` (or ``RUN`` itself when it is a final/ folder) of a ``wm train <model_name>`` run;
+    None when ``spec`` is another model's run or no run at all. A run of this model without final/
+    (training not finished) is a UsageError saying so."""
+    import yaml
+
+    run = Path(spec)
+    if not run.is_dir():
+        return None
+    for folder in (run / "final", run):
+        run_config = folder / "run_config.yaml"
+        if run_config.is_file():
+            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
+            return folder if name == model_name else None
+    if (run / "config.yaml").is_file():
+        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
+        if name == model_name:
+            raise UsageError(f"{run}: {model_name} run has no final/ model yet (training not finished; see "
+                             f"{run / 'status.json'})")
+    return None
+
+
+def check_policy_fits(spec: str, info: dict[str, Any], embodiments: list[str], state_dim: int, horizon: int,
+                      hint: str = "") -> None:
+    """Before any rollout: the environment's embodiment is one the policy knows, its state size is the one
+    the policy reads (0: reads none), and ``info["action_steps"]`` fits the chunk horizon (UsageError)."""
+    env = f"{info['env']} ({info['embodiment']})"
+    if info["embodiment"] not in embodiments:
+        raise UsageError(f"policy {spec} acts for embodiment(s) {sorted(embodiments)} but {env} is "
+                         f"'{info['embodiment']}'{hint}")
+    if state_dim and state_dim != info.get("state_dim", state_dim):
+        raise UsageError(f"policy {spec} reads {state_dim}-dim states but {env} gives {info['state_dim']}-dim states")
+    steps = info.get("action_steps")
+    if steps is not None and not 1 <= steps <= horizon:
+        raise UsageError(f"--action-steps {steps}: must be in 1..{horizon} (the policy's chunk horizon)")
+
+
+# ---------------------------------------------------------------- rollouts
+
+def eval_seed(seed: int, episode: int) -> int:
+    """Seed of evaluation episode ``episode`` (never one of ``wm collect --seed seed``'s demo seeds)."""
+    return seed + EVAL_SEED_OFFSET + episode
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+    task: str
+    episode: int
+    seed: int
+    success: bool
+    length: int                     # actions taken
+    video: str | None = None        # path relative to the results folder
+
+
+def run_episode(env, policy: Policy, seed: int, record: bool = False) -> tuple[bool, int, np.ndarray | None]:
+    """One episode: returns (success, actions taken, frames uint8 [T+1, H, W, 3] if ``record``)."""
+    obs = env.reset(seed=seed)
+    reset_policy(policy, seed)
+    frames = [obs["image"]] if record else None
+    success, done, steps = False, False, 0
+    while not (success or done):
+        action = np.asarray(policy.act(obs), dtype=np.float32).reshape(-1)
+        if action.shape != (env.action_dim,) or not np.isfinite(action).all():
+            raise ValueError(f"policy {type(policy).__name__} returned action {action.tolist()} "
+                             f"(expected {env.action_dim} finite numbers)")
+        obs, _, done, info = env.step(action)
+        success, steps = info["success"], info["steps"]
+        if record:
+            frames.append(obs["image"])
+    return success, steps, (np.stack(frames) if record else None)
+
+
+def _latency_summary(seconds: list[float]) -> dict[str, float] | None:
+    if not seconds:
+        return None
+    ms = np.asarray(seconds) * 1e3
+    return {"calls": len(ms), "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+            "mean_ms": float(ms.mean())}
+
+
+def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir: str | Path | None = None,
+             video: bool = False, resolution: int = 64, camera: str = "corner", max_steps: int = 200,
+             policy_name: str = "") -> dict[str, Any]:
+    """Run ``episodes`` seeded episodes per task; returns (and writes ``results.json``) the results."""
+    from wm_pipeline.sim.metaworld_env import MetaWorldEnv, check_task
+    from shards.encode import encode_video
+
+    if episodes < 1:
+        raise UsageError(f"--episodes must be >= 1, got {episodes}")
+    tasks = [check_task(t) for t in tasks]
+    out = Path(out_dir) if out_dir is not None else None
+    if video and out is None:
+        raise UsageError("video=True needs an output folder")
+    check_compatible(policy, env_info("metaworld", resolution=resolution, camera=camera))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    latencies = getattr(policy, "latencies", None)
+    n_latencies_before = len(latencies) if latencies is not None else 0
+    rows: list[EpisodeResult] = []
+    per_task: dict[str, Any] = {}
+    fps = None
+    started = time.perf_counter()
+    bar = tqdm(total=len(tasks) * episodes, desc="eval", unit="episode")
+    for task in tasks:
+        env = MetaWorldEnv(task, seed=seed, resolution=resolution, camera=camera, max_steps=max_steps)
+        try:
+            fps = env.fps
+            task_latency_start = len(latencies) if latencies is not None else 0
+            task_rows = []
+            for i in range(episodes):
+                s = eval_seed(seed, i)
+                success, length, frames = run_episode(env, policy, s, record=video)
+                row = EpisodeResult(task, i, s, bool(success), int(length))
+                if video:
+                    row.video = f"videos/{task}_{i:04d}.mp4"
+                    (out / "videos").mkdir(exist_ok=True)
+                    (out / row.video).write_bytes(encode_video(frames, env.fps))
+                task_rows.append(row)
+                bar.update()
+                bar.set_postfix(task=task, success=f"{sum(r.success for r in task_rows)}/{len(task_rows)}")
+        finally:
+            env.close()
+        rows += task_rows
+        per_task[task] = {
+            "episodes": len(task_rows),
+            "successes": sum(r.success for r in task_rows),
+            "success_rate": sum(r.success for r in task_rows) / len(task_rows),
+            "mean_length": float(np.mean([r.length for r in task_rows])),
+            "latency": _latency_summary(latencies[task_latency_start:]) if latencies is not None else None,
+        }
+    bar.close()
+    results = {
+        "policy": policy_name or type(policy).__name__,
+        "env": "metaworld",
+        "seed": seed,
+        "seed_scheme": f"episode i of every task uses seed {seed} + {EVAL_SEED_OFFSET} + i",
+        "episodes_per_task": episodes,
+        "resolution": resolution, "camera": camera, "max_steps": max_steps, "fps": fps,
+        "tasks": per_task,
+        "overall": {
+            "episodes": len(rows),
+            "successes": sum(r.success for r in rows),
+            "success_rate": sum(r.success for r in rows) / len(rows),
+            "mean_length": float(np.mean([r.length for r in rows])),
+        },
+        "latency": _latency_summary(latencies[n_latencies_before:]) if latencies is not None else None,
+        "episodes": [dataclasses.asdict(r) for r in rows],
+        "wall_seconds": round(time.perf_counter() - started, 3),
+    }
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        log.info("wrote %s", out / "results.json")
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable per-task table of ``results`` (success rate, mean length, latency)."""
+    lines = [f"{'task':<28} {'success':>10} {'rate':>6} {'length':>7} {'lat. median':>12} {'lat. p95':>9}"]
+
+    def row(name: str, r: dict[str, Any], lat: dict | None) -> str:
+        succ = f"{r['successes']}/{r['episodes']}"
+        med = f"{lat['median_ms']:.1f} ms" if lat else "-"
+        p95 = f"{lat['p95_ms']:.1f} ms" if lat else "-"
+        return f"{name:<28} {succ:>10} {r['success_rate']:>6.2f} {r['mean_length']:>7.1f} {med:>12} {p95:>9}"
+
+    for task, r in results["tasks"].items():
+        lines.append(row(task, r, r.get("latency")))
+    lines.append(row("overall", results["overall"], results.get("latency")))
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""`wm train decoder` and `wm eval --policy RUN` for chunked flow-matching action decoders.
+
+Training (few-shot fine-tuning on demos)::
+
+    wm train decoder --data DEMOS --out RUN [--preset tiny|small|base] [--episodes-per-task K]
+                     [policy=scratch] [model.objective=fm|meanflow]
+
+``prepare`` fills the data-dependent fields of ``DecoderConfig`` from the manifests (action / state
+dims, image size, task vocabulary, normalisation stats) and sets ``data.window`` to the decoder's
+``n_obs_steps - 1 + horizon``. ``--episodes-per-task K`` keeps the first K successful episodes with
+actions of each task, in (data dir, shard, key) order, so the subset is deterministic and K=5 is a
+prefix of K=10; episodes whose ``success`` is unknown (None) count as demos, failed ones do not.
+Action-free samples are not demos and pass through unfiltered.
+
+Policies (``policy=``): ``scratch`` (default) is the image encoder + decoder trained only on the
+demos. ``idm-bc`` also trains on action-free video pseudo-labelled by an IDM (``wm label --labeller
+RUN_IDM --data VIDEO``: sidecar ``labels/idm``, field ``pseudo_action`` [n, A] raw units; another
+sidecar name with ``--labels NAME``, e.g. one IDM per K: ``wm label ... --name idm-k2``): the demos
+need no sidecar (the stream's ``optional_labels``), and ``idm_targets`` turns each action-free window
+whose pseudo-labels are all valid into a sample of the robot's embodiment with the pseudo-actions as
+its target. ``latent`` (ViPRA-style) needs ``--init RUN_WM``, a world model pretrained with LAM latent
+actions (``wm train worldmodel --labels lam``), and the same LAM's sidecar on the demos (``wm label
+--labeller RUN_LAM --data DEMOS``): the decoder learns robot actions from frames + state + the LAM's
+latent chunk of the demo (teacher latents), and in closed loop the world model in policy mode
+predicts that chunk from the current frames (``decoders.world_model_policy.WorldModelLatentSource``;
+the world-model folder is recorded as ``model.latent_model``). ``uwm`` is the world model itself
+(wm_pipeline/recipes/worldmodel_policy.py) and is refused here with a message saying how to train it.
+
+Evaluation: ``load_decoder_policy`` (registered with ``wm_pipeline.jobs.closed_loop_eval.register_policy_loader``)
+turns ``RUN`` (or ``RUN/final``) into a ``decoders.policy.DecoderPolicy``; the embodiment and state
+size are checked here, the action size and image size by the harness, all before any rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
+from wm_pipeline.jobs.closed_loop_eval import check_policy_fits, register_policy_loader, trained_run_folder
+from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.training.few_shot import few_shot_keys
+from wm_pipeline.training.registry import ModelDataMismatch, default_stream, register_model
+from wm_pipeline.weights import from_pretrained, read_json
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("scratch", "latent", "uwm", "idm-bc")
+NOT_READY = {
+    "uwm": "is the world model fine-tuned on actions: train it with `wm train worldmodel --init RUN`",
+}
+IDM_LABELS = "idm"   # the sidecar idm-bc reads: labels/idm, fields pseudo_action [n, A] and valid [n]
+
+
+# ---------------------------------------------------------------- registration
+
+def prepare(cfg, manifests: list[dict]) -> None:
+    """Fill ``cfg.model`` (a DecoderConfig) from the data; ModelDataMismatch when they disagree."""
+    policy = cfg.policy or "scratch"
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy '{policy}' for the decoder; choose from {', '.join(POLICIES)}")
+    if policy in NOT_READY:
+        raise UsageError(f"policy={policy} {NOT_READY[policy]}")
+    cfg.policy = policy
+    m, paths = cfg.model, list(cfg.data.paths)
+    robots: dict[str, tuple[int, int, str]] = {}   # embodiment -> (action_dim, state_dim, first data dir)
+    for path, man in zip(paths, manifests):
+        for name, e in man["embodiments"].items():
+            if e["action_dim"] and name not in robots:
+                robots[name] = (e["action_dim"], e["state_dim"], path)
+    if not robots:
+        raise ModelDataMismatch(f"no episodes with actions in {paths}: the decoder learns from demos")
+    dims = {(a, s) for a, s, _ in robots.values()}
+    if len(dims) > 1:
+        listed = ", ".join(f"{n} (action {a}, state {s})" for n, (a, s, _) in robots.items())
+        raise ModelDataMismatch(f"a decoder acts for one robot layout, but the demos mix {listed}")
+    (action_dim, state_dim), = dims
+    for key, mine, data in (("action_dim", m.action_dim, action_dim), ("state_dim", m.state_dim, state_dim)):
+        if mine and mine != data:
+            raise ModelDataMismatch(f"model.{key}={mine} but the demos in {paths} have {key}={data}")
+    sizes = {tuple(man["resolution"]) for man in manifests if man.get("resolution")}
+    if cfg.data.resize:
+        size = tuple(cfg.data.resize)
+    elif len(sizes) == 1:
+        size = sizes.pop()
+    else:
+        raise ModelDataMismatch(f"the data folders {paths} have different resolutions {sorted(sizes)}: "
+                                f"set data.resize=H,W")
+    m.action_dim, m.state_dim, m.image_size = action_dim, state_dim, [int(v) for v in size]
+    from shards.stats import embodiment_stats
+    m.stats = {name: {f: {k: np.asarray(v).tolist() for k, v in s.items()}
+                      for f, s in embodiment_stats(path)[name].items()}
+               for name, (_, _, path) in robots.items()}
+    if cfg.data.episodes_per_task:
+        _, counts = few_shot_keys(paths, cfg.data.episodes_per_task)
+        tasks = sorted(counts)
+        log.info("few-shot: %d demos per task for %s", cfg.data.episodes_per_task, ", ".join(tasks))
+    else:
+        tasks = sorted({t for man in manifests for t in man.get("tasks", {}) if t})
+    if not m.tasks:   # a config given back with --config keeps its vocabulary (embedding rows)
+        m.tasks = tasks
+    if policy == "latent":
+        _prepare_latent(cfg, paths)
+    cfg.data.window = m.window_length
+    if policy == "idm-bc":
+        _prepare_idm_bc(cfg, paths, robots)
+
+
+def _prepare_latent(cfg, paths: list[str]) -> None:
+    """policy=latent: take the latent-action layout from the world model given by ``--init`` and
+    join the LAM sidecar it was trained on."""
+    from wm_pipeline.recipes.worldmodel_policy import world_model_dir
+    from shards.sidecar import has_sidecar
+
+    m = cfg.model
+    if not cfg.init:
+        raise UsageError("policy=latent needs --init RUN_WM: a world model pretrained with LAM latent actions "
+                         "(`wm train worldmodel --labels lam`), which predicts the latent chunk in closed loop")
+    folder = world_model_dir(str(cfg.init))
+    if folder is None:
+        raise UsageError(f"policy=latent: --init {cfg.init} is not a world-model run (need `wm train worldmodel` "
+                         f"output with final/)")
+    wm = read_json(folder / "config.json", context=f"policy=latent: --init {cfg.init}: ")
+    latent_dim = int(wm.get("latent_action_dim") or 0)
+    if not latent_dim:
+        raise UsageError(f"policy=latent: the world model {folder} was trained without latent actions; "
+                         f"pretrain it with `wm train worldmodel --labels lam`")
+    key = wm["latent_action_key"]
+    name = key.split(".")[0]
+    missing = [p for p in paths if not has_sidecar(p, name)]
+    if missing:
+        raise UsageError(f"policy=latent: no '{name}' labels in {missing} (the world model's latent actions); "
+                         f"run `wm label --labeller RUN_LAM --data DIR` on the demos first")
+    if list(m.image_size) != [wm["image_size"]] * 2:
+        raise ModelDataMismatch(f"policy=latent: the demos are {m.image_size[0]}x{m.image_size[1]} px but the "
+                                f"world model {folder} sees {wm['image_size']} px frames")
+    if m.n_obs_steps < wm["n_obs"]:
+        log.info("policy=latent: n_obs_steps %d -> %d (the world model's context)", m.n_obs_steps, wm["n_obs"])
+        m.n_obs_steps = int(wm["n_obs"])
+    m.latent_dim, m.latent_key, m.latent_model = latent_dim, key, str(folder.resolve())
+    m.latent_horizon = min(m.latent_horizon or m.horizon, int(wm["action_horizon"]))
+    if name not in cfg.data.labels:
+        cfg.data.labels = [*cfg.data.labels, name]
+    log.info("policy=latent: latent chunk [%d, %d] from %s (labels '%s')", m.latent_horizon, latent_dim,
+             folder, name)
+
+
+def idm_labels_name(cfg) -> str:
+    """The IDM sidecar idm-bc reads: the one name given with ``--labels`` (default ``idm``)."""
+    if len(cfg.data.labels) > 1:
+        raise UsageError(f"policy=idm-bc reads one IDM sidecar; --labels names {cfg.data.labels}")
+    return cfg.data.labels[0] if cfg.data.labels else IDM_LABELS
+
+
+def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
+    """Join the IDM sidecar (present in at least one data dir) for one robot embodiment."""
+    from shards.sidecar import has_sidecar
+
+    if len(robots) != 1:
+        raise UsageError(f"policy=idm-bc labels video as one robot, but the demos have embodiments {sorted(robots)}")
+    name = idm_labels_name(cfg)
+    if not any(has_sidecar(p, name) for p in paths):
+        raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({name}/) in any of {paths}; run "
+                         f"`wm label --labeller RUN_IDM --data VIDEO --name {name}` first")
+    cfg.data.labels = [name]
+
+
+def idm_targets(batch: dict, embodiment: str, action_dim: int, name: str = IDM_LABELS) -> dict:
+    """idm-bc: action-free windows with all-valid IDM pseudo-labels (sidecar ``name``) become action
+    samples of ``embodiment``: ``action`` [B, T, A] <- ``<name>.pseudo_action``, ``action_mask`` True."""
+    import torch
+
+    key = f"{name}.pseudo_action"
+    if key not in batch:
+        return batch
+    pseudo, present = batch[key].float(), batch[f"{name}.present"].bool()
+    if pseudo.shape[-1] != action_dim:
+        raise ValueError(f"IDM pseudo-actions have {pseudo.shape[-1]} dims, the demos {action_dim}")
+    valid = batch[f"{name}.valid"].bool().flatten(1).all(1)   # a tail row without label: skip window
+    use = present & valid & ~batch["action_mask"].bool()
+    if use.any():
+        batch["action"] = torch.where(use[:, None, None], pseudo, batch["action"])
+        batch["action_mask"] = batch["action_mask"].bool() | use
+        batch["embodiment"] = [embodiment if u else e for u, e in zip(use.tolist(), batch["embodiment"])]
+    return batch
+
+
+def build_stream(cfg, seed: int):
+    """The default window stream (few-shot subset included); idm-bc reads action-free windows through
+    their IDM pseudo-labels."""
+    loader = default_stream(cfg, seed, optional_labels=cfg.policy == "idm-bc")
+    if cfg.policy != "idm-bc":
+        return loader
+    (robot,) = cfg.model.stats
+    name = idm_labels_name(cfg)
+    return (idm_targets(batch, robot, cfg.model.action_dim, name) for batch in loader)
+
+
+RUN_PRESETS = {
+    "tiny": {"data": {"batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 32},
+             "optim": {"lr": 1e-3, "warmup_steps": 20}, "train": {"max_steps": 300, "ckpt_every": 300}},
+    "small": {"data": {"batch_size": 32, "num_workers": 1, "windows_per_episode": 8, "shuffle_buffer": 128},
+              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"max_steps": 2000, "eval_every": 0}},
+}
+
+register_model("decoder", DecoderConfig, ActionDecoder, PRESETS, prepare=prepare, build_stream=build_stream,
+               run_presets=RUN_PRESETS, required_keys=("frames", "action", "action_mask"))
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _decoder_dir(spec: str) -> Path | None:
+    """``RUN/final`` or a ``save_pretrained`` folder of a decoder; None when ``spec`` is not one."""
+    folder = trained_run_folder(spec, "decoder")
+    run = Path(spec)
+    if folder is not None or not run.is_dir() or (run / "config.yaml").is_file() or (run / "run_config.yaml").is_file():
+        return folder
+    if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
+        # another model's save_pretrained folder (e.g. a world model) is left to its own loader
+        config = read_json(run / "config.json") if (run / "config.json").stat().st_size else {}
+        return run if isinstance(config, dict) and "horizon" in config else None
+    return None
+
+
+def load_decoder_policy(spec: str, info: dict[str, Any]):
+    """``wm eval --policy RUN``: a DecoderPolicy for a decoder run, None for anything else.
+
+    ``info`` is ``wm_pipeline.jobs.closed_loop_eval.env_info`` plus the command's policy options (``action_steps``,
+    ``temporal_ensemble``, ``sampling_steps``)."""
+    from decoders.policy import DecoderPolicy
+
+    folder = _decoder_dir(spec)
+    if folder is None:
+        return None
+    decoder = from_pretrained(ActionDecoder, folder, what="policy")
+    cfg = decoder.config
+    check_policy_fits(spec, info, list(cfg.stats), cfg.state_dim, cfg.horizon)
+    latent_source = _latent_source(spec, cfg) if cfg.latent_dim else None
+    return DecoderPolicy(decoder, n_action_steps=info.get("action_steps"),
+                         temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"),
+                         embodiment=info["embodiment"], latent_source=latent_source)
+
+
+def _latent_source(spec: str, cfg):
+    """policy=latent: the recorded world model as a latent-action predictor, checked against the decoder."""
+    from decoders.world_model_policy import WorldModelLatentSource
+    from wm_pipeline.recipes.worldmodel_policy import world_model_dir
+    from worldmodel.uwm import WorldModel
+
+    folder = world_model_dir(cfg.latent_model) if cfg.latent_model else None
+    if folder is None:
+        raise UsageError(f"policy {spec} is conditioned on latent actions from the world model "
+                         f"'{cfg.latent_model}', which is not there (moved or deleted?)")
+    model = from_pretrained(WorldModel, folder, what="the latent-action world model",
+                            context=f"policy {spec}: ")
+    dim = int(model.config.latent_action_dim)
+    if dim != cfg.latent_dim or model.config.n_obs > cfg.n_obs_steps:
+        raise UsageError(f"policy {spec} expects {cfg.latent_dim}-dim latents from {cfg.n_obs_steps} frames but the "
+                         f"world model {folder} gives {dim}-dim latents from {model.config.n_obs} frames")
+    log.info("latent actions from world model %s (chunk [%d, %d])", folder, cfg.latent_horizon or cfg.horizon, dim)
+    return WorldModelLatentSource(model, horizon=cfg.latent_horizon or cfg.horizon)
+
+
+register_policy_loader(load_decoder_policy)

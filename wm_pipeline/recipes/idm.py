@@ -1,0 +1,94 @@
+"""`wm train idm`: the inverse-dynamics model (latent_actions/idm.py) on the few labelled demos.
+
+    wm train idm --data DEMOS --out RUN [--preset tiny|small|base] [data.window=8]
+
+``prepare`` fills the data-dependent fields: the image size (``data.resize`` or the data's square
+resolution), the camera (recorded for labelling), ``action_dim`` and the per-embodiment
+normalisation stats of every embodiment that has actions. Action-free samples may be mixed in:
+the model's loss ignores them (``action_mask``). The trained run labels action-free corpora with
+pseudo-actions through ``wm label --labeller RUN`` (wm_pipeline/jobs/labelling.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latent_actions.idm import PRESETS, IDMConfig, InverseDynamicsModel
+from wm_pipeline.recipes.lam import camera_from_data, image_size_from_data
+from wm_pipeline.training.registry import ModelDataMismatch, register_model
+
+
+def prepare(cfg, manifests: list[dict]) -> None:
+    from shards.stats import embodiment_stats
+
+    m: IDMConfig = cfg.model
+    paths = list(cfg.data.paths)
+    m.image_size = image_size_from_data(cfg, manifests, 1)
+    camera_from_data(cfg, manifests)
+    robots: dict[str, tuple[int, str]] = {}
+    for path, man in zip(paths, manifests):
+        for name, e in man["embodiments"].items():
+            if e["action_dim"] and name not in robots:
+                robots[name] = (e["action_dim"], path)
+    if not robots:
+        raise ModelDataMismatch(f"no episodes with actions in {paths}: the IDM learns from labelled demos")
+    dims = {a for a, _ in robots.values()}
+    if len(dims) > 1:
+        raise ModelDataMismatch(f"the IDM predicts one action size, but the demos mix {sorted(dims)} "
+                                f"({', '.join(f'{n}: {a}' for n, (a, _) in robots.items())})")
+    m.action_dim = dims.pop()
+    m.stats = {name: {"action": {k: np.asarray(v).tolist() for k, v in embodiment_stats(path)[name]["action"].items()}}
+               for name, (_, path) in robots.items()}
+    if cfg.data.window < 2:
+        raise ModelDataMismatch(f"data.window={cfg.data.window}: the IDM needs windows of >= 2 frames (an action "
+                                f"shows in the next frame)")
+    if cfg.data.window > m.max_frames:
+        raise ModelDataMismatch(f"data.window={cfg.data.window} exceeds model.max_frames={m.max_frames}")
+    m.__post_init__()   # re-check the stats against action_dim
+
+
+RUN_PRESETS = {
+    "tiny": {"data": {"window": 4, "batch_size": 8}},
+    "small": {"data": {"window": 8, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
+              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"eval_every": 0}},
+}
+
+register_model("idm", IDMConfig, InverseDynamicsModel, PRESETS, prepare=prepare, run_presets=RUN_PRESETS,
+               required_keys=("frames", "action", "action_mask"))
+
+
+# ---------------------------------------------------------------- labeller kind "idm" (wm label / wm probe)
+
+def load_labeller(folder, run_config: dict):
+    """RUN/final -> a Labeller writing ``pseudo_action`` [n, A] in raw action units."""
+    import dataclasses
+
+    from wm_pipeline.jobs.labelling import Labeller, training_fps
+
+    model = InverseDynamicsModel.from_pretrained(str(folder)).eval()
+    cfg, data = model.config, run_config.get("data") or {}
+    window = min(int(data.get("window") or 8), cfg.max_frames)
+    robots = sorted(e for e, f in cfg.stats.items() if isinstance(f, dict) and "action" in f)
+    # windows overlap by half: every step is read near a window's centre, never as the last frame
+    return Labeller(kind="idm", model=model, folder=folder, window=window, tail=1,
+                    hop=max(1, (window - 1) // 2), fields={"pseudo_action": ((cfg.action_dim,), "float32")},
+                    image_size=(cfg.image_size, cfg.image_size), resize=bool(data.get("resize")),
+                    stride=int(data.get("stride") or 1), camera=data.get("camera"), fps=training_fps(run_config),
+                    embodiments=robots, config=dataclasses.asdict(cfg), run_config=run_config)
+
+
+def label_windows(lab, frames, embodiments):
+    """frames uint8 [B, T, C, H, W] -> pseudo_action [B, T-1, A]. Action-free clips ("video", or a robot
+    the IDM has no stats for) get the actions of the IDM's robot when it knows exactly one."""
+    known = lab.embodiments
+    names = [e if e in known else (known[0] if len(known) == 1 else e) for e in embodiments]
+    return {"pseudo_action": lab.model.predict_actions(frames, names)[:, :-1]}
+
+
+def _register_labeller():
+    from wm_pipeline.jobs.labelling import register_labeller
+
+    register_labeller("idm", load_labeller, label_windows)
+
+
+_register_labeller()

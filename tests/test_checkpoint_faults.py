@@ -321,26 +321,6 @@ def _tree_bytes(path: Path) -> int:
     return sum(-(-p.stat().st_size // 4096) * 4096 for p in path.rglob("*") if p.is_file())
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mounted = []
-
-    def mount(size: int) -> Path:
-        opts = f"size={size}" if not mounted else f"remount,size={size}"
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); the in-process "
-                        f"ENOSPC test covers the save")
-        mounted.append(size)
-        return mnt
-
-    yield mount
-    if mounted:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
 def test_full_disk_during_a_save_on_a_real_tmpfs(data, trained, small_tmpfs):
     # room for the run's small files and one checkpoint and a half: the second checkpoint cannot fit
     ckpt = _tree_bytes(checkpoint.step_dir(trained, 10))

@@ -83,25 +83,6 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = _mkdir(tmp_path / "disk")
-    mounted = []
-
-    def mount(size: int) -> Path:
-        opts = f"size={size}" if not mounted else f"remount,size={size}"
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); "
-                        f"the RLIMIT_FSIZE tests cover the same path")
-        mounted.append(size)
-        return mnt
-
-    yield mount
-    if mounted:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
 # ---------------------------------------------------------------- a full disk
 
 def test_ingest_on_a_full_tmpfs_stops_with_one_line_and_resumes(videos, small_tmpfs):

@@ -290,6 +290,15 @@ def report(args, jobs: list[Job]) -> None:
             succ = [p["val_success"] for p in at if "val_success" in p]
             lines.append(f"| {arm} | {k} | {step} | {fmt(*mean_se(mse), 4) if mse else '-'} | "
                          f"{fmt(*mean_se(first), 4) if first else '-'} | {fmt(*mean_se(succ)) if succ else '-'} |")
+    idms = sorted((args.out / "runs").glob("idm-k*-s*/probe/probe.json"))
+    if idms:
+        lines += ["", "IDMs of the idm-bc arms (trained on the K demos; `wm probe` on the validation demos):", "",
+                  "| IDM | R² to the true actions (mean over dims) | MSE |", "|---|---|---|"]
+        for path in idms:
+            probe = json.loads(path.read_text())
+            r2, mse = probe.get("idm_r2_mean"), probe.get("idm_mse_mean")
+            lines.append(f"| {path.parent.parent.name} | {'-' if r2 is None else f'{r2:.3f}'} | "
+                         f"{'-' if mse is None else f'{mse:.4f}'} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "table": table,

@@ -95,3 +95,4 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     logged = (out / "logs" / "train-bc-k2-s0.log").read_text()
     assert f"--data {video} --labels idm-k2-s0" in logged
+    assert "| idm-k2-s0 |" in (out / "results.md").read_text()   # the IDM's probe R² in the table

@@ -207,7 +207,8 @@ RUN_PRESETS = {
 }
 
 register_model("decoder", DecoderConfig, ActionDecoder, PRESETS, prepare=prepare, build_stream=build_stream,
-               run_presets=RUN_PRESETS, required_keys=("frames", "action", "action_mask"))
+               run_presets=RUN_PRESETS, required_keys=("frames", "action", "action_mask"),
+               reads_init=lambda cfg: cfg.policy == "latent")   # the world model that predicts the latents
 
 
 # ---------------------------------------------------------------- evaluation

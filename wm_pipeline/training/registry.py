@@ -56,6 +56,8 @@ class ModelSpec:
     required_keys: tuple[str, ...] = ()
     evaluate: Callable[..., dict[str, float]] | None = None
     warm_start: bool = False    # `--init RUN` loads RUN's weights into the new model (fine-tuning)
+    # cfg -> does this recipe read `--init` in `prepare` (e.g. decoder policy=latent: the world model)?
+    reads_init: Callable[[Any], bool] | None = None
 
     def stream(self, cfg: Any, seed: int) -> Iterable[dict]:
         return (self.build_stream or default_stream)(cfg, seed=seed)
@@ -71,7 +73,7 @@ def register_model(name: str, config_cls: type, model_cls: type, presets: dict[s
                    run_presets: dict[str, dict[str, Any]] | None = None,
                    required_keys: Iterable[str] = (),
                    evaluate: Callable[..., dict[str, float]] | None = None,
-                   warm_start: bool = False) -> ModelSpec:
+                   warm_start: bool = False, reads_init: Callable[[Any], bool] | None = None) -> ModelSpec:
     """Register ``name``; registering the same classes again (a re-import) is a no-op."""
     old = _REGISTRY.get(name)
     if old is not None and (old.model_cls.__qualname__, old.model_cls.__module__) != \
@@ -83,7 +85,7 @@ def register_model(name: str, config_cls: type, model_cls: type, presets: dict[s
             raise TypeError(f"preset '{preset}' of model '{name}' is a {type(config).__name__}, "
                             f"not a {config_cls.__name__}")
     spec = ModelSpec(name, config_cls, model_cls, dict(presets), prepare, build_stream,
-                     dict(run_presets or {}), tuple(required_keys), evaluate, warm_start)
+                     dict(run_presets or {}), tuple(required_keys), evaluate, warm_start, reads_init)
     _REGISTRY[name] = spec
     return spec
 

@@ -317,31 +317,15 @@ def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: context
         raise WriteFailed(f"rank 0 cannot write the lock file {run_dir / '.lock'} (its message says why)")
 
 
-class _Reads:
-    """The run config as ``spec.prepare`` sees it: reads and writes go to ``cfg``, and the names of the
-    top-level fields read are recorded (does this recipe use ``init``?)."""
-
-    def __init__(self, cfg: config_mod.RunConfig):
-        object.__setattr__(self, "_cfg", cfg)
-        object.__setattr__(self, "read_fields", set())
-
-    def __getattr__(self, name: str) -> Any:
-        self.read_fields.add(name)
-        return getattr(self._cfg, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._cfg, name, value)
-
-
 def check_init_exists(cfg: config_mod.RunConfig) -> None:
     if cfg.init is not None and not Path(cfg.init).exists():
         raise UsageError(f"--init {cfg.init} does not exist (expected a run folder of `wm train`)")
 
 
-def check_init_used(cfg: config_mod.RunConfig, spec: ModelSpec, read: bool) -> None:
+def check_init_used(cfg: config_mod.RunConfig, spec: ModelSpec) -> None:
     """Refuse an ``--init`` that nothing would load: the model does not fine-tune (``warm_start``) and
-    its ``prepare`` never looked at it for this recipe (e.g. ``wm train decoder policy=scratch``)."""
-    if cfg.init is None or spec.warm_start or read:
+    this recipe does not read it (``reads_init``; e.g. ``wm train decoder policy=scratch``)."""
+    if cfg.init is None or spec.warm_start or (spec.reads_init is not None and spec.reads_init(cfg)):
         return
     recipe = f"model '{spec.name}'" + (f" with policy={cfg.policy}" if cfg.policy else "")
     raise UsageError(f"--init {cfg.init}: {recipe} does not use it (nothing would be loaded from it); "
@@ -385,9 +369,8 @@ class _Run:
         manifests = read_manifests(cfg.data.paths)
         check_init_exists(cfg)
         if spec.prepare is not None:
-            reads = _Reads(cfg)
-            spec.prepare(reads, manifests)   # fills data-dependent model fields; raises ModelDataMismatch
-            check_init_used(cfg, spec, "init" in reads.read_fields)
+            spec.prepare(cfg, manifests)   # fills data-dependent model fields; raises ModelDataMismatch
+        check_init_used(cfg, spec)   # after prepare: it settles the recipe (e.g. the default policy)
         self.acc = make_accelerator(cfg.train.precision)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process

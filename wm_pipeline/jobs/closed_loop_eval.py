@@ -12,6 +12,12 @@ Reported per task: success rate, mean episode length (actions taken), and for po
 ``latencies`` the per-model-call latency (median and p95, ms). ``results.json`` holds everything;
 rollout videos go to ``<out>/videos/<task>_<episode>.mp4`` with ``video=True``.
 
+``results.json`` also carries LeRobot's ``eval_info`` fields (``lerobot-eval``'s ``eval_policy``):
+per task ``aggregated`` (``pc_success`` in percent, ``avg_sum_reward``, ``avg_max_reward`` of
+Meta-World's dense reward over the actions taken, ``n_episodes``, ``eval_s``, ``eval_ep_s``,
+``video_paths``) and ``per_episode`` rows (``episode_ix``, ``sum_reward``, ``max_reward``,
+``success``, ``seed``); ``overall`` holds the same aggregated fields over all tasks.
+
 Policies are resolved by ``load_policy(spec, env_info)``: ``expert`` and ``random`` are built in;
 other specs (e.g. a run directory) are handled by loaders added with ``register_policy_loader``.
 """
@@ -153,24 +159,38 @@ class EpisodeResult:
     success: bool
     length: int                     # actions taken
     video: str | None = None        # path relative to the results folder
+    sum_reward: float = 0.0         # Meta-World's dense reward summed over the actions taken
+    max_reward: float = 0.0         # ... and its largest value (LeRobot's eval_info fields)
 
 
-def run_episode(env, policy: Policy, seed: int, record: bool = False) -> tuple[bool, int, np.ndarray | None]:
-    """One episode: returns (success, actions taken, frames uint8 [T+1, H, W, 3] if ``record``)."""
+@dataclasses.dataclass
+class Rollout:
+    """What one episode did: success (reached at any step), actions taken, rewards per action and,
+    when recorded, the frames uint8 [T+1, H, W, 3]."""
+
+    success: bool
+    length: int
+    rewards: list[float]
+    frames: np.ndarray | None = None
+
+
+def run_episode(env, policy: Policy, seed: int, record: bool = False) -> Rollout:
+    """One episode of ``policy`` in ``env`` from ``seed`` (see ``Rollout``)."""
     obs = env.reset(seed=seed)
     reset_policy(policy, seed)
     frames = [obs["image"]] if record else None
-    success, done, steps = False, False, 0
+    success, done, steps, rewards = False, False, 0, []
     while not (success or done):
         action = np.asarray(policy.act(obs), dtype=np.float32).reshape(-1)
         if action.shape != (env.action_dim,) or not np.isfinite(action).all():
             raise ValueError(f"policy {type(policy).__name__} returned action {action.tolist()} "
                              f"(expected {env.action_dim} finite numbers)")
-        obs, _, done, info = env.step(action)
+        obs, reward, done, info = env.step(action)
         success, steps = info["success"], info["steps"]
+        rewards.append(float(reward))
         if record:
             frames.append(obs["image"])
-    return success, steps, (np.stack(frames) if record else None)
+    return Rollout(bool(success), int(steps), rewards, np.stack(frames) if record else None)
 
 
 def _latency_summary(seconds: list[float]) -> dict[str, float] | None:
@@ -179,6 +199,22 @@ def _latency_summary(seconds: list[float]) -> dict[str, float] | None:
     ms = np.asarray(seconds) * 1e3
     return {"calls": len(ms), "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
             "mean_ms": float(ms.mean())}
+
+
+def _aggregated(rows: list[EpisodeResult], seconds: float) -> dict[str, Any]:
+    """LeRobot's aggregated eval_info fields over ``rows``: ``pc_success`` (percent), ``avg_sum_reward``,
+    ``avg_max_reward``, ``n_episodes``, ``eval_s`` (wall seconds), ``eval_ep_s`` (seconds per episode)."""
+    return {"avg_sum_reward": float(np.mean([r.sum_reward for r in rows])),
+            "avg_max_reward": float(np.mean([r.max_reward for r in rows])),
+            "pc_success": float(np.mean([r.success for r in rows]) * 100), "n_episodes": len(rows),
+            "eval_s": round(seconds, 3), "eval_ep_s": round(seconds / len(rows), 3),
+            "video_paths": [r.video for r in rows if r.video]}
+
+
+def _per_episode(rows: list[EpisodeResult]) -> list[dict[str, Any]]:
+    """LeRobot's per-episode eval_info rows (``episode_ix`` counts within the task)."""
+    return [{"episode_ix": r.episode, "sum_reward": r.sum_reward, "max_reward": r.max_reward,
+             "success": r.success, "seed": r.seed} for r in rows]
 
 
 def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir: str | Path | None = None,
@@ -210,17 +246,20 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
             fps = env.fps
             task_latency_start = len(latencies) if latencies is not None else 0
             task_rows = []
+            task_started = time.perf_counter()
             for i in range(episodes):
                 s = eval_seed(seed, i)
-                success, length, frames = run_episode(env, policy, s, record=video)
-                row = EpisodeResult(task, i, s, bool(success), int(length))
+                ep = run_episode(env, policy, s, record=video)
+                row = EpisodeResult(task, i, s, ep.success, ep.length, sum_reward=float(np.sum(ep.rewards)),
+                                    max_reward=float(np.max(ep.rewards)))
                 if video:
                     row.video = f"videos/{task}_{i:04d}.mp4"
                     (out / "videos").mkdir(exist_ok=True)
-                    (out / row.video).write_bytes(encode_video(frames, env.fps))
+                    (out / row.video).write_bytes(encode_video(ep.frames, env.fps))
                 task_rows.append(row)
                 bar.update()
                 bar.set_postfix(task=task, success=f"{sum(r.success for r in task_rows)}/{len(task_rows)}")
+            task_seconds = time.perf_counter() - task_started
         finally:
             env.close()
         rows += task_rows
@@ -230,6 +269,9 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
             "success_rate": sum(r.success for r in task_rows) / len(task_rows),
             "mean_length": float(np.mean([r.length for r in task_rows])),
             "latency": _latency_summary(latencies[task_latency_start:]) if latencies is not None else None,
+            # LeRobot's eval_policy() shape: aggregated numbers and one row per episode
+            "aggregated": _aggregated(task_rows, task_seconds),
+            "per_episode": _per_episode(task_rows),
         }
     bar.close()
     results = {
@@ -245,6 +287,7 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
             "successes": sum(r.success for r in rows),
             "success_rate": sum(r.success for r in rows) / len(rows),
             "mean_length": float(np.mean([r.length for r in rows])),
+            **_aggregated(rows, time.perf_counter() - started),   # LeRobot's eval_info "overall" fields
         },
         "latency": _latency_summary(latencies[n_latencies_before:]) if latencies is not None else None,
         "episodes": [dataclasses.asdict(r) for r in rows],

@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from .dataset_card import CARD, dataset_card, is_ours
 from .encode import EncodeError, check_frames, encode_video
 from .folder_lock import FolderLock
 from .format import (ACTION, FAILURES, MANIFEST, META, STATE, FormatError, SampleMeta, check_key, shard_name,
@@ -501,7 +502,20 @@ def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shard
     failures = [row for d in docs for row in d["failures"]]
     _write_atomic(out / FAILURES, b"".join(_json_bytes(r) + b"\n" for r in failures))
     _write_atomic(out / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode() + b"\n")
+    _write_card(out, manifest)
     return manifest, failures
+
+
+def _write_card(out: Path, manifest: dict[str, Any]) -> None:
+    """``README.md``, the dataset card (shards.dataset_card), unless the folder holds someone else's."""
+    path = out / CARD
+    try:
+        if not is_ours(path.read_text(errors="replace")):
+            log.info("%s: not written by wm-pipeline; left as it is (no dataset card)", path)
+            return
+    except FileNotFoundError:
+        pass
+    _write_atomic(path, dataset_card(manifest).encode())
 
 
 # ---------------------------------------------------------------- the job

@@ -255,7 +255,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     assert subprocess.run([sys.executable, str(script), str(killed)], env=env, cwd=ROOT).returncode == 0
     assert subprocess.run([sys.executable, str(script), str(clean)], env=env, cwd=ROOT).returncode == 0
     names = sorted(p.name for p in clean.iterdir())
-    assert sorted(p.name for p in killed.iterdir()) == names and len(names) == 18
+    assert sorted(p.name for p in killed.iterdir()) == names and len(names) == 19   # 8 tars + 8 stats, manifest, failures, README
     for name in names:
         if name.endswith(".tar"):
             a, b = read_tar(killed / name), read_tar(clean / name)

@@ -19,11 +19,8 @@ Three input layouts (docs/INGEST.md has the full description):
       data/demo_N/obs/<key>          [T, d]  low-dim keys, concatenated (sorted, or --state-keys) into state
       data.attrs["env_args"]         JSON: env_name -> task, env_kwargs.control_freq -> fps
 
-- ``lerobot``: a LeRobot v3 dataset folder, one episode per ``meta/episodes`` row: ``action`` and
-  ``observation.state`` columns of ``data/chunk-*/file-*.parquet``; every ``video`` feature
-  ``observation.images.<cam>`` becomes camera ``<cam>``, its frames taken from
-  ``videos/<key>/chunk-*/file-*.mp4`` at ``from_timestamp + timestamp``; ``tasks[0]`` is the task
-  and instruction, ``robot_type`` the embodiment.
+- ``lerobot``: a LeRobot v3 dataset folder or repo id, one episode per ``meta/episodes`` row
+  (``shards/ingest_lerobot.py``).
 
 Each episode is one sample. Validation (action rows == frames, NaN/inf, dims consistent within an
 embodiment, one resolution per dataset) is done by ``shards.writer``, which turns every problem into
@@ -68,7 +65,7 @@ def _scalar(value: np.ndarray | bytes | str) -> object:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _frames(arrays: dict[str, np.ndarray], cameras: list[str] | None, resolution: int | None,
+def frames_of(arrays: dict[str, np.ndarray], cameras: list[str] | None, resolution: int | None,
             what: str) -> dict[str, np.ndarray]:
     """Pick the requested cameras from ``{camera: array}`` and resize them when asked."""
     if not arrays:
@@ -113,7 +110,7 @@ def npz_episodes(path: str, *, embodiment: str | None, cameras: list[str] | None
         raise BadInput(f"no 'action' (or 'actions') array; arrays: {sorted(data)}")
     meta = {k: _scalar(data[k]) for k in ("task", "instruction", "embodiment", "success", "fps") if k in data}
     yield Episode(
-        key=source_id(path), frames=_frames(images, cameras, resolution, f"arrays: {sorted(data)}"),
+        key=source_id(path), frames=frames_of(images, cameras, resolution, f"arrays: {sorted(data)}"),
         fps=float(meta.get("fps", fps)), embodiment=embodiment or str(meta.get("embodiment", DEFAULT_EMBODIMENT)),
         task=str(meta.get("task", "")), instruction=str(meta.get("instruction", "")), source=path,
         action=action, state=data.get("state", data.get("states")),
@@ -175,7 +172,7 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
         attrs = {k: _scalar(v) for k, v in g.attrs.items()}
         yield Episode(
             key=f"{source_id(path)}-{_UNSAFE.sub('_', demo)}",
-            frames=_frames(images, cameras, resolution, f"obs keys: {sorted(obs)}"),
+            frames=frames_of(images, cameras, resolution, f"obs keys: {sorted(obs)}"),
             fps=float(rate), embodiment=embodiment or DEFAULT_EMBODIMENT,
             task=str(env.get("env_name", "")), instruction=str(attrs.get("instruction", attrs.get("lang", ""))),
             source=item, action=g["actions"][()], state=state,
@@ -183,131 +180,6 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
             episode_index=int(m.group(1)) if (m := re.search(r"(\d+)$", demo)) else -1,
             extra={"state_keys": list(keys)},
         )
-
-
-# ---------------------------------------------------------------- lerobot (v3)
-
-def lerobot_inputs(sources: list[str]) -> list[str]:
-    """One input ``"<dataset root>::<episode_index>"`` per episode listed in ``meta/episodes``;
-    a folder whose metadata cannot be read stays one input (a failure row later)."""
-    inputs = []
-    for src in sources:
-        root = os.path.abspath(src)
-        try:
-            episodes = _lerobot_episode_table(root)
-        except BadInput:
-            inputs.append(root)
-            continue
-        inputs += [f"{root}{DEMO_SEP}{i}" for i in sorted(episodes)]
-    return inputs
-
-
-def _lerobot_info(root: str) -> dict:
-    path = Path(root) / "meta" / "info.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"not a LeRobot dataset folder: cannot read meta/info.json ({e})") from None
-    if not str(info.get("codebase_version", "")).startswith("v3"):
-        raise BadInput(f"LeRobot codebase_version {info.get('codebase_version')!r}: only v3.x is supported")
-    return info
-
-
-def _lerobot_episode_table(root: str) -> dict[int, dict]:
-    """``{episode_index: row of meta/episodes/*.parquet}``."""
-    import pyarrow.parquet as pq
-
-    _lerobot_info(root)
-    files = sorted((Path(root) / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
-    if not files:
-        raise BadInput("no meta/episodes/chunk-*/file-*.parquet")
-    rows = {}
-    for f in files:
-        try:
-            for row in pq.read_table(f).to_pylist():
-                rows[int(row["episode_index"])] = row
-        except (OSError, ValueError, KeyError) as e:
-            raise BadInput(f"{f}: unreadable episode metadata ({e})") from None
-    return rows
-
-
-def _video_frames(path: Path, targets: np.ndarray, fps: float) -> np.ndarray:
-    """Frames of ``path`` nearest to each time in ``targets`` (seconds): uint8 ``[len(targets), H, W, 3]``."""
-    import av
-
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as e:
-        raise BadInput(f"{path}: cannot open video ({e})") from None
-    with container:
-        stream = container.streams.video[0]
-        lo, hi = targets.min() - 0.5 / fps, targets.max() + 0.5 / fps
-        container.seek(int(max(lo, 0) / stream.time_base), stream=stream, backward=True)
-        times, frames = [], []
-        try:
-            for frame in container.decode(stream):
-                t = float(frame.time)
-                if t >= hi:
-                    break
-                if t >= lo:
-                    times.append(t)
-                    frames.append(frame.to_ndarray(format="rgb24"))
-        except av.FFmpegError as e:
-            raise BadInput(f"{path}: decode error ({e})") from None
-    if not frames:
-        raise BadInput(f"{path}: no frame between {lo:.3f} s and {hi:.3f} s")
-    times_a = np.asarray(times)
-    nearest = np.abs(times_a[None, :] - targets[:, None]).argmin(axis=1)
-    off = np.abs(times_a[nearest] - targets).max()
-    if off > 0.5 / fps:
-        raise BadInput(f"{path}: frames are up to {off:.3f} s away from the data's timestamps")
-    return np.stack([frames[i] for i in nearest])
-
-
-def lerobot_episodes(item: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None,
-                     fps: float) -> Iterator[Episode]:
-    """The episode ``item = "<root>::<episode_index>"`` of a LeRobot v3 dataset."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    root, sep, index = item.rpartition(DEMO_SEP)
-    if not sep:
-        _lerobot_episode_table(item)  # raises the reason this folder yields no episode
-        raise BadInput("no episode listed")
-    info, ep = _lerobot_info(root), _lerobot_episode_table(root)[int(index)]
-    rate = float(info.get("fps") or fps)
-    data_path = Path(root) / info["data_path"].format(chunk_index=ep["data/chunk_index"],
-                                                      file_index=ep["data/file_index"])
-    try:
-        table = pq.read_table(data_path)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{data_path}: unreadable ({e})") from None
-    table = table.filter(pc.equal(table["episode_index"], int(index))).sort_by("frame_index")
-    if table.num_rows == 0:
-        raise BadInput(f"{data_path}: no rows of episode {index}")
-    columns = set(table.column_names)
-    if "action" not in columns:
-        raise BadInput(f"{data_path}: no 'action' column")
-    stamps = (np.asarray(table["timestamp"].to_pylist(), np.float64) if "timestamp" in columns
-              else np.arange(table.num_rows) / rate)
-    images = {}
-    for key, feature in info.get("features", {}).items():
-        if feature.get("dtype") == "video":
-            cam = _UNSAFE.sub("_", key.removeprefix("observation.images.").removeprefix("observation."))
-            if cameras and cam not in cameras:
-                continue
-            video = Path(root) / info["video_path"].format(
-                video_key=key, chunk_index=ep[f"videos/{key}/chunk_index"], file_index=ep[f"videos/{key}/file_index"])
-            images[cam] = _video_frames(video, ep[f"videos/{key}/from_timestamp"] + stamps, rate)
-    tasks = ep.get("tasks") or []
-    yield Episode(
-        key=f"{source_id(root)}-ep{int(index):06d}", frames=_frames(images, cameras, resolution, f"features of {root}"),
-        fps=rate, embodiment=embodiment or info.get("robot_type") or DEFAULT_EMBODIMENT,
-        task=tasks[0] if tasks else "", instruction=tasks[0] if tasks else "", source=item,
-        action=np.asarray(table["action"].to_pylist(), np.float32),
-        state=np.asarray(table["observation.state"].to_pylist(), np.float32) if "observation.state" in columns else None,
-        episode_index=int(index),
-    )
 
 
 # ---------------------------------------------------------------- the job
@@ -325,7 +197,9 @@ def ingest_episodes(sources: list[str], out_dir: str | Path, *, fmt: str, embodi
         inputs = hdf5_inputs(find_inputs(sources, frozenset({".hdf5", ".h5"})))
         make = functools.partial(hdf5_episodes, state_keys=state_keys, **common)
     elif fmt == "lerobot":
-        inputs = lerobot_inputs(sources)
+        from shards.ingest_lerobot import lerobot_episodes, lerobot_inputs
+
+        inputs = lerobot_inputs(sources, cameras)
         make = functools.partial(lerobot_episodes, **common)
     else:
         raise ValueError(f"unknown episode format {fmt!r}; choose one of {FORMATS}")

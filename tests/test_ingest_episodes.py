@@ -1,4 +1,4 @@
-"""`wm ingest episodes` for npz, robomimic hdf5 and LeRobot v3 demos: round trips and bad data."""
+"""`wm ingest episodes` for npz and robomimic hdf5 demos: round trips and bad data (LeRobot: test_ingest_lerobot.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import json
 import subprocess
 import sys
 import tarfile
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import h5py
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from shards.format import read_manifest
 
@@ -156,69 +152,3 @@ def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path):
     assert (meta["height"], meta["width"]) == (48, 64)  # native size kept without --resolution
     expected = np.concatenate([d["robot0_gripper_qpos"], d["robot0_eef_pos"]], axis=1)
     assert npy(m["state.npy"]).tobytes() == expected.tobytes()
-
-
-def write_lerobot(root: Path, rng, lengths: list[int], fps: int = 10) -> list[dict]:
-    """A LeRobot v3 dataset: every episode in one data parquet and one mp4 per camera."""
-    (root / "meta" / "episodes" / "chunk-000").mkdir(parents=True)
-    (root / "data" / "chunk-000").mkdir(parents=True)
-    key = "observation.images.top"
-    (root / "videos" / key / "chunk-000").mkdir(parents=True)
-    info = {"codebase_version": "v3.0", "robot_type": "so100", "fps": fps,
-            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
-            "video_path": "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4",
-            "features": {key: {"dtype": "video", "shape": [32, 32, 3]},
-                         "action": {"dtype": "float32", "shape": [6]},
-                         "observation.state": {"dtype": "float32", "shape": [6]}}}
-    (root / "meta" / "info.json").write_text(json.dumps(info))
-    episodes, rows, ep_rows, frames, start = [], [], [], [], 0
-    for e, t in enumerate(lengths):
-        ep = {"action": rng.normal(size=(t, 6)).astype(np.float32), "state": rng.normal(size=(t, 6)).astype(np.float32),
-              "level": (np.arange(start, start + t) * 6).astype(np.uint8)}
-        episodes.append(ep)
-        for i in range(t):
-            rows.append({"action": ep["action"][i].tolist(), "observation.state": ep["state"][i].tolist(),
-                         "timestamp": i / fps, "frame_index": i, "episode_index": e, "index": start + i,
-                         "task_index": 0})
-        frames += [np.full((32, 32, 3), lv, np.uint8) for lv in ep["level"]]
-        ep_rows.append({"episode_index": e, "tasks": ["pick up the cube"], "length": t, "data/chunk_index": 0,
-                        "data/file_index": 0, "dataset_from_index": start, "dataset_to_index": start + t,
-                        f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
-                        f"videos/{key}/from_timestamp": start / fps, f"videos/{key}/to_timestamp": (start + t) / fps})
-        start += t
-    schema = pa.schema([("action", pa.list_(pa.float32())), ("observation.state", pa.list_(pa.float32())),
-                        ("timestamp", pa.float32()), ("frame_index", pa.int64()), ("episode_index", pa.int64()),
-                        ("index", pa.int64()), ("task_index", pa.int64())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "data/chunk-000/file-000.parquet")
-    pq.write_table(pa.Table.from_pylist(ep_rows), root / "meta/episodes/chunk-000/file-000.parquet")
-    with av.open(str(root / "videos" / key / "chunk-000" / "file-000.mp4"), "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(fps))
-        s.width = s.height = 32
-        s.pix_fmt = "yuv420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return episodes
-
-
-def test_lerobot_v3_episodes_are_cut_from_shared_files(tmp_path):
-    rng = np.random.default_rng(2)
-    episodes = write_lerobot(tmp_path / "ds", rng, [7, 5, 9])
-    out = tmp_path / "out"
-    wm("ingest", "episodes", str(tmp_path / "ds"), str(tmp_path / "not_a_dataset"), "--format", "lerobot",
-       "--out", str(out), "--workers", "1", check_rc=3)
-    assert "meta/info.json" in failures(out)["not_a_dataset"]
-    samples = by_source(read_samples(out))
-    assert len(samples) == 3
-    for e, ep in enumerate(episodes):
-        m = samples[f"{tmp_path / 'ds'}::{e}"]
-        meta = json.loads(m["meta.json"])
-        assert (meta["embodiment"], meta["cameras"], meta["fps"]) == ("so100", ["top"], 10.0)
-        assert meta["instruction"] == "pick up the cube" and meta["n_frames"] == len(ep["action"])
-        assert npy(m["action.npy"]).tobytes() == ep["action"].tobytes()
-        assert npy(m["state.npy"]).tobytes() == ep["state"].tobytes()
-        with av.open(io.BytesIO(m["top.mp4"])) as c:  # the episode's own frames, in order
-            levels = [f.to_ndarray(format="rgb24").mean() for f in c.decode(video=0)]
-        np.testing.assert_allclose(levels, ep["level"], atol=3)

@@ -36,11 +36,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     e = sub.add_parser("episodes", help="robot demos (frames + actions + states) -> one sample per episode",
                        description="Ingest robot demonstrations, one sample per episode. Layouts: npz (one episode "
-                                   "per file), hdf5 (robomimic: data/demo_N), lerobot (v3 dataset folder); "
+                                   "per file), hdf5 (robomimic: data/demo_N), lerobot (v3 dataset folder or repo id); "
                                    "see docs/INGEST.md.")
     e.add_argument("sources", nargs="+", metavar="SRC",
                    help="files, folders (searched recursively for .npz / .hdf5 / .h5) or globs; "
-                        "for lerobot: dataset folders")
+                        "for lerobot: dataset folders or repo ids (lerobot/pusht, looked up in $HF_LEROBOT_HOME)")
     e.add_argument("--format", required=True, choices=("npz", "hdf5", "lerobot"), dest="fmt",
                    help="input layout")
     _common(e, samples_per_shard=64, per_shard="episodes per shard")

@@ -120,18 +120,58 @@ def npz_episodes(path: str, *, embodiment: str | None, cameras: list[str] | None
 
 # ---------------------------------------------------------------- hdf5 (robomimic)
 
-def hdf5_inputs(paths: list[str]) -> list[str]:
-    """One input ``"<file>::<demo>"`` per ``data/<demo>`` group; an unreadable file stays one input
-    (it becomes a failure row when its episodes are made)."""
+IMAGE_DATASET_HINT = ("robomimic's image datasets (image.hdf5) hold them; make one with robomimic's "
+                      "dataset_states_to_obs.py --camera_names agentview robot0_eye_in_hand")
+
+
+def file_demos(f: h5py.File, filter_key: str | None) -> list[str]:
+    """The demos of a robomimic file to ingest, in natural order: every ``data/<demo>``, or the names listed
+    in ``mask/<filter_key>`` (robomimic's train / valid splits). ``BadInput`` (one line) when there is
+    none to ingest: no ``data`` group, an unknown filter key, or a file without image observations."""
+    if "data" not in f or not len(f["data"]):
+        raise BadInput("no data/<demo> groups (not a robomimic file?)")
+    demos = sorted(f["data"].keys(), key=_natural)
+    if filter_key is not None:
+        keys = sorted(f["mask"].keys()) if "mask" in f else []
+        if filter_key not in keys:
+            raise BadInput(f"no filter key {filter_key!r}: mask/ holds {keys}")
+        listed = [_scalar(x) for x in f["mask"][filter_key][()]]
+        unknown = [d for d in listed if d not in f["data"]]
+        if unknown:
+            raise BadInput(f"mask/{filter_key} lists demo(s) not in data/: {unknown[:5]}")
+        demos = sorted(listed, key=_natural)
+    obs = f["data"][demos[0]].get("obs") if demos else None
+    if obs is not None and not any(k.endswith("_image") for k in obs):
+        raise BadInput(f"no image observations (data/{demos[0]}/obs has only {sorted(obs)}: a low-dim file); "
+                       + IMAGE_DATASET_HINT)
+    return demos
+
+
+def hdf5_inputs(paths: list[str], filter_key: str | None = None) -> list[str]:
+    """One input ``"<file>::<demo>"`` per demo to ingest (``file_demos``); a file that yields none
+    stays one input (it becomes one failure row, with the reason, when its episodes are made)."""
     inputs = []
     for path in paths:
         try:
             with h5py.File(path, "r") as f:
-                demos = sorted(f["data"].keys(), key=_natural) if "data" in f else []
-        except (OSError, KeyError, ValueError):
+                demos = file_demos(f, filter_key)
+        except (OSError, KeyError, ValueError, BadInput):
             demos = []
         inputs += [f"{path}{DEMO_SEP}{d}" for d in demos] or [path]
     return inputs
+
+
+def _instruction(attrs: dict) -> str:
+    """The demo's language: ``instruction`` / ``lang`` attributes, else ``lang`` of the ``ep_meta`` JSON
+    (robosuite >= 1.5 / robocasa: ``json.dumps(env.get_ep_meta())`` stored on ``data/<demo>``)."""
+    for k in ("instruction", "lang"):
+        if attrs.get(k):
+            return str(attrs[k])
+    try:
+        meta = json.loads(attrs.get("ep_meta") or "{}")
+    except (TypeError, ValueError):
+        return ""
+    return str(meta.get("lang") or "") if isinstance(meta, dict) else ""
 
 
 def _env_args(f: h5py.File) -> dict:
@@ -142,7 +182,7 @@ def _env_args(f: h5py.File) -> dict:
 
 
 def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None,
-                  fps: float, state_keys: list[str] | None) -> Iterator[Episode]:
+                  fps: float, state_keys: list[str] | None, filter_key: str | None = None) -> Iterator[Episode]:
     """The episode of one robomimic demo, ``item = "<file>::<demo>"``."""
     path, sep, demo = item.rpartition(DEMO_SEP)
     if not sep:
@@ -155,7 +195,8 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
         raise BadInput(f"not a readable HDF5 file ({e})") from None
     with f:
         if not demo:
-            raise BadInput("no data/<demo> groups (not a robomimic file?)")
+            file_demos(f, filter_key)   # raises why this file yields no demo
+            raise BadInput("no demo to ingest")
         g = f["data"][demo]
         if "actions" not in g or "obs" not in g:
             raise BadInput(f"data/{demo} lacks 'actions' or 'obs' (has {sorted(g.keys())})")
@@ -174,7 +215,7 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
             key=f"{source_id(path)}-{_UNSAFE.sub('_', demo)}",
             frames=frames_of(images, cameras, resolution, f"obs keys: {sorted(obs)}"),
             fps=float(rate), embodiment=embodiment or DEFAULT_EMBODIMENT,
-            task=str(env.get("env_name", "")), instruction=str(attrs.get("instruction", attrs.get("lang", ""))),
+            task=str(env.get("env_name", "")), instruction=_instruction(attrs),
             source=item, action=g["actions"][()], state=state,
             success=bool(attrs["success"]) if "success" in attrs else None,
             episode_index=int(m.group(1)) if (m := re.search(r"(\d+)$", demo)) else -1,
@@ -186,7 +227,8 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
 
 def ingest_episodes(sources: list[str], out_dir: str | Path, *, fmt: str, embodiment: str | None = None,
                     cameras: list[str] | None = None, resolution: int | None = None, fps: float = DEFAULT_FPS,
-                    state_keys: list[str] | None = None, workers: int = 2, samples_per_shard: int = 64,
+                    state_keys: list[str] | None = None, filter_key: str | None = None, workers: int = 2,
+                    samples_per_shard: int = 64,
                     created_by: str = "") -> JobResult:
     """Find the episodes in ``sources`` (files, folders, globs) and write them as shards into ``out_dir``."""
     common = dict(embodiment=embodiment, cameras=cameras, resolution=resolution, fps=fps)
@@ -194,8 +236,8 @@ def ingest_episodes(sources: list[str], out_dir: str | Path, *, fmt: str, embodi
         inputs = find_inputs(sources, frozenset({".npz"}))
         make = functools.partial(npz_episodes, **common)
     elif fmt == "hdf5":
-        inputs = hdf5_inputs(find_inputs(sources, frozenset({".hdf5", ".h5"})))
-        make = functools.partial(hdf5_episodes, state_keys=state_keys, **common)
+        inputs = hdf5_inputs(find_inputs(sources, frozenset({".hdf5", ".h5"})), filter_key)
+        make = functools.partial(hdf5_episodes, state_keys=state_keys, filter_key=filter_key, **common)
     elif fmt == "lerobot":
         from shards.ingest_lerobot import lerobot_episodes, lerobot_inputs
 

@@ -96,23 +96,41 @@ def test_npz_round_trip_is_bit_exact_and_bad_episodes_fail(tmp_path):
     assert manifest["embodiments"]["robot"]["action_dim"] == 4 and manifest["tasks"] == {"push-v3": 3}
 
 
-def write_robomimic(path: Path, rng, lengths: list[int], bad_demo: int | None = None) -> dict:
+def write_robomimic(path: Path, rng, lengths: list[int], bad_demo: int | None = None, images: bool = True,
+                    lang: str | None = None, valid: tuple[int, ...] = ()) -> dict:
+    """A file in robomimic's layout (robomimic/scripts/dataset_states_to_obs.py, split_train_val.py):
+    data.attrs total / env_args; data/demo_N with actions, states, rewards, dones, obs/*, next_obs/* and
+    attrs num_samples, model_file (and ep_meta, robosuite >= 1.5); mask/train, mask/valid (dtype 'S')."""
     demos = {}
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
-        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "env_kwargs": {"control_freq": 20}})
+        data.attrs["total"] = sum(lengths)
+        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_version": "1.5.1", "env_kwargs": {
+            "control_freq": 20, "has_renderer": False, "camera_names": ["agentview", "robot0_eye_in_hand"]}})
         for i, t in enumerate(lengths):
             g = data.create_group(f"demo_{i}")
             d = {"actions": rng.normal(size=(t, 7)).astype(np.float32),
                  "robot0_eef_pos": rng.normal(size=(t, 3)).astype(np.float32),
-                 "robot0_gripper_qpos": rng.normal(size=(t, 2)).astype(np.float32),
-                 "agentview_image": rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8),
-                 "robot0_eye_in_hand_image": rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)}
+                 "robot0_gripper_qpos": rng.normal(size=(t, 2)).astype(np.float32)}
+            if images:
+                d["agentview_image"] = rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)
+                d["robot0_eye_in_hand_image"] = rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)
             g.create_dataset("actions", data=d["actions"][:-1] if i == bad_demo else d["actions"])
+            g.create_dataset("states", data=rng.normal(size=(t, 32)))
+            g.create_dataset("rewards", data=np.zeros(t))
+            g.create_dataset("dones", data=np.r_[np.zeros(t - 1), 1].astype(np.int64))
             for k, v in d.items():
                 if k != "actions":
                     g.create_dataset(f"obs/{k}", data=v)
+                    g.create_dataset(f"next_obs/{k}", data=v)
+            g.attrs["num_samples"] = t
+            g.attrs["model_file"] = "<mujoco model='base'></mujoco>"
+            if lang is not None:
+                g.attrs["ep_meta"] = json.dumps({"lang": f"{lang} {i}", "layout_id": 3}, indent=4)
             demos[f"demo_{i}"] = d
+        if valid:
+            f["mask/valid"] = np.array([f"demo_{i}" for i in valid], dtype="S")
+            f["mask/train"] = np.array([f"demo_{i}" for i in range(len(lengths)) if i not in valid], dtype="S")
     return demos
 
 
@@ -152,3 +170,35 @@ def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path):
     assert (meta["height"], meta["width"]) == (48, 64)  # native size kept without --resolution
     expected = np.concatenate([d["robot0_gripper_qpos"], d["robot0_eef_pos"]], axis=1)
     assert npy(m["state.npy"]).tobytes() == expected.tobytes()
+
+
+def test_hdf5_filter_key_ep_meta_language_and_a_low_dim_file(tmp_path):
+    rng = np.random.default_rng(3)
+    demos = write_robomimic(tmp_path / "image.hdf5", rng, [6, 7, 8, 9, 6], lang="lift the cube", valid=(1, 3))
+    write_robomimic(tmp_path / "low_dim.hdf5", rng, [6, 7], images=False, valid=(1,))
+    out = tmp_path / "train"
+    proc = wm("ingest", "episodes", str(tmp_path / "image.hdf5"), str(tmp_path / "low_dim.hdf5"), "--format", "hdf5",
+              "--filter-key", "train", "--camera", "agentview", "--out", str(out), "--workers", "1", check_rc=3)
+    assert "3 samples" in proc.stdout and "1 failure(s)" in proc.stdout
+    reason = failures(out)["low_dim.hdf5"]   # one row for the file, not one per demo
+    assert reason.startswith("no image observations") and "low-dim file" in reason and "\n" not in reason
+    samples = by_source(read_samples(out))
+    assert sorted(Path(s).name for s in samples) == ["image.hdf5::demo_0", "image.hdf5::demo_2", "image.hdf5::demo_4"]
+    for i in (0, 2, 4):
+        meta = json.loads(samples[f"{tmp_path / 'image.hdf5'}::demo_{i}"]["meta.json"])
+        assert (meta["instruction"], meta["task"], meta["cameras"]) == (f"lift the cube {i}", "Lift", ["agentview"])
+        assert npy(samples[f"{tmp_path / 'image.hdf5'}::demo_{i}"]["action.npy"]).tobytes() == \
+            demos[f"demo_{i}"]["actions"].tobytes()
+
+    out_valid = tmp_path / "valid"
+    wm("ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "valid",
+       "--out", str(out_valid), "--workers", "1", check_rc=0)
+    assert sorted(json.loads(m["meta.json"])["episode_index"] for m in read_samples(out_valid).values()) == [1, 3]
+
+    out_bad = tmp_path / "bad"
+    wm("ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "test",
+       "--out", str(out_bad), "--workers", "1", check_rc=3)
+    assert failures(out_bad)["image.hdf5"] == "no filter key 'test': mask/ holds ['train', 'valid']"
+    proc = wm("ingest", "episodes", str(tmp_path), "--format", "npz", "--filter-key", "train", "--out",
+              str(tmp_path / "x"), check_rc=2)
+    assert "--filter-key" in proc.stderr and "hdf5" in proc.stderr

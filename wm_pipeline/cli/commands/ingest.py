@@ -57,6 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--state-keys", default=None,
                    help="hdf5: comma-separated obs keys concatenated into state, in this order "
                         "(default: every low-dim obs key, sorted)")
+    e.add_argument("--filter-key", default=None, metavar="KEY",
+                   help="hdf5: ingest only the demos listed in mask/KEY (robomimic's splits: train, valid, ...) "
+                        "(default: every data/demo_N)")
     e.set_defaults(run=run_episodes)
 
 
@@ -116,8 +119,11 @@ def run_episodes(args: argparse.Namespace) -> int:
     state_keys = [k for k in args.state_keys.split(",") if k] if args.state_keys is not None else None
     if args.embodiment is not None:
         _check_name("--embodiment", args.embodiment)
+    if args.filter_key is not None and args.fmt != "hdf5":
+        raise UsageError(f"--filter-key selects robomimic demos (mask/KEY): only with --format hdf5, not {args.fmt}")
     result = ingest_episodes(args.sources, args.out, fmt=args.fmt, embodiment=args.embodiment, cameras=cameras,
-                             resolution=args.resolution, fps=args.fps, state_keys=state_keys, workers=args.workers,
+                             resolution=args.resolution, fps=args.fps, state_keys=state_keys,
+                             filter_key=args.filter_key, workers=args.workers,
                              samples_per_shard=args.samples_per_shard,
                              created_by=f"wm ingest episodes --format {args.fmt}")
     return _summary(f"episodes --format {args.fmt}", args.out, result)

@@ -37,3 +37,21 @@ def test_pc_success_counts_failures(tmp_path):
     task = results["tasks"]["reach-v3"]
     assert task["aggregated"]["pc_success"] == 100.0 * task["success_rate"]
     assert all(r["max_reward"] <= r["sum_reward"] for r in task["per_episode"])
+
+
+def test_videos_are_rendered_at_video_size_apart_from_the_policy_images(tmp_path):
+    import av
+
+    rc = main(["eval", "--policy", "expert", "--tasks", "reach-v3", "--episodes", "1", "--seed", "0", "--out",
+               str(tmp_path / "v"), "--video", "--resolution", "32", "--video-size", "128"])
+    assert rc == 0
+    with_video = json.loads((tmp_path / "v" / "results.json").read_text())
+    ep = with_video["episodes"][0]
+    with av.open(str(tmp_path / "v" / ep["video"])) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == ep["length"] + 1 and frames[0].shape == (128, 128, 3)
+    assert with_video["video_size"] == 128 and with_video["resolution"] == 32
+    # the policy saw the same 32 px episode: same outcome and rewards as without --video
+    plain = ev.evaluate(ev.load_policy("expert", ev.env_info()), ["reach-v3"], episodes=1, seed=0, resolution=32)
+    assert plain["episodes"][0]["length"] == ep["length"] and plain["episodes"][0]["sum_reward"] == ep["sum_reward"]
+    assert plain["video_size"] is None

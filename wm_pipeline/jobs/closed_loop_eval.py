@@ -178,7 +178,7 @@ def run_episode(env, policy: Policy, seed: int, record: bool = False) -> Rollout
     """One episode of ``policy`` in ``env`` from ``seed`` (see ``Rollout``)."""
     obs = env.reset(seed=seed)
     reset_policy(policy, seed)
-    frames = [obs["image"]] if record else None
+    frames = [env.render_video()] if record else None
     success, done, steps, rewards = False, False, 0, []
     while not (success or done):
         action = np.asarray(policy.act(obs), dtype=np.float32).reshape(-1)
@@ -189,7 +189,7 @@ def run_episode(env, policy: Policy, seed: int, record: bool = False) -> Rollout
         success, steps = info["success"], info["steps"]
         rewards.append(float(reward))
         if record:
-            frames.append(obs["image"])
+            frames.append(env.render_video())
     return Rollout(bool(success), int(steps), rewards, np.stack(frames) if record else None)
 
 
@@ -219,8 +219,11 @@ def _per_episode(rows: list[EpisodeResult]) -> list[dict[str, Any]]:
 
 def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir: str | Path | None = None,
              video: bool = False, resolution: int = 64, camera: str = "corner", max_steps: int = 200,
-             policy_name: str = "") -> dict[str, Any]:
-    """Run ``episodes`` seeded episodes per task; returns (and writes ``results.json``) the results."""
+             policy_name: str = "", video_size: int | None = 256) -> dict[str, Any]:
+    """Run ``episodes`` seeded episodes per task; returns (and writes ``results.json``) the results.
+
+    ``video_size``: pixel size of the rollout videos (rendered apart from the policy's ``resolution``
+    images, only with ``video``); None: the policy's images themselves."""
     from wm_pipeline.sim.metaworld_env import MetaWorldEnv, check_task
     from shards.encode import encode_video
 
@@ -241,7 +244,8 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
     started = time.perf_counter()
     bar = tqdm(total=len(tasks) * episodes, desc="eval", unit="episode")
     for task in tasks:
-        env = MetaWorldEnv(task, seed=seed, resolution=resolution, camera=camera, max_steps=max_steps)
+        env = MetaWorldEnv(task, seed=seed, resolution=resolution, camera=camera, max_steps=max_steps,
+                           video_size=video_size if video else None)
         try:
             fps = env.fps
             task_latency_start = len(latencies) if latencies is not None else 0
@@ -281,6 +285,7 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
         "seed_scheme": f"episode i of every task uses seed {seed} + {EVAL_SEED_OFFSET} + i",
         "episodes_per_task": episodes,
         "resolution": resolution, "camera": camera, "max_steps": max_steps, "fps": fps,
+        "video_size": (video_size or resolution) if video else None,
         "tasks": per_task,
         "overall": {
             "episodes": len(rows),

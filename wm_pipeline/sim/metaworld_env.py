@@ -175,12 +175,14 @@ class MetaWorldEnv:
     embodiment = EMBODIMENT
 
     def __init__(self, task: str, seed: int = 0, resolution: int = 64, camera: str = "corner",
-                 max_steps: int = 200):
+                 max_steps: int = 200, video_size: int | None = None):
         check_task(task)
         if camera not in CAMERAS:
             raise UsageError(f"unknown Meta-World camera {camera!r}; valid cameras: {', '.join(CAMERAS)}")
         if resolution <= 0 or resolution % 2:
             raise UsageError(f"--resolution must be a positive even number (H.264 needs it), got {resolution}")
+        if video_size is not None and (video_size <= 0 or video_size % 2):
+            raise UsageError(f"--video-size must be a positive even number (H.264 needs it), got {video_size}")
         if not 0 < max_steps <= MAX_PATH_LENGTH:
             raise UsageError(f"--max-steps must be in 1..{MAX_PATH_LENGTH} (Meta-World's episode limit), got {max_steps}")
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -205,8 +207,11 @@ class MetaWorldEnv:
         self._sim.seeded_rand_vec = True
         # Must happen before the first render creates the GL context and its buffers.
         self._sim.model.vis.quality.shadowsize = 0
-        self._sim.model.vis.global_.offwidth = resolution
-        self._sim.model.vis.global_.offheight = resolution
+        # the off-screen buffer also holds the video frames when they are larger than the policy's images
+        self.video_size = video_size
+        self._sim.model.vis.global_.offwidth = max(resolution, video_size or 0)
+        self._sim.model.vis.global_.offheight = max(resolution, video_size or 0)
+        self._video_renderer = None
         self._flip = camera in FLIPPED_CAMERAS
         self._scene_ready = False
         self._steps = 0
@@ -275,10 +280,30 @@ class MetaWorldEnv:
             image = image[::-1]
         return np.ascontiguousarray(image, dtype=np.uint8)
 
+    def render_video(self) -> np.ndarray:
+        """The current camera image at ``video_size`` (uint8 [V, V, 3], right side up) for rollout videos,
+        rendered apart from the policy's observation (which stays at ``resolution``); without
+        ``video_size``, the observation image itself."""
+        if self.video_size is None or self.video_size == self.resolution:
+            return self.render()
+        import mujoco
+
+        if self._video_renderer is None:
+            self._video_renderer = mujoco.Renderer(self._sim.model, self.video_size, self.video_size)
+            self._video_renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        self._video_renderer.update_scene(self._sim.data, camera=self.camera)
+        image = self._video_renderer.render()
+        if self._flip:
+            image = image[::-1]
+        return np.ascontiguousarray(image, dtype=np.uint8)
+
     def _observation(self, state: np.ndarray) -> dict[str, Any]:
         return {"image": self.render(), "state": np.asarray(state, dtype=np.float32), "task": self.task}
 
     def close(self) -> None:
+        if self._video_renderer is not None:
+            self._video_renderer.close()
+            self._video_renderer = None
         if self._env is not None:
             self._env.close()
             self._env = None

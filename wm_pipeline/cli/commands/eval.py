@@ -23,7 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed; episode i uses seed + 100000 + i")
     p.add_argument("--out", required=True, help="output folder for results.json and videos/")
     p.add_argument("--video", action="store_true", help="write one rollout MP4 per episode")
-    p.add_argument("--resolution", type=int, default=64, help="rendered image size (square)")
+    p.add_argument("--video-size", type=int, default=256,
+                   help="pixel size of the --video rollouts, rendered apart from the policy's --resolution images")
+    p.add_argument("--resolution", type=int, default=64, help="rendered image size (square) the policy sees")
     p.add_argument("--camera", default="corner", help="camera name")
     p.add_argument("--max-steps", type=int, default=200, help="actions per episode at most")
     p.add_argument("--action-steps", type=int, default=None,
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy, info)
     results = evaluate(policy, tasks, episodes=args.episodes, seed=args.seed, out_dir=args.out,
                        video=args.video, resolution=args.resolution, camera=args.camera,
-                       max_steps=args.max_steps, policy_name=args.policy)
+                       max_steps=args.max_steps, policy_name=args.policy, video_size=args.video_size)
     print(format_table(results))
     print(f"results: {args.out}/results.json")
     return exit_codes.OK

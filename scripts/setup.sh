@@ -35,15 +35,18 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; "$PY" -m venv "$VENV"; }
 pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+# make test / make demo use every feature: the decord backend, VAE world models (diffusers), text encoders
+# (transformers); a user's plain `pip install wm-pipeline` needs none of them (pyproject.toml extras)
+extras=test,decord,vae,text
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "[setup] NVIDIA GPU found: installing the default (CUDA) torch build"
   "${pip[@]}" "torch>=2.3"
-  "${pip[@]}" -e ".[test,gpu]" || "${pip[@]}" -e ".[test]"
+  "${pip[@]}" -e ".[$extras,gpu]" || "${pip[@]}" -e ".[$extras]"   # flash-attn is optional (SDPA covers it)
 else
   # The CPU build; any other torch spec pulls a multi-GB CUDA build (see docs/INSTALL.md).
   echo "[setup] no GPU: installing torch==2.13.0 (CPU build)"
   "${pip[@]}" torch==2.13.0
-  "${pip[@]}" -e ".[test]" "torchcodec==0.13.0"
+  "${pip[@]}" -e ".[$extras]" "torchcodec==0.13.0"
 fi
 echo "$want" > "$STAMP"
 echo "[setup] done: $VENV"

@@ -64,7 +64,8 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     if not backend_available(backend):
-        raise ImportError(f"decode backend {backend!r} does not import here; try backend='auto'")
+        extra = {"torchcodec": " (pip install 'wm-pipeline[torchcodec]')", "decord": " (pip install 'wm-pipeline[decord]')"}
+        raise ImportError(f"decode backend {backend!r} does not import here{extra.get(backend, '')}; try backend='auto'")
     return backend
 
 

@@ -75,7 +75,11 @@ class PatchTokenizer(nn.Module):
 
 def load_vae(path: str | Path):
     """A frozen diffusers ``AutoencoderKL`` from a local folder (``config.json`` + weights), in eval mode."""
-    from diffusers import AutoencoderKL
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise ImportError(f"a VAE (frame_space=vae, the VAE labeller) needs diffusers: pip install 'wm-pipeline[vae]' "
+                          f"({e})") from None
 
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -307,7 +307,10 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         self.obs_proj = nn.Linear(cfg.n_obs * d, d)
         self.adapters = nn.ModuleDict({n: EmbodimentAdapter(n, s, d, cfg.n_obs) for n, s in cfg.embodiments.items()})
         if cfg.text_encoder_path:
-            from transformers import AutoModel, AutoTokenizer
+            try:
+                from transformers import AutoModel, AutoTokenizer
+            except ImportError as e:
+                raise ImportError(f"text_encoder_path needs transformers: pip install 'wm-pipeline[text]' ({e})") from None
 
             text_model = AutoModel.from_pretrained(cfg.text_encoder_path).eval().requires_grad_(False)
             self._frozen["text"] = (AutoTokenizer.from_pretrained(cfg.text_encoder_path), text_model, {})

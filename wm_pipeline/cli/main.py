@@ -21,11 +21,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="wm", description="Video world models and latent actions, from video to robot control.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"wm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"wm_pipeline.cli.commands.{info.name}")
         module.add_parser(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed package's version (pyproject.toml), without importing anything heavy."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wm-pipeline")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +86,9 @@ def _main(argv: list[str], signals: PreemptionHandler | None) -> int:
         if writer is not None and isinstance(e, writer.DiskFull):   # ingest / collect on a full disk
             print(f"wm {args.command}: error: {e}", file=sys.stderr)
             return exit_codes.WRITE_FAILED
+        if isinstance(e, ImportError) and "pip install 'wm-pipeline[" in str(e):   # a feature whose extra is missing
+            print(f"wm {args.command}: error: {e}", file=sys.stderr)
+            return exit_codes.USAGE
         raise
 
 

@@ -3,7 +3,9 @@
 A linear probe (ridge, cross-validated by episode: ``wm_pipeline.jobs.probe.linear_probe``) from the
 encoder's per-frame feature vector to slices of the robot / scene state recorded in the episodes
 (Meta-World's 39-dim observation: ``hand`` = dims 0:3, ``object`` = 4:7; other layouts name their own
-slices with ``targets``). R² is **within task**: each task's mean is removed from the target and the
+slices with ``targets``). The ridge is 100 on standardised features (the ``ridge`` argument): near-constant
+features (an encoder that learned to ignore the frames) otherwise blow up under standardisation and
+give large negative R² on small probe sets. R² is **within task**: each task's mean is removed from the target and the
 task is one-hot in the features, so knowing the task alone scores 0 and the number says how well the
 features place the object *inside* a task's randomisation, which is what a policy has to read off the
 frames. The same probe runs on an untrained encoder of the same architecture (a random-feature
@@ -55,7 +57,7 @@ def _features(model, frames: torch.Tensor, batch_size: int) -> np.ndarray:
 def encoder_probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None,
                   targets: dict[str, tuple[int, int]] | None = None, every: int = 2,
                   max_episodes: int | None = None, folds: int = 5, batch_size: int = 64,
-                  seed: int = 0, backend: str = "auto") -> dict[str, Any]:
+                  seed: int = 0, ridge: float = 100.0, backend: str = "auto") -> dict[str, Any]:
     """Probe the image encoder of the decoder ``run`` (RUN, RUN/final or a saved folder) on ``data_dir``."""
     from decoders.decoder import ActionDecoder
     from shards.location import locate, missing_folder
@@ -102,11 +104,11 @@ def encoder_probe(run: str, data_dir: str | Path, out_dir: str | Path | None = N
         return y
 
     result: dict[str, Any] = {"decoder": str(run), "data": str(data_dir), "frames": int(len(frames_t)),
-                              "episodes": int(len(set(episodes))), "tasks": names, "targets": {}}
+                              "ridge": ridge, "episodes": int(len(set(episodes))), "tasks": names, "targets": {}}
     for label, model in (("trained", trained), ("untrained", untrained)):
         x = np.hstack([_features(model, frames_t, batch_size), onehot])
         for name, (a, b) in targets.items():
-            per_dim = linear_probe(x, within_task(state[:, a:b]), groups, folds=folds)
+            per_dim = linear_probe(x, within_task(state[:, a:b]), groups, folds=folds, ridge=ridge)
             result["targets"].setdefault(name, {})[label] = {"r2": mean_r2(per_dim), "r2_per_dim": per_dim}
     out = Path(out_dir) if out_dir else Path(folder) / "encoder_probe" / (Path(str(data_dir)).name or "data")
     out.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,7 @@ from nets.normalize import Normalizer, plain_stats
 from nets.spatial_softmax import SpatialSoftmax
 from nets.state_dict import rename_on_load, sequential_renames
 from nets.timestep import MEANFLOW_SCALE, timestep_embedding
+from shards.model_folder import config_fields, save_model_folder
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("fm", "meanflow")
@@ -206,10 +207,16 @@ class ChunkTransformer(nn.Module):
 class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "flow-matching"]):
     """Observation (+ state, task, latent actions) -> action chunk ``[B, H, A]``; see the module docstring."""
 
+    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+
+    def _save_pretrained(self, save_directory) -> None:
+        """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
+        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         if isinstance(config, dict):
-            config = DecoderConfig(**config)
+            config = DecoderConfig(**config_fields(config))
         # In place, on the object the hub mixin will write to config.json: arrays (the runtime's
         # stats are numpy) become plain lists, an int image size becomes [H, W].
         config.stats = plain_stats(config.stats)

@@ -127,3 +127,22 @@ def test_resolved_config_written_at_start(data, tmp_path):
     assert written["model_name"] == "toy" and written["preset"] == "tiny"
     assert written["optim"]["lr"] == 2e-3 and written["data"]["paths"] == [str(data)]
     assert written["model"]["action_dim"] == 3   # filled from the data by the model's prepare hook
+
+
+def test_policy_is_the_old_name_of_recipe(tmp_path):
+    """``RunConfig.recipe`` was ``policy``: a config file saved before the rename, and ``policy=`` on the
+    command line, still set it; what is written back uses the new name."""
+    old = tmp_path / "old_run_config.yaml"
+    written = to_dict(toy(preset="tiny"))
+    written["policy"] = written.pop("recipe")
+    written["policy"] = "latent"
+    old.write_text(yaml.safe_dump(written, sort_keys=False))
+    cfg = toy(config_file=old)
+    assert cfg.recipe == "latent" and cfg.policy == "latent"
+    assert toy(config_file=old, overrides=["policy=idm-bc"]).recipe == "idm-bc"
+    assert toy(overrides=["recipe=scratch"]).recipe == "scratch"
+    dump_yaml(cfg, tmp_path / "new.yaml")
+    again = yaml.safe_load((tmp_path / "new.yaml").read_text())
+    assert again["recipe"] == "latent" and "policy" not in again
+    with pytest.raises(ConfigError, match="unknown config key 'recipes'"):
+        toy(overrides=["recipes=x"])

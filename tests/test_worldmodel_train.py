@@ -74,6 +74,8 @@ def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp
     for k in ("forward_dynamics_mse", "forward_dynamics_mean_mse", "copy_last_frame_mse", "video_mse", "video_mean_mse",
               "policy_mse", "inverse_dynamics_mse"):
         assert np.isfinite(metrics[k]) and metrics[k] > 0, k
+    for k in ("forward_dynamics", "copy_last_frame", "video", "forward_dynamics_mean", "video_mean"):   # beside MSE
+        assert 0 < metrics[f"{k}_psnr"] < 100 and -1 <= metrics[f"{k}_ssim"] < 1, k
     r2_keys = [k for k in metrics if k.endswith("_r2")]
     assert len(r2_keys) == 6 and max(metrics[k] for k in r2_keys) <= 1, r2_keys
     grid = np.asarray(Image.open(out / "grid.png"))
@@ -101,14 +103,14 @@ def test_no_future_control_hides_future_frames(mw, tmp_path):
     from wm_pipeline.training.config import resolve
     from wm_pipeline.recipes.worldmodel import build_stream, hide_future
     from wm_pipeline.training.registry import get_model, load_plugins
-    from wm_pipeline.training.trainer import read_manifests
+    from wm_pipeline.training.trainer import read_dataset_info
 
     load_plugins()
     spec = get_model("worldmodel")
     cfg = resolve("worldmodel", spec.config_cls, spec.presets, preset="tiny", config_file=None,
                   overrides=["policy=no-future", "data.num_workers=0"], data_paths=[str(mw["demos"])],
                   run_presets=spec.run_presets)
-    spec.prepare(cfg, read_manifests(cfg.data.paths))
+    cfg = spec.prepare(cfg, read_dataset_info(cfg.data.paths))   # a new, filled config
     assert cfg.model.video_loss_weight == 0.0
     batch = next(iter(build_stream(cfg, seed=0)))
     t0 = cfg.model.n_obs - 1
@@ -117,9 +119,9 @@ def test_no_future_control_hides_future_frames(mw, tmp_path):
     raw = {"frames": torch.arange(2 * 10).view(2, 10, 1, 1, 1).expand(2, 10, 3, 2, 2).to(torch.uint8)}
     hidden = hide_future(dict(raw), cfg.model)["frames"]
     assert torch.equal(hidden[:, : t0 + 1], raw["frames"][:, : t0 + 1]) and (hidden[:, t0 + 1:] == hidden[:, t0: t0 + 1]).all()
-    cfg.policy = "nonsense"
+    cfg.recipe = "nonsense"
     with pytest.raises(Exception, match="no-future"):
-        spec.prepare(cfg, read_manifests(cfg.data.paths))
+        spec.prepare(cfg, read_dataset_info(cfg.data.paths))
 
 
 def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path):

@@ -56,6 +56,7 @@ from nets.flow import interpolate, sample_uniform_time
 from nets.image_encoder import ImageEncoder
 from nets.normalize import MIN_STD, affine_params
 from nets.timestep import TimestepEmbedding
+from shards.model_folder import config_fields, save_model_folder
 from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
 
 log = logging.getLogger(__name__)
@@ -283,10 +284,16 @@ def _groups(names: list) -> dict[str, list[int]]:
 class WorldModel(nn.Module, PyTorchModelHubMixin):
     """UWM / DUST world model. ``forward(batch) -> (loss, metrics)``; ``sample_*`` modes; see module doc."""
 
+    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+
+    def _save_pretrained(self, save_directory) -> None:
+        """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
+        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
+
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         if isinstance(config, dict):  # from_pretrained hands back the JSON dict
-            config = WorldModelConfig(**config)
+            config = WorldModelConfig(**config_fields(config))
         self.config = cfg = config
         d = cfg.width
         self._frozen: dict = {}  # VAE / text encoder: loaded from local paths, never saved with the weights

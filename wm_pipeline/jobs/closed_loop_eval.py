@@ -51,7 +51,8 @@ _LOADERS: list[PolicyLoader] = []
 def register_policy_loader(fn: PolicyLoader) -> PolicyLoader:
     """Add a loader ``fn(spec, env_info) -> Policy | None`` (None: not mine). Usable as a decorator.
 
-    Loaders are tried in registration order after the built-in ``expert`` and ``random``.
+    Loaders are tried in registration order after the built-in ``expert`` and ``random`` and the
+    registered models' own (``ModelSpec.load_policy``).
     """
     if fn not in _LOADERS:
         _LOADERS.append(fn)
@@ -76,13 +77,23 @@ def load_policy(spec: str, info: dict[str, Any]) -> Policy:
         return ExpertPolicy(action_dim=info["action_dim"])
     if spec == "random":
         return RandomPolicy(action_dim=info["action_dim"])
-    for loader in _LOADERS:
+    loaders = policy_loaders()
+    for loader in loaders:
         policy = loader(spec, info)
         if policy is not None:
             return policy
     where = "" if Path(spec).exists() else " (no such file or directory)"
     raise UsageError(f"cannot load policy {spec!r}{where}: expected 'expert', 'random', or a run directory "
-                     f"a registered policy loader accepts ({len(_LOADERS)} registered)")
+                     f"a registered policy loader accepts ({len(loaders)} registered)")
+
+
+def policy_loaders() -> list[PolicyLoader]:
+    """The registered models' policy faces (wm_pipeline.training.registry: the built-in table first),
+    then the loaders added with ``register_policy_loader``."""
+    from wm_pipeline.training.registry import builtin, specs
+
+    builtin()
+    return [s.load_policy for s in specs() if s.load_policy is not None] + list(_LOADERS)
 
 
 def check_compatible(policy: Policy, info: dict[str, Any]) -> None:
@@ -105,28 +116,6 @@ def check_compatible(policy: Policy, info: dict[str, Any]) -> None:
         if size != env_size:
             raise UsageError(f"policy {name} expects {size[0]}x{size[1]} images but {info['env']} renders "
                              f"{env_size[0]}x{env_size[1]} (set --resolution {size[0]})")
-
-
-def trained_run_folder(spec: str, model_name: str) -> Path | None:
-    """``RUN/final`` (or ``RUN`` itself when it is a final/ folder) of a ``wm train <model_name>`` run;
-    None when ``spec`` is another model's run or no run at all. A run of this model without final/
-    (training not finished) is a UsageError saying so."""
-    import yaml
-
-    run = Path(spec)
-    if not run.is_dir():
-        return None
-    for folder in (run / "final", run):
-        run_config = folder / "run_config.yaml"
-        if run_config.is_file():
-            name = (yaml.safe_load(run_config.read_text()) or {}).get("model_name")
-            return folder if name == model_name else None
-    if (run / "config.yaml").is_file():
-        name = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model_name")
-        if name == model_name:
-            raise UsageError(f"{run}: {model_name} run has no final/ model yet (training not finished; see "
-                             f"{run / 'status.json'})")
-    return None
 
 
 def check_policy_fits(spec: str, info: dict[str, Any], embodiments: list[str], state_dim: int, horizon: int,

@@ -19,8 +19,11 @@ windows::
     load_fn(folder: Path, run_config: dict) -> Labeller      # folder: RUN/final (or a save_pretrained dir)
     label_fn(labeller, frames uint8 [B, T, C, H, W], embodiments: list[str]) -> {field: [B, T - tail, ...]}
 
+The built-in kinds are the label faces of the models in ``wm_pipeline.recipes.MODELS`` (``lam``,
+``idm``) and ``wm_pipeline.recipes.LABELLERS`` (``vae``); ``register_labeller`` adds a plugin's.
 ``wm label`` picks the kind from ``RUN/final/run_config.yaml``'s ``model_name``, else from a
-``labeller_kind`` key in ``config.json``, else from the first ``detect(folder)`` that says True.
+``labeller_kind`` key in ``config.json``, else from the model class ``config.json`` names (``_class``),
+else from the first ``detect(folder)`` that says True.
 
 Rows. Every per-frame field has ``n_frames`` rows plus a bool ``valid`` [n_frames]. A window of ``T``
 frames (``stride`` apart) gives outputs for its first ``T - tail`` positions (``tail``: LAM ``k``,
@@ -44,15 +47,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-import yaml
 
+from shards.batch_keys import VALID
+from shards.dataset_info import DatasetInfo
+from shards.model_folder import CLASS_KEY, class_name
 from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.run_folder import MODEL_CONFIG, WEIGHTS, run_config_of, weights_folder
 from wm_pipeline.weights import loading, model_folders, read_json
 from shards.stats import file_sha256
 
 log = logging.getLogger(__name__)
 
-VALID = "valid"
 
 
 @dataclass
@@ -84,71 +89,79 @@ class LabellerKind:
     detect: Callable[[Path], bool] | None = None
 
 
-_KINDS: dict[str, LabellerKind] = {}
+_KINDS: dict[str, LabellerKind] = {}   # plugins' kinds (register_labeller); the built-in ones are in the registry
 
 
 def register_labeller(kind: str, load_fn: Callable[[Path, dict], Labeller],
                       label_fn: Callable[[Labeller, torch.Tensor, list[str]], dict[str, torch.Tensor]], *,
                       detect: Callable[[Path], bool] | None = None) -> LabellerKind:
-    """Make ``kind`` usable by ``wm label`` / ``wm probe`` (see the module docstring)."""
+    """Make ``kind`` usable by ``wm label`` / ``wm probe`` (a plugin's; see the module docstring)."""
     _KINDS[kind] = LabellerKind(kind, load_fn, label_fn, detect)
     return _KINDS[kind]
 
 
+def _kinds() -> dict[str, LabellerKind]:
+    """Every labeller kind: the registered models' labeller faces (wm_pipeline.training.registry, the
+    built-in table first), the built-in kinds that are not trained models, then the plugins'."""
+    from wm_pipeline.training.registry import builtin_labellers, specs
+
+    extra = builtin_labellers()   # reads the built-in table
+    kinds = {s.name: LabellerKind(s.name, s.labeller.load, s.labeller.label, s.labeller.detect)
+             for s in specs() if s.labeller is not None}
+    return {**kinds, **{k.kind: k for k in extra}, **_KINDS}
+
+
 def labeller_kinds() -> list[str]:
-    return sorted(_KINDS)
+    return sorted(_kinds())
 
 
-def _weights_folder(run: Path) -> Path:
-    for folder in (run / "final", run):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    if (run / "config.yaml").is_file():
-        raise UsageError(f"{run}: the run has no final/ model yet (training not finished; see {run / 'status.json'})")
-    raise UsageError(f"{run}: not a run folder (no final/config.json + model.safetensors)")
+def _kind_of_class(named: object) -> str | None:
+    """The registered model whose class config.json names (``_class``), when it labels."""
+    from wm_pipeline.training.registry import specs
+
+    return next((s.name for s in specs() if s.labeller is not None and class_name(s.model_cls) == named), None)
 
 
 def load_labeller(run: str | Path) -> tuple[LabellerKind, Labeller]:
     """Find the kind of ``run`` (a run folder, its ``final/``, or a save_pretrained folder) and load it."""
-    import wm_pipeline.recipes  # noqa: F401  (the built-in registrations also register their labeller kinds)
-
     run = Path(run)
     if not run.exists():
         raise UsageError(f"labeller {run} does not exist")
-    folder = _weights_folder(run)
-    run_config: dict = {}
-    if (folder / "run_config.yaml").is_file():
-        run_config = yaml.safe_load((folder / "run_config.yaml").read_text()) or {}
-    config = read_json(folder / "config.json")
+    folder = weights_folder(run)
+    run_config = run_config_of(folder)
+    config = read_json(folder / MODEL_CONFIG)
     if not isinstance(config, dict):
-        raise UsageError(f"{folder / 'config.json'}: not a model config (a JSON object)")
-    kind = run_config.get("model_name") if run_config.get("model_name") in _KINDS else config.get("labeller_kind")
+        raise UsageError(f"{folder / MODEL_CONFIG}: not a model config (a JSON object)")
+    kinds = _kinds()
+    kind = run_config.get("model_name") if run_config.get("model_name") in kinds else config.get("labeller_kind")
     if kind is None:
-        kind = next((k for k, spec in _KINDS.items() if spec.detect is not None and spec.detect(folder)), None)
-    if kind not in _KINDS:
+        kind = _kind_of_class(config.get(CLASS_KEY))   # folders saved before _class: by detect below
+    if kind is None:
+        kind = next((k for k, spec in kinds.items() if spec.detect is not None and spec.detect(folder)), None)
+    if kind not in kinds:
         what = run_config.get("model_name") or config.get("labeller_kind") or "unknown"
         raise UsageError(f"{run}: a '{what}' model is not a labeller; labeller kinds: {', '.join(labeller_kinds())}")
-    spec = _KINDS[kind]
+    spec = kinds[kind]
     # the kind's loader reads the weights (and whatever folders its config points at): read errors
     # become one line naming the file
-    with loading(model_folders(folder), required=("config.json", "model.safetensors"), what="labeller"):
+    with loading(model_folders(folder), required=(MODEL_CONFIG, WEIGHTS), what="labeller"):
         return spec, spec.load(folder, run_config)
 
 
 # ---------------------------------------------------------------- fitting the data
 
 def data_fps(manifest: dict) -> list[float]:
-    return sorted({float(e["fps"]) for e in manifest["embodiments"].values()})
+    return DatasetInfo.from_manifests([""], [manifest]).fps()
 
 
 def training_fps(run_config: dict) -> list[float]:
     """fps of the run's training data (from its manifests, when still readable), for the frame-gap check."""
-    from shards.format import FormatError, read_manifest
+    from shards.format import FormatError
 
     fps: set[float] = set()
     for path in (run_config.get("data") or {}).get("paths") or []:
         try:
-            fps.update(data_fps(read_manifest(path)))
+            fps.update(DatasetInfo.read([path]).fps())
         except (FormatError, OSError) as e:
             log.warning("cannot read the labeller's training data %s (%s): frame rate not checked", path, e)
     return sorted(fps)
@@ -298,7 +311,7 @@ def code_version() -> dict[str, Any]:
 
 def labeller_info(lab: Labeller, run: str, camera: str, batch_size: int) -> dict[str, Any]:
     return {"kind": lab.kind, "run": str(Path(run).resolve()), "checkpoint": str(lab.folder.resolve()),
-            "checkpoint_sha256": file_sha256(lab.folder / "model.safetensors"), "config": lab.config,
+            "checkpoint_sha256": file_sha256(lab.folder / WEIGHTS), "config": lab.config,
             "run_config": lab.run_config, "camera": camera, "image_size": list(lab.image_size),
             "window": lab.window, "stride": lab.stride, "tail": lab.tail, "hop": lab.hop, "batch_size": batch_size,
             "fields": {f: {"shape": ["n_frames", *s], "dtype": d} for f, (s, d) in lab.fields.items()},

@@ -9,8 +9,8 @@ shifted and scaled: deterministic) for every frame once. ``VAE_DIR`` is a local 
 ``AutoencoderKL`` folder (``config.json`` + weights); frames are encoded at the data's resolution,
 or at ``resize`` when given.
 
-The kind ``"vae"`` is registered with ``wm_pipeline.jobs.labelling.register_labeller`` (loader + per-window
-encoder + a ``detect`` that recognises an ``AutoencoderKL`` folder). ``label_vae`` drives the same
+The kind ``"vae"`` (loader + per-window encoder + a ``detect`` that recognises an ``AutoencoderKL``
+folder) is listed in the built-in table, ``wm_pipeline.recipes.LABELLERS``. ``label_vae`` drives the same
 per-shard machinery (``wm_pipeline.jobs.labelling.label_shards``: atomic, idempotent, resumable, locked per shard)
 directly, because ``wm label --labeller`` looks for a ``model.safetensors`` that a diffusers folder
 does not have (it holds ``diffusion_pytorch_model.safetensors``).
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from wm_pipeline.exit_codes import UsageError
-from wm_pipeline.jobs.labelling import Labeller, check_fits, code_version, label_shards, register_labeller
+from wm_pipeline.jobs.labelling import Labeller, LabellerKind, check_fits, code_version, label_shards
 from wm_pipeline.weights import loading, read_json
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def encode_windows(lab: Labeller, frames: torch.Tensor, embodiments: list[str]) 
     return {"latent": latent.view(b, t, *latent.shape[1:])}
 
 
-SPEC = register_labeller(KIND, load_vae_labeller, encode_windows, detect=is_vae_folder)
+SPEC = LabellerKind(KIND, load_vae_labeller, encode_windows, detect=is_vae_folder)   # listed in wm_pipeline.recipes.LABELLERS
 
 
 def _weights_sha256(folder: Path) -> str | None:

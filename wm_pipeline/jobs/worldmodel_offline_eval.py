@@ -11,12 +11,14 @@ non-overlapping windows, or with ``every=K`` a window at every K-th frame), with
 | ``copy_last_frame_mse`` | (baseline) the last current frame repeated | true future frames |
 | ``video_mse`` | current frames only, actions at full noise (null tokens) | true future frames |
 | ``*_mean_mse`` | the same two modes in one step from full noise: the model's estimate of the mean future | true future frames |
+| ``*_psnr`` / ``*_ssim`` | beside every ``*_mse`` of frames: PSNR (dB) and SSIM (``jobs/frame_quality.py``, torchmetrics) | true future frames |
 | ``inverse_dynamics_r2`` | current + true future frames -> action chunk | true actions |
 | ``inverse_dynamics_no_future_r2`` | the same, future frames replaced by the last current frame | true actions |
 | ``policy_mse`` / ``policy_r2`` | current frames only (video at full noise) -> action chunk | true actions |
 | ``*_mean_r2`` | the three action calls in one step from full noise: the estimate of the mean chunk | true actions |
 
-Frame errors are mean squared errors of pixels scaled to [-1, 1]. A sample carries the spread of the
+Frame errors are mean squared errors of pixels scaled to [-1, 1]; PSNR and SSIM compare the same frames in
+[0, 1], per frame, averaged over frames and windows. A sample carries the spread of the
 predicted distribution, which the squared error counts twice (E|x - y|² = bias² + var(x) + var(y));
 copying the last frame is a point forecast, and the fair comparison for it is the model's point
 forecast: one Euler step from t = 1 lands on the network's estimate of the clean future given the
@@ -43,9 +45,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from shards.model_folder import CLASS_KEY, class_name
 from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.run_folder import FINAL, MODEL_CONFIG, has_weights, recipe_of, run_config_of
 from wm_pipeline.weights import from_pretrained, read_json
 
 log = logging.getLogger(__name__)
@@ -56,19 +59,18 @@ def load_world_model(run: str | Path):
     from worldmodel.uwm import WorldModel
 
     run = Path(run)
-    for folder in (run / "final", run):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    for folder in (run / FINAL, run):
+        if has_weights(folder):
             break
     else:
         raise UsageError(f"{run}: no world model (final/config.json + model.safetensors); has training finished?")
-    config = read_json(folder / "config.json")
-    if not isinstance(config, dict) or "action_horizon" not in config or "variant" not in config:
+    config = read_json(folder / MODEL_CONFIG)
+    named = config.get(CLASS_KEY) if isinstance(config, dict) else None
+    legacy = isinstance(config, dict) and "action_horizon" in config and "variant" in config   # saved before _class
+    if named != class_name(WorldModel) if named is not None else not legacy:
         raise UsageError(f"{folder}: config.json is not a world model's")
     model = from_pretrained(WorldModel, folder, what="world model", strict=True).eval()
-    run_config = {}
-    if (folder / "run_config.yaml").is_file():
-        run_config = yaml.safe_load((folder / "run_config.yaml").read_text()) or {}
-    return model, run_config
+    return model, run_config_of(folder)
 
 
 def _windows(model, run_config: dict, data_dir: Path, max_windows: int, batch_size: int, backend: str,
@@ -113,6 +115,7 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
     from worldmodel.tokenizer import frames_to_unit
 
     from shards.location import locate, missing_folder
+    from wm_pipeline.jobs.frame_quality import psnr_ssim
 
     data_dir = locate(data_dir)   # a folder or a URL (shards.location)
     if missing_folder(data_dir):
@@ -149,6 +152,11 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             video_mean = model.sample_video(obs, None, steps=1, **kw)
             copy = frames_to_unit(obs[:, -1:]).expand_as(target)
             m = len(idx)
+            for name, x in (("forward_dynamics", pred), ("copy_last_frame", copy), ("video", video),
+                            ("forward_dynamics_mean", pred_mean), ("video_mean", video_mean)):
+                psnr, ssim = psnr_ssim(x, target)
+                sums[f"{name}_psnr"] = sums.get(f"{name}_psnr", 0.0) + float(psnr.sum())
+                sums[f"{name}_ssim"] = sums.get(f"{name}_ssim", 0.0) + float(ssim.sum())
             sums["forward_dynamics_mse"] += float(((pred - target) ** 2).mean()) * m
             sums["copy_last_frame_mse"] += float(((copy - target) ** 2).mean()) * m
             sums["video_mse"] += float(((video - target) ** 2).mean()) * m
@@ -186,13 +194,16 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
         "inverse_dynamics_mean_r2": _r2(flat["true"], flat["inverse_mean"])[0],
         "inverse_dynamics_no_future_mean_r2": _r2(flat["true"], flat["no_future_mean"])[0],
         "policy_mean_r2": _r2(flat["true"], flat["policy_mean"])[0],
-        "windows": n, "window_every": every, "variant": cfg.variant, "trained_as": run_config.get("policy") or "uwm",
+        "windows": n, "window_every": every, "variant": cfg.variant, "trained_as": recipe_of(run_config) or "uwm",
         "frame_space": cfg.frame_space, "sampling_steps": steps or {"action": cfg.action_steps, "video": cfg.video_steps},
         "seed": seed, "data": str(data_dir), "model": str(run),
     })
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_grid(shown, out_dir, fps=2.0)
+    log.info("world model eval on %d windows: PSNR / SSIM forward dynamics %.2f dB / %.3f, copy-last %.2f dB / %.3f",
+             n, metrics["forward_dynamics_psnr"], metrics["forward_dynamics_ssim"], metrics["copy_last_frame_psnr"],
+             metrics["copy_last_frame_ssim"])
     log.info("world model eval on %d windows: forward dynamics %.4g (mean forecast %.4g) vs copy-last %.4g, video %.4g, "
              "inverse R² %.3f (%.3f without future frames), policy R² %.3f (MSE %.4g); mean chunks: inverse R² %.3f "
              "(%.3f without future frames), policy R² %.3f -> %s", n,

@@ -26,7 +26,7 @@ predicts that chunk from the current frames (``decoders.world_model_policy.World
 the world-model folder is recorded as ``model.latent_model``). ``uwm`` is the world model itself
 (wm_pipeline/recipes/worldmodel_policy.py) and is refused here with a message saying how to train it.
 
-Evaluation: ``load_decoder_policy`` (registered with ``wm_pipeline.jobs.closed_loop_eval.register_policy_loader``)
+Evaluation: ``load_decoder_policy`` (the decoder's policy face in ``wm_pipeline.recipes.MODELS``)
 turns ``RUN`` (or ``RUN/final``) into a ``decoders.policy.DecoderPolicy``; the embodiment and state
 size are checked here, the action size and image size by the harness, all before any rollout.
 """
@@ -34,16 +34,18 @@ size are checked here, the action size and image size by the harness, all before
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from decoders.decoder import PRESETS, ActionDecoder, DecoderConfig
-from wm_pipeline.jobs.closed_loop_eval import check_policy_fits, register_policy_loader, trained_run_folder
+from decoders.decoder import ActionDecoder, DecoderConfig
+from shards.batch_keys import ACTION, ACTION_MASK, EMBODIMENT, PRESENT, VALID, label_key
+from shards.dataset_info import DatasetInfo
+from wm_pipeline.jobs.closed_loop_eval import check_policy_fits
 from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.run_folder import MODEL_CONFIG, model_folder
 from wm_pipeline.training.few_shot import few_shot_keys
-from wm_pipeline.training.registry import ModelDataMismatch, default_stream, register_model
+from wm_pipeline.training.registry import ModelDataMismatch, default_stream
 from wm_pipeline.weights import from_pretrained, read_json
 
 log = logging.getLogger(__name__)
@@ -57,31 +59,27 @@ IDM_LABELS = "idm"   # the sidecar idm-bc reads: labels/idm, fields pseudo_actio
 
 # ---------------------------------------------------------------- registration
 
-def prepare(cfg, manifests: list[dict]) -> None:
-    """Fill ``cfg.model`` (a DecoderConfig) from the data; ModelDataMismatch when they disagree."""
-    policy = cfg.policy or "scratch"
+def prepare(cfg, info: DatasetInfo):
+    """The run config with ``model`` (a DecoderConfig) filled from the data (a new config; ``cfg`` is not
+    changed); ModelDataMismatch when they disagree."""
+    policy = cfg.recipe or "scratch"
     if policy not in POLICIES:
         raise UsageError(f"unknown policy '{policy}' for the decoder; choose from {', '.join(POLICIES)}")
     if policy in NOT_READY:
         raise UsageError(f"policy={policy} {NOT_READY[policy]}")
-    cfg.policy = policy
     m, paths = cfg.model, list(cfg.data.paths)
-    robots: dict[str, tuple[int, int, str]] = {}   # embodiment -> (action_dim, state_dim, first data dir)
-    for path, man in zip(paths, manifests):
-        for name, e in man["embodiments"].items():
-            if e["action_dim"] and name not in robots:
-                robots[name] = (e["action_dim"], e["state_dim"], path)
+    robots = info.robots()   # embodiment -> its dims and stats, from the first data dir that has it
     if not robots:
         raise ModelDataMismatch(f"no episodes with actions in {paths}: the decoder learns from demos")
-    dims = {(a, s) for a, s, _ in robots.values()}
+    dims = {(e.action_dim, e.state_dim) for e in robots.values()}
     if len(dims) > 1:
-        listed = ", ".join(f"{n} (action {a}, state {s})" for n, (a, s, _) in robots.items())
+        listed = ", ".join(f"{n} (action {e.action_dim}, state {e.state_dim})" for n, e in robots.items())
         raise ModelDataMismatch(f"a decoder acts for one robot layout, but the demos mix {listed}")
     (action_dim, state_dim), = dims
     for key, mine, data in (("action_dim", m.action_dim, action_dim), ("state_dim", m.state_dim, state_dim)):
         if mine and mine != data:
             raise ModelDataMismatch(f"model.{key}={mine} but the demos in {paths} have {key}={data}")
-    sizes = {tuple(man["resolution"]) for man in manifests if man.get("resolution")}
+    sizes = info.resolutions()
     if cfg.data.resize:
         size = tuple(cfg.data.resize)
     elif len(sizes) == 1:
@@ -89,33 +87,31 @@ def prepare(cfg, manifests: list[dict]) -> None:
     else:
         raise ModelDataMismatch(f"the data folders {paths} have different resolutions {sorted(sizes)}: "
                                 f"set data.resize=H,W")
-    m.action_dim, m.state_dim, m.image_size = action_dim, state_dim, [int(v) for v in size]
-    from shards.stats import embodiment_stats
-    m.stats = {name: {f: {k: np.asarray(v).tolist() for k, v in s.items()}
-                      for f, s in embodiment_stats(path)[name].items()}
-               for name, (_, _, path) in robots.items()}
+    stats = {name: e.stats_f32() for name, e in robots.items()}
     if cfg.data.episodes_per_task:
         _, counts = few_shot_keys(paths, cfg.data.episodes_per_task)
         tasks = sorted(counts)
         log.info("few-shot: %d demos per task for %s", cfg.data.episodes_per_task, ", ".join(tasks))
     else:
-        tasks = sorted({t for man in manifests for t in man.get("tasks", {}) if t})
-    if not m.tasks:   # a config given back with --config keeps its vocabulary (embedding rows)
-        m.tasks = tasks
+        tasks = info.tasks()
+    # a config given back with --config keeps its vocabulary (embedding rows)
+    m = replace(m, action_dim=action_dim, state_dim=state_dim, image_size=[int(v) for v in size], stats=stats,
+                tasks=m.tasks or tasks)
+    labels = list(cfg.data.labels)
     if policy == "latent":
-        _prepare_latent(cfg, paths)
-    cfg.data.window = m.window_length
+        m, labels = _prepare_latent(cfg, m, paths)
     if policy == "idm-bc":
-        _prepare_idm_bc(cfg, paths, robots)
+        labels = _prepare_idm_bc(cfg, paths, robots)
+    data = replace(cfg.data, window=m.window_length, labels=labels)
+    return replace(cfg, recipe=policy, model=m, data=data)
 
 
-def _prepare_latent(cfg, paths: list[str]) -> None:
+def _prepare_latent(cfg, m: DecoderConfig, paths: list[str]) -> tuple[DecoderConfig, list[str]]:
     """policy=latent: take the latent-action layout from the world model given by ``--init`` and
-    join the LAM sidecar it was trained on."""
+    join the LAM sidecar it was trained on (the model config and ``data.labels`` that follow)."""
     from wm_pipeline.recipes.worldmodel_policy import world_model_dir
     from shards.sidecar import has_sidecar
 
-    m = cfg.model
     if not cfg.init:
         raise UsageError("policy=latent needs --init RUN_WM: a world model pretrained with LAM latent actions "
                          "(`wm train worldmodel --labels lam`), which predicts the latent chunk in closed loop")
@@ -123,7 +119,7 @@ def _prepare_latent(cfg, paths: list[str]) -> None:
     if folder is None:
         raise UsageError(f"policy=latent: --init {cfg.init} is not a world-model run (need `wm train worldmodel` "
                          f"output with final/)")
-    wm = read_json(folder / "config.json", context=f"policy=latent: --init {cfg.init}: ")
+    wm = read_json(folder / MODEL_CONFIG, context=f"policy=latent: --init {cfg.init}: ")
     latent_dim = int(wm.get("latent_action_dim") or 0)
     if not latent_dim:
         raise UsageError(f"policy=latent: the world model {folder} was trained without latent actions; "
@@ -137,15 +133,16 @@ def _prepare_latent(cfg, paths: list[str]) -> None:
     if list(m.image_size) != [wm["image_size"]] * 2:
         raise ModelDataMismatch(f"policy=latent: the demos are {m.image_size[0]}x{m.image_size[1]} px but the "
                                 f"world model {folder} sees {wm['image_size']} px frames")
-    if m.n_obs_steps < wm["n_obs"]:
-        log.info("policy=latent: n_obs_steps %d -> %d (the world model's context)", m.n_obs_steps, wm["n_obs"])
-        m.n_obs_steps = int(wm["n_obs"])
-    m.latent_dim, m.latent_key, m.latent_model = latent_dim, key, str(folder.resolve())
-    m.latent_horizon = min(m.latent_horizon or m.horizon, int(wm["action_horizon"]))
-    if name not in cfg.data.labels:
-        cfg.data.labels = [*cfg.data.labels, name]
+    n_obs_steps = m.n_obs_steps
+    if n_obs_steps < wm["n_obs"]:
+        log.info("policy=latent: n_obs_steps %d -> %d (the world model's context)", n_obs_steps, wm["n_obs"])
+        n_obs_steps = int(wm["n_obs"])
+    m = replace(m, n_obs_steps=n_obs_steps, latent_dim=latent_dim, latent_key=key, latent_model=str(folder.resolve()),
+                latent_horizon=min(m.latent_horizon or m.horizon, int(wm["action_horizon"])))
+    labels = list(cfg.data.labels) if name in cfg.data.labels else [*cfg.data.labels, name]
     log.info("policy=latent: latent chunk [%d, %d] from %s (labels '%s')", m.latent_horizon, latent_dim,
              folder, name)
+    return m, labels
 
 
 def idm_labels_name(cfg) -> str:
@@ -155,8 +152,8 @@ def idm_labels_name(cfg) -> str:
     return cfg.data.labels[0] if cfg.data.labels else IDM_LABELS
 
 
-def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
-    """Join the IDM sidecar (present in at least one data dir) for one robot embodiment."""
+def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> list[str]:
+    """The IDM sidecar to join (``data.labels``: present in at least one data dir) for one robot embodiment."""
     from shards.sidecar import has_sidecar
 
     if len(robots) != 1:
@@ -165,7 +162,7 @@ def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> None:
     if not any(has_sidecar(p, name) for p in paths):
         raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({name}/) in any of {paths}; run "
                          f"`wm label --labeller RUN_IDM --data VIDEO --name {name}` first")
-    cfg.data.labels = [name]
+    return [name]
 
 
 def idm_targets(batch: dict, embodiment: str, action_dim: int, name: str = IDM_LABELS) -> dict:
@@ -173,26 +170,26 @@ def idm_targets(batch: dict, embodiment: str, action_dim: int, name: str = IDM_L
     samples of ``embodiment``: ``action`` [B, T, A] <- ``<name>.pseudo_action``, ``action_mask`` True."""
     import torch
 
-    key = f"{name}.pseudo_action"
+    key = label_key(name, "pseudo_action")
     if key not in batch:
         return batch
-    pseudo, present = batch[key].float(), batch[f"{name}.present"].bool()
+    pseudo, present = batch[key].float(), batch[label_key(name, PRESENT)].bool()
     if pseudo.shape[-1] != action_dim:
         raise ValueError(f"IDM pseudo-actions have {pseudo.shape[-1]} dims, the demos {action_dim}")
-    valid = batch[f"{name}.valid"].bool().flatten(1).all(1)   # a tail row without label: skip window
-    use = present & valid & ~batch["action_mask"].bool()
+    valid = batch[label_key(name, VALID)].bool().flatten(1).all(1)   # a tail row without label: skip window
+    use = present & valid & ~batch[ACTION_MASK].bool()
     if use.any():
-        batch["action"] = torch.where(use[:, None, None], pseudo, batch["action"])
-        batch["action_mask"] = batch["action_mask"].bool() | use
-        batch["embodiment"] = [embodiment if u else e for u, e in zip(use.tolist(), batch["embodiment"])]
+        batch[ACTION] = torch.where(use[:, None, None], pseudo, batch[ACTION])
+        batch[ACTION_MASK] = batch[ACTION_MASK].bool() | use
+        batch[EMBODIMENT] = [embodiment if u else e for u, e in zip(use.tolist(), batch[EMBODIMENT])]
     return batch
 
 
 def build_stream(cfg, seed: int):
     """The default window stream (few-shot subset included); idm-bc reads action-free windows through
     their IDM pseudo-labels."""
-    loader = default_stream(cfg, seed, optional_labels=cfg.policy == "idm-bc")
-    if cfg.policy != "idm-bc":
+    loader = default_stream(cfg, seed, optional_labels=cfg.recipe == "idm-bc")
+    if cfg.recipe != "idm-bc":
         return loader
     (robot,) = cfg.model.stats
     name = idm_labels_name(cfg)
@@ -206,24 +203,24 @@ RUN_PRESETS = {
               "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"max_steps": 2000, "eval_every": 0}},
 }
 
-register_model("decoder", DecoderConfig, ActionDecoder, PRESETS, prepare=prepare, build_stream=build_stream,
-               run_presets=RUN_PRESETS, required_keys=("frames", "action", "action_mask"),
-               reads_init=lambda cfg: cfg.policy == "latent")   # the world model that predicts the latents
+def reads_init(cfg) -> bool:
+    """policy=latent reads ``--init``: the world model that predicts the latents."""
+    return cfg.recipe == "latent"
 
 
 # ---------------------------------------------------------------- evaluation
 
+def _is_legacy_decoder_config(folder: Path) -> bool:
+    """A decoder folder saved before config.json named its class: a decoder config has ``horizon``."""
+    path = folder / MODEL_CONFIG
+    config = read_json(path) if path.stat().st_size else {}
+    return isinstance(config, dict) and "horizon" in config
+
+
 def _decoder_dir(spec: str) -> Path | None:
-    """``RUN/final`` or a ``save_pretrained`` folder of a decoder; None when ``spec`` is not one."""
-    folder = trained_run_folder(spec, "decoder")
-    run = Path(spec)
-    if folder is not None or not run.is_dir() or (run / "config.yaml").is_file() or (run / "run_config.yaml").is_file():
-        return folder
-    if (run / "config.json").is_file() and (run / "model.safetensors").is_file():
-        # another model's save_pretrained folder (e.g. a world model) is left to its own loader
-        config = read_json(run / "config.json") if (run / "config.json").stat().st_size else {}
-        return run if isinstance(config, dict) and "horizon" in config else None
-    return None
+    """``RUN/final`` or a ``save_pretrained`` folder of a decoder; None when ``spec`` is not one
+    (another model's save_pretrained folder, e.g. a world model, is left to its own loader)."""
+    return model_folder(spec, "decoder", ActionDecoder, legacy=_is_legacy_decoder_config)
 
 
 def load_decoder_policy(spec: str, info: dict[str, Any]):
@@ -263,6 +260,3 @@ def _latent_source(spec: str, cfg):
                          f"world model {folder} gives {dim}-dim latents from {model.config.n_obs} frames")
     log.info("latent actions from world model %s (chunk [%d, %d])", folder, cfg.latent_horizon or cfg.horizon, dim)
     return WorldModelLatentSource(model, horizon=cfg.latent_horizon or cfg.horizon)
-
-
-register_policy_loader(load_decoder_policy)

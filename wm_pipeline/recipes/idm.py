@@ -11,40 +11,36 @@ pseudo-actions through ``wm label --labeller RUN`` (wm_pipeline/jobs/labelling.p
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
 
-from latent_actions.idm import PRESETS, IDMConfig, InverseDynamicsModel
+from latent_actions.idm import IDMConfig, InverseDynamicsModel
+from shards.dataset_info import DatasetInfo
 from wm_pipeline.recipes.lam import camera_from_data, image_size_from_data
-from wm_pipeline.training.registry import ModelDataMismatch, register_model
+from wm_pipeline.training.registry import ModelDataMismatch
 
 
-def prepare(cfg, manifests: list[dict]) -> None:
-    from shards.stats import embodiment_stats
-
+def prepare(cfg, info: DatasetInfo):
+    """The run config with the IDM's data-dependent fields filled (a new config; ``cfg`` is not changed)."""
     m: IDMConfig = cfg.model
     paths = list(cfg.data.paths)
-    m.image_size = image_size_from_data(cfg, manifests, 1)
-    camera_from_data(cfg, manifests)
-    robots: dict[str, tuple[int, str]] = {}
-    for path, man in zip(paths, manifests):
-        for name, e in man["embodiments"].items():
-            if e["action_dim"] and name not in robots:
-                robots[name] = (e["action_dim"], path)
+    image_size = image_size_from_data(cfg, info, 1)
+    camera = camera_from_data(cfg, info)
+    robots = info.robots()
     if not robots:
         raise ModelDataMismatch(f"no episodes with actions in {paths}: the IDM learns from labelled demos")
-    dims = {a for a, _ in robots.values()}
+    dims = {e.action_dim for e in robots.values()}
     if len(dims) > 1:
         raise ModelDataMismatch(f"the IDM predicts one action size, but the demos mix {sorted(dims)} "
-                                f"({', '.join(f'{n}: {a}' for n, (a, _) in robots.items())})")
-    m.action_dim = dims.pop()
-    m.stats = {name: {"action": {k: np.asarray(v).tolist() for k, v in embodiment_stats(path)[name]["action"].items()}}
-               for name, (_, path) in robots.items()}
+                                f"({', '.join(f'{n}: {e.action_dim}' for n, e in robots.items())})")
+    stats = {name: e.stats_f32(["action"]) for name, e in robots.items()}
     if cfg.data.window < 2:
         raise ModelDataMismatch(f"data.window={cfg.data.window}: the IDM needs windows of >= 2 frames (an action "
                                 f"shows in the next frame)")
     if cfg.data.window > m.max_frames:
         raise ModelDataMismatch(f"data.window={cfg.data.window} exceeds model.max_frames={m.max_frames}")
-    m.__post_init__()   # re-check the stats against action_dim
+    # the new model config checks the stats against action_dim (IDMConfig.__post_init__)
+    model = replace(m, image_size=image_size, action_dim=dims.pop(), stats=stats)
+    return replace(cfg, model=model, data=replace(cfg.data, camera=camera))
 
 
 RUN_PRESETS = {
@@ -53,8 +49,6 @@ RUN_PRESETS = {
               "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"eval_every": 0}},
 }
 
-register_model("idm", IDMConfig, InverseDynamicsModel, PRESETS, prepare=prepare, run_presets=RUN_PRESETS,
-               required_keys=("frames", "action", "action_mask"))
 
 
 # ---------------------------------------------------------------- labeller kind "idm" (wm label / wm probe)
@@ -83,12 +77,3 @@ def label_windows(lab, frames, embodiments):
     known = lab.embodiments
     names = [e if e in known else (known[0] if len(known) == 1 else e) for e in embodiments]
     return {"pseudo_action": lab.model.predict_actions(frames, names)[:, :-1]}
-
-
-def _register_labeller():
-    from wm_pipeline.jobs.labelling import register_labeller
-
-    register_labeller("idm", load_labeller, label_windows)
-
-
-_register_labeller()

@@ -12,24 +12,26 @@ The trained run labels corpora with ``wm label --labeller RUN`` (wm_pipeline/job
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
-from latent_actions.lam import PRESETS, LAMConfig, LatentActionModel
-from wm_pipeline.training.registry import ModelDataMismatch, register_model
+from latent_actions.lam import LAMConfig, LatentActionModel
+from shards.dataset_info import DatasetInfo
+from wm_pipeline.training.registry import ModelDataMismatch
 
 log = logging.getLogger(__name__)
 
 
-def image_size_from_data(cfg, manifests: list[dict], patch_size: int) -> int:
+def image_size_from_data(cfg, info: DatasetInfo, patch_size: int) -> int:
     """The square frame size a frames-only model sees: ``data.resize`` or the data's resolution.
 
-    Shared by the LAM and IDM registrations; ModelDataMismatch when it is not square, the data
+    Shared by the LAM, IDM and world-model recipes; ModelDataMismatch when it is not square, the data
     folders disagree, or it is not a multiple of ``patch_size``."""
     paths = list(cfg.data.paths)
     if cfg.data.resize:
         size = tuple(int(v) for v in cfg.data.resize)
         where = f"data.resize={list(size)}"
     else:
-        sizes = {tuple(m["resolution"]) for m in manifests if m.get("resolution")}
+        sizes = info.resolutions()
         if len(sizes) != 1:
             raise ModelDataMismatch(f"the data folders {paths} have resolutions {sorted(sizes)}: set data.resize=H,W")
         size = sizes.pop()
@@ -42,27 +44,31 @@ def image_size_from_data(cfg, manifests: list[dict], patch_size: int) -> int:
     return int(size[0])
 
 
-def camera_from_data(cfg, manifests: list[dict]) -> None:
-    """Set ``data.camera`` to the cameras' first when unset; ModelDataMismatch when a dataset lacks it."""
-    for path, m in zip(cfg.data.paths, manifests):
-        cams = m.get("cameras") or []
-        if cfg.data.camera is None and cams:
-            cfg.data.camera = cams[0]
-        if cfg.data.camera not in cams:
-            raise ModelDataMismatch(f"data.camera={cfg.data.camera!r} but {path} has cameras {cams}")
+def camera_from_data(cfg, info: DatasetInfo) -> str | None:
+    """``data.camera``, or the cameras' first when unset; ModelDataMismatch when a dataset lacks it."""
+    camera = cfg.data.camera
+    for folder in info.folders:
+        cams = folder.cameras
+        if camera is None and cams:
+            camera = cams[0]
+        if camera not in cams:
+            raise ModelDataMismatch(f"data.camera={camera!r} but {folder.path} has cameras {cams}")
+    return camera
 
 
-def prepare(cfg, manifests: list[dict]) -> None:
+def prepare(cfg, info: DatasetInfo):
+    """The run config with the image size and camera the data decides (a new config; ``cfg`` is not changed)."""
     m: LAMConfig = cfg.model
-    m.image_size = image_size_from_data(cfg, manifests, m.patch_size)
-    camera_from_data(cfg, manifests)
+    image_size = image_size_from_data(cfg, info, m.patch_size)
+    camera = camera_from_data(cfg, info)
     if cfg.data.window <= m.frame_gap:
         raise ModelDataMismatch(f"data.window={cfg.data.window} holds no transition at model.frame_gap={m.frame_gap}: "
                                 f"use data.window >= {m.frame_gap + 1}")
-    fps = sorted({e["fps"] for man in manifests for e in man["embodiments"].values()})
+    fps = info.fps()
     if fps:
         gap = m.frame_gap * cfg.data.stride
         log.info("LAM frame gap: %d frames = %s", gap, ", ".join(f"{1000 * gap / f:.0f} ms at {f:g} fps" for f in fps))
+    return replace(cfg, model=replace(m, image_size=image_size), data=replace(cfg.data, camera=camera))
 
 
 RUN_PRESETS = {
@@ -71,8 +77,6 @@ RUN_PRESETS = {
               "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"eval_every": 0}},
 }
 
-register_model("lam", LAMConfig, LatentActionModel, PRESETS, prepare=prepare, run_presets=RUN_PRESETS,
-               required_keys=("frames",))
 
 
 # ---------------------------------------------------------------- labeller kind "lam" (wm label / wm probe)
@@ -101,12 +105,3 @@ def label_windows(lab, frames, embodiments):
     """frames uint8 [B, T, C, H, W] -> latent [B, T-k, D] (+ codes [B, T-k, n_tokens])."""
     out = lab.model.encode_latent_actions(frames)
     return {"latent": out["latent"], **({"codes": out["codes"]} if out["codes"] is not None else {})}
-
-
-def _register_labeller():
-    from wm_pipeline.jobs.labelling import register_labeller
-
-    register_labeller("lam", load_labeller, label_windows)
-
-
-_register_labeller()

@@ -35,43 +35,45 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
+from shards.batch_keys import FRAMES
+from shards.dataset_info import DatasetInfo
+from shards.model_folder import CONFIG as MODEL_CONFIG
 from wm_pipeline.recipes.lam import camera_from_data, image_size_from_data
-from wm_pipeline.training.registry import ModelDataMismatch, default_stream, register_model
-from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec
+from wm_pipeline.training.registry import ModelDataMismatch, default_stream
+from worldmodel.uwm import WorldModelConfig, embodiment_spec
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("", "uwm", "no-future")   # what the run trains: the world model, or the no-future control
 
 
-def _embodiments(cfg, manifests: list[dict]) -> dict[str, dict]:
+def _embodiments(info: DatasetInfo) -> dict[str, dict]:
     """{name: embodiment_spec} for every embodiment with actions; dims must agree across folders."""
     found: dict[str, tuple[dict, str]] = {}
-    for path, man in zip(cfg.data.paths, manifests):
-        for name, e in man["embodiments"].items():
-            if not e.get("action_dim"):
-                continue
-            stats = dict(e.get("stats") or {})
-            if not e.get("state_dim"):
-                stats.pop("state", None)
-            spec = embodiment_spec(stats, action_dim=e["action_dim"], state_dim=e.get("state_dim") or 0)
-            if name in found:
-                old, where = found[name]
-                if (old["action_dim"], old["state_dim"]) != (spec["action_dim"], spec["state_dim"]):
-                    raise ModelDataMismatch(
-                        f"embodiment {name!r} has action/state dims {old['action_dim']}/{old['state_dim']} in {where} "
-                        f"but {spec['action_dim']}/{spec['state_dim']} in {path}")
-                continue
-            found[name] = (spec, path)
+    for e in info.embodiments_with_actions():
+        stats = dict(e.stats)
+        if not e.state_dim:
+            stats.pop("state", None)
+        spec = embodiment_spec(stats, action_dim=e.action_dim, state_dim=e.state_dim)
+        if e.name in found:
+            old, where = found[e.name]
+            if (old["action_dim"], old["state_dim"]) != (spec["action_dim"], spec["state_dim"]):
+                raise ModelDataMismatch(
+                    f"embodiment {e.name!r} has action/state dims {old['action_dim']}/{old['state_dim']} in {where} "
+                    f"but {spec['action_dim']}/{spec['state_dim']} in {e.path}")
+            continue
+        found[e.name] = (spec, e.path)
     return {name: spec for name, (spec, _) in found.items()}
 
 
-def _labels(cfg, m: WorldModelConfig) -> None:
-    """Point the model at the sidecars named in ``data.labels`` (see the module docstring)."""
+def _labels(cfg, image_size: int, patch_size: int) -> dict:
+    """The model fields that point at the sidecars named in ``data.labels`` (see the module docstring)."""
     from shards.sidecar import sidecar_dir
 
+    fields_of: dict = {}
     for name in cfg.data.labels:
         info_path = sidecar_dir(cfg.data.paths[0], name) / "labeller.json"
         if not info_path.is_file():
@@ -85,50 +87,53 @@ def _labels(cfg, m: WorldModelConfig) -> None:
         shape = fields["latent"]["shape"][1:]
         if info.get("kind") == "vae":
             c, h, _ = (int(v) for v in shape)
-            m.frame_space, m.vae_latent_key, m.vae_latent_channels = "vae", f"{name}.latent", c
-            m.vae_downsample = m.image_size // h
+            downsample = image_size // h
             vae = info.get("checkpoint")
-            m.vae_path = vae if vae and (Path(vae) / "config.json").is_file() else None
-            if m.vae_downsample * h != m.image_size or m.image_size // m.vae_downsample % m.patch_size:
-                raise ModelDataMismatch(f"labels '{name}': {h}x{h} latents of {m.image_size} px frames do not fit "
-                                        f"model.patch_size={m.patch_size}")
+            fields_of.update(frame_space="vae", vae_latent_key=f"{name}.latent", vae_latent_channels=c,
+                             vae_downsample=downsample,
+                             vae_path=vae if vae and (Path(vae) / MODEL_CONFIG).is_file() else None)
+            if downsample * h != image_size or image_size // downsample % patch_size:
+                raise ModelDataMismatch(f"labels '{name}': {h}x{h} latents of {image_size} px frames do not fit "
+                                        f"model.patch_size={patch_size}")
         else:
             if len(shape) != 1:
                 raise ModelDataMismatch(f"labels '{name}': latent actions must be [n_frames, D], got {shape}")
-            m.latent_action_key, m.latent_action_dim = f"{name}.latent", int(shape[0])
+            fields_of.update(latent_action_key=f"{name}.latent", latent_action_dim=int(shape[0]))
+    return fields_of
 
 
-def prepare(cfg, manifests: list[dict]) -> None:
+def prepare(cfg, info: DatasetInfo):
+    """The run config with the world model's data-dependent fields filled (a new config; ``cfg`` is not changed)."""
     m: WorldModelConfig = cfg.model
-    if cfg.policy not in POLICIES:
-        raise ModelDataMismatch(f"policy={cfg.policy!r}: the world model trains as one of {[p for p in POLICIES if p]}")
+    if cfg.recipe not in POLICIES:
+        raise ModelDataMismatch(f"policy={cfg.recipe!r}: the world model trains as one of {[p for p in POLICIES if p]}")
     unit = m.patch_size * (m.vae_downsample or 1)
-    m.image_size = image_size_from_data(cfg, manifests, unit)
-    camera_from_data(cfg, manifests)
-    m.embodiments = {k: v for k, v in m.embodiments.items() if k == "latent"} | _embodiments(cfg, manifests)
-    m.tasks = sorted({t for man in manifests for t in (man.get("tasks") or {}) if t})
-    _labels(cfg, m)
-    if m.latent_action_dim == 0:
-        m.embodiments.pop("latent", None)
-    m.__post_init__()   # adds the "latent" embodiment and re-checks the specs
+    image_size = image_size_from_data(cfg, info, unit)
+    camera = camera_from_data(cfg, info)
+    embodiments = {k: v for k, v in m.embodiments.items() if k == "latent"} | _embodiments(info)
+    labels = _labels(cfg, image_size, m.patch_size)
+    if not labels.get("latent_action_dim", m.latent_action_dim):
+        embodiments.pop("latent", None)
+    changes = dict(image_size=image_size, embodiments=embodiments, tasks=info.tasks(), **labels)
+    if cfg.recipe == "no-future":
+        changes["video_loss_weight"] = 0.0
+    m = replace(m, **changes)   # WorldModelConfig.__post_init__ adds the "latent" embodiment and checks the specs
     if not [k for k in m.embodiments if k != "latent"]:
         log.warning("no episodes with actions in %s: the world model learns video only (no policy modes)",
                     cfg.data.paths)
-    if cfg.policy == "no-future":
-        m.video_loss_weight = 0.0
-    cfg.data.window = m.window
     log.info("world model %s: %d px, window %d frames (%d current, chunk %d, future at %s), embodiments %s%s",
              m.variant, m.image_size, m.window, m.n_obs, m.action_horizon, m.future_indices(), sorted(m.embodiments),
-             ", future frames hidden (no-future control)" if cfg.policy == "no-future" else "")
+             ", future frames hidden (no-future control)" if cfg.recipe == "no-future" else "")
+    return replace(cfg, model=m, data=replace(cfg.data, camera=camera, window=m.window))
 
 
 def hide_future(batch: dict, config: WorldModelConfig) -> dict:
     """The no-future control: frames after the current ones become copies of the last current frame
     (and VAE latents likewise), so no future information reaches the model."""
     t0 = config.n_obs - 1
-    frames = batch["frames"].clone()
+    frames = batch[FRAMES].clone()
     frames[:, t0 + 1:] = frames[:, t0: t0 + 1]
-    batch["frames"] = frames
+    batch[FRAMES] = frames
     if config.vae_latent_key in batch:
         lat = batch[config.vae_latent_key].clone()
         lat[:, t0 + 1:] = lat[:, t0: t0 + 1]
@@ -139,7 +144,7 @@ def hide_future(batch: dict, config: WorldModelConfig) -> dict:
 def build_stream(cfg, seed: int):
     """The default window stream; for ``policy=no-future`` with the future frames hidden."""
     loader = default_stream(cfg, seed=seed)
-    if cfg.policy != "no-future":
+    if cfg.recipe != "no-future":
         return loader
     return (hide_future(batch, cfg.model) for batch in loader)
 
@@ -150,17 +155,3 @@ RUN_PRESETS = {
     "small": {"data": {"batch_size": 8, "windows_per_episode": 8, "shuffle_buffer": 128, "num_workers": 1},
               "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"max_steps": 1000, "eval_every": 0}},
 }
-
-register_model("worldmodel", WorldModelConfig, WorldModel, PRESETS, prepare=prepare, build_stream=build_stream,
-               run_presets=RUN_PRESETS, required_keys=("frames", "action", "action_mask", "embodiment"),
-               warm_start=True)   # `--init PRETRAINED` fine-tunes (the uwm policy)
-
-
-def _register_vae_labeller() -> None:
-    try:
-        import wm_pipeline.jobs.vae_labeller  # noqa: F401  (registers the labeller kind "vae")
-    except ImportError as e:   # wm label without the VAE kind; training is unaffected
-        log.debug("VAE labeller unavailable: %s", e)
-
-
-_register_vae_labeller()

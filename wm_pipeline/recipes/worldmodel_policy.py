@@ -1,8 +1,9 @@
 """`wm eval --policy RUN` for world-model runs: the world model in policy mode (``policy=uwm``).
 
-``load_world_model_policy`` (registered with ``wm_pipeline.jobs.closed_loop_eval.register_policy_loader``) accepts
+``load_world_model_policy`` (the world model's policy face in ``wm_pipeline.recipes.MODELS``) accepts
 ``RUN`` or ``RUN/final`` of a ``wm train worldmodel`` run (``run_config.yaml``'s ``model_name`` is
-``worldmodel``), or a ``save_pretrained`` folder whose ``config.json`` is a ``WorldModelConfig``; it
+``worldmodel``), or a ``save_pretrained`` folder whose ``config.json`` names ``WorldModel`` (``_class``; in
+folders saved before that key: whose fields are a ``WorldModelConfig``'s); it
 returns None for anything else, so the other loaders (the decoder's) get their turn. The embodiment
 and state size are checked here, the action and image size by the harness, before any rollout.
 """
@@ -15,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from wm_pipeline.jobs.closed_loop_eval import check_policy_fits, register_policy_loader, trained_run_folder
+from wm_pipeline.jobs.closed_loop_eval import check_policy_fits
+from wm_pipeline.run_folder import MODEL_CONFIG, model_folder
 from wm_pipeline.weights import from_pretrained
 
 log = logging.getLogger(__name__)
@@ -23,11 +25,13 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "worldmodel"
 
 
-def _is_world_model_config(path: Path) -> bool:
+def _is_legacy_world_model_config(folder: Path) -> bool:
+    """A world-model folder saved before config.json named its class: its fields are a
+    ``WorldModelConfig``'s, with the ones only a world model has."""
     from worldmodel.uwm import WorldModelConfig
 
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads((folder / MODEL_CONFIG).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     own = {f.name for f in dataclasses.fields(WorldModelConfig)}
@@ -36,13 +40,9 @@ def _is_world_model_config(path: Path) -> bool:
 
 def world_model_dir(spec: str) -> Path | None:
     """``RUN/final`` or a ``save_pretrained`` folder of a world model; None when ``spec`` is not one."""
-    folder = trained_run_folder(spec, MODEL_NAME)
-    run = Path(spec)
-    if folder is not None or not run.is_dir() or (run / "config.yaml").is_file() or (run / "run_config.yaml").is_file():
-        return folder
-    if (run / "model.safetensors").is_file() and _is_world_model_config(run / "config.json"):
-        return run
-    return None
+    from worldmodel.uwm import WorldModel
+
+    return model_folder(spec, MODEL_NAME, WorldModel, legacy=_is_legacy_world_model_config)
 
 
 def load_world_model_policy(spec: str, info: dict[str, Any]):
@@ -65,6 +65,3 @@ def load_world_model_policy(spec: str, info: dict[str, Any]):
     log.info("world model %s in policy mode (%s, horizon %d)", folder, info["embodiment"], cfg.action_horizon)
     return WorldModelPolicy(model, embodiment=info["embodiment"], n_action_steps=info.get("action_steps"),
                             temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"))
-
-
-register_policy_loader(load_world_model_policy)

@@ -46,27 +46,28 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model, save_file
 
 from nets.state_dict import current_names
+from shards.model_folder import WEIGHTS_METADATA, save_weights
 
 from wm_pipeline.training.distributed import any_rank
 from wm_pipeline.exit_codes import UsageError, WriteFailed
+from wm_pipeline.run_folder import CHECKPOINTS, FINAL, STEP_PREFIX, WEIGHTS, step_name
 from wm_pipeline.weights import UnreadableFile, check_json, check_safetensors, load_safetensors, read_json
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 DAMAGED = ".damaged"   # suffix of a checkpoint folder set aside by resume_checkpoint
 # every file load_checkpoint reads (besides the per-rank RNG pair, optional: the world size may change)
-FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+FILES = (WEIGHTS, "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
          TRAINER_STATE)
-_STEP_RE = re.compile(r"^step-(\d{7,})$")
+_STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{7,}})$")
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:07d}"
+    return Path(run_dir) / CHECKPOINTS / step_name(step)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -96,7 +97,7 @@ def _optimizer_to_files(state: dict, directory: Path) -> None:
             else:
                 scalars.setdefault(str(index), {})[name] = value
     with _writing(directory / "optimizer.safetensors"):
-        save_file(tensors, str(directory / "optimizer.safetensors"))
+        save_file(tensors, str(directory / "optimizer.safetensors"), metadata=dict(WEIGHTS_METADATA))
     _write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
 
 
@@ -124,7 +125,7 @@ def _rng_to_files(directory: Path, rank: int) -> None:
             tensors[f"cuda.{i}"] = s
     path = directory / f"rng-rank{rank:05d}.safetensors"
     with _writing(path):
-        save_file(tensors, str(path))
+        save_file(tensors, str(path), metadata=dict(WEIGHTS_METADATA))
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     _write_json(directory / f"rng-rank{rank:05d}.json", {
@@ -226,10 +227,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
             tmp.mkdir(parents=True)
 
     def write() -> None:
-        with _writing(tmp / "model.safetensors"):
-            save_model(model, str(tmp / "model.safetensors"))
+        with _writing(tmp / WEIGHTS):
+            save_weights(model, tmp / WEIGHTS)
         with _writing(tmp / "ema.safetensors"):
-            save_model(ema_model, str(tmp / "ema.safetensors"))
+            save_weights(ema_model, tmp / "ema.safetensors")
         _optimizer_to_files(optimizer.state_dict(), tmp)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
@@ -256,7 +257,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, ema_model: torc
     the live objects raise what torch raises (RuntimeError / ValueError / KeyError)."""
     path = Path(path)
     state = read_json(path / TRAINER_STATE)
-    _load_weights(model, path / "model.safetensors")
+    _load_weights(model, path / WEIGHTS)
     _load_weights(ema_model, path / "ema.safetensors")
     optimizer.load_state_dict(_optimizer_from_files(path, optimizer.state_dict()))
     scheduler.load_state_dict(read_json(path / "scheduler.json"))
@@ -360,7 +361,7 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 def remove_partial(run_dir: str | Path) -> None:
     """Remove ``*.tmp`` checkpoint dirs left by a killed run (call on rank 0 before training)."""
     root = Path(run_dir) / CHECKPOINTS
-    for p in root.glob("step-*.tmp") if root.is_dir() else []:
+    for p in root.glob(f"{STEP_PREFIX}*.tmp") if root.is_dir() else []:
         log.info("removing incomplete checkpoint %s", p)
         shutil.rmtree(p, ignore_errors=True)
 
@@ -368,7 +369,7 @@ def remove_partial(run_dir: str | Path) -> None:
 def init_weights_file(init: str | Path) -> Path:
     """``model.safetensors`` of a run folder (its ``final/``) or of a ``save_pretrained`` folder."""
     init = Path(init)
-    for candidate in (init / "final" / "model.safetensors", init / "model.safetensors"):
+    for candidate in (init / FINAL / WEIGHTS, init / WEIGHTS):
         if candidate.exists():
             return candidate
     raise UsageError(f"--init {init}: no final/model.safetensors or model.safetensors there "

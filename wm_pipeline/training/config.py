@@ -91,13 +91,27 @@ class EMAConfig:
 class RunConfig:
     model_name: str = ""
     preset: str = "small"
-    policy: str = ""                                  # what the model is trained as (decoder: scratch|latent|uwm|idm-bc)
+    recipe: str = ""                                  # how the model is trained (decoder: scratch|latent|uwm|idm-bc;
+                                                      # worldmodel: uwm|no-future); ``policy=`` is the old name
     init: str | None = None                           # a run folder to start from (``--init``), read by the model's prepare
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     model: Any = None                                 # the registered model's config dataclass
+
+    @property
+    def policy(self) -> str:
+        """The old name of ``recipe`` (``policy=`` on the command line and in config files is still read)."""
+        return self.recipe
+
+    @policy.setter
+    def policy(self, value: str) -> None:
+        self.recipe = value
+
+
+# keys read under their old names: {config class: {old: new}} (config files and overrides written before)
+RENAMED: dict[type, dict[str, str]] = {RunConfig: {"policy": "recipe"}}
 
 
 # Run-level presets per model size; a registration may refine them (ModelSpec.run_presets).
@@ -228,9 +242,10 @@ def update(obj: Any, values: dict[str, Any], source: str, prefix: str = "") -> A
         raise ConfigError(f"config section '{prefix or '<top>'}' ({source}): expected a mapping, got {values!r}")
     hints = _hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
+    renamed = RENAMED.get(type(obj), {})
     changes = {}
     for key, value in values.items():
-        key = str(key)
+        key = renamed.get(str(key), str(key))
         if key not in names:
             _unknown_key(key, names, prefix, source)
         full = f"{prefix}.{key}" if prefix else key
@@ -296,9 +311,10 @@ class _RawText:
 def _raw_strings(obj: Any, values: dict[str, Any]) -> dict[str, Any]:
     """Resolve ``_RawText`` leaves against the schema: str fields get the text, others the YAML value."""
     hints = _hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+    renamed = RENAMED.get(type(obj), {})
     out = {}
     for key, v in values.items():
-        tp = hints.get(key, Any)
+        tp = hints.get(renamed.get(key, key), Any)
         if isinstance(v, dict):
             sub = getattr(obj, key, None) if dataclasses.is_dataclass(obj) else None
             out[key] = _raw_strings(sub, v)
@@ -401,6 +417,12 @@ def resolve(model_name: str, model_config_cls: type, model_presets: dict[str, An
     if data_paths:
         cfg.data.paths = [str(p) for p in data_paths]
     return validate(cfg)
+
+
+def renamed_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """A run config's ``to_dict`` tree (e.g. an old config.yaml) with its top-level keys under today's names."""
+    renamed = RENAMED[RunConfig]
+    return {renamed.get(k, k): v for k, v in values.items()}
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -1,23 +1,33 @@
-"""Model registry: one ``register_model`` call makes a model trainable with ``wm train <name>``.
+"""Model registry: the one table of model specs, with each model's train, label and policy faces.
 
-A registration names:
+The built-in models are listed in one table, ``wm_pipeline.recipes.MODELS`` (and the labeller kinds
+that are not trained models, ``wm_pipeline.recipes.LABELLERS``); ``load_plugins`` / ``builtin``
+read it by name, so no module registers anything by being imported. A plugin adds a model with
+one ``register_model`` call. A spec names:
 
 - ``config_cls``: the model's config dataclass (the ``model`` section of the run config);
 - ``model_cls``: an ``nn.Module`` built as ``model_cls(config)``, with ``forward(batch) -> (loss,
   metrics)`` and ``save_pretrained`` (``huggingface_hub.PyTorchModelHubMixin``);
 - ``presets``: ``{"tiny" | "small" | "base": config}``; ``run_presets`` optionally refine the
   data / optim / train sections per size (see ``wm_pipeline.training.config.RUN_PRESETS``);
-- ``prepare(cfg, manifests)``: fills the data-dependent fields of ``cfg.model`` from the dataset
-  manifests (action / state dims, normalisation stats, tasks, image size) and raises
-  ``ModelDataMismatch`` when model and data disagree. Runs before the model is built;
+- ``prepare(cfg, info)``: the run config with the data-dependent fields filled from the data
+  (``info``: a ``shards.dataset_info.DatasetInfo``, read once; action / state dims, normalisation
+  stats, tasks, image size): a new config, ``cfg`` is not changed (a plugin's ``prepare`` may still
+  fill ``cfg`` in place and return None; it gets a copy, and ``info`` is also the list of manifests
+  it used to get). Raises ``ModelDataMismatch`` when model and data disagree. Runs before the model
+  is built, and the result is validated (``wm_pipeline.training.trainer.fill_from_data``);
 - ``build_stream(cfg, seed)``: the training batches (default: ``shards.stream.WindowStream``
   through a ``DataLoader`` with ``collate_windows``);
 - ``required_keys``: batch keys the model reads; checked on the first batch before the first step;
-- ``evaluate(model, cfg, step) -> dict[str, float]``: optional extra eval metrics (EMA model).
+- ``evaluate(model, cfg, step) -> dict[str, float]``: optional extra eval metrics (EMA model);
+- ``labeller``: a ``LabellerFace`` when ``wm label --labeller RUN`` can label with a trained run
+  (wm_pipeline.jobs.labelling: ``load(folder, run_config) -> Labeller``, ``label(labeller, frames,
+  embodiments) -> {field: tensor}``);
+- ``load_policy(spec, env_info) -> Policy | None``: ``wm eval --policy RUN`` for this model's runs
+  (None: ``RUN`` is not one of them; wm_pipeline.jobs.closed_loop_eval).
 
-Built-in models register in ``wm_pipeline/recipes.py``; others arrive as plugins: modules or ``.py``
-files named by ``--plugin`` or the ``WM_PLUGINS`` environment variable (comma-separated), imported
-before the model name is looked up.
+Plugins are modules or ``.py`` files named by ``--plugin`` or the ``WM_PLUGINS`` environment variable
+(comma-separated), imported before the model name is looked up.
 """
 
 from __future__ import annotations
@@ -44,6 +54,15 @@ class ModelDataMismatch(UsageError):
     """The model config and the data disagree (action dim, image size, missing key): exit 2."""
 
 
+@dataclass(frozen=True)
+class LabellerFace:
+    """How ``wm label`` / ``wm probe`` label with a trained model (see wm_pipeline.jobs.labelling)."""
+
+    load: Callable[[Path, dict], Any]                       # (RUN/final, run config) -> Labeller
+    label: Callable[[Any, Any, list[str]], dict[str, Any]]  # (labeller, frames, embodiments) -> fields
+    detect: Callable[[Path], bool] | None = None            # recognises a folder of this kind
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -58,6 +77,8 @@ class ModelSpec:
     warm_start: bool = False    # `--init RUN` loads RUN's weights into the new model (fine-tuning)
     # cfg -> does this recipe read `--init` in `prepare` (e.g. decoder policy=latent: the world model)?
     reads_init: Callable[[Any], bool] | None = None
+    labeller: LabellerFace | None = None                    # `wm label --labeller RUN`
+    load_policy: Callable[[str, dict], Any] | None = None   # `wm eval --policy RUN`
 
     def stream(self, cfg: Any, seed: int) -> Iterable[dict]:
         return (self.build_stream or default_stream)(cfg, seed=seed)
@@ -65,6 +86,8 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 _builtin_error: str | None = None
+_builtin_labellers: tuple = ()
+_builtin_loaded = False
 
 
 def register_model(name: str, config_cls: type, model_cls: type, presets: dict[str, Any], *,
@@ -73,21 +96,34 @@ def register_model(name: str, config_cls: type, model_cls: type, presets: dict[s
                    run_presets: dict[str, dict[str, Any]] | None = None,
                    required_keys: Iterable[str] = (),
                    evaluate: Callable[..., dict[str, float]] | None = None,
-                   warm_start: bool = False, reads_init: Callable[[Any], bool] | None = None) -> ModelSpec:
-    """Register ``name``; registering the same classes again (a re-import) is a no-op."""
-    old = _REGISTRY.get(name)
-    if old is not None and (old.model_cls.__qualname__, old.model_cls.__module__) != \
-            (model_cls.__qualname__, model_cls.__module__):
-        raise ValueError(f"model name '{name}' is already registered to {old.model_cls.__module__}."
-                         f"{old.model_cls.__qualname__}")
-    for preset, config in presets.items():
-        if not isinstance(config, config_cls):
-            raise TypeError(f"preset '{preset}' of model '{name}' is a {type(config).__name__}, "
-                            f"not a {config_cls.__name__}")
+                   warm_start: bool = False, reads_init: Callable[[Any], bool] | None = None,
+                   labeller: LabellerFace | None = None,
+                   load_policy: Callable[[str, dict], Any] | None = None) -> ModelSpec:
+    """Register ``name`` (a plugin's model); registering the same classes again (a re-import) replaces it."""
     spec = ModelSpec(name, config_cls, model_cls, dict(presets), prepare, build_stream,
-                     dict(run_presets or {}), tuple(required_keys), evaluate, warm_start, reads_init)
-    _REGISTRY[name] = spec
+                     dict(run_presets or {}), tuple(required_keys), evaluate, warm_start, reads_init,
+                     labeller, load_policy)
+    return add(spec)
+
+
+def add(spec: ModelSpec) -> ModelSpec:
+    """Put ``spec`` in the registry (checked: its presets are its config class; a name is taken once)."""
+    old = _REGISTRY.get(spec.name)
+    if old is not None and (old.model_cls.__qualname__, old.model_cls.__module__) != \
+            (spec.model_cls.__qualname__, spec.model_cls.__module__):
+        raise ValueError(f"model name '{spec.name}' is already registered to {old.model_cls.__module__}."
+                         f"{old.model_cls.__qualname__}")
+    for preset, config in spec.presets.items():
+        if not isinstance(config, spec.config_cls):
+            raise TypeError(f"preset '{preset}' of model '{spec.name}' is a {type(config).__name__}, "
+                            f"not a {spec.config_cls.__name__}")
+    _REGISTRY[spec.name] = spec
     return spec
+
+
+def specs() -> list[ModelSpec]:
+    """Every registered spec: the built-in table's in its order, then the plugins' in registration order."""
+    return list(_REGISTRY.values())
 
 
 def registered() -> list[str]:
@@ -106,16 +142,35 @@ def get_model(name: str) -> ModelSpec:
     raise UsageError(f"unknown model '{name}'{hint}; registered models: {known}{why}")
 
 
-def load_plugins(plugins: Iterable[str] = ()) -> None:
-    """Import the built-in registrations, then each plugin (module name or ``.py`` path) from
-    ``plugins`` and ``$WM_PLUGINS``. A plugin that cannot be imported is a UsageError."""
-    global _builtin_error
-    if importlib.util.find_spec(BUILTIN_MODULE) is not None and BUILTIN_MODULE not in sys.modules:
+def builtin() -> list[ModelSpec]:
+    """The built-in table (``wm_pipeline.recipes.MODELS``), read into the registry on the first call."""
+    global _builtin_error, _builtin_labellers, _builtin_loaded
+    if not _builtin_loaded and importlib.util.find_spec(BUILTIN_MODULE) is not None:
         try:
-            importlib.import_module(BUILTIN_MODULE)
+            table = importlib.import_module(BUILTIN_MODULE)
         except Exception as e:  # a broken optional model must not block training the others
             _builtin_error = f"{type(e).__name__}: {e}"
             log.warning("%s failed to import (%s); its models are unavailable", BUILTIN_MODULE, _builtin_error)
+            return []
+        plugins = list(_REGISTRY.values())   # registered before the table was read
+        _REGISTRY.clear()
+        for spec in [*table.MODELS, *plugins]:   # built-ins first, in table order
+            add(spec)
+        _builtin_labellers = tuple(table.LABELLERS)
+        _builtin_loaded = True
+    return list(getattr(sys.modules.get(BUILTIN_MODULE), "MODELS", ()))
+
+
+def builtin_labellers() -> tuple:
+    """The built-in labeller kinds that are not trained models (``wm_pipeline.recipes.LABELLERS``)."""
+    builtin()
+    return _builtin_labellers
+
+
+def load_plugins(plugins: Iterable[str] = ()) -> None:
+    """Read the built-in table, then import each plugin (module name or ``.py`` path) from ``plugins``
+    and ``$WM_PLUGINS``. A plugin that cannot be imported is a UsageError."""
+    builtin()
     env = [p.strip() for p in os.environ.get(PLUGINS_ENV, "").split(",") if p.strip()]
     for plugin in [*plugins, *env]:
         _import_plugin(plugin)

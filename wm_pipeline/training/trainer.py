@@ -35,6 +35,7 @@ Exit codes (wm_pipeline.exit_codes): 0 done, 2 bad config / data / unreadable fi
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import errno
 import functools
@@ -61,15 +62,14 @@ from wm_pipeline.training.ema import EMA
 from wm_pipeline.exit_codes import UsageError, WriteFailed
 from wm_pipeline.training.preemption import PreemptionHandler, agree
 from wm_pipeline.training.registry import ModelDataMismatch, ModelSpec
+from wm_pipeline.run_folder import CONFIG, FINAL, LOCK, METRICS, RUN_CONFIG, STATUS, TENSORBOARD
 from shards.location import missing_folder
 from shards.folder_lock import FolderBusy, FolderLock
+from shards.batch_keys import KEY, START
+from shards.dataset_info import DatasetInfo
 from shards.format import read_manifest
 
 log = logging.getLogger(__name__)
-
-FINAL = "final"
-METRICS = "metrics.jsonl"
-STATUS = "status.json"
 
 
 class NonFiniteLoss(Exception):
@@ -96,6 +96,23 @@ def read_manifests(paths: list[str]) -> list[dict]:
         if missing_folder(p):   # a URL (s3://, http://, pipe:) is checked by reading its manifest
             raise UsageError(f"data folder {p} does not exist")
     return [read_manifest(p) for p in paths]
+
+
+def read_dataset_info(paths: list[str]) -> DatasetInfo:
+    """The run's data folders, each manifest read once (``read_manifests``: a missing folder is a UsageError)."""
+    return DatasetInfo.from_manifests(paths, read_manifests(paths))
+
+
+def fill_from_data(cfg: config_mod.RunConfig, spec: ModelSpec, info: DatasetInfo) -> config_mod.RunConfig:
+    """The run config with the data-dependent fields filled by the recipe's ``prepare``, validated.
+
+    ``prepare(cfg, info)`` returns a new config; a plugin's ``prepare`` that fills ``cfg`` in place
+    (returning None) gets a copy, so the caller's config is never changed."""
+    if spec.prepare is None:
+        return cfg
+    work = copy.deepcopy(cfg)
+    filled = spec.prepare(work, info)   # raises ModelDataMismatch when model and data disagree
+    return config_mod.validate(work if filled is None else filled)
 
 
 def build_optimizer(model: torch.nn.Module, o: config_mod.OptimConfig) -> torch.optim.AdamW:
@@ -127,8 +144,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def batch_keys(batch: dict[str, Any]) -> list[str]:
     """``key@start`` of every window in a batch (names the data in error messages)."""
-    keys = batch.get("key") or []
-    starts = batch.get("start")
+    keys = batch.get(KEY) or []
+    starts = batch.get(START)
     starts = starts.tolist() if torch.is_tensor(starts) else [None] * len(keys)
     return [f"{k}@{s}" if s is not None else str(k) for k, s in zip(keys, starts)]
 
@@ -146,7 +163,7 @@ class MetricSink:
         self.tb = self.wandb = None
         if "tensorboard" in cfg.train.log_with:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
         if "wandb" in cfg.train.log_with:
             try:
                 import wandb
@@ -256,10 +273,10 @@ class _Status:
 
 
 def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     new = config_mod.to_dict(cfg)
     if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
+        old = config_mod.renamed_keys(yaml.safe_load(path.read_text()) or {})
         changes = config_mod.diff(old, new)
         if changes:
             log.warning("config differs from the previous run in %s: %s", run_dir, "; ".join(changes))
@@ -282,7 +299,7 @@ def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunC
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         ema_model.save_pretrained(tmp)
-        (tmp / "run_config.yaml").write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+        (tmp / RUN_CONFIG).write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = " ".join(str(getattr(e, "strerror", None) or e).split())
@@ -314,7 +331,7 @@ def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: context
     if busy:
         raise FolderBusy(f"run folder {run_dir} is in use by another job (rank 0's message names it)")
     if disk:
-        raise WriteFailed(f"rank 0 cannot write the lock file {run_dir / '.lock'} (its message says why)")
+        raise WriteFailed(f"rank 0 cannot write the lock file {run_dir / LOCK} (its message says why)")
 
 
 def check_init_exists(cfg: config_mod.RunConfig) -> None:
@@ -327,7 +344,7 @@ def check_init_used(cfg: config_mod.RunConfig, spec: ModelSpec) -> None:
     this recipe does not read it (``reads_init``; e.g. ``wm train decoder policy=scratch``)."""
     if cfg.init is None or spec.warm_start or (spec.reads_init is not None and spec.reads_init(cfg)):
         return
-    recipe = f"model '{spec.name}'" + (f" with policy={cfg.policy}" if cfg.policy else "")
+    recipe = f"model '{spec.name}'" + (f" with policy={cfg.recipe}" if cfg.recipe else "")
     raise UsageError(f"--init {cfg.init}: {recipe} does not use it (nothing would be loaded from it); "
                      f"drop --init, or pick the policy that starts from it")
 
@@ -366,10 +383,9 @@ class _Run:
         self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
         # Everything the user can get wrong is checked before anything is written to RUN: the data, the
         # model/data fit, --init, and that the model builds from the config.
-        manifests = read_manifests(cfg.data.paths)
+        info = read_dataset_info(cfg.data.paths)
         check_init_exists(cfg)
-        if spec.prepare is not None:
-            spec.prepare(cfg, manifests)   # fills data-dependent model fields; raises ModelDataMismatch
+        self.cfg = cfg = fill_from_data(cfg, spec, info)   # data-dependent model fields; ModelDataMismatch
         check_init_used(cfg, spec)   # after prepare: it settles the recipe (e.g. the default policy)
         self.acc = make_accelerator(cfg.train.precision)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -404,7 +420,7 @@ class _Run:
             except (RuntimeError, KeyError, ValueError, OSError) as e:   # read fine, does not fit the model
                 first = " ".join(str(e).split())[:300] or type(e).__name__
                 raise UsageError(f"{latest}: cannot resume from it ({first}); did the model config change? "
-                                 f"use a new --out, or the settings in {run_dir / 'config.yaml'}") from None
+                                 f"use a new --out, or the settings in {run_dir / CONFIG}") from None
             self.step = self.resumed_from = int(state["step"])
             self.bad_steps = int(state.get("bad_steps", 0))
             self.ema.load_state(state["ema"])
@@ -583,6 +599,7 @@ def _free(run_dir: Path) -> str:
 def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
            status: _Status, signals: PreemptionHandler) -> TrainResult:
     run = _Run(cfg, spec, run_dir, locks, status)
+    cfg = run.cfg   # filled from the data
     t = cfg.train
     result = TrainResult(exit_codes.OK, run.step, run_dir, run.resumed_from)
     if run.step >= t.max_steps:

@@ -48,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="label sidecar to join (labels/NAME/ in every --data folder; repeatable; sets data.labels)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="module or .py file that registers models (also $WM_PLUGINS, comma-separated)")
+    p.add_argument("--help-config", action=_HelpConfig,
+                   help="list every config key of MODEL with its type and default (of --preset, given before it), "
+                        "then exit: wm train MODEL [--preset NAME] --help-config")
     p.set_defaults(run=run, overrides=[])
     # key=value overrides may sit anywhere after the model name, between options; argparse cannot
     # mix a variable-length positional with options, so they are collected from the leftovers.
@@ -59,6 +62,76 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         return ns, [a for a in rest if not ("=" in a and not a.startswith("-"))]
 
     p.parse_known_args = parse_known_args
+
+
+class _HelpConfig(argparse.Action):
+    """``--help-config``: print ``config_help`` of the model named before it and exit (like ``--help``, so
+    ``--out`` is not needed)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        model = getattr(namespace, "model", None)
+        if not model or "=" in model:
+            parser.error("--help-config: name the model first: wm train MODEL --help-config")
+        try:
+            text = config_help(model, getattr(namespace, "preset", None), getattr(namespace, "plugin", None) or [])
+        except exit_codes.UsageError as e:
+            parser.error(str(e))
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:   # `wm train MODEL --help-config | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            parser.exit(exit_codes.BROKEN_PIPE)
+        parser.exit(0)
+
+
+def config_help(model: str, preset: str | None = None, plugins: list[str] = ()) -> str:
+    """Every key of ``model``'s run config (``section.key``, ``model.<field>``) with its type and its value
+    in ``preset`` (default: the run config's default preset), one per line."""
+    import dataclasses
+    import json
+    import typing
+
+    from wm_pipeline.training.config import RunConfig, resolve
+    from wm_pipeline.training.registry import get_model, load_plugins
+
+    load_plugins(plugins)
+    spec = get_model(model)
+    cfg = resolve(model, spec.config_cls, spec.presets, preset=preset, run_presets=spec.run_presets)
+
+    def type_name(tp) -> str:
+        if isinstance(tp, type) and not typing.get_args(tp):
+            return tp.__name__
+        return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+    def value(v) -> str:
+        try:
+            return json.dumps(v)
+        except TypeError:
+            return repr(v)
+
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(obj, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                rows.append((prefix + f.name, type_name(hints.get(f.name, type(v))), value(v)))
+
+    walk(cfg, "")
+    rows = [r for r in rows if r[0] != "model_name"]
+    w_key, w_type = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    head = (f"wm train {model}: config keys, types and defaults (preset {cfg.preset!r}; set them with key=value "
+            f"or --config FILE; {RunConfig.__name__} in wm_pipeline/training/config.py, "
+            f"model.* in {spec.config_cls.__module__}.{spec.config_cls.__name__})")
+    lines = [head, f"{'key':<{w_key}}  {'type':<{w_type}}  default"]
+    lines += [f"{k:<{w_key}}  {t:<{w_type}}  {d}" for k, t, d in rows]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:

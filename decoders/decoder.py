@@ -353,7 +353,6 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
 
     # ------------------------------------------------------------------ inference
 
-    @torch.no_grad()
     def predict_action_chunk(
         self, frames, state=None, task=None, latent=None, generator: torch.Generator | None = None,
         n_steps: int | None = None, embodiment=None,
@@ -361,7 +360,17 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         """frames uint8 ``[B, T, C, H, W]`` (the last ``n_obs_steps`` are used; ``[B, C, H, W]`` when
         ``n_obs_steps == 1``), state ``[B, S]`` (or ``[B, T, S]``: the last is used), task ``str`` or
         ``list[str]``, latent ``[B, H_l, D_l]`` -> raw actions ``[B, H, A]`` (float32, unnormalised).
-        ``generator`` (on the model's device) fixes the noise; ``n_steps`` overrides the config."""
+        ``generator`` (on the model's device) fixes the noise; ``n_steps`` overrides the config.
+
+        The condition (image encoder, state, task, latent) is computed once per chunk; each sampling
+        step runs only the velocity network. Runs under ``torch.inference_mode`` (no autograd
+        bookkeeping); the returned chunk is a clone made outside it, an ordinary tensor callers may
+        modify in place."""
+        with torch.inference_mode():
+            chunk = self._sample_chunk(frames, state, task, latent, generator, n_steps, embodiment)
+        return chunk.clone()
+
+    def _sample_chunk(self, frames, state, task, latent, generator, n_steps, embodiment) -> torch.Tensor:
         cfg = self.config
         frames = torch.as_tensor(frames)
         if frames.dim() == 4:

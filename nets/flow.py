@@ -225,15 +225,23 @@ def _times(n_steps: int, device) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, n_steps + 1, device=device)
 
 
+def _grid(n_steps: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling grid once per call: times ``[n_steps + 1, B]`` (row i is ``t_i`` for every
+    sample, a view) and step sizes ``t_i - t_{i+1}`` ``[n_steps]``, the same float32 values the
+    per-step arithmetic would give, so the loop only indexes."""
+    ts = _times(n_steps, device)
+    return ts[:, None].expand(n_steps + 1, batch), ts[:-1] - ts[1:]
+
+
 @torch.no_grad()
 def sample_flow_matching(net: VelocityNet, noise: torch.Tensor, cond: Any = None, n_steps: int = 10) -> torch.Tensor:
     """Euler from t = 1 (``noise`` ``[B, ...]``) to t = 0 in ``n_steps`` equal steps; returns ``[B, ...]``."""
     z = noise
-    ts = _times(n_steps, noise.device)
+    times, dts = _grid(n_steps, z.shape[0], noise.device)
     for i in range(n_steps):
-        t = ts[i].expand(z.shape[0])
+        t = times[i]
         v, _ = _split(net(z, t, t, cond))
-        z = z - (ts[i] - ts[i + 1]) * v
+        z = z - dts[i] * v
     return z
 
 
@@ -244,10 +252,8 @@ def sample_meanflow(net: VelocityNet, noise: torch.Tensor, cond: Any = None, n_s
     ``n_steps = 1`` is the one-step sampler ``a = e - u(e, 0, 1)``.
     """
     z = noise
-    ts = _times(n_steps, noise.device)
+    times, dts = _grid(n_steps, z.shape[0], noise.device)
     for i in range(n_steps):
-        t, r = ts[i].expand(z.shape[0]), ts[i + 1].expand(z.shape[0])
-        u, _ = _split(net(z, t, r, cond))
-        z = z - (ts[i] - ts[i + 1]) * u
+        u, _ = _split(net(z, times[i], times[i + 1], cond))
+        z = z - dts[i] * u
     return z
-

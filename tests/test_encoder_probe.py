@@ -38,6 +38,8 @@ def scene(tmp_path_factory):
     data = root / "data"
     assert run_sharded_job(data, [(t, i) for t in ("a", "b") for i in range(10)], _episode,
                            samples_per_shard=8, workers=1, created_by="tests").ok
+    assert run_sharded_job(root / "held", [(t, i) for t in ("a", "b") for i in range(10, 16)], _episode,
+                           samples_per_shard=8, workers=1, created_by="tests").ok
     stats = {"sawyer": {"action": {"mean": [0.0] * 4, "std": [1.0] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
                         "state": {"mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7, "max": [1.0] * 7}}}
     torch.manual_seed(1)
@@ -57,6 +59,14 @@ def test_the_probe_places_what_the_frames_show_and_not_what_they_hide(scene):
     assert hand["trained"]["r2"] < 0.1 and hand["untrained"]["r2"] < 0.1
     saved = json.loads((scene / "out" / "encoder_probe.json").read_text())
     assert saved["targets"]["object"]["trained"]["r2"] == obj["trained"]["r2"]
+
+
+def test_fitted_on_one_set_and_scored_on_another(scene):
+    result = encoder_probe(str(scene / "dec"), scene / "held", scene / "out-held",
+                           targets={"hand": (0, 3), "object": (4, 6)}, every=1, fit_dir=scene / "data")
+    assert result["episodes"] == 12 and result["fit_data"] == str(scene / "data")
+    assert result["targets"]["object"]["untrained"]["r2"] > 0.5
+    assert result["targets"]["hand"]["untrained"]["r2"] < 0.1
 
 
 def test_cli_and_bad_targets(scene, capsys):

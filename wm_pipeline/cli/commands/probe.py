@@ -30,6 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the linear probe (by episode)")
     p.add_argument("--targets", default=None, metavar="NAME=A:B,...",
                    help="--encoder: state slices to probe (default: Meta-World's hand=0:3,object=4:7)")
+    p.add_argument("--fit", default=None, metavar="DIR", help="--encoder: fit the probe on these episodes (e.g. the "
+                                                              "policy's demos) and score it on --data")
     p.add_argument("--every", type=int, default=2, metavar="N", help="--encoder: probe every N-th frame")
     p.add_argument("--backend", default="auto", help="video decoder: auto | torchcodec | decord | pyav")
     p.set_defaults(run=run)
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         from wm_pipeline.jobs.encoder_probe import encoder_probe, format_table as encoder_table, parse_targets
 
         result = encoder_probe(args.encoder, args.data, args.out, parse_targets(args.targets), args.every,
-                               args.max_episodes, args.folds, backend=args.backend)
+                               args.max_episodes, args.folds, fit_dir=args.fit, backend=args.backend)
         print(encoder_table(result))
         print(f"wrote {result['json']}")
         return 0

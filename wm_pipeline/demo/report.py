@@ -18,13 +18,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from wm_pipeline.run_folder import CONFIG, METRICS  # noqa: E402
+
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
+    path = run / METRICS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -172,7 +174,7 @@ def write_report(out: Path, profile, stages) -> Path:
         for cmd in state.get("stages", {}).get(stage.name, {}).get("commands", []):
             add(cmd)
     add("```\n")
-    configs = sorted((out / "runs").glob("*/config.yaml"))
+    configs = sorted((out / "runs").glob(f"*/{CONFIG}"))
     if configs:
         add("Resolved configs: " + ", ".join(f"[{c.parent.name}]({c.relative_to(out)})" for c in configs) + ".\n")
     path = out / "report.md"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from wm_pipeline import exit_codes
 from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.run_folder import FINAL, MODEL_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,14 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
                                              "--out", str(data / "video")]],
               data / "video" / "manifest.json", 1.5),
         Stage("train latent-action model", [train("lam", "lam", ["video"], p.steps["lam"])],
-              runs / "lam" / "final" / "config.json", 7.0),
+              runs / "lam" / FINAL / MODEL_CONFIG, 7.0),
         Stage("label with the LAM", [["label", "--labeller", str(runs / "lam"), "--data", str(data / "video")],
                                      ["label", "--labeller", str(runs / "lam"), "--data", str(data / "demos")],
                                      ["probe", "--labeller", str(runs / "lam"), "--data", str(data / "heldout"),
                                       "--out", str(evals / "probe-lam")]],
               evals / "probe-lam" / "probe.json", 0.8),
         Stage("train inverse-dynamics model", [train("idm", "idm", ["demos"], p.steps["idm"])],
-              runs / "idm" / "final" / "config.json", 1.4),
+              runs / "idm" / FINAL / MODEL_CONFIG, 1.4),
         Stage("label with the IDM", [["label", "--labeller", str(runs / "idm"), "--data", str(data / "video")],
                                      ["probe", "--labeller", str(runs / "idm"), "--data", str(data / "heldout"),
                                       "--out", str(evals / "probe-idm")]],
@@ -154,7 +155,7 @@ def build_stages(p: Profile, out: Path) -> list[Stage]:
         if init:
             extra += ["--init", str(runs / init)]
         stages.append(Stage(f"train policy {policy}", [train(model, policy, sources, p.steps[policy], extra)],
-                            runs / policy / "final" / "config.json",
+                            runs / policy / FINAL / MODEL_CONFIG,
                             TRAIN_WEIGHT.get(policy, 1.0)))
     for policy in ["expert", *p.policies]:
         spec = "expert" if policy == "expert" else str(runs / policy)

@@ -42,10 +42,10 @@ def test_every_key_of_every_model_is_listed_with_type_and_its_preset_default():
 
 def test_help_config_needs_no_out_and_ends_quietly_into_head():
     proc = subprocess.run(f"{sys.executable} -m wm_pipeline train decoder --help-config | head -3", shell=True,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.stderr == "" and len(proc.stdout.splitlines()) == 3 and "preset 'small'" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "wm_pipeline", "train", "nosuch", "--help-config"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown model 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -21,6 +21,13 @@ With ``temporal_ensemble`` set (ACT's scheme), a chunk is predicted at EVERY ste
 executed at step t is the average of every chunk's prediction for t, weighted ``exp(-k * i)``
 where ``i = 0`` is the oldest prediction (older predictions weigh more: smoother motion).
 
+Batched (``act_batch``): several episodes at once, one per *slot* (an environment of a batched
+evaluation). Each slot keeps its own timeline (history, queue, step, ensemble, seed and the
+subclass's ``EPISODE_STATE``); per step, every slot that needs a chunk is predicted in ONE
+``predict_chunks`` call (default: ``predict_chunk`` per slot, with that slot's state in place;
+``DecoderPolicy`` runs one batched network call with each episode's own noise), so an episode's
+actions are the same whatever else runs beside it.
+
 ``DecoderPolicy`` drives an ``ActionDecoder`` (decoders/decoder.py) on this timeline: one
 ``predict_action_chunk`` per chunk from the last ``n_obs_steps`` frames, the current state and the
 task, with flow noise from a ``torch.Generator`` reseeded with the episode's seed, so an episode's
@@ -66,6 +73,8 @@ class ChunkedPolicy:
 
     action_dim: int | None = None
     image_size: int | tuple[int, int] | None = None
+    # attributes that belong to one episode: swapped in and out per slot by the batched path
+    EPISODE_STATE: tuple[str, ...] = ("episode_seed", "_history", "_queue", "_step", "_ensemble")
 
     def __init__(self, n_obs_steps: int = 1, n_action_steps: int = 8, temporal_ensemble: float | None = None):
         if n_obs_steps < 1 or n_action_steps < 1:
@@ -105,14 +114,86 @@ class ChunkedPolicy:
             action = self._ensembled_action()
         else:
             if not self._queue:
-                chunk = self._timed_predict()
-                if len(chunk) < self.n_action_steps:
-                    raise ValueError(f"{type(self).__name__}.predict_chunk returned {len(chunk)} actions, "
-                                     f"fewer than n_action_steps={self.n_action_steps}")
-                self._queue.extend(chunk[: self.n_action_steps])
+                self._enqueue(self._timed_predict())
             action = self._queue.popleft()
         self._step += 1
         return action
+
+    def _enqueue(self, chunk: np.ndarray) -> None:
+        if len(chunk) < self.n_action_steps:
+            raise ValueError(f"{type(self).__name__}.predict_chunk returned {len(chunk)} actions, "
+                             f"fewer than n_action_steps={self.n_action_steps}")
+        self._queue.extend(chunk[: self.n_action_steps])
+
+    # ---------------------------------------------------------------- batched: one slot per episode
+
+    def _slot_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._episode_names}
+
+    def _enter(self, slot: int) -> None:
+        for name, value in self._slots[slot].items():
+            setattr(self, name, value)
+
+    def _leave(self, slot: int) -> None:
+        self._slots[slot] = self._slot_state()
+
+    def reset_slot(self, slot: int, seed: int | None = None) -> None:
+        """Start an episode (seed ``seed``) in ``slot``; the other slots keep theirs."""
+        if not hasattr(self, "_slots"):
+            self._slots: dict[int, dict[str, Any]] = {}
+        before = {name: id(value) for name, value in vars(self).items()}
+        self.reset(seed)
+        # per-episode state: EPISODE_STATE and whatever reset() assigned anew (a subclass's generator, ...)
+        self._episode_names = set(self.EPISODE_STATE) | {
+            name for name, value in vars(self).items() if name not in before or id(value) != before[name]}
+        self._leave(slot)
+
+    def act_batch(self, observations: list[dict[str, Any]], slots: list[int]) -> list[np.ndarray]:
+        """One action per ``slots[i]`` for ``observations[i]``; the slots needing a chunk this step are
+        predicted together in one ``predict_chunks`` call. Equal to ``act`` per episode."""
+        needing = []
+        for slot, obs in zip(slots, observations):
+            self._enter(slot)
+            if not self._history:
+                self._history.extend([obs] * self.n_obs_steps)
+            else:
+                self._history.append(obs)
+            if self.temporal_ensemble is not None or not self._queue:
+                needing.append(slot)
+            self._leave(slot)
+        chunks = {}
+        if needing:
+            histories = []
+            for slot in needing:
+                self._enter(slot)
+                histories.append(self._stacked_history())
+            start = time.perf_counter()
+            predicted = self.predict_chunks(histories, needing)
+            self.latencies.append(time.perf_counter() - start)
+            chunks = {slot: self._checked(c) for slot, c in zip(needing, predicted)}
+        actions = []
+        for slot in slots:
+            self._enter(slot)
+            if self.temporal_ensemble is not None:
+                action = self._ensemble_step(chunks[slot])
+            else:
+                if slot in chunks:
+                    self._enqueue(chunks[slot])
+                action = self._queue.popleft()
+            self._step += 1
+            self._leave(slot)
+            actions.append(action)
+        return actions
+
+    def predict_chunks(self, histories: list[dict[str, Any]], slots: list[int]) -> list[np.ndarray]:
+        """Chunks for several slots' histories (``histories[i]`` is slot ``slots[i]``'s). Default: one
+        ``predict_chunk`` per slot with that slot's episode state in place; override for one batched call."""
+        out = []
+        for slot, history in zip(slots, histories):
+            self._enter(slot)
+            out.append(self.predict_chunk(history))
+            self._leave(slot)
+        return out
 
     def _stacked_history(self) -> dict[str, Any]:
         frames = list(self._history)
@@ -126,6 +207,9 @@ class ChunkedPolicy:
         start = time.perf_counter()
         chunk = self.predict_chunk(history)
         self.latencies.append(time.perf_counter() - start)
+        return self._checked(chunk)
+
+    def _checked(self, chunk) -> np.ndarray:
         chunk = np.asarray(chunk, dtype=np.float32)
         if chunk.ndim != 2 or len(chunk) == 0:
             raise ValueError(f"{type(self).__name__}.predict_chunk must return [H, A], got shape {list(chunk.shape)}")
@@ -137,7 +221,9 @@ class ChunkedPolicy:
         return chunk
 
     def _ensembled_action(self) -> np.ndarray:
-        chunk = self._timed_predict()
+        return self._ensemble_step(self._timed_predict())
+
+    def _ensemble_step(self, chunk: np.ndarray) -> np.ndarray:
         self._ensemble.append((self._step, chunk))
         # keep only chunks that still cover this step (a chunk from step s covers s .. s+H-1)
         self._ensemble = [(s, c) for s, c in self._ensemble if s + len(c) > self._step]
@@ -164,6 +250,8 @@ class DecoderPolicy(ChunkedPolicy):
     Declares ``action_dim``, ``image_size`` ((H, W)), ``state_dim`` and ``embodiment`` so that a
     harness can refuse a mismatching environment before any rollout.
     """
+
+    EPISODE_STATE = ChunkedPolicy.EPISODE_STATE + ("generator",)
 
     def __init__(self, decoder, n_action_steps: int | None = None, temporal_ensemble: float | None = None,
                  n_steps: int | None = None, embodiment: str | None = None,
@@ -210,3 +298,40 @@ class DecoderPolicy(ChunkedPolicy):
                                                   generator=self.generator, n_steps=self.n_steps,
                                                   embodiment=self.embodiment)
         return chunk[0].cpu().numpy()
+
+    def reset_slot(self, slot: int, seed: int | None = None) -> None:
+        if self.latent_source is not None:
+            # a latent source (e.g. a world model) keeps its own per-episode state, which slots cannot share
+            raise ValueError("batched episodes (act_batch) are not supported with a latent_source; use one env")
+        super().reset_slot(slot, seed)
+
+    def predict_chunks(self, histories: list[dict[str, Any]], slots: list[int]) -> list[np.ndarray]:
+        """One batched decoder call for all ``slots``; each episode's noise is drawn from its own
+        generator exactly as ``predict_chunk`` draws it, so chunks equal the one-at-a-time ones (up to
+        float rounding of batched kernels)."""
+        from nets.flow import sample_flow_matching, sample_meanflow
+
+        if len(slots) == 1:
+            return super().predict_chunks(histories, slots)
+        d, cfg = self.decoder, self.decoder.config
+        frames = torch.cat([frames_tensor(h["image"]) for h in histories]).to(self.device)
+        frames = frames[:, -cfg.n_obs_steps:]
+        state = None
+        if self.state_dim:
+            state = torch.as_tensor(np.stack([np.asarray(h["state"][-1], np.float32) for h in histories]))
+            if state.shape[-1] != self.state_dim:
+                raise ValueError(f"observation state has {state.shape[-1]} dims, the decoder was trained "
+                                 f"on {self.state_dim}")
+            state = state.to(self.device)
+        noise = []
+        for slot in slots:
+            self._enter(slot)
+            noise.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=self.generator, device=self.device))
+            self._leave(slot)
+        with torch.inference_mode():
+            emb_index = d._embodiment_index(self.embodiment, len(slots))
+            cond = d.encode_condition(frames, state, [h.get("task") for h in histories], None, emb_index)
+            sampler = sample_flow_matching if cfg.objective == "fm" else sample_meanflow
+            chunk = sampler(d.velocity, torch.cat(noise), cond, n_steps=self.n_steps or cfg.sampling_steps)
+            chunk = d.action_normalizer.unnormalize(chunk, emb_index).float()
+        return list(chunk.cpu().numpy())

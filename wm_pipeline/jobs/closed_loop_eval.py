@@ -24,6 +24,7 @@ other specs (e.g. a run directory) are handled by loaders added with ``register_
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -182,6 +183,61 @@ def run_episode(env, policy: Policy, seed: int, record: bool = False) -> Rollout
     return Rollout(bool(success), int(steps), rewards, np.stack(frames) if record else None)
 
 
+def run_episodes_batched(envs: list, policy: Policy, seeds: list[int], record: bool = False) -> list[Rollout]:
+    """Episodes ``seeds`` (in order) on ``len(envs)`` environments of one task, stepped in lockstep: each
+    env runs the next episode not yet started when its own ends, and every step makes ONE
+    ``policy.act_batch`` call for all running episodes (policies without ``act_batch`` get one copy per
+    env). Each episode is the one ``run_episode`` gives for its seed. Returns rollouts in ``seeds`` order."""
+    batched = hasattr(policy, "act_batch")
+    copies = None if batched else [copy.deepcopy(policy) for _ in envs]
+    results: dict[int, Rollout] = {}
+    running: dict[int, dict[str, Any]] = {}     # env slot -> {"episode", "obs", "rewards", "frames", "success", ...}
+    pending = iter(range(len(seeds)))
+
+    def start(slot: int) -> None:
+        i = next(pending, None)
+        if i is None:
+            running.pop(slot, None)
+            return
+        env = envs[slot]
+        obs = env.reset(seed=seeds[i])
+        if batched:
+            try:
+                policy.reset_slot(slot, seeds[i])
+            except ValueError as e:   # a policy that cannot run episodes side by side says why
+                raise UsageError(f"--num-envs {len(envs)}: {e}") from None
+        else:
+            reset_policy(copies[slot], seeds[i])
+        running[slot] = {"episode": i, "obs": obs, "rewards": [], "frames": [env.render_video()] if record else None}
+
+    for slot in range(min(len(envs), len(seeds))):
+        start(slot)
+    while running:
+        slots = sorted(running)
+        observations = [running[k]["obs"] for k in slots]
+        actions = (policy.act_batch(observations, slots) if batched
+                   else [copies[k].act(o) for k, o in zip(slots, observations)])
+        for slot, action in zip(slots, actions):
+            env, ep = envs[slot], running[slot]
+            action = np.asarray(action, dtype=np.float32).reshape(-1)
+            if action.shape != (env.action_dim,) or not np.isfinite(action).all():
+                raise ValueError(f"policy {type(policy).__name__} returned action {action.tolist()} "
+                                 f"(expected {env.action_dim} finite numbers)")
+            obs, reward, done, info = env.step(action)
+            ep["obs"] = obs
+            ep["rewards"].append(float(reward))
+            if record:
+                ep["frames"].append(env.render_video())
+            if info["success"] or done:
+                results[ep["episode"]] = Rollout(bool(info["success"]), int(info["steps"]), ep["rewards"],
+                                                 np.stack(ep["frames"]) if record else None)
+                start(slot)
+    if copies is not None and hasattr(policy, "latencies"):
+        for c in copies:
+            policy.latencies.extend(getattr(c, "latencies", []))
+    return [results[i] for i in range(len(seeds))]
+
+
 def _latency_summary(seconds: list[float]) -> dict[str, float] | None:
     if not seconds:
         return None
@@ -208,16 +264,20 @@ def _per_episode(rows: list[EpisodeResult]) -> list[dict[str, Any]]:
 
 def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir: str | Path | None = None,
              video: bool = False, resolution: int = 64, camera: str = "corner", max_steps: int = 200,
-             policy_name: str = "", video_size: int | None = 256) -> dict[str, Any]:
+             policy_name: str = "", video_size: int | None = 256, num_envs: int = 1) -> dict[str, Any]:
     """Run ``episodes`` seeded episodes per task; returns (and writes ``results.json``) the results.
 
     ``video_size``: pixel size of the rollout videos (rendered apart from the policy's ``resolution``
-    images, only with ``video``); None: the policy's images themselves."""
+    images, only with ``video``); None: the policy's images themselves. ``num_envs``: environments per
+    task stepped at once with batched policy calls (``run_episodes_batched``); 1 runs the episodes one
+    after the other. Per-episode results do not depend on it (seeds are per episode)."""
     from wm_pipeline.sim.metaworld_env import MetaWorldEnv, check_task
     from shards.encode import encode_video
 
     if episodes < 1:
         raise UsageError(f"--episodes must be >= 1, got {episodes}")
+    if num_envs < 1:
+        raise UsageError(f"--num-envs must be >= 1, got {num_envs}")
     tasks = [check_task(t) for t in tasks]
     out = Path(out_dir) if out_dir is not None else None
     if video and out is None:
@@ -233,16 +293,19 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
     started = time.perf_counter()
     bar = tqdm(total=len(tasks) * episodes, desc="eval", unit="episode")
     for task in tasks:
-        env = MetaWorldEnv(task, seed=seed, resolution=resolution, camera=camera, max_steps=max_steps,
-                           video_size=video_size if video else None)
+        envs = [MetaWorldEnv(task, seed=seed, resolution=resolution, camera=camera, max_steps=max_steps,
+                             video_size=video_size if video else None) for _ in range(min(num_envs, episodes))]
+        env = envs[0]
         try:
             fps = env.fps
             task_latency_start = len(latencies) if latencies is not None else 0
             task_rows = []
             task_started = time.perf_counter()
+            seeds = [eval_seed(seed, i) for i in range(episodes)]
+            batch = run_episodes_batched(envs, policy, seeds, record=video) if len(envs) > 1 else None
             for i in range(episodes):
-                s = eval_seed(seed, i)
-                ep = run_episode(env, policy, s, record=video)
+                s = seeds[i]
+                ep = batch[i] if batch is not None else run_episode(env, policy, s, record=video)
                 row = EpisodeResult(task, i, s, ep.success, ep.length, sum_reward=float(np.sum(ep.rewards)),
                                     max_reward=float(np.max(ep.rewards)))
                 if video:
@@ -254,7 +317,8 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
                 bar.set_postfix(task=task, success=f"{sum(r.success for r in task_rows)}/{len(task_rows)}")
             task_seconds = time.perf_counter() - task_started
         finally:
-            env.close()
+            for e in envs:
+                e.close()
         rows += task_rows
         per_task[task] = {
             "episodes": len(task_rows),
@@ -274,7 +338,7 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
         "seed_scheme": f"episode i of every task uses seed {seed} + {EVAL_SEED_OFFSET} + i",
         "episodes_per_task": episodes,
         "resolution": resolution, "camera": camera, "max_steps": max_steps, "fps": fps,
-        "video_size": (video_size or resolution) if video else None,
+        "video_size": (video_size or resolution) if video else None, "num_envs": num_envs,
         "tasks": per_task,
         "overall": {
             "episodes": len(rows),

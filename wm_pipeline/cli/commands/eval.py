@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed; episode i uses seed + 100000 + i")
     p.add_argument("--out", required=True, help="output folder for results.json and videos/")
     p.add_argument("--video", action="store_true", help="write one rollout MP4 per episode")
+    p.add_argument("--num-envs", type=int, default=1,
+                   help="environments per task stepped at once, one batched policy call per step for all of them "
+                        "(per-episode results do not change: seeds are per episode)")
     p.add_argument("--video-size", type=int, default=256,
                    help="pixel size of the --video rollouts, rendered apart from the policy's --resolution images")
     p.add_argument("--resolution", type=int, default=64, help="rendered image size (square) the policy sees")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy, info)
     results = evaluate(policy, tasks, episodes=args.episodes, seed=args.seed, out_dir=args.out,
                        video=args.video, resolution=args.resolution, camera=args.camera,
-                       max_steps=args.max_steps, policy_name=args.policy, video_size=args.video_size)
+                       max_steps=args.max_steps, policy_name=args.policy, video_size=args.video_size,
+                       num_envs=args.num_envs)
     print(format_table(results))
     print(f"results: {args.out}/results.json")
     return exit_codes.OK

@@ -16,7 +16,6 @@ With the condition computed once per chunk, 1-step over 10-step is ``(fixed + st
 """
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -27,6 +26,7 @@ import torch
 
 from decoders.decoder import ActionDecoder, DecoderConfig
 from nets.normalize import stats_of
+from json_report import emit
 
 log = logging.getLogger("decoder_latency")
 SETTINGS = [("fm", 1), ("fm", 2), ("fm", 5), ("fm", 10), ("meanflow", 1), ("meanflow", 2)]
@@ -125,11 +125,7 @@ def main() -> int:
         "per_step_ms": round(per_step, 3),
         "meanflow_floor": round((fixed + per_step) / (fixed + 10 * per_step), 3),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, indent=2)
     return 0
 
 

@@ -14,7 +14,6 @@ processes took the cores); the ratios N / 1 of episodes per second are the resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from decoders.decoder import ActionDecoder, DecoderConfig
 from decoders.policy import DecoderPolicy
 from nets.normalize import stats_of
 from wm_pipeline.jobs.closed_loop_eval import evaluate
+from json_report import emit
 
 
 def build_policy(preset: str, size: int) -> DecoderPolicy:
@@ -79,11 +79,7 @@ def main() -> None:
     for n in ns[1:]:
         out[f"speedup_{n}_over_{base}_wall"] = statistics.median(runs[base]["wall"]) / statistics.median(runs[n]["wall"])
         out[f"speedup_{n}_over_{base}_cpu"] = statistics.median(runs[base]["cpu"]) / statistics.median(runs[n]["cpu"])
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
-import json
 import logging
 import statistics
 import sys
@@ -31,6 +30,7 @@ from wm_pipeline.training.config import resolve
 from wm_pipeline.training.ema import EMA
 from wm_pipeline.training.registry import register_model
 from wm_pipeline.training.trainer import build_optimizer, build_scheduler, train
+from json_report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,10 +109,7 @@ def main() -> None:
               "params": sum(p.numel() for p in toy.ToyPolicy(cfg.model).parameters()),
               "runtime_s_per_step": rt, "bare_s_per_step": br, "ratio": rt / br, "overhead": rt / br - 1,
               "runtime_rounds": runtime, "bare_rounds": bare, "target_overhead": 0.05}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
 import sys
 import time
+
+from json_report import emit  # before the path filter below: a sibling module
 
 # run as a script, this file's folder comes first on sys.path and its name would shadow the package
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
@@ -38,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from worldmodel import attention as attention_module  # noqa: E402
+from nets import attention as attention_module  # noqa: E402
 from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec  # noqa: E402
 
 ACTION_DIM = 7
@@ -188,11 +189,7 @@ def main() -> None:
             report["results"][name] = bench(cfg, args.batch or batch_size, args.repeats, device, args.precision,
                                             args.peak_tflops)
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, indent=2)
 
 
 if __name__ == "__main__":

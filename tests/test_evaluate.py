@@ -97,7 +97,8 @@ def test_eval_expert_succeeds_and_writes_results_and_videos(tmp_path, capsys):
     ep = results["episodes"][0]
     with av.open(str(tmp_path / ep["video"])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    assert len(frames) == ep["length"] + 1 and frames[0].shape == (64, 64, 3)
+    # rollout videos at a watchable 256 px (--video-size), apart from the policy's 64 px images
+    assert len(frames) == ep["length"] + 1 and frames[0].shape == (256, 256, 3)
 
 
 def test_eval_random_is_worse_than_expert(tmp_path):

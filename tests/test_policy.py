@@ -134,7 +134,7 @@ def test_train_decoder_fills_config_from_demos(demos, tmp_path):
     assert (cfg["action_dim"], cfg["state_dim"], cfg["image_size"]) == (4, 3, [16, 16])
     assert cfg["tasks"] == ["push", "reach"] and "sawyer" in cfg["stats"]
     saved = (run / "config.yaml").read_text()
-    assert "window: 4" in saved and "episodes_per_task: 2" in saved and "policy: scratch" in saved
+    assert "window: 4" in saved and "episodes_per_task: 2" in saved and "recipe: scratch" in saved
 
 
 def _saved_decoder(path: Path, **kw) -> str:

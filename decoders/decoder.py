@@ -93,6 +93,12 @@ class DecoderConfig:
     state_indices: list[int] = field(default_factory=list)
     # Training-time image augmentation: random shift of up to this many pixels (0 = none).
     augment_shift: int = 0
+    # Diagnostic auxiliary loss: a linear head predicts these state dims (normalised) from the current
+    # frame's image feature, weighted by ``aux_state_weight`` (0 = off). Meta-World's [4, 5, 6] is the
+    # object position: it asks whether an encoder that is made to place the object acts better. The
+    # state is a training target only; the policy still reads ``state_indices`` alone at run time.
+    aux_state_indices: list[int] = field(default_factory=list)
+    aux_state_weight: float = 0.0
 
     @property
     def window_length(self) -> int:
@@ -235,6 +241,9 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         self.image_encoder = ConvEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
                                           config.encoder_pool, config.keypoints)
         self.task_embedding = nn.Embedding(len(config.tasks) + 1, config.task_dim)
+        self.aux_state_head = None
+        if config.aux_state_weight > 0:
+            self.aux_state_head = nn.Linear(config.obs_dim, len(config.aux_state_indices))
         self.state_index = list(config.state_indices) or list(range(config.state_dim))
         self.state_proj = nn.Linear(len(self.state_index), config.task_dim) if config.state_dim else None
         self.latent_horizon = config.latent_horizon or config.horizon
@@ -274,14 +283,21 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         ids = [self.task_ids.get(name, 0) for name in names]
         return torch.tensor(ids, dtype=torch.long, device=self.task_embedding.weight.device)
 
-    def encode_condition(self, obs_frames, state, task, latent, emb_index) -> torch.Tensor:
-        """obs_frames uint8 ``[B, n_obs, C, H, W]``, state raw ``[B, S]`` or None, task list[str],
-        latent ``[B, H_l, D_l]`` or None, emb_index ``[B]`` -> condition ``[B, W]``."""
+    def image_features(self, obs_frames) -> torch.Tensor:
+        """obs_frames uint8 ``[B, n_obs, C, H, W]`` -> per-frame features ``[B, n_obs, obs_dim]``."""
         b, n = obs_frames.shape[:2]
         if list(obs_frames.shape[-2:]) != list(self.config.image_size):
             raise ValueError(f"frames are {list(obs_frames.shape[-2:])} but the decoder was built for "
                              f"image_size {list(self.config.image_size)}")
-        parts = [self.image_encoder(obs_frames.flatten(0, 1)).view(b, n * self.config.obs_dim)]
+        return self.image_encoder(obs_frames.flatten(0, 1)).view(b, n, self.config.obs_dim)
+
+    def encode_condition(self, obs_frames, state, task, latent, emb_index, features=None) -> torch.Tensor:
+        """obs_frames uint8 ``[B, n_obs, C, H, W]``, state raw ``[B, S]`` or None, task list[str],
+        latent ``[B, H_l, D_l]`` or None, emb_index ``[B]`` -> condition ``[B, W]``. ``features``:
+        ``image_features(obs_frames)`` when the caller already has them."""
+        features = self.image_features(obs_frames) if features is None else features
+        b = features.shape[0]
+        parts = [features.flatten(1)]
         parts.append(self.task_embedding(self._task_index(task, b)))
         if self.state_proj is not None:
             state = self.state_normalizer.normalize(state.float(), emb_index)
@@ -330,7 +346,8 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         obs = frames[:, : cfg.n_obs_steps]
         if self.training and cfg.augment_shift:
             obs = random_shift(obs, cfg.augment_shift)
-        cond = self.encode_condition(obs, state, batch.get("task"), latent, emb_index)
+        features = self.image_features(obs)
+        cond = self.encode_condition(obs, state, batch.get("task"), latent, emb_index, features)
         chunk = self.action_normalizer.normalize(action[:, now : now + cfg.horizon].float(), emb_index)
         if cfg.objective == "fm":
             out = flow_matching_loss(self.velocity, chunk, cond)
@@ -348,6 +365,15 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
             disp = dispersive_loss(out.features[mask], cfg.dispersive_tau)
             loss = loss + cfg.dispersive_weight * disp
             metrics["dispersive"] = disp.item()
+        if self.aux_state_head is not None:
+            target = self.state_normalizer.normalize(batch["state"][:, now].float(), emb_index)
+            err = (self.aux_state_head(features[:, -1]) - target[:, cfg.aux_state_indices]).pow(2).mean(-1)
+            aux_weight = weight
+            if "state_mask" in batch:
+                aux_weight = weight * batch["state_mask"].to(weight.device).float()
+            aux = (err * aux_weight).sum() / aux_weight.sum().clamp_min(1.0)
+            loss = loss + cfg.aux_state_weight * aux
+            metrics["aux_state_mse"] = aux.item()
         metrics["loss"] = loss.item()
         return loss, metrics
 
@@ -414,6 +440,15 @@ def _validate(cfg: DecoderConfig) -> None:
         problems.append(f"encoder_pool {cfg.encoder_pool!r} is not one of {POOLS}")
     if cfg.keypoints < 1:
         problems.append(f"keypoints must be >= 1, got {cfg.keypoints}")
+    if cfg.aux_state_weight < 0:
+        problems.append(f"aux_state_weight must be >= 0, got {cfg.aux_state_weight}")
+    if cfg.aux_state_weight > 0:
+        if not cfg.aux_state_indices:
+            problems.append("aux_state_weight > 0 needs aux_state_indices (the state dims to predict)")
+        if cfg.state_dim and any(not 0 <= i < cfg.state_dim for i in cfg.aux_state_indices):
+            problems.append(f"aux_state_indices {cfg.aux_state_indices} must lie in 0..{cfg.state_dim - 1}")
+        if not cfg.state_dim:
+            problems.append("aux_state_weight > 0 needs a recorded state (state_dim > 0)")
     if cfg.augment_shift < 0:
         problems.append(f"augment_shift must be >= 0, got {cfg.augment_shift}")
     if len(cfg.image_size) != 2:

@@ -35,12 +35,11 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from decoders.augment import random_shift
-from nets.conv import ResConvBlock
+from nets.conv_encoder import POOLS, ConvEncoder
 from nets.dit_block import Block, FinalLayer
 from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
 from nets.normalize import Normalizer, plain_stats
-from nets.spatial_softmax import SpatialSoftmax
-from nets.state_dict import rename_on_load, sequential_renames
+from nets.state_dict import rename_on_load
 from nets.timestep import MEANFLOW_SCALE, timestep_embedding
 from shards.model_folder import config_fields, save_model_folder
 
@@ -99,6 +98,13 @@ class DecoderConfig:
     # state is a training target only; the policy still reads ``state_indices`` alone at run time.
     aux_state_indices: list[int] = field(default_factory=list)
     aux_state_weight: float = 0.0
+    # A pretrained image encoder: a frame-autoencoder folder (latent_actions/frame_autoencoder.py,
+    # `wm train autoencoder` on action-free video) whose encoder stages (``encoder.*`` in its
+    # model.safetensors) initialise this decoder's; with ``freeze_encoder`` they stay fixed (no
+    # gradient, run without autograd) and only the projection after the pooling trains. The stages
+    # are saved with the decoder, so the trained decoder folder loads without this folder.
+    encoder_init: str = ""
+    freeze_encoder: bool = False
 
     @property
     def window_length(self) -> int:
@@ -122,48 +128,6 @@ PRESETS = {
     "small": DecoderConfig(),
     "base": DecoderConfig(width=512, depth=8, heads=8, encoder_channels=[64, 128, 256, 512], obs_dim=512, task_dim=128),
 }
-
-
-def _groups(c: int) -> int:
-    return 8 if c % 8 == 0 else 1
-
-
-POOLS = ("grid", "spatial_softmax")
-
-
-# Checkpoints saved before the encoder used nets.conv (a residual conv of its own, ``body`` = conv,
-# GroupNorm, SiLU, conv, GroupNorm) load under the new names.
-OLD_ENCODER_KEYS = sequential_renames("stages", "body", {0: "conv1", 1: "norm1", 3: "conv2", 4: "norm2"})
-
-
-class ConvEncoder(nn.Module):
-    """uint8 ``[N, C, H, W]`` -> ``[N, out_dim]``: stride-2 conv stages with GroupNorm and a residual
-    conv block each (``nets.conv.ResConvBlock``), then ``pool``: "grid" averages the map to 4x4 and flattens it (coarse positions);
-    "spatial_softmax" reads ``keypoints`` soft-argmax positions off it (``nets.SpatialSoftmax``)."""
-
-    def __init__(self, in_channels: int, channels: list[int], out_dim: int, pool: str = "grid",
-                 keypoints: int = 32):
-        super().__init__()
-        layers, c_in = [], in_channels
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(),
-                       ResConvBlock(c, c, groups=_groups(c), bias=True)]
-            c_in = c
-        self.stages = nn.Sequential(*layers)
-        if pool == "grid":
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(1))
-            pooled = c_in * 16
-        elif pool == "spatial_softmax":
-            self.pool = SpatialSoftmax(c_in, keypoints)
-            pooled = 2 * keypoints
-        else:
-            raise ValueError(f"encoder pool {pool!r} is not one of {POOLS}")
-        self.proj = nn.Linear(pooled, out_dim)
-        rename_on_load(self, OLD_ENCODER_KEYS)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 127.5 - 1.0
-        return self.proj(self.pool(self.stages(x)))
 
 
 # Checkpoints saved before the velocity network used nets.dit_block (decoder blocks of their own, with
@@ -210,6 +174,29 @@ class ChunkTransformer(nn.Module):
         return self.action_out(self.final(x, c)), features
 
 
+ENCODER_PREFIX = "encoder."   # the frame autoencoder's stage keys in its model.safetensors
+
+
+def load_encoder_stages(encoder: ConvEncoder, folder: str) -> None:
+    """Copy a frame-autoencoder folder's encoder stages into ``encoder.stages`` (shapes must match).
+    A folder that no longer exists is skipped with a log line: a saved decoder carries the stages
+    in its own weights, which ``from_pretrained`` loads next (``wm train`` checks the folder exists)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        log.info("encoder_init %s has no model.safetensors: the encoder stages come from the decoder's weights", folder)
+        return
+    weights = {k[len(ENCODER_PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(ENCODER_PREFIX)}
+    mine = encoder.stages.state_dict()
+    if set(weights) != set(mine) or any(weights[k].shape != mine[k].shape for k in mine):
+        raise ValueError(f"{path}: its encoder stages do not match this decoder's encoder_channels "
+                         f"{[m.shape[0] for k, m in mine.items() if k.endswith('.weight') and m.ndim == 4]}")
+    encoder.stages.load_state_dict(weights)
+
+
 class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "flow-matching"]):
     """Observation (+ state, task, latent actions) -> action chunk ``[B, H, A]``; see the module docstring."""
 
@@ -240,6 +227,10 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
         self.image_encoder = ConvEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
                                           config.encoder_pool, config.keypoints)
+        if config.encoder_init:
+            load_encoder_stages(self.image_encoder, config.encoder_init)
+        if config.freeze_encoder:
+            self.image_encoder.stages.requires_grad_(False)
         self.task_embedding = nn.Embedding(len(config.tasks) + 1, config.task_dim)
         self.aux_state_head = None
         if config.aux_state_weight > 0:
@@ -289,7 +280,12 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         if list(obs_frames.shape[-2:]) != list(self.config.image_size):
             raise ValueError(f"frames are {list(obs_frames.shape[-2:])} but the decoder was built for "
                              f"image_size {list(self.config.image_size)}")
-        return self.image_encoder(obs_frames.flatten(0, 1)).view(b, n, self.config.obs_dim)
+        enc, flat = self.image_encoder, obs_frames.flatten(0, 1)
+        if self.config.freeze_encoder:   # frozen stages: no graph kept, only the projection trains
+            with torch.no_grad():
+                pooled = enc.features(flat)
+            return enc.proj(pooled).view(b, n, self.config.obs_dim)
+        return enc(flat).view(b, n, self.config.obs_dim)
 
     def encode_condition(self, obs_frames, state, task, latent, emb_index, features=None) -> torch.Tensor:
         """obs_frames uint8 ``[B, n_obs, C, H, W]``, state raw ``[B, S]`` or None, task list[str],

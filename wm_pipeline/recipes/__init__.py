@@ -9,11 +9,12 @@ stream, its labeller or policy loader).
 """
 
 from decoders.decoder import PRESETS as DECODER_PRESETS, ActionDecoder, DecoderConfig
+from latent_actions.frame_autoencoder import PRESETS as AE_PRESETS, FrameAutoencoder, FrameAutoencoderConfig
 from latent_actions.idm import PRESETS as IDM_PRESETS, IDMConfig, InverseDynamicsModel
 from latent_actions.lam import PRESETS as LAM_PRESETS, LAMConfig, LatentActionModel
 from shards.batch_keys import ACTION, ACTION_MASK, EMBODIMENT, FRAMES
 from wm_pipeline.jobs import vae_labeller
-from wm_pipeline.recipes import decoder, idm, lam, worldmodel, worldmodel_policy
+from wm_pipeline.recipes import decoder, frame_autoencoder, idm, lam, worldmodel, worldmodel_policy
 from wm_pipeline.training.registry import LabellerFace, ModelSpec
 from worldmodel.uwm import PRESETS as WORLD_MODEL_PRESETS, WorldModel, WorldModelConfig
 
@@ -27,6 +28,9 @@ MODELS = (
               required_keys=(FRAMES, ACTION, ACTION_MASK), labeller=LabellerFace(idm.load_labeller, idm.label_windows)),
     ModelSpec("lam", LAMConfig, LatentActionModel, LAM_PRESETS, prepare=lam.prepare, run_presets=lam.RUN_PRESETS,
               required_keys=(FRAMES,), labeller=LabellerFace(lam.load_labeller, lam.label_windows)),
+    ModelSpec("autoencoder", FrameAutoencoderConfig, FrameAutoencoder, AE_PRESETS, prepare=frame_autoencoder.prepare,
+              run_presets=frame_autoencoder.RUN_PRESETS, required_keys=(FRAMES,),
+              labeller=LabellerFace(frame_autoencoder.load_labeller, frame_autoencoder.label_windows)),
     ModelSpec("worldmodel", WorldModelConfig, WorldModel, WORLD_MODEL_PRESETS, prepare=worldmodel.prepare,
               build_stream=worldmodel.build_stream, run_presets=worldmodel.RUN_PRESETS,
               required_keys=(FRAMES, ACTION, ACTION_MASK, EMBODIMENT),

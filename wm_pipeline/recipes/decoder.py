@@ -97,6 +97,8 @@ def prepare(cfg, info: DatasetInfo):
     # a config given back with --config keeps its vocabulary (embedding rows)
     m = replace(m, action_dim=action_dim, state_dim=state_dim, image_size=[int(v) for v in size], stats=stats,
                 tasks=m.tasks or tasks)
+    if m.encoder_init:
+        m = _prepare_encoder_init(m)
     labels = list(cfg.data.labels)
     if policy == "latent":
         m, labels = _prepare_latent(cfg, m, paths)
@@ -104,6 +106,19 @@ def prepare(cfg, info: DatasetInfo):
         labels = _prepare_idm_bc(cfg, paths, robots)
     data = replace(cfg.data, window=m.window_length, labels=labels)
     return replace(cfg, recipe=policy, model=m, data=data)
+
+
+def _prepare_encoder_init(m: DecoderConfig) -> DecoderConfig:
+    """model.encoder_init: the pretrained frame autoencoder's weights folder, and its encoder layout
+    (encoder_channels) copied into the decoder's config; a one-line UsageError when it does not fit."""
+    from wm_pipeline.recipes.frame_autoencoder import encoder_init
+
+    folder, ae = encoder_init(m.encoder_init, m.image_size, m.image_channels)
+    channels = [int(c) for c in ae["encoder_channels"]]
+    if channels != list(m.encoder_channels):
+        log.info("encoder_init %s: encoder_channels %s (the autoencoder's) instead of %s", folder, channels,
+                 list(m.encoder_channels))
+    return replace(m, encoder_init=folder, encoder_channels=channels)
 
 
 def _prepare_latent(cfg, m: DecoderConfig, paths: list[str]) -> tuple[DecoderConfig, list[str]]:

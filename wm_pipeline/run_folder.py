@@ -11,6 +11,7 @@ One module owns the names, so that the trainer that writes a run and the jobs th
       checkpoints/step-0001000/   everything a resume needs (wm_pipeline.training.checkpoint)
       final/                      the EMA model: config.json + model.safetensors (``save_pretrained``)
         run_config.yaml           the run config again, beside the weights
+        README.md                 the model card (wm_pipeline.model_card; `wm eval` adds its results)
       .lock                       held by the job training in RUN (shards.folder_lock)
 
 A *model folder* holds ``config.json`` + ``model.safetensors``: ``RUN/final`` of a finished run, or
@@ -37,10 +38,11 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 RUN_CONFIG = "run_config.yaml"
+MODEL_CARD = "README.md"   # in a model folder: the model card (wm_pipeline.model_card)
 STEP_PREFIX = "step-"   # checkpoints/step-XXXXXXX (7 digits or more)
 
 __all__ = ["CONFIG", "STATUS", "METRICS", "TENSORBOARD", "CHECKPOINTS", "FINAL", "RUN_CONFIG", "LOCK",
-           "MODEL_CONFIG", "WEIGHTS", "STEP_PREFIX", "step_name", "has_weights", "is_run", "read_yaml",
+           "MODEL_CONFIG", "MODEL_CARD", "WEIGHTS", "STEP_PREFIX", "step_name", "has_weights", "is_run", "read_yaml",
            "run_config_of", "recipe_of", "trained_run_folder", "weights_folder", "model_folder", "plain_model_folder"]
 
 

@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from wm_pipeline.training import checkpoint, config as config_mod
 
-from wm_pipeline import exit_codes, weights
+from wm_pipeline import exit_codes, model_card, weights
 from wm_pipeline.training.distributed import derive_seed, make_accelerator
 from wm_pipeline.training.ema import EMA
 from wm_pipeline.exit_codes import UsageError, WriteFailed
@@ -289,10 +289,11 @@ def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
         raise WriteFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunConfig) -> Path:
-    """RUN/final/: the EMA model via save_pretrained (+ the run config), atomically replaced. A failed
-    write removes ``final.tmp`` and raises ``WriteFailed`` (the last checkpoint still has the weights:
-    rerunning exports them)."""
+def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunConfig, step: int | None = None,
+                 world_size: int | None = None) -> Path:
+    """RUN/final/: the EMA model via save_pretrained (+ the run config and the model card, README.md:
+    wm_pipeline.model_card), atomically replaced. A failed write removes ``final.tmp`` and raises
+    ``WriteFailed`` (the last checkpoint still has the weights: rerunning exports them)."""
     from safetensors import SafetensorError
 
     final, tmp = run_dir / FINAL, run_dir / (FINAL + ".tmp")
@@ -300,6 +301,8 @@ def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunC
     try:
         ema_model.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+        model_card.write_model_card(tmp, run_dir=run_dir, location=final, model=ema_model, step=step,
+                                    world_size=world_size)   # a fact it cannot read is "unknown", never an error
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = " ".join(str(getattr(e, "strerror", None) or e).split())
@@ -605,7 +608,7 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
     if run.step >= t.max_steps:
         log.info("%s already reached max_steps=%d", run_dir, t.max_steps)
         if run.main and not (run_dir / FINAL).is_dir():
-            export_final(run_dir, run.ema.model, cfg)
+            export_final(run_dir, run.ema.model, cfg, step=run.step, world_size=run.world)
         status.close("finished", run.step, exit_codes.OK)
         return result
     sink = MetricSink(run_dir, cfg, run.step) if run.main else None
@@ -664,7 +667,7 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
                 if t_warm is not None:   # steps 6..N, without the final checkpoint and export
                     result.loop_seconds, result.loop_steps = t_step_end - t_warm, run.step - warm_step
                 if run.main:
-                    export_final(run_dir, run.ema.model, cfg)
+                    export_final(run_dir, run.ema.model, cfg, step=run.step, world_size=run.world)
                 state = "finished"
         except NonFiniteLoss as e:
             log.error("%s", e)

@@ -14,7 +14,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="run seeded closed-loop episodes of a policy and report success rates",
         description="Run N seeded episodes per task, report success rate, episode length and inference "
-                    "latency, write results.json (and rollout MP4s with --video).",
+                    "latency, write results.json (and rollout MP4s with --video); a run's model card "
+                    "(RUN/final/README.md) gets the success rates.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--policy", required=True, help="'expert', 'random', or a run directory")
     p.add_argument("--env", default="metaworld", help="simulator")
@@ -66,4 +67,12 @@ def run(args: argparse.Namespace) -> int:
                        num_envs=args.num_envs)
     print(format_table(results))
     print(f"results: {args.out}/results.json")
+    if args.policy not in ("expert", "random"):   # a run: its model card gets the success rates
+        from pathlib import Path
+
+        from wm_pipeline.model_card import record_closed_loop_eval
+
+        card = record_closed_loop_eval(args.policy, results, Path(args.out) / "results.json")
+        if card is not None:
+            print(f"model card: {card}")
     return exit_codes.OK

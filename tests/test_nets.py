@@ -161,7 +161,7 @@ def test_decoder_and_world_model_share_the_dit_block():
     wm = WorldModel(WorldModelConfig(image_size=16, patch_size=8, width=16, depth=1, heads=2, registers=1,
                                      encoder_channels=[8], action_horizon=2, n_future=1,
                                      embodiments={"a": embodiment_spec(action_dim=2)}))
-    assert all(type(b) is Block for b in net.blocks) and type(wm.blocks[0]) is Block
+    assert all(type(b) is Block for b in net.blocks) and type(wm.net.blocks[0]) is Block
 
 
 def test_math_attention_lets_jvp_through_a_block():

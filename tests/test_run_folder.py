@@ -58,8 +58,10 @@ def test_save_pretrained_names_the_class_and_format_version(tmp_path):
         folder = tmp_path / type(model).__name__
         model.save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
-        assert config[CLASS_KEY] == name and config[VERSION_KEY] == 1
-        assert saved_class(folder) == name and saved_version(folder) == 1
+        version = type(model).FORMAT_VERSION   # 1, the world model's 2 (the network under net.)
+        assert version == (2 if name.startswith("worldmodel") else 1)
+        assert config[CLASS_KEY] == name and config[VERSION_KEY] == version
+        assert saved_class(folder) == name and saved_version(folder) == version
         assert _metadata(folder / "model.safetensors") == {"format": "pt"}
         again = type(model).from_pretrained(str(folder))   # the header keys are not config fields
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

@@ -2,6 +2,7 @@
 use of the actions, checkpoints. Tiny models on tiny synthetic data; DUST specifics in test_dust.py."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -273,7 +274,7 @@ def test_x0_prediction_of_zero_residual_returns_the_last_frame_exactly(variant):
     exactly on the last observed frame (velocity prediction would have to reproduce the noise)."""
     cfg = toy_config(variant, video_target="residual", video_prediction="x0")
     model = WorldModel(cfg).eval()
-    for p in model.final_video.parameters():
+    for p in model.net.final_video.parameters():
         torch.nn.init.zeros_(p)
     batch = random_batch(cfg, n=4, seed=2)
     obs = batch["frames"][:, :1]
@@ -314,7 +315,7 @@ def test_frame_context_shows_the_last_frame_to_the_video_tokens(variant):
         model = WorldModel(toy_config(variant, video_context=context)).eval()
         for p in model.obs_proj.parameters():
             torch.nn.init.zeros_(p)
-        for p in [*model.final_video.parameters(), *model.tokenizer.out.parameters()]:   # zero-initialised heads
+        for p in [*model.net.final_video.parameters(), *model.tokenizer.out.parameters()]:   # zero-initialised heads
             torch.nn.init.normal_(p, std=0.1)
         obs = torch.stack([torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 255.0)]).to(torch.uint8)
         act = torch.zeros(2, 4, 2)
@@ -343,6 +344,48 @@ def test_save_and_load_give_identical_samples(variant, tmp_path):
     assert torch.equal(a1, a2) and torch.equal(v1, v2)
     a3, _ = WorldModel(cfg).eval().sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
     assert not torch.equal(a1, a3)  # the comparison can fail: other weights give other samples
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_folder_saved_before_the_network_split_loads(variant, tmp_path):
+    """Format 1 kept the transformer's parameters on the model itself (``blocks.0...``, ``null_action``);
+    format 2 has them under ``net.``. An old folder loads strictly (from_pretrained, a plain
+    load_state_dict, --init's copy-what-fits) into the same weights and the same samples."""
+    from safetensors.torch import save_file
+
+    from wm_pipeline.training.checkpoint import load_init_weights
+
+    cfg = toy_config(variant, video_context="last_frame", video_target="residual")
+    torch.manual_seed(0)
+    model = WorldModel(cfg).eval()
+    with torch.no_grad():   # non-zero heads, so a key that failed to load would show in the samples
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    old = {k.removeprefix("net."): v.contiguous() for k, v in model.state_dict().items()}
+    assert {"null_action", "register_tokens", "context_embed.weight", "blocks.1.stream.adaln.weight"
+            if variant == "uwm" else "blocks.1.video.adaln.weight", "final_video.adaln.weight"} <= set(old)
+    model.save_pretrained(tmp_path / "final")
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["_format_version"] == WorldModel.FORMAT_VERSION == 2
+    (tmp_path / "final" / "config.json").write_text(json.dumps({**config, "_format_version": 1}))
+    save_file(old, str(tmp_path / "final" / "model.safetensors"))
+
+    obs = random_batch(cfg, n=2, seed=5)["frames"][:, :1]
+
+    def joint(m):
+        return m.sample_joint(obs, "toy", generator=torch.Generator().manual_seed(3))
+
+    want = joint(model)
+    loaded = WorldModel.from_pretrained(tmp_path / "final", strict=True).eval()
+    plain = WorldModel(cfg).eval()
+    plain.load_state_dict(old, strict=True)
+    torch.manual_seed(123)
+    warm = WorldModel(cfg).eval()
+    load_init_weights(warm, tmp_path)
+    for m in (loaded, plain, warm):
+        for key, value in model.state_dict().items():
+            assert torch.equal(m.state_dict()[key], value), key
+        assert all(torch.equal(a, b) for a, b in zip(joint(m), want))
 
 
 def test_task_conditioning_with_a_local_text_encoder(tmp_path):

@@ -4,6 +4,12 @@ One diffusion transformer denoises an action chunk and the future frames togethe
 timestep; pinning one timestep gives the modes (policy, forward / inverse dynamics, video, joint).
 ``variant="dust"`` swaps in DUST's dual-stream blocks (``worldmodel.dust``); everything else is shared.
 
+Network and wrapper are split as in the UWM reference: ``worldmodel.network.VideoActionTransformer``
+(``WorldModel.net``) is the transformer over action and future-frame tokens; ``WorldModel`` here holds
+the tokenizer choice (pixels / VAE latents), the frozen VAE and text encoder, the embodiment adapters
+(``worldmodel.embodiment``), the conditioning, the flow-matching objective, the sampler and the modes.
+The config and presets are ``worldmodel.config``.
+
 Timeline of one training window (``frames [B, T, C, H, W]``, ``action [B, T, A]``; ``action[t]`` is the
 action taken after seeing frame ``t``; ``t0 = n_obs - 1`` is the last observation)::
 
@@ -45,18 +51,17 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from nets.dit_block import Block, FinalLayer
-from worldmodel.dust import DualStreamBlock, joint_schedule
 from nets.flow import interpolate, sample_uniform_time
 from nets.image_encoder import ImageEncoder
-from nets.timestep import TimestepEmbedding
+from nets.state_dict import rename_on_load
 from shards.model_folder import config_fields, save_model_folder
 from worldmodel.config import PRESETS, WorldModelConfig
+from worldmodel.dust import joint_schedule
 from worldmodel.embodiment import LATENT, EmbodimentAdapter, embodiment_spec
+from worldmodel.network import VideoActionTransformer
 from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
 
 # callers import the config, presets and embodiment helpers from here too
@@ -83,6 +88,11 @@ def clean_from_velocity(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> to
     return z - _t_floor(t, z) * v.float()
 
 
+# state-dict keys of folders saved before the network moved into ``WorldModel.net`` (format 0 / 1)
+NETWORK_RENAMES = [(r"(t_action|t_video|context_embed|blocks|final_action|final_video)\.(.*)", r"net.\1.\2"),
+                   (r"(null_action|action_pos|video_pos|register_tokens)", r"net.\1")]
+
+
 def _groups(names: list) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for i, name in enumerate(names):
@@ -94,7 +104,9 @@ def _groups(names: list) -> dict[str, list[int]]:
 class WorldModel(nn.Module, PyTorchModelHubMixin):
     """UWM / DUST world model. ``forward(batch) -> (loss, metrics)``; ``sample_*`` modes; see module doc."""
 
-    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+    # config.json's _format_version: raise it (and convert older folders) when the layout changes.
+    # 2: the transformer's parameters under net. (VideoActionTransformer); 1 and 0 load through NETWORK_RENAMES
+    FORMAT_VERSION = 2
 
     def _save_pretrained(self, save_directory) -> None:
         """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
@@ -118,7 +130,6 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         else:
             self.tokenizer = PatchTokenizer(3, cfg.image_size, cfg.patch_size, d)
         n_video = cfg.n_future * self.tokenizer.tokens_per_frame
-        self.num_tokens = cfg.action_horizon + n_video + cfg.registers
 
         self.image_encoder = ImageEncoder(d, cfg.encoder_channels, cfg.encoder_blocks, pool=cfg.encoder_pool)
         self.obs_proj = nn.Linear(cfg.n_obs * d, d)
@@ -134,22 +145,14 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             self.text_proj = nn.Linear(text_model.config.hidden_size, d)
         else:
             self.task_embedding = nn.Embedding(len(cfg.tasks) + 1, d)  # index 0: unknown / no task
-        self.t_action = TimestepEmbedding(d)
-        self.t_video = TimestepEmbedding(d)
+        self.net = VideoActionTransformer(
+            width=d, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, action_tokens=cfg.action_horizon,
+            video_tokens=n_video, registers=cfg.registers, n_future=cfg.n_future, variant=cfg.variant,
+            context=(self.tokenizer.channels, self.tokenizer.patch) if cfg.video_context == "last_frame" else None)
+        rename_on_load(self, NETWORK_RENAMES)   # format 1: the network's parameters sat on the model itself
+        self.num_tokens = self.net.num_tokens
 
-        self.null_action = nn.Parameter(torch.randn(1, 1, d) * 0.02)
-        self.action_pos = nn.Parameter(torch.randn(1, cfg.action_horizon, d) * 0.02)
-        self.video_pos = nn.Parameter(torch.randn(1, n_video, d) * 0.02)
-        if cfg.video_context == "last_frame":   # same patch grid as the tokenizer, its own weights
-            t = self.tokenizer
-            self.context_embed = nn.Conv2d(t.channels, d, t.patch, t.patch)
-        self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, d) * 0.02)
-        block = Block if cfg.variant == "uwm" else DualStreamBlock
-        self.blocks = nn.ModuleList([block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
-        self.final_action = FinalLayer(d)
-        self.final_video = FinalLayer(d)
-
-    # ----------------------------------------------------------------------------------- network
+    # ----------------------------------------------------------------------------------- conditioning
     def _task_features(self, task: list[str] | None, batch_size: int, device) -> torch.Tensor:
         task = list(task) if task is not None else [""] * batch_size
         if "text" in self._frozen:
@@ -186,12 +189,6 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             cond = cond + extra
         return cond
 
-    def _context_tokens(self, last: torch.Tensor) -> torch.Tensor:
-        """The last observed frame in the denoised space ``[B, 1, c, h, w]`` -> tokens added to each future
-        frame's ``[B, n_future * N, D]``."""
-        tok = self.context_embed(last[:, 0].to(self.context_embed.weight.dtype))   # [B, D, g, g]
-        return tok.flatten(2).transpose(1, 2).repeat(1, self.config.n_future, 1)
-
     def _last_frame(self, frames: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor | None:
         """The last observed frame in the denoised space ``[B, 1, c, h, w]``, when the residual target or the
         frame context needs it (else None). ``latents``: precomputed VAE latents of the window."""
@@ -203,31 +200,23 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
             return latents[:, last : last + 1].float()
         return self._video_data(frames[:, last : last + 1])
 
+    # ----------------------------------------------------------------------------------- network I/O
     def _velocity(self, cond, t_a, t_v, z_a, z_v, names, last=None):
-        """Predicted velocities. cond ``[B, D]``; t_a, t_v ``[B]``; z_a noisy normalised actions
+        """Predicted velocities (actions and frames to tokens, ``self.net``, tokens back, x0 heads turned
+        into velocities). cond ``[B, D]``; t_a, t_v ``[B]``; z_a noisy normalised actions
         ``[B, H, A_max]``; z_v noisy frames ``[B, F, c, h, w]``; names: embodiment per sample (None: no
         action stream, null tokens); last: the last observed frame in the denoised space (needed with
         ``video_context="last_frame"``). -> v_a ``[B, H, A_max]`` (zero outside each sample's dims), v_v."""
         cfg, b = self.config, z_a.shape[0]
-        c = F.silu(cond + self.t_action(t_a) + self.t_video(t_v))
         groups = _groups(names)
         embedded = {name: self.adapters[name].action_in(z_a[idx, :, : self.adapters[name].action_dim])
                     for name, idx in groups.items()}
         # under autocast the adapters give bf16: the null tokens take the same dtype before the scatter
-        dtype = next(iter(embedded.values())).dtype if embedded else self.null_action.dtype
-        tok_a = self.null_action.expand(b, cfg.action_horizon, -1).to(dtype).clone()
+        tok_a = self.net.null_tokens(b, next(iter(embedded.values())).dtype if embedded else None)
         for name, idx in groups.items():
             tok_a[idx] = embedded[name]
-        tok_v = self.tokenizer.patchify(z_v) + self.video_pos
-        if cfg.video_context == "last_frame":
-            if last is None:
-                raise ValueError("video_context='last_frame' needs the last observed frame")
-            tok_v = tok_v + self._context_tokens(last)
-        x = torch.cat([tok_a + self.action_pos, tok_v, self.register_tokens.expand(b, -1, -1)], dim=1)
-        for blk in self.blocks:
-            x = blk(x, c, cfg.action_horizon)
-        h_a = self.final_action(x[:, : cfg.action_horizon], c)
-        v_v = self.tokenizer.unpatchify(self.final_video(x[:, cfg.action_horizon : cfg.action_horizon + tok_v.shape[1]], c))
+        h_a, h_v = self.net(tok_a, self.tokenizer.patchify(z_v), cond, t_a, t_v, last)
+        v_v = self.tokenizer.unpatchify(h_v)
         if cfg.video_prediction == "x0":
             v_v = velocity_from_clean(z_v, v_v, t_v)
         v_a = z_a.new_zeros(z_a.shape, dtype=torch.float32)
@@ -286,7 +275,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
     def losses(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """The two flow-matching losses (and their weighted sum ``loss``) on one training batch."""
         cfg = self.config
-        device = self.null_action.device
+        device = self.net.null_action.device
         frames = batch["frames"].to(device)
         b, t = frames.shape[:2]
         if t < cfg.window:
@@ -345,8 +334,8 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         loss = cfg.action_loss_weight * loss_a + cfg.video_loss_weight * loss_v
         # the batch-dependent parameters (adapters, null token) join the graph with weight 0 whether or not
         # this batch used them, so DDP needs no unused-parameter search
-        loss = loss + 0.0 * sum(p.sum() for p in [self.null_action, *self.adapters.parameters(),
-                                                  *self.final_action.parameters()])
+        loss = loss + 0.0 * sum(p.sum() for p in [self.net.null_action, *self.adapters.parameters(),
+                                                  *self.net.final_action.parameters()])
         return {"loss": loss, "loss_action": loss_a, "loss_video": loss_v,
                 "action_fraction": has_actions.float().mean()}
 
@@ -361,7 +350,7 @@ class WorldModel(nn.Module, PyTorchModelHubMixin):
         """Shared sampler. A modality is generated (Euler 1 -> 0), given clean (t = 0), or left at full
         noise (t = 1). Returns (actions raw ``[B, H, A]`` or None, frames or None)."""
         cfg = self.config
-        device = self.null_action.device
+        device = self.net.null_action.device
         obs = obs.to(device)
         b = obs.shape[0]
         if embodiment is not None and embodiment not in self.adapters:

@@ -173,3 +173,12 @@ def test_someone_elses_readme_is_left_alone(run, tmp_path):
     card = ModelCard.load(tmp_path / "plain" / "README.md")
     assert mc.CARD_MARK in card.text and card.data.eval_results[0].metric_value == 100.0
     assert "unknown: no run_config.yaml" in card.text   # a plain folder: no run to describe
+
+
+def test_data_locations_are_shown_without_credentials():
+    assert mc.shown_location("https://user:secret@host:8080/ds?X-Amz-Signature=abc") == "https://host:8080/ds"
+    assert mc.shown_location("s3://bucket/ds") == "s3://bucket/ds"
+    assert mc.shown_location("pipe:curl -sf https://host/ds/{}") == "pipe:curl -sf https://host/ds/{}"
+    assert mc.shown_location("/data/demos") == "/data/demos"
+    assert mc.hub_dataset_id("hf://datasets/lerobot/pusht@main/shards") == "lerobot/pusht"
+    assert mc.hub_dataset_id("/data/lerobot/pusht") is None

@@ -1,8 +1,8 @@
 """The model card (``README.md``) of a trained model folder: what the model is, what it was trained on,
 how, what it measured, and how to load and run it.
 
-    write_model_card(RUN / "final", run_dir=RUN, spec=spec, model=ema_model)   # `wm train`, at export
-    record_closed_loop_eval(RUN, results, OUT / "results.json")               # `wm eval --policy RUN`
+    write_model_card(RUN / "final.tmp", run_dir=RUN, location=RUN / "final", model=ema_model)  # `wm train` export
+    record_closed_loop_eval(RUN, results, OUT / "results.json")                                  # `wm eval --policy RUN`
 
 The card is a Hugging Face model card (``huggingface_hub.ModelCard``): YAML front matter
 (``library_name: wm-pipeline``, ``license``, ``pipeline_tag: robotics``, ``tags``, ``datasets`` when a
@@ -15,7 +15,7 @@ Where the facts come from, all files of the run (so that the same run always giv
 data, optimiser, schedule, seed), the data folders' ``manifest.json`` (episodes, frames, embodiments,
 tasks), ``RUN/metrics.jsonl`` (first and last train loss, the last eval row; wall-clock fields such as
 ``steps_per_s`` are left out). A fact that cannot be read is written as ``unknown`` with the reason;
-writing the card never fails the run (the trainer logs a warning and keeps the weights).
+writing the card never fails the run (anything but a refused write is a warning; the weights are kept).
 
 ``wm eval`` changes only two things in an existing card: the ``model-index`` results in the front
 matter (one entry per environment and task: the newest evaluation of a task replaces the older one)
@@ -332,8 +332,9 @@ def _run_of(location: str) -> str:
 
 
 def _eval_command(run: str, config: dict, tasks: list[str]) -> str:
-    size = config.get("image_size")
-    res = f" --resolution {size[0]}" if isinstance(size, list) and len(size) == 2 and size[0] == size[1] else ""
+    size = config.get("image_size")   # [H, W] (decoder) or one side (world model)
+    size = size[0] if isinstance(size, list) and len(size) == 2 and size[0] == size[1] else size
+    res = f" --resolution {size}" if isinstance(size, int) and not isinstance(size, bool) else ""
     shown = ",".join(tasks[:3]) if tasks else "TASKS"
     return f"wm eval --policy {run} --tasks {shown} --episodes 10{res} --out {run}/eval"
 
@@ -406,13 +407,14 @@ def _use_section(cls: str | None, location: str, spec: Any, config: dict, tasks:
 
 # ---------------------------------------------------------------- the card
 
-def _card_data(run_cfg: dict, model_name: str, manifests: list, results: list[EvalResult]) -> ModelCardData:
+def _card_data(run_cfg: dict, model_name: str, manifests: list) -> ModelCardData:
+    """The front matter of a new card (``wm eval`` adds ``eval_results`` to it later)."""
     name = run_cfg.get("model_name")
     recipe = recipe_of(run_cfg) if run_cfg else ""
     tags = ["robotics", LIBRARY] + ([name] if name else []) + ([f"{name}-{recipe}"] if name and recipe else [])
     datasets = sorted({d for p, _, _ in manifests if (d := hub_dataset_id(p))})
     return ModelCardData(library_name=LIBRARY, license=_license(), pipeline_tag=TASK_TYPE, tags=tags,
-                         datasets=datasets or None, model_name=model_name, eval_results=results or None)
+                         datasets=datasets or None, model_name=model_name)
 
 
 def model_card(folder: str | Path, *, run_dir: str | Path | None = None, location: str | Path | None = None,
@@ -423,8 +425,9 @@ def model_card(folder: str | Path, *, run_dir: str | Path | None = None, locatio
     ``run_dir``: where ``metrics.jsonl`` is (default ``folder``'s parent when it is a run folder);
     ``location``: the folder the card's load snippet names (default ``folder``; the trainer writes the
     card into ``final.tmp`` and names ``RUN/final``); ``spec``: the model's ``ModelSpec`` (which ``wm``
-    commands apply; default: the registered model that ``run_config.yaml`` names); ``model``: the model (its parameter count; else the stored tensors are counted);
-    ``step`` / ``world_size``: the run's last step and number of ranks, when known."""
+    commands apply; default: the registered model that ``run_config.yaml`` names); ``model``: the
+    model (its parameter count; else the stored tensors are counted); ``step`` / ``world_size``: the
+    run's last step and number of ranks, when known."""
     folder = Path(folder)
     spec = spec if spec is not None else _spec_of(folder)
     if run_dir is None and is_run(folder.parent):
@@ -445,17 +448,17 @@ def model_card(folder: str | Path, *, run_dir: str | Path | None = None, locatio
         {t for _, m, _ in manifests for t in ((m or {}).get("tasks") or {}) if t})
     kind = run_cfg.get("model_name") or "model"
     recipe = recipe_of(run_cfg) if run_cfg else ""
-    body = [CARD_MARK, "", f"# {kind} `{run_name}`", "",
-            f"A {_code(kind)} model{f' (recipe {_code(recipe)})' if recipe else ''} trained by wm-pipeline "
-            f"{_version()} with `wm train`.", "",
+    made = (f"A {_code(kind)} model{f' (recipe {_code(recipe)})' if recipe else ''} trained by wm-pipeline "
+            f"{_version()} with `wm train`." if run_cfg else
+            f"A model saved with `save_pretrained`, outside a `wm train` run (card by wm-pipeline {_version()}).")
+    body = [CARD_MARK, "", f"# {kind} `{run_name}`", "", made, "",
             *_model_section(config, config_note, run_cfg, model, folder),
             *_data_section(run_cfg, manifests),
             *_training_section(run_cfg, config, config_note, step, world_size, rows),
             *_metrics_section(rows, why),
             *_eval_section([], _is_policy(spec), _eval_command(_run_of(location), config, tasks)),
             *_use_section(cls, location, spec, config, tasks)]
-    data_ = _card_data(run_cfg, run_name, manifests, [])
-    return ModelCard(f"---\n{data_.to_yaml()}\n---\n" + "\n".join(body))
+    return ModelCard(f"---\n{_card_data(run_cfg, run_name, manifests).to_yaml()}\n---\n" + "\n".join(body))
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -576,8 +576,9 @@ def record_closed_loop_eval(policy: str | Path, results: dict[str, Any], results
     except FolderBusy as e:   # another eval kept writing the card for LOCK_WAIT_S
         log.warning("%s; this evaluation is not recorded in the model card", e)
         return None
-    except (OSError, ValueError) as e:   # a read-only folder, a card whose YAML someone broke
-        log.warning("%s: the evaluation could not be recorded in the model card (%s)", path, e)
+    except Exception as e:   # a read-only folder, a card whose YAML someone broke, results of another shape
+        log.warning("%s: the evaluation could not be recorded in the model card (%s: %s)", path, type(e).__name__,
+                    " ".join(str(e).split())[:300])
         return None
     log.info("recorded the closed-loop evaluation in %s", path)
     return path

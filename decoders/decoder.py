@@ -377,22 +377,23 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
 
     def predict_action_chunk(
         self, frames, state=None, task=None, latent=None, generator: torch.Generator | None = None,
-        n_steps: int | None = None, embodiment=None,
+        n_steps: int | None = None, embodiment=None, noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """frames uint8 ``[B, T, C, H, W]`` (the last ``n_obs_steps`` are used; ``[B, C, H, W]`` when
         ``n_obs_steps == 1``), state ``[B, S]`` (or ``[B, T, S]``: the last is used), task ``str`` or
         ``list[str]``, latent ``[B, H_l, D_l]`` -> raw actions ``[B, H, A]`` (float32, unnormalised).
-        ``generator`` (on the model's device) fixes the noise; ``n_steps`` overrides the config.
+        ``generator`` (on the model's device) fixes the noise, or ``noise`` ``[B, H, A]`` is the noise
+        itself (e.g. each row drawn from its own episode's generator); ``n_steps`` overrides the config.
 
         The condition (image encoder, state, task, latent) is computed once per chunk; each sampling
         step runs only the velocity network. Runs under ``torch.inference_mode`` (no autograd
         bookkeeping); the returned chunk is a clone made outside it, an ordinary tensor callers may
         modify in place."""
         with torch.inference_mode():
-            chunk = self._sample_chunk(frames, state, task, latent, generator, n_steps, embodiment)
+            chunk = self._sample_chunk(frames, state, task, latent, generator, n_steps, embodiment, noise)
         return chunk.clone()
 
-    def _sample_chunk(self, frames, state, task, latent, generator, n_steps, embodiment) -> torch.Tensor:
+    def _sample_chunk(self, frames, state, task, latent, generator, n_steps, embodiment, noise) -> torch.Tensor:
         cfg = self.config
         frames = torch.as_tensor(frames)
         if frames.dim() == 4:
@@ -409,7 +410,12 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
             state = (state[:, -1] if state.dim() == 3 else state).to(device)
         latent = None if latent is None else torch.as_tensor(latent).to(device)
         cond = self.encode_condition(frames, state, task, latent, emb_index)
-        noise = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=device)
+        shape = (b, cfg.horizon, cfg.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise is {list(noise.shape)}, the decoder needs {list(shape)}")
+        noise = noise.to(device)
         steps = n_steps or cfg.sampling_steps
         sampler = sample_flow_matching if cfg.objective == "fm" else sample_meanflow
         chunk = sampler(self.velocity, noise, cond, n_steps=steps)

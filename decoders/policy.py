@@ -284,20 +284,23 @@ class DecoderPolicy(ChunkedPolicy):
             self.latent_source.reset(self.base_seed if seed is None else seed)
 
     def predict_chunk(self, obs_history: dict[str, Any]) -> np.ndarray:
-        frames = frames_tensor(obs_history["image"])
-        state = None
-        if self.state_dim:
-            state = torch.as_tensor(np.asarray(obs_history["state"][-1], np.float32))[None]
-            if state.shape[-1] != self.state_dim:
-                raise ValueError(f"observation state has {state.shape[-1]} dims, the decoder was trained "
-                                 f"on {self.state_dim}")
         latent = None
         if self.latent_source is not None:
             latent = torch.as_tensor(self.latent_source(obs_history)).float()[None]
-        chunk = self.decoder.predict_action_chunk(frames, state, obs_history.get("task"), latent,
-                                                  generator=self.generator, n_steps=self.n_steps,
-                                                  embodiment=self.embodiment)
+        chunk = self.decoder.predict_action_chunk(frames_tensor(obs_history["image"]), self._state([obs_history]),
+                                                  obs_history.get("task"), latent, generator=self.generator,
+                                                  n_steps=self.n_steps, embodiment=self.embodiment)
         return chunk[0].cpu().numpy()
+
+    def _state(self, histories: list[dict[str, Any]]) -> torch.Tensor | None:
+        """The current state of each history ``[B, S]`` (None when the decoder takes no state)."""
+        if not self.state_dim:
+            return None
+        state = torch.as_tensor(np.stack([np.asarray(h["state"][-1], np.float32) for h in histories]))
+        if state.shape[-1] != self.state_dim:
+            raise ValueError(f"observation state has {state.shape[-1]} dims, the decoder was trained "
+                             f"on {self.state_dim}")
+        return state
 
     def reset_slot(self, slot: int, seed: int | None = None) -> None:
         if self.latent_source is not None:
@@ -309,29 +312,16 @@ class DecoderPolicy(ChunkedPolicy):
         """One batched decoder call for all ``slots``; each episode's noise is drawn from its own
         generator exactly as ``predict_chunk`` draws it, so chunks equal the one-at-a-time ones (up to
         float rounding of batched kernels)."""
-        from nets.flow import sample_flow_matching, sample_meanflow
-
         if len(slots) == 1:
             return super().predict_chunks(histories, slots)
-        d, cfg = self.decoder, self.decoder.config
-        frames = torch.cat([frames_tensor(h["image"]) for h in histories]).to(self.device)
-        frames = frames[:, -cfg.n_obs_steps:]
-        state = None
-        if self.state_dim:
-            state = torch.as_tensor(np.stack([np.asarray(h["state"][-1], np.float32) for h in histories]))
-            if state.shape[-1] != self.state_dim:
-                raise ValueError(f"observation state has {state.shape[-1]} dims, the decoder was trained "
-                                 f"on {self.state_dim}")
-            state = state.to(self.device)
+        cfg = self.decoder.config
         noise = []
         for slot in slots:
             self._enter(slot)
             noise.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=self.generator, device=self.device))
             self._leave(slot)
-        with torch.inference_mode():
-            emb_index = d._embodiment_index(self.embodiment, len(slots))
-            cond = d.encode_condition(frames, state, [h.get("task") for h in histories], None, emb_index)
-            sampler = sample_flow_matching if cfg.objective == "fm" else sample_meanflow
-            chunk = sampler(d.velocity, torch.cat(noise), cond, n_steps=self.n_steps or cfg.sampling_steps)
-            chunk = d.action_normalizer.unnormalize(chunk, emb_index).float()
+        chunk = self.decoder.predict_action_chunk(
+            torch.cat([frames_tensor(h["image"]) for h in histories]), self._state(histories),
+            [h.get("task") for h in histories], None, n_steps=self.n_steps, embodiment=self.embodiment,
+            noise=torch.cat(noise))
         return list(chunk.cpu().numpy())

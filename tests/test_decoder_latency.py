@@ -59,6 +59,23 @@ def test_predict_action_chunk_equals_the_plain_computation(objective):
     assert not torch.allclose(other, want)
 
 
+def test_given_noise_is_the_noise_the_generator_would_draw():
+    """``noise=`` (the batched policy path: one row per episode, each from its own generator) gives the
+    chunk that drawing the same noise from ``generator`` gives; a wrong shape is a one-line error."""
+    model = _decoder("fm")
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8, generator=g)
+    state = torch.randn(2, 6, generator=g)
+    cfg = model.config
+    noise = torch.randn((2, cfg.horizon, cfg.action_dim), generator=torch.Generator().manual_seed(7))
+    got = model.predict_action_chunk(frames, state, TASK, noise=noise, n_steps=2)
+    want = model.predict_action_chunk(frames, state, TASK, generator=torch.Generator().manual_seed(7), n_steps=2)
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, model.predict_action_chunk(frames, state, TASK, noise=noise * 0, n_steps=2))
+    with pytest.raises(ValueError, match=rf"noise is \[1, {cfg.horizon}, 4\], the decoder needs \[2, {cfg.horizon}, 4\]"):
+        model.predict_action_chunk(frames, state, TASK, noise=noise[:1], n_steps=2)
+
+
 def test_predicted_chunk_is_an_ordinary_tensor():
     """inference_mode inside, but callers get a tensor they can modify in place and use with autograd."""
     model = _decoder("meanflow")

@@ -10,7 +10,8 @@ and docs/STREAMING.md)::
     embodiment, task, key  str;  start  int
     <labeller>.<field>                     sidecar arrays, cut to the window when per-frame
 
-Two modes:
+It is a thin composition of the stages in ``shards.stages`` (list shards -> read samples -> window
+starts -> decode -> cut windows -> shuffle; each usable alone), in two modes:
 
 - ``"train"``: infinite. Every (rank, DataLoader worker) runs its own seeded RNG: it draws a source
   by ``weights``, walks that source's shards in a fresh random order each cycle, cuts
@@ -31,7 +32,6 @@ a counted, rate-limited warning (``SkipLog``) naming shard, key and member.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 from collections.abc import Collection, Iterator, Sequence
@@ -40,16 +40,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import default_collate
 
-from .decode import DecodeError, decode_video, resolve_backend
-from .format import ACTION, META, STATE, FormatError, SampleMeta, read_manifest, video_member
+from .decode import DecodeError, resolve_backend
+from .format import FormatError, SampleMeta, read_manifest
 from .location import Location, locate
-from .sidecar import has_sidecar, read_sidecar, read_sidecar_stats, sidecar_dir
+from .samples import (EncodedSample, decode_frames, frame_size, missing_keys, missing_message, parse_sample,
+                      resize_frames)
+from .sidecar import has_sidecar, read_sidecar, sidecar_dir
+from .stages import (SampleReader, SkipLog, collate_windows, cut_windows, dataset_shards, decode, flatten,
+                     label_starts, long_episodes, mix, random_starts, read_samples, shard_cycles, shuffle, span,
+                     split_shards, tiled_starts)
 # read_tar_samples resyncs past a damaged header: one bad spot costs the members it touches, never the
 # rest of the shard; importable from here too, where readers have always found it
-from .tar_reader import TarIssue, read_tar_samples  # noqa: F401
+from .tar_reader import TarIssue, read_tar_samples
+
+# names callers import from here (the stages and the sample helpers live in shards.stages / shards.samples)
+__all__ = ["WindowStream", "collate_windows", "make_loader", "iter_samples", "iter_shard_samples", "DecodedSample",
+           "EncodedSample", "SkipLog", "decode_frames", "label_starts", "locate_all", "missing_keys", "parse_sample",
+           "rank_and_world", "read_tar_samples", "resize_frames", "worker_and_count"]
 
 log = logging.getLogger(__name__)
 
@@ -77,147 +85,6 @@ def worker_and_count() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def label_starts(n_frames: int, window: int, stride: int) -> list[int]:
-    """Window starts that tile an episode: every frame lies in at least one window, in order.
-
-    Frames of each phase ``p < stride`` (p, p + stride, ...) are cut into consecutive blocks of
-    ``window``; when the last block would run past the end it is moved back to end on the last
-    frame of that phase (overlapping its predecessor). Phases with fewer than ``window`` frames
-    give no window. Sorted, no repeats.
-    """
-    starts = set()
-    for p in range(min(stride, n_frames)):
-        m = (n_frames - p + stride - 1) // stride  # frames in this phase
-        if m < window:
-            continue
-        q = list(range(0, m - window + 1, window))
-        if q[-1] + window < m:
-            q.append(m - window)
-        starts.update(p + i * stride for i in q)
-    return sorted(starts)
-
-
-# ---------------------------------------------------------------- reading
-
-WARN_FIRST = 10   # skipped samples warned about one by one per process; then only at powers of two
-
-
-class SkipLog:
-    """Counts the samples (and shard damage) a stream skips in this process, and warns about them
-    rate-limited: each distinct problem is counted once (train mode meets it again every cycle), the
-    first ``WARN_FIRST`` are warned about one by one, later ones when the count reaches a power of two."""
-
-    def __init__(self):
-        self.count = 0
-        self.seen: set[str] = set()
-
-    def skip(self, ident: str, message: str) -> None:
-        if ident in self.seen:
-            return
-        self.seen.add(ident)
-        self.count += 1
-        if self.count <= WARN_FIRST or self.count & (self.count - 1) == 0:
-            more = "; further skips are warned about at powers of two" if self.count == WARN_FIRST else ""
-            log.warning("skipping %s (skip %d in this process%s)", message, self.count, more)
-
-
-def _npy(sample: dict[str, Any], name: str, where: str, n_frames: int, dim: int) -> np.ndarray | None:
-    if name not in sample:
-        return None
-    member = f"{where}.{name}"
-    try:
-        arr = np.load(io.BytesIO(sample[name]), allow_pickle=False)
-        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub":
-            raise ValueError(f"not a numeric array ({type(arr).__name__} {getattr(arr, 'dtype', '')})")
-        arr = arr.astype(np.float32, copy=False)
-    except Exception as e:  # flipped header bytes raise ValueError, SyntaxError, EOFError, ... from numpy
-        raise FormatError(f"{member}: unreadable ({type(e).__name__}: {e})") from None
-    if arr.ndim != 2 or arr.shape[0] != n_frames or (dim and arr.shape[1] != dim):
-        raise FormatError(f"{member}: shape {list(arr.shape)}, meta.json says [n_frames={n_frames}, "
-                          f"{dim or 'D'}]")
-    return arr
-
-
-@dataclasses.dataclass
-class EncodedSample:
-    """One sample as stored: checked meta, the chosen camera's mp4 bytes, arrays."""
-
-    key: str
-    shard: Path
-    meta: SampleMeta
-    camera: str
-    video: bytes
-    action: np.ndarray | None  # float32 [n_frames, A]
-    state: np.ndarray | None   # float32 [n_frames, S]
-
-    @property
-    def where(self) -> str:
-        return f"{self.shard}:{self.key}"
-
-    @property
-    def video_where(self) -> str:
-        """The video member, for decode errors: ``shard:key.<camera>.mp4``."""
-        return f"{self.where}.{video_member(self.camera)}"
-
-
-def _members(raw: dict[str, Any]) -> list[str]:
-    return sorted(k for k in raw if not k.startswith("__"))
-
-
-def parse_sample(raw: dict[str, Any], shard: Path, camera: str | None) -> EncodedSample:
-    """Validate one raw tar sample; ``FormatError`` naming shard, key and member when it is malformed."""
-    key = raw["__key__"]
-    where = f"{shard}:{key}"
-    if META not in raw:
-        raise FormatError(f"{where}: no member {key}.{META} (the sample has {_members(raw)})")
-    meta = SampleMeta.from_json(raw[META], where=f"{where}.{META}")
-    if meta.key != key:
-        raise FormatError(f"{where}.{META}: says key {meta.key!r}")
-    cam = camera or meta.cameras[0]
-    if cam not in meta.cameras:
-        raise FormatError(f"{where}: no camera {cam!r} (its {META} lists cameras {meta.cameras})")
-    if video_member(cam) not in raw:
-        raise FormatError(f"{where}: no member {key}.{video_member(cam)} for camera {cam!r} listed in its "
-                          f"{META} (the sample has {_members(raw)})")
-    for name, dim, flag in ((ACTION, meta.action_dim, meta.has_action), (STATE, meta.state_dim, meta.state_dim > 0)):
-        if flag and name not in raw:
-            raise FormatError(f"{where}: no member {key}.{name}, but its {META} gives it {name.split('.')[0]} "
-                              f"dim {dim} (the sample has {_members(raw)})")
-    return EncodedSample(key, shard, meta, cam, raw[video_member(cam)],
-                         _npy(raw, ACTION, where, meta.n_frames, meta.action_dim),
-                         _npy(raw, STATE, where, meta.n_frames, meta.state_dim))
-
-
-def missing_keys(listed: Sequence[str] | None, seen: Collection[str]) -> list[str]:
-    """Keys the manifest lists for a shard that reading it did not find, in manifest order."""
-    return [k for k in listed or () if k not in seen]
-
-
-def resize_frames(frames: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, *size]`` (bilinear with antialias; no-op when equal)."""
-    if size is None or tuple(frames.shape[-2:]) == tuple(size):
-        return frames
-    x = F.interpolate(frames.float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _size(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if resize is None:
-        return None
-    size = (int(resize), int(resize)) if isinstance(resize, int) else tuple(int(v) for v in resize)
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"resize must be a positive int or (H, W), got {resize!r}")
-    return size
-
-
-def decode_frames(sample: EncodedSample, indices: np.ndarray | None, backend: str,
-                  size: tuple[int, int] | None) -> torch.Tensor:
-    """Frames ``indices`` (all when None) of a sample as uint8 ``[N, C, H, W]``, resized."""
-    frames = decode_video(sample.video, indices, backend, source=sample.video_where)
-    # one contiguous NCHW copy per episode: windows are then cheap views/copies of it (indexing a
-    # permuted view per window costs ~6x more, and far more when torch threads compete for cores)
-    return resize_frames(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), size)
-
 
 # ---------------------------------------------------------------- whole episodes
 
@@ -237,12 +104,6 @@ class DecodedSample:
     error: str | None = None
 
 
-def _missing_message(shard: Path, keys: list[str], issues: list[TarIssue]) -> str:
-    why = f"; the shard is damaged: {issues[0]}" if issues else ""
-    return (f"{shard}: {len(keys)} sample(s) the manifest lists are not in the shard: "
-            f"{keys[:10]}{' ...' if len(keys) > 10 else ''}{why}")
-
-
 def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | None = None,
                        resize=None, backend: str = "auto", errors: str = "raise") -> Iterator[DecodedSample]:
     """Decode every episode of shard ``shard_index`` of ``data_dir`` in order.
@@ -258,7 +119,7 @@ def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | 
     data_dir = locate(data_dir)
     entry = read_manifest(data_dir)["shards"][shard_index]
     shard, listed = data_dir / entry["name"], entry.get("keys")
-    size = _size(resize)
+    size = frame_size(resize)
     record = errors == "record"
     issues: list[TarIssue] | None = [] if record else None
     reported, seen = 0, set()
@@ -291,7 +152,7 @@ def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | 
         log.warning("%s", issue)
     missing = missing_keys(listed, seen)
     if missing and not record:
-        raise FormatError(_missing_message(shard, missing, []))
+        raise FormatError(missing_message(shard, missing, []))
     for key in missing:
         why = f" (the shard is damaged: {issues[0]})" if issues else ""
         yield DecodedSample(key, shard, shard_index, data_dir, None, None, None, None,
@@ -308,24 +169,6 @@ def iter_samples(data: str | Path | Sequence[str | Path], *, camera: str | None 
         shards = shards[rank::world][worker::workers]
     for d, i in shards:
         yield from iter_shard_samples(d, i, camera=camera, resize=resize, backend=backend, errors=errors)
-
-
-# ---------------------------------------------------------------- windows
-
-def _take(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-    """``x[rows]``: a strided view when ``rows`` are evenly spaced (the usual case), else a copy."""
-    step = int(rows[1] - rows[0]) if len(rows) > 1 else 1
-    if step > 0 and (np.diff(rows) == step).all():
-        return x[int(rows[0]): int(rows[-1]) + 1: step]
-    return x[torch.from_numpy(rows)]
-
-
-def _padded(arr: np.ndarray | None, dim: int, n_frames: int) -> torch.Tensor:
-    """float32 ``[n_frames, dim]``: ``arr`` zero-padded to the stream's widest dim (zeros when None)."""
-    out = torch.zeros(n_frames, dim)
-    if arr is not None:
-        out[:, : arr.shape[1]] = torch.from_numpy(arr)
-    return out
 
 
 class WindowStream(torch.utils.data.IterableDataset):
@@ -372,8 +215,7 @@ class WindowStream(torch.utils.data.IterableDataset):
             raise ValueError(f"keys must have one entry per data dir ({len(self.dirs)}), got {len(keys)}")
         self.keys = {d: frozenset(k) for d, k in zip(self.dirs, keys or []) if k is not None}
         # shards without a wanted key are dropped up front: they would only be read to be skipped
-        self.shards = [[d / s["name"] for s in m["shards"] if d not in self.keys or self.keys[d] & set(s["keys"])]
-                       for d, m in zip(self.dirs, manifests)]
+        self.shards = [dataset_shards(d, m, self.keys.get(d)) for d, m in zip(self.dirs, manifests)]
         sizes = [m["totals"]["samples"] if d not in self.keys else len(self.keys[d])
                  for d, m in zip(self.dirs, manifests)]
         if weights is None:
@@ -394,7 +236,7 @@ class WindowStream(torch.utils.data.IterableDataset):
                 if name not in self.dir_labels[d] and not (optional_labels and self._has_label(name)):
                     raise FormatError(f"{sidecar_dir(d, name)}: no labels '{name}' for dataset {d}")
         self.label_templates = {n: self._label_template(n) for n in self.labels} if optional_labels else {}
-        self.window, self.stride, self.camera, self.size = window, stride, camera, _size(resize)
+        self.window, self.stride, self.camera, self.size = window, stride, camera, frame_size(resize)
         # resolving imports the backend's library here, before any fork, so workers share it instead
         # of each importing it (~0.5 s CPU); decoder objects are still only made inside workers
         self.backend = resolve_backend(backend)
@@ -403,10 +245,10 @@ class WindowStream(torch.utils.data.IterableDataset):
         self.on_error = on_error or ("skip" if mode == "train" else "raise")
         if self.on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        self.span = (window - 1) * stride + 1  # frames a window covers in its episode
-        # data dir -> shard name -> the keys its manifest lists: what reading each shard must find
-        self.listed = {d: {s["name"]: s.get("keys") for s in m["shards"]} for d, m in zip(self.dirs, manifests)}
+        self.span = span(window, stride)  # frames a window covers in its episode
         self.skips = SkipLog()  # per process: each DataLoader worker counts its own
+        self.reader = SampleReader(camera=camera, labels=self.dir_labels, keys=self.keys,
+                                   manifests=dict(zip(self.dirs, manifests)), on_error=self.on_error, skips=self.skips)
 
     def _has_label(self, name: str) -> bool:
         return any(name in have for have in self.dir_labels.values())
@@ -421,177 +263,29 @@ class WindowStream(torch.utils.data.IterableDataset):
                     return {f: (tuple(a.shape[1:]), a.dtype) for f, a in row.items()}
         raise FormatError(f"labels '{name}': no labelled sample in any of {[str(d) for d in self.dirs]}")
 
-    # -- one shard -> episodes with their sidecar rows
-
-    def _episodes(self, data_dir: Path, shard: Path) -> Iterator[tuple[EncodedSample, dict[str, dict]]]:
-        """The shard's usable samples with their sidecar rows. Skip mode: every problem (damaged tar,
-        malformed sample, manifest keys the shard lacks) is a counted, rate-limited warning naming
-        shard, key and member, and costs only the samples it touches; raise mode raises it."""
-        sidecars = {}
-        for name in self.dir_labels[data_dir]:
-            stats = read_sidecar_stats(data_dir, name, shard.name)
-            sidecars[name] = (read_sidecar(data_dir, name, shard.name), {f.get("key") for f in stats["failures"]})
-        wanted = self.keys.get(data_dir)
-        listed = self.listed[data_dir].get(shard.name)
-        issues: list[TarIssue] | None = [] if self.on_error == "skip" else None
-        reported, seen = 0, set()
-        for raw in read_tar_samples(shard, issues):
-            for issue in (issues or [])[reported:]:
-                self.skips.skip(f"{issue.shard}@{issue.offset}", f"damaged shard data: {issue}")
-            reported = len(issues or [])
-            key = raw["__key__"]
-            seen.add(key)
-            if wanted is not None and key not in wanted:
-                continue
-            try:
-                if listed is not None and key not in listed:
-                    raise FormatError(f"{shard}:{key}: a sample the manifest does not list for this shard")
-                sample = parse_sample(raw, shard, self.camera)
-            except FormatError as e:  # a malformed sample: it alone is lost
-                if self.on_error == "raise":
-                    raise
-                self.skips.skip(f"{shard}:{key}", f"malformed sample: {e}")
-                continue
-            rows = {}
-            for name, (table, failed) in sidecars.items():
-                if sample.key in failed:  # the labeller reported this sample: it has no label
-                    self.skips.skip(f"{sample.where}#{name}", f"{sample.where}: labeller '{name}' failed on "
-                                                                f"this sample")
-                    break
-                if sample.key not in table:
-                    raise FormatError(f"{sidecar_dir(data_dir, name) / shard.name}: no labels for key "
-                                      f"{sample.key!r} of video shard {shard}")
-                rows[name] = table[sample.key]
-            else:
-                yield sample, rows
-        for issue in (issues or [])[reported:]:
-            self.skips.skip(f"{issue.shard}@{issue.offset}", f"damaged shard data: {issue}")
-        missing = [k for k in missing_keys(listed, seen) if wanted is None or k in wanted]
-        if missing:
-            message = _missing_message(shard, missing, issues or [])
-            if self.on_error == "raise":
-                raise FormatError(message)
-            self.skips.skip(f"{shard}#missing", message)
-
-    def _windows(self, sample: EncodedSample, rows: dict[str, dict], starts: list[int]) -> list[dict[str, Any]]:
-        """Decode the frames ``starts`` need (once) and cut one window dict per start."""
-        if not starts:
-            return []
-        offsets = np.arange(self.window) * self.stride
-        needed = np.unique(np.add.outer(np.asarray(starts), offsets))
-        full = len(needed) == sample.meta.n_frames
-        try:
-            frames = decode_frames(sample, None if full else needed, self.backend, self.size)
-            if frames.shape[0] != len(needed):
-                raise DecodeError(sample.video_where, self.backend, f"{frames.shape[0]} frames, meta.json says "
-                                  f"{sample.meta.n_frames}")
-        except DecodeError as e:
-            if self.on_error == "raise":
-                raise
-            self.skips.skip(sample.where, f"undecodable sample: {e}")
-            return []
-        n = sample.meta.n_frames
-        action, state = _padded(sample.action, self.action_dim, n), _padded(sample.state, self.state_dim, n)
-        out = []
-        for start in starts:
-            idx = start + offsets
-            cut = slice(start, start + self.span, self.stride)  # views, no copy: collate copies once
-            w = {"frames": frames[cut] if full else _take(frames, np.searchsorted(needed, idx)),
-                 "action": action[cut], "state": state[cut],
-                 "action_mask": sample.action is not None, "state_mask": sample.state is not None,
-                 "embodiment": sample.meta.embodiment, "task": sample.meta.task, "key": sample.key, "start": start}
-            for name, fields in rows.items():
-                for field, arr in fields.items():
-                    per_frame = arr.ndim >= 1 and arr.shape[0] == sample.meta.n_frames
-                    w[f"{name}.{field}"] = torch.from_numpy(np.ascontiguousarray(arr[idx] if per_frame else arr))
-            for name, fields in self.label_templates.items():   # optional labels: flag, zero-fill
-                w[f"{name}.present"] = name in rows
-                if name not in rows:
-                    for field, (shape, dtype) in fields.items():
-                        w[f"{name}.{field}"] = torch.from_numpy(np.zeros((self.window, *shape), dtype))
-            out.append(w)
-        return out
-
-    # -- the two modes
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The stages (``shards.stages``) for this process's (rank, worker)."""
         (rank, world), (worker, workers) = rank_and_world(), worker_and_count()
         if self.mode == "label":
-            return self._label_pass(rank, world, worker, workers)
-        return self._train_stream(rank, world, worker, workers)
-
-    def _label_pass(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        shards = [(d, s) for d, ss in zip(self.dirs, self.shards) for s in ss][rank::world][worker::workers]
-        for data_dir, shard in shards:
-            for sample, rows in self._episodes(data_dir, shard):
-                if self.label_every:
-                    starts = list(range(0, sample.meta.n_frames - self.span + 1, self.label_every))
-                else:
-                    starts = label_starts(sample.meta.n_frames, self.window, self.stride)
-                if not starts:
-                    log.warning("%s: %d frames, too short for a window of %d frames at stride %d (%d frames); "
-                                "no windows", sample.where, sample.meta.n_frames, self.window, self.stride, self.span)
-                yield from self._windows(sample, rows, starts)
-
-    def _cycle(self, source: int, rng: np.random.Generator, slot: int, slots: int) -> Iterator[tuple]:
-        """Episodes of one source forever, shards in a fresh random order each cycle."""
-        shards = self.shards[source]
-        mine = shards[slot::slots] if len(shards) >= slots else shards
-        while True:
-            usable = 0
-            for i in rng.permutation(len(mine)):
-                for sample, rows in self._episodes(self.dirs[source], mine[i]):
-                    if sample.meta.n_frames >= self.span:
-                        usable += 1
-                        yield sample, rows
-            if usable == 0:  # would otherwise spin forever without yielding
-                raise FormatError(f"{self.dirs[source]}: no episode with at least {self.span} frames "
-                                  f"(window {self.window}, stride {self.stride}) in shards {[s.name for s in mine]}")
-
-    def _train_stream(self, rank: int, world: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        rng = np.random.default_rng([self.seed, rank, worker])
-        slot, slots = rank * workers + worker, world * workers
-        active = [i for i, w in enumerate(self.weights) if w > 0]
-        cycles = {i: self._cycle(i, rng, slot, slots) for i in active}
-        probs = self.weights[active] / self.weights[active].sum()
-        buffer: list[dict[str, Any]] = []
-        while True:
-            sample, rows = next(cycles[active[rng.choice(len(active), p=probs)]])
-            starts = sorted(rng.integers(0, sample.meta.n_frames - self.span + 1, self.windows_per_episode).tolist())
-            buffer.extend(self._windows(sample, rows, starts))
-            # windows of one episode are correlated: hand out random picks once the buffer is full
-            while len(buffer) >= self.shuffle_buffer:
-                j = int(rng.integers(len(buffer)))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                yield buffer.pop()
+            shards = split_shards([(d, s) for d, ss in zip(self.dirs, self.shards) for s in ss],
+                                  rank, world, worker, workers)
+            starts = tiled_starts(read_samples(shards, self.reader), self.window, self.stride, self.label_every)
+        else:
+            rng = np.random.default_rng([self.seed, rank, worker])
+            slot, slots = rank * workers + worker, world * workers
+            active = [i for i, w in enumerate(self.weights) if w > 0]
+            sources = [long_episodes(shard_cycles(self.shards[i], rng, slot, slots), self.dirs[i], self.reader,
+                                     self.window, self.stride) for i in active]
+            probs = self.weights[active] / self.weights[active].sum()
+            starts = random_starts(mix(sources, probs, rng), rng, self.window, self.stride, self.windows_per_episode)
+        decoded = decode(starts, window=self.window, stride=self.stride, backend=self.backend, size=self.size,
+                         on_error=self.on_error, skips=self.skips)
+        groups = cut_windows(decoded, window=self.window, stride=self.stride, action_dim=self.action_dim,
+                             state_dim=self.state_dim, optional_labels=self.label_templates)
+        return flatten(groups) if self.mode == "label" else shuffle(groups, self.shuffle_buffer, rng)
 
 
 # ---------------------------------------------------------------- batching
-
-def collate_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack window dicts into a batch (docs/CONTRACTS.md): tensors stacked, flags and starts as
-    tensors, strings as lists. ``action`` / ``state`` of different widths are zero-padded."""
-    if not windows:
-        raise ValueError("cannot collate an empty list of windows")
-    batch: dict[str, Any] = {}
-    for name in windows[0]:
-        values = [w[name] for w in windows]
-        if isinstance(values[0], torch.Tensor):
-            if name in ("action", "state"):
-                width = max(v.shape[-1] for v in values)
-                values = [v if v.shape[-1] == width else F.pad(v, (0, width - v.shape[-1])) for v in values]
-            if len({tuple(v.shape) for v in values}) > 1:
-                raise ValueError(f"cannot batch '{name}': shapes differ {sorted({tuple(v.shape) for v in values})}")
-            # default_collate stacks straight into shared memory inside a DataLoader worker
-            batch[name] = default_collate(values)
-        elif isinstance(values[0], bool):
-            batch[name] = torch.tensor(values, dtype=torch.bool)
-        elif isinstance(values[0], int):
-            batch[name] = torch.tensor(values, dtype=torch.int64)
-        else:
-            batch[name] = values
-    return batch
-
 
 def make_loader(stream: WindowStream, batch_size: int, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
     """A DataLoader over ``stream`` with ``collate_windows``; workers stay alive between epochs.

@@ -111,10 +111,14 @@ def _optimizer_from_files(directory: Path, template: dict) -> dict:
         state.setdefault(int(index), {}).update(entry)
     groups = meta["param_groups"]
     # JSON turned tuples (AdamW betas) into lists; give them back the live optimizer's types.
+    # The kernel (optim.impl: fused / foreach) is the live optimizer's, not state: a resume may change it.
     for group, live in zip(groups, template["param_groups"]):
         for k, v in live.items():
             if isinstance(v, tuple) and isinstance(group.get(k), list):
                 group[k] = tuple(group[k])
+        for k in ("fused", "foreach"):
+            if k in live:
+                group[k] = live[k]
     return {"state": state, "param_groups": groups}
 
 

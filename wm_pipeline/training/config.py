@@ -63,6 +63,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1                         # cosine floor as a fraction of lr
     grad_clip: float = 1.0                            # max global grad norm; 0 disables
     grad_accum: int = 1                               # micro-batches per optimizer step
+    impl: str = "auto"                                # AdamW kernel: auto (fused on CUDA, foreach otherwise) |
+                                                      # fused | foreach | for-loop (the same maths)
 
 
 @dataclass
@@ -79,6 +81,9 @@ class TrainConfig:
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])   # tensorboard, wandb
     wandb_project: str = "wm-pipeline"
     progress: bool = True                             # tqdm bar on rank 0
+    compile: bool = False                             # torch.compile the training forward + loss (EMA/eval eager)
+    compile_mode: str = "default"                     # default | reduce-overhead | max-autotune |
+                                                      # max-autotune-no-cudagraphs (torch.compile's mode)
 
 
 @dataclass
@@ -138,6 +143,8 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for-loop")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LOGGERS = ("tensorboard", "wandb")
 
 
@@ -370,6 +377,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"config key 'ema.decay': must be in [0, 1), got {cfg.ema.decay}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"config key 'train.precision': {t.precision!r} is not one of {list(PRECISIONS)}")
+    if o.impl not in OPTIMIZER_IMPLS:
+        raise ConfigError(f"config key 'optim.impl': {o.impl!r} is not one of {list(OPTIMIZER_IMPLS)}")
+    if t.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"config key 'train.compile_mode': {t.compile_mode!r} is not one of {list(COMPILE_MODES)}")
     for name in t.log_with:
         if name not in LOGGERS:
             raise ConfigError(f"config key 'train.log_with': {name!r} is not one of {list(LOGGERS)}")

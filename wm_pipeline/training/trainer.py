@@ -115,13 +115,39 @@ def fill_from_data(cfg: config_mod.RunConfig, spec: ModelSpec, info: DatasetInfo
     return config_mod.validate(work if filled is None else filled)
 
 
-def build_optimizer(model: torch.nn.Module, o: config_mod.OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and kernels only (not biases, norms, embeddings' scales)."""
+def build_optimizer(model: torch.nn.Module, o: config_mod.OptimConfig,
+                    device: torch.device | str | None = None) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and kernels only (not biases, norms, embeddings' scales).
+    ``o.impl`` picks the kernel (``optimizer_impl``) for ``device``, where the model will train
+    (default: where its parameters are now)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas))
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas),
+                             **optimizer_impl(o.impl, device))
+
+
+def optimizer_impl(impl: str, device: torch.device) -> dict[str, bool]:
+    """AdamW's kernel flags for ``optim.impl``: ``auto`` is fused on CUDA, foreach elsewhere; ``fused``
+    (one kernel for all parameters), ``foreach`` (one op per step over the parameter list) and
+    ``for-loop`` (per parameter) compute the same update."""
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True, "fused": False},
+            "for-loop": {"foreach": False, "fused": False}}[impl]
+
+
+def compile_model(model: torch.nn.Module, t: config_mod.TrainConfig) -> torch.nn.Module:
+    """With ``train.compile``, ``model`` (as ``accelerate.prepare`` returned it: DDP-wrapped on several
+    ranks, so that compiling it lets dynamo split the graph at DDP's buckets, as torch's docs advise)
+    compiled in place (``nn.Module.compile``): calls go through ``torch.compile``, but no wrapper
+    module is made, so ``state_dict`` keys, ``unwrap_model``, checkpoints and the EMA copy (made before,
+    eager) are those of the eager model."""
+    if t.compile:
+        model.compile(mode=None if t.compile_mode == "default" else t.compile_mode)
+    return model
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -405,9 +431,10 @@ class _Run:
         if spec.warm_start and cfg.init and checkpoint.latest_checkpoint(run_dir) is None:
             checkpoint.load_init_weights(model, cfg.init)   # fine-tuning; a resume loads its own weights
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, self.acc.device)
         self.scheduler = build_scheduler(optimizer, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        compile_model(self.model, cfg.train)   # training forward + loss; eval runs the EMA model eagerly
         self.ema.model.to(self.acc.device)
         set_seed(derive_seed(seed, "rank", self.rank))   # model-internal noise differs per rank
         self.step, self.resumed_from, self.bad_steps = 0, None, 0

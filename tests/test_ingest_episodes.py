@@ -13,13 +13,27 @@ import h5py
 import numpy as np
 
 from shards.format import read_manifest
+from wm_pipeline.cli.main import main
 
 
 def wm(*args: str, check_rc: int) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=600)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == check_rc, proc.stdout + proc.stderr
     return proc
+
+
+def wm_here(capsys, *args: str, check_rc: int) -> subprocess.CompletedProcess:
+    """``wm`` run by the same ``main()`` in this process (a fresh interpreter costs seconds; the round trips
+    above run real ones). An exception escapes to the test instead of printing a traceback."""
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as e:   # argparse errors, as `python -m wm_pipeline` ends with them
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == check_rc, out + err
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def read_samples(out: Path) -> dict[str, dict[str, bytes]]:
@@ -134,7 +148,7 @@ def write_robomimic(path: Path, rng, lengths: list[int], bad_demo: int | None = 
     return demos
 
 
-def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path):
+def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path, capsys):
     rng = np.random.default_rng(1)
     demos = write_robomimic(tmp_path / "lift.hdf5", rng, [8, 9, 12], bad_demo=1)
     (tmp_path / "broken.hdf5").write_bytes(b"\x89HDF not really")
@@ -160,9 +174,9 @@ def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path):
         assert meta["episode_index"] == int(name[-1])
 
     out2 = tmp_path / "out2"
-    wm("ingest", "episodes", str(tmp_path / "lift.hdf5"), "--format", "hdf5", "--out", str(out2),
-       "--camera", "agentview", "--state-keys", "robot0_gripper_qpos,robot0_eef_pos", "--embodiment", "panda",
-       check_rc=3)
+    wm_here(capsys, "ingest", "episodes", str(tmp_path / "lift.hdf5"), "--format", "hdf5", "--out", str(out2),
+            "--camera", "agentview", "--state-keys", "robot0_gripper_qpos,robot0_eef_pos", "--embodiment", "panda",
+            check_rc=3)
     m = by_source(read_samples(out2))[f"{tmp_path / 'lift.hdf5'}::demo_2"]
     meta = json.loads(m["meta.json"])
     d = demos["demo_2"]
@@ -172,13 +186,14 @@ def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path):
     assert npy(m["state.npy"]).tobytes() == expected.tobytes()
 
 
-def test_hdf5_filter_key_ep_meta_language_and_a_low_dim_file(tmp_path):
+def test_hdf5_filter_key_ep_meta_language_and_a_low_dim_file(tmp_path, capsys):
     rng = np.random.default_rng(3)
     demos = write_robomimic(tmp_path / "image.hdf5", rng, [6, 7, 8, 9, 6], lang="lift the cube", valid=(1, 3))
     write_robomimic(tmp_path / "low_dim.hdf5", rng, [6, 7], images=False, valid=(1,))
     out = tmp_path / "train"
-    proc = wm("ingest", "episodes", str(tmp_path / "image.hdf5"), str(tmp_path / "low_dim.hdf5"), "--format", "hdf5",
-              "--filter-key", "train", "--camera", "agentview", "--out", str(out), "--workers", "1", check_rc=3)
+    proc = wm_here(capsys, "ingest", "episodes", str(tmp_path / "image.hdf5"), str(tmp_path / "low_dim.hdf5"),
+                   "--format", "hdf5", "--filter-key", "train", "--camera", "agentview", "--out", str(out),
+                   "--workers", "1", check_rc=3)
     assert "3 samples" in proc.stdout and "1 failure(s)" in proc.stdout
     reason = failures(out)["low_dim.hdf5"]   # one row for the file, not one per demo
     assert reason.startswith("no image observations") and "low-dim file" in reason and "\n" not in reason
@@ -191,14 +206,14 @@ def test_hdf5_filter_key_ep_meta_language_and_a_low_dim_file(tmp_path):
             demos[f"demo_{i}"]["actions"].tobytes()
 
     out_valid = tmp_path / "valid"
-    wm("ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "valid",
-       "--out", str(out_valid), "--workers", "1", check_rc=0)
+    wm_here(capsys, "ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "valid",
+            "--out", str(out_valid), "--workers", "1", check_rc=0)
     assert sorted(json.loads(m["meta.json"])["episode_index"] for m in read_samples(out_valid).values()) == [1, 3]
 
     out_bad = tmp_path / "bad"
-    wm("ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "test",
-       "--out", str(out_bad), "--workers", "1", check_rc=3)
+    wm_here(capsys, "ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "test",
+            "--out", str(out_bad), "--workers", "1", check_rc=3)
     assert failures(out_bad)["image.hdf5"] == "no filter key 'test': mask/ holds ['train', 'valid']"
-    proc = wm("ingest", "episodes", str(tmp_path), "--format", "npz", "--filter-key", "train", "--out",
-              str(tmp_path / "x"), check_rc=2)
+    proc = wm_here(capsys, "ingest", "episodes", str(tmp_path), "--format", "npz", "--filter-key", "train", "--out",
+                   str(tmp_path / "x"), check_rc=2)
     assert "--filter-key" in proc.stderr and "hdf5" in proc.stderr

@@ -14,7 +14,10 @@ FLOPs of one train step (counted by ``torch.utils.flop_counter``: matmuls, convo
 and, on CUDA, the model FLOPs utilisation against ``--peak-tflops`` (default: the H100 / H200 dense
 bf16 figure, 989), plus the median latency of each sampling mode at batch 1. ``--precision bf16`` runs
 under ``torch.autocast`` as the training runtime does on CUDA. The ``base-*`` configurations (146 M /
-273 M parameters) are for a GPU; they are not in the default CPU set.
+273 M parameters) are for a GPU; they are not in the default CPU set. ``--compile [MODE]`` times the
+train step with the model compiled as ``train.compile`` does it (FLOPs still counted eagerly), and
+``--optim-impl`` picks AdamW's kernel as ``optim.impl`` does (default: torch's own choice, as before);
+benchmarks/compile.py sets eager and compiled side by side in one run.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from tqdm import tqdm  # noqa: E402
 
 from nets import attention as attention_module  # noqa: E402
 from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec  # noqa: E402
+from wm_pipeline.training.config import TrainConfig  # noqa: E402
+from wm_pipeline.training.trainer import compile_model, optimizer_impl  # noqa: E402
 
 ACTION_DIM = 7
 EMB = {"robot": embodiment_spec(action_dim=ACTION_DIM)}
@@ -94,10 +99,11 @@ def median_ms(fn, repeats: int, warmup: int = 1, device: torch.device | None = N
 
 
 def bench(cfg: WorldModelConfig, batch_size: int, repeats: int, device: torch.device, precision: str,
-          peak_tflops: float) -> dict:
+          peak_tflops: float, optim_impl: str = "torch", compile_mode: str | None = None) -> dict:
     torch.manual_seed(0)
     model = WorldModel(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    kernel = {} if optim_impl == "torch" else optimizer_impl(optim_impl, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **kernel)
     batch = make_batch(cfg, batch_size)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -112,17 +118,20 @@ def bench(cfg: WorldModelConfig, batch_size: int, repeats: int, device: torch.de
         opt.step()
         return loss
 
-    step_ms = median_ms(step, repeats, warmup=2, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False)   # counted eagerly: the compiled step does the same maths
     with counter:
         loss = step()
     flops = counter.get_total_flops()
+    if compile_mode is not None:   # as the runtime does it (train.compile): the model's forward + loss
+        compile_model(model, TrainConfig(compile=True, compile_mode=compile_mode))
+    step_ms = median_ms(step, repeats, warmup=2 if compile_mode is None else 10, device=device)
     tokens = batch_size * model.num_tokens
     result = {"variant": cfg.variant, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
               "tokens_per_sample": model.num_tokens, "window": cfg.window, "batch": batch_size,
               "train_step_ms": step_ms, "train_tokens_per_s": round(tokens / (step_ms / 1000)),
               "train_samples_per_s": round(batch_size / (step_ms / 1000), 1),
-              "train_step_gflops": round(flops / 1e9, 2), "loss_finite": bool(torch.isfinite(loss).item())}
+              "train_step_gflops": round(flops / 1e9, 2), "loss_finite": bool(torch.isfinite(loss).item()),
+              "optim_impl": optim_impl, "compile_mode": compile_mode}
     if device.type == "cuda":
         result["mfu"] = round(flops / (step_ms / 1000) / (peak_tflops * 1e12), 4)
         result["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -158,6 +167,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="train batch size for every configuration (default: 8; base: 32)")
     parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
                         help="pin torch's scaled_dot_product_attention to one backend (default: torch picks)")
+    parser.add_argument("--optim-impl", default="torch", choices=["torch", "auto", "fused", "foreach", "for-loop"],
+                        help="AdamW kernel (optim.impl; torch: torch's own default, as before)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="compile the train step's model as train.compile does (MODE: train.compile_mode)")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the accelerator's dense peak for --precision, for MFU (H100/H200 bf16: 989)")
     args = parser.parse_args()
@@ -187,7 +200,7 @@ def main() -> None:
         for name, (cfg, batch_size) in (bar := tqdm(chosen.items(), desc="worldmodel bench")):
             bar.set_postfix_str(name)
             report["results"][name] = bench(cfg, args.batch or batch_size, args.repeats, device, args.precision,
-                                            args.peak_tflops)
+                                            args.peak_tflops, args.optim_impl, args.compile)
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     emit(report, args.out, indent=2)
 

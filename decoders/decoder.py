@@ -105,6 +105,11 @@ class DecoderConfig:
     # are saved with the decoder, so the trained decoder folder loads without this folder.
     encoder_init: str = ""
     freeze_encoder: bool = False
+    # With a frozen encoder: the batch key of its cached per-frame pooled features (``wm label
+    # --labeller RUN_AE`` writes ``autoencoder.features``). Training then reads them instead of running
+    # the stages on the frames (no image augmentation: the features were computed on unshifted
+    # frames); at run time the policy computes the same features from its frames.
+    feature_key: str = ""
 
     @property
     def window_length(self) -> int:
@@ -342,7 +347,11 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         obs = frames[:, : cfg.n_obs_steps]
         if self.training and cfg.augment_shift:
             obs = random_shift(obs, cfg.augment_shift)
-        features = self.image_features(obs)
+        if cfg.feature_key and cfg.feature_key in batch:   # cached features of the frozen stages
+            cached = batch[cfg.feature_key][:, : cfg.n_obs_steps].to(self.image_encoder.proj.weight.dtype)
+            features = self.image_encoder.proj(cached)
+        else:
+            features = self.image_features(obs)
         cond = self.encode_condition(obs, state, batch.get("task"), latent, emb_index, features)
         chunk = self.action_normalizer.normalize(action[:, now : now + cfg.horizon].float(), emb_index)
         if cfg.objective == "fm":
@@ -442,6 +451,12 @@ def _validate(cfg: DecoderConfig) -> None:
         problems.append(f"encoder_pool {cfg.encoder_pool!r} is not one of {POOLS}")
     if cfg.keypoints < 1:
         problems.append(f"keypoints must be >= 1, got {cfg.keypoints}")
+    if cfg.feature_key and not cfg.freeze_encoder:
+        problems.append("feature_key (cached encoder features) needs freeze_encoder=true: a trained encoder "
+                        "would no longer compute them")
+    if cfg.feature_key and cfg.augment_shift:
+        problems.append("feature_key (cached encoder features) cannot be combined with augment_shift > 0: "
+                        "the features were computed on unshifted frames")
     if cfg.aux_state_weight < 0:
         problems.append(f"aux_state_weight must be >= 0, got {cfg.aux_state_weight}")
     if cfg.aux_state_weight > 0:

@@ -5,6 +5,7 @@ unchanged (a frozen encoder gets no gradient) while its projection trains; the t
 without the autoencoder folder; the features `wm label --labeller RUN_AE` caches equal the decoder's
 frozen encoder output on the same frames; a folder that is not an autoencoder is a one-line error."""
 
+import itertools
 import shutil
 
 import numpy as np
@@ -97,6 +98,35 @@ def test_decoder_on_a_pretrained_frozen_encoder_end_to_end(tmp_path, capsys):
     with torch.inference_mode():
         want = decoder.image_encoder.features(torch.as_tensor(sample.frames)).numpy()
     np.testing.assert_allclose(row["features"], want, rtol=1e-5, atol=1e-5)
+
+    # training on the cached features: the same loss as running the frozen stages on the frames
+    cached_run = tmp_path / "dec-cached"
+    args = ["train", "decoder", "--data", str(demos), "--preset", "tiny", f"model.encoder_init={ae}",
+            "model.freeze_encoder=true", "model.feature_key=autoencoder.features", "train.max_steps=4",
+            "train.ckpt_every=4", "data.batch_size=4", "model.horizon=4", "model.n_obs_steps=1", *TRAIN]
+    assert main([*args, "--out", str(cached_run)]) == 0
+    from shards.stream import WindowStream, collate_windows
+
+    model = ActionDecoder.from_pretrained(str(cached_run / "final"))
+    windows = list(itertools.islice(WindowStream(str(demos), window=model.config.window_length, mode="train",
+                                                 seed=0, labels=("autoencoder",)), 4))
+    batch = collate_windows(windows)
+    assert batch["autoencoder.features"].shape[-1] == 16 * 16
+    live = {k: v for k, v in batch.items() if k != "autoencoder.features"}
+    torch.manual_seed(3)
+    loss_cached, _ = model(batch)
+    torch.manual_seed(3)
+    loss_live, _ = model(live)
+    torch.testing.assert_close(loss_cached, loss_live, rtol=1e-5, atol=1e-6)
+    # cached features with an augmentation, or from another autoencoder, are refused by name
+    assert main([*args, "model.augment_shift=2", "--out", str(tmp_path / "no-aug")]) == 2
+    assert "augment_shift" in capsys.readouterr().err
+    other = tmp_path / "ae2"
+    assert main(["train", "autoencoder", "--data", str(video), "--out", str(other), "--preset", "tiny",
+                 "model.encoder_channels=8,16", "train.max_steps=2", "train.ckpt_every=2", "train.seed=1", *TRAIN]) == 0
+    args[args.index(f"model.encoder_init={ae}")] = f"model.encoder_init={other}"
+    assert main([*args, "--out", str(tmp_path / "no-other")]) == 2
+    assert "other weights" in capsys.readouterr().err
 
     # a folder that is not an autoencoder is refused by name, before training
     assert main(["train", "decoder", "--data", str(demos), "--out", str(tmp_path / "no"), "--preset", "tiny",

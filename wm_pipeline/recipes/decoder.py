@@ -33,6 +33,7 @@ size are checked here, the action size and image size by the harness, all before
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +44,8 @@ from shards.batch_keys import ACTION, ACTION_MASK, EMBODIMENT, PRESENT, VALID, l
 from shards.dataset_info import DatasetInfo
 from wm_pipeline.jobs.closed_loop_eval import check_policy_fits
 from wm_pipeline.exit_codes import UsageError
-from wm_pipeline.run_folder import MODEL_CONFIG, model_folder
+from shards.stats import file_sha256
+from wm_pipeline.run_folder import MODEL_CONFIG, WEIGHTS, model_folder
 from wm_pipeline.training.few_shot import few_shot_keys
 from wm_pipeline.training.registry import ModelDataMismatch, default_stream
 from wm_pipeline.weights import from_pretrained, read_json
@@ -100,6 +102,8 @@ def prepare(cfg, info: DatasetInfo):
     if m.encoder_init:
         m = _prepare_encoder_init(m)
     labels = list(cfg.data.labels)
+    if m.feature_key:
+        labels = _prepare_cached_features(m, paths, labels)
     if policy == "latent":
         m, labels = _prepare_latent(cfg, m, paths)
     if policy == "idm-bc":
@@ -119,6 +123,41 @@ def _prepare_encoder_init(m: DecoderConfig) -> DecoderConfig:
         log.info("encoder_init %s: encoder_channels %s (the autoencoder's) instead of %s", folder, channels,
                  list(m.encoder_channels))
     return replace(m, encoder_init=folder, encoder_channels=channels)
+
+
+def _prepare_cached_features(m: DecoderConfig, paths: list[str], labels: list[str]) -> list[str]:
+    """model.feature_key=NAME.features: the sidecar NAME must be on every data folder (``wm label
+    --labeller RUN_AE``), written by the autoencoder the decoder starts from; returns data.labels with it."""
+    from shards.sidecar import has_sidecar
+
+    name = m.feature_key.split(".")[0]
+    if not m.encoder_init or not m.freeze_encoder:
+        raise UsageError(f"model.feature_key={m.feature_key} reads cached features of a frozen pretrained encoder: "
+                         f"set model.encoder_init=RUN_AE and model.freeze_encoder=true")
+    missing = [p for p in paths if not has_sidecar(p, name)]
+    if missing:
+        raise UsageError(f"model.feature_key={m.feature_key}: no '{name}' labels in {missing}; run "
+                         f"`wm label --labeller {m.encoder_init} --data DIR` first")
+    want = file_sha256(Path(m.encoder_init) / WEIGHTS)
+    for p in paths:
+        made_by = _sidecar_checkpoint(p, name)
+        if made_by is not None and made_by[1] != want:
+            raise UsageError(f"model.feature_key={m.feature_key}: the '{name}' labels in {p} were made by "
+                             f"{made_by[0]}, not by model.encoder_init={m.encoder_init} (other weights)")
+    return labels if name in labels else [*labels, name]
+
+
+def _sidecar_checkpoint(data: str, name: str) -> tuple[str, str] | None:
+    """(checkpoint folder, its weights' sha256) recorded in a local sidecar's labeller.json; None when
+    the record is not there to read (a remote folder): nothing to compare."""
+    from shards.sidecar import sidecar_dir
+
+    path = sidecar_dir(data, name) / "labeller.json"
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    return str(info.get("checkpoint")), str(info.get("checkpoint_sha256"))
 
 
 def _prepare_latent(cfg, m: DecoderConfig, paths: list[str]) -> tuple[DecoderConfig, list[str]]:

@@ -50,6 +50,11 @@ class FolderInfo:
     path: str
     manifest: dict[str, Any]
 
+    @classmethod
+    def read(cls, path) -> "FolderInfo":
+        """One folder (or URL, ``shards.location``) from its manifest (``read_manifest``: FormatError naming it)."""
+        return cls(str(path), read_manifest(path))
+
     @property
     def embodiments(self) -> dict[str, EmbodimentInfo]:
         return {name: EmbodimentInfo(name=name, path=self.path, action_dim=int(e["action_dim"]),
@@ -78,6 +83,10 @@ class FolderInfo:
     @property
     def episodes(self) -> int:
         return self.samples
+
+    def fps(self) -> list[float]:
+        """The distinct frame rates of its embodiments, sorted."""
+        return sorted({e.fps for e in self.embodiments.values()})
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ class DatasetInfo(Sequence):
 
     def fps(self) -> list[float]:
         """The distinct frame rates of every embodiment, sorted."""
-        return sorted({e.fps for f in self.folders for e in f.embodiments.values()})
+        return sorted({v for f in self.folders for v in f.fps()})
 
     @property
     def samples(self) -> int:

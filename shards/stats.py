@@ -26,7 +26,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .format import SCHEMA_NAME, SCHEMA_VERSION, FormatError, read_manifest, shard_name
+from .dataset_info import FolderInfo
+from .format import SCHEMA_NAME, SCHEMA_VERSION, FormatError, shard_name
 
 QUANTILE_ROWS = 256       # per shard, per embodiment and field: keeps stats.json small (~100 KB)
 FIELDS = ("action", "state")
@@ -190,9 +191,5 @@ def embodiment_stats(data_dir: str | Path) -> dict[str, dict[str, dict[str, np.n
     Returns ``{embodiment: {"action": {"mean": float32 [A], "std", "min", "max", "q01", "q99"},
     "state": {... float32 [S]}}}``; fields the embodiment has no data for are absent.
     """
-    manifest = read_manifest(data_dir)
-    out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    for name, info in manifest["embodiments"].items():
-        out[name] = {field: {k: np.asarray(v, np.float32) for k, v in stats.items()}
-                     for field, stats in info.get("stats", {}).items()}
-    return out
+    return {name: {field: {k: np.asarray(v, np.float32) for k, v in stats.items()} for field, stats in e.stats.items()}
+            for name, e in FolderInfo.read(data_dir).embodiments.items()}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import toy_models
-from shards.dataset_info import DatasetInfo
+from shards.dataset_info import DatasetInfo, FolderInfo
 from shards.format import read_manifest
 from shards.stats import embodiment_stats
 
@@ -33,6 +33,7 @@ def test_embodiments_dims_stats_and_totals_from_the_manifests(folders):
     assert list(bot.stats_f32(["action"])) == ["action"]
     assert info.resolutions() == {(16, 16)} and info.tasks() == ["square"] and info.fps() == [10.0]
     assert info.samples == 4 and info.folders[0].cameras == ["corner"]
+    assert FolderInfo.read(a) == info.folders[0] and info.folders[0].fps() == [10.0]   # one folder alone
 
 
 def test_prepare_returns_a_new_config_and_leaves_the_given_one(folders):

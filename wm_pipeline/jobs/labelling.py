@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from shards.batch_keys import VALID
-from shards.dataset_info import DatasetInfo
+from shards.dataset_info import DatasetInfo, FolderInfo
 from shards.model_folder import CLASS_KEY, class_name
 from wm_pipeline.exit_codes import UsageError
 from wm_pipeline.run_folder import MODEL_CONFIG, WEIGHTS, run_config_of, weights_folder
@@ -150,10 +150,6 @@ def load_labeller(run: str | Path) -> tuple[LabellerKind, Labeller]:
 
 # ---------------------------------------------------------------- fitting the data
 
-def data_fps(manifest: dict) -> list[float]:
-    return DatasetInfo.from_manifests([""], [manifest]).fps()
-
-
 def training_fps(run_config: dict) -> list[float]:
     """fps of the run's training data (from its manifests, when still readable), for the frame-gap check."""
     from shards.format import FormatError
@@ -167,15 +163,17 @@ def training_fps(run_config: dict) -> list[float]:
     return sorted(fps)
 
 
-def check_fits(lab: Labeller, data_dir: Path, manifest: dict, run: str) -> str:
-    """Fail (UsageError naming both) when the labeller cannot label ``data_dir``; returns the camera."""
-    cams = manifest.get("cameras") or []
+def check_fits(lab: Labeller, data_dir: Path, info: FolderInfo | dict, run: str) -> str:
+    """Fail (UsageError naming both) when the labeller cannot label ``data_dir`` (``info``: its
+    ``shards.dataset_info.FolderInfo``, or its manifest); returns the camera."""
+    if isinstance(info, dict):
+        info = FolderInfo(str(data_dir), info)
+    cams = info.cameras
     camera = lab.camera or (cams[0] if cams else None)
     if camera not in cams:
         raise UsageError(f"labeller {run} was trained on camera {lab.camera!r} but {data_dir} has cameras {cams}")
-    res = manifest.get("resolution")
-    if res:
-        h, w = int(res[0]), int(res[1])
+    if info.resolution:
+        h, w = info.resolution
         th, tw = lab.image_size
         if lab.resize and h * tw != w * th:
             raise UsageError(f"labeller {run} takes {th}x{tw} frames (resized from its data) but {data_dir} is "
@@ -183,14 +181,14 @@ def check_fits(lab: Labeller, data_dir: Path, manifest: dict, run: str) -> str:
         if not lab.resize and (h, w) != (th, tw):
             raise UsageError(f"labeller {run} takes {th}x{tw} frames (trained without resize) but {data_dir} is "
                              f"{h}x{w}")
-    mine = data_fps(manifest)
+    mine = info.fps()
     if lab.fps and mine and any(abs(a - b) > 0.01 * b for a in mine for b in lab.fps):
         gap = lab.stride * max(lab.tail, 1)
         raise UsageError(f"labeller {run} was trained on {lab.fps} fps video (frame gap {gap} frames = "
                          f"{1000 * gap / lab.fps[0]:.1f} ms) but {data_dir} is {mine} fps: the same frame gap "
                          f"would span another time interval")
     if lab.embodiments and len(lab.embodiments) > 1:
-        unknown = sorted(set(manifest["embodiments"]) - set(lab.embodiments))
+        unknown = sorted(set(info.embodiments) - set(lab.embodiments))
         if unknown:
             raise UsageError(f"labeller {run} knows embodiments {lab.embodiments} but {data_dir} has {unknown}")
     return camera
@@ -427,7 +425,7 @@ def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part:
                          f"(a folder, or an s3:// / gs:// URL)")
     manifest = read_manifest(data_dir)   # a URL without one: a one-line error naming it
     spec, lab = load_labeller(run)
-    camera = check_fits(lab, data_dir, manifest, run)
+    camera = check_fits(lab, data_dir, FolderInfo(str(data_dir), manifest), run)
     name = name or lab.kind
     info = labeller_info(lab, run, camera, batch_size)
     if rank == 0:   # each task of a Slurm array is a rank 0: they take turns on labeller.json

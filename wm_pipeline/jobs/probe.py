@@ -87,7 +87,7 @@ def _held_out(lab, data_dir) -> bool:
 
 def probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
           max_episodes: int | None = None, folds: int = 5, backend: str = "auto") -> dict[str, Any]:
-    from shards.format import read_manifest
+    from shards.dataset_info import FolderInfo
     from shards.location import locate, missing_folder
     from shards.stream import iter_samples
 
@@ -95,7 +95,7 @@ def probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None, bat
     if missing_folder(data_dir):
         raise UsageError(f"data folder {data_dir} does not exist")
     spec, lab = load_labeller(run)
-    camera = check_fits(lab, data_dir, read_manifest(data_dir), run)
+    camera = check_fits(lab, data_dir, FolderInfo.read(data_dir), run)
     samples = []
     for s in iter_samples(data_dir, camera=camera, resize=tuple(lab.image_size) if lab.resize else None,
                           backend=backend, errors="record", split=False):

@@ -92,6 +92,7 @@ def label_vae(data_dir: str | Path, vae_path: str | Path, name: str = KIND, *, r
     skipped. Returns ``{"shards", "skipped", "failures", "name"}``."""
     from tqdm import tqdm
 
+    from shards.dataset_info import FolderInfo
     from shards.format import read_manifest
     from shards.sidecar import (labeller_info_lock, read_labeller_info, sidecar_complete, sidecar_dir,
                                 write_labeller_info)
@@ -103,10 +104,13 @@ def label_vae(data_dir: str | Path, vae_path: str | Path, name: str = KIND, *, r
         read_json(vae_path / "config.json")   # a truncated config is named, not "not a VAE folder"
     if not is_vae_folder(vae_path):
         raise UsageError(f"{vae_path}: not a diffusers AutoencoderKL folder (config.json with _class_name AutoencoderKL)")
-    manifest = read_manifest(data_dir)
-    size = tuple(resize) if resize else tuple(int(v) for v in manifest["resolution"])
+    manifest = read_manifest(data_dir)   # the shard list below; the rest from its dataset info
+    data = FolderInfo(str(data_dir), manifest)
+    size = tuple(resize) if resize else data.resolution
+    if size is None:
+        raise UsageError(f"{data_dir}: its manifest records no frame size; pass resize=(H, W)")
     lab = load_vae_labeller(vae_path, image_size=size, resize=bool(resize))
-    camera = check_fits(lab, data_dir, manifest, str(vae_path))
+    camera = check_fits(lab, data_dir, data, str(vae_path))
     info = {"kind": KIND, "run": str(vae_path.resolve()), "checkpoint": str(vae_path.resolve()),
             "checkpoint_sha256": _weights_sha256(vae_path), "config": lab.config, "camera": camera,
             "image_size": list(size), "window": lab.window, "stride": 1, "tail": 0, "batch_size": batch_size,

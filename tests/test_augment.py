@@ -7,7 +7,7 @@ import torch
 
 from decoders.augment import random_shift
 from decoders.decoder import ActionDecoder
-from tests.test_decoder import N_OBS, make_batch, make_config, train
+from tests.test_decoder import mean_of, wake_zero_layers, N_OBS, make_batch, make_config, train
 
 
 def _ramp(b=6, t=3, c=3, h=16, w=16):
@@ -76,8 +76,7 @@ def test_decoder_with_random_shift_still_learns():
     batch = make_batch()
     model = ActionDecoder(make_config(batch, objective="fm", augment_shift=2))
     history = train(model, batch, steps=200, lr=3e-3)
-    first = sum(m["mse"] for m in history[:20]) / 20
-    last = sum(m["mse"] for m in history[-20:]) / 20
+    first, last = mean_of(history, "mse", slice(20)), mean_of(history, "mse", slice(-20, None))
     assert last < 0.5 * first, (first, last)
 
 
@@ -86,10 +85,7 @@ def test_state_indices_keep_only_the_chosen_state_dims():
     batch = make_batch()
     model = ActionDecoder(make_config(batch, objective="fm", state_indices=[0, 1, 2, 3])).eval()
     assert model.state_proj.in_features == 4
-    with torch.no_grad():   # zero-initialised layers (AdaLN-Zero, the output) would hide the condition
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
+    wake_zero_layers(model)
 
     def chunk(state):
         return model.predict_action_chunk(batch["frames"][:, :N_OBS], state, batch["task"],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoders.decoder import ActionDecoder
-from tests.test_decoder import N_OBS, make_batch, make_config, predict, train
+from tests.test_decoder import mean_of, wake_zero_layers, N_OBS, make_batch, make_config, predict, train
 
 
 def _batch_with_state_in_frames():
@@ -45,8 +45,7 @@ def test_aux_state_head_learns_the_state_from_the_frames_through_the_encoder():
     assert not torch.allclose(with_aux, plain.image_encoder.proj.weight.grad)   # the head trains the encoder
 
     history = train(model, batch, steps=150, lr=3e-3)
-    first = sum(m["aux_state_mse"] for m in history[:10]) / 10
-    last = sum(m["aux_state_mse"] for m in history[-10:]) / 10
+    first, last = mean_of(history, "aux_state_mse", slice(10)), mean_of(history, "aux_state_mse", slice(-10, None))
     assert last < 0.3 * first, (first, last)
 
 
@@ -55,10 +54,7 @@ def test_the_policy_never_reads_the_aux_state_dims():
     batch = make_batch()
     model = ActionDecoder(make_config(batch, objective="fm", state_indices=[0, 1, 2, 3],
                                       aux_state_indices=[4, 5, 6], aux_state_weight=1.0)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
+    wake_zero_layers(model)
     base = predict(model, batch)
     changed = {**batch, "state": batch["state"].clone()}
     changed["state"][..., 4:7] += 10.0

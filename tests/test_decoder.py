@@ -112,6 +112,21 @@ def train(model, batch, steps, lr):
     return history
 
 
+def wake_zero_layers(model):
+    """Give the zero-initialised layers (AdaLN-Zero, the output) random weights: at init they hide the
+    condition from the output and stop every gradient into the encoder."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return model
+
+
+def mean_of(history, key, rows):
+    """The mean of ``key`` over ``rows`` (a slice) of a training history."""
+    return sum(m[key] for m in history[rows]) / len(history[rows])
+
+
 def predict(model, batch, seed=1, **kw):
     return model.predict_action_chunk(
         batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1], batch["task"],

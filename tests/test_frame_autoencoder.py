@@ -16,7 +16,7 @@ from decoders.decoder import ActionDecoder
 from latent_actions.frame_autoencoder import FrameAutoencoder, FrameAutoencoderConfig
 from shards.sidecar import read_sidecar
 from shards.stream import iter_samples
-from tests.test_decoder import make_batch, make_config
+from tests.test_decoder import wake_zero_layers, make_batch, make_config
 from tests.test_policies_more import _demos, _make, _video
 from wm_pipeline.cli.main import main
 
@@ -52,10 +52,7 @@ def test_a_frozen_encoder_gets_no_gradient_and_its_projection_does():
     torch.manual_seed(0)
     batch = make_batch()
     model = ActionDecoder(make_config(batch, objective="fm", freeze_encoder=True))
-    with torch.no_grad():   # zero-initialised layers (AdaLN-Zero, the output) would stop every gradient
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
+    wake_zero_layers(model)
     loss, _ = model(batch)
     loss.backward()
     assert all(p.grad is None for p in model.image_encoder.stages.parameters())

@@ -38,6 +38,7 @@ from decoders.augment import random_shift
 from nets.conv_encoder import POOLS, ConvEncoder
 from nets.dit_block import Block, FinalLayer
 from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow
+from nets.frame_decoder import FrameDecoder
 from nets.normalize import Normalizer, plain_stats
 from nets.state_dict import rename_on_load
 from nets.timestep import MEANFLOW_SCALE, timestep_embedding
@@ -98,6 +99,13 @@ class DecoderConfig:
     # state is a training target only; the policy still reads ``state_indices`` alone at run time.
     aux_state_indices: list[int] = field(default_factory=list)
     aux_state_weight: float = 0.0
+    # Auxiliary reconstruction loss, from pixels alone: a small head (``nets.FrameDecoder``) redraws
+    # the current frame, downsampled to ``aux_recon_size`` px, from the same per-frame feature the
+    # policy conditions on, weighted by ``aux_recon_weight`` (0 = off). In a fixed scene only the arm
+    # and the objects change between frames, so the feature must carry where they are. Every sample
+    # counts, also those without actions (action-free video in the batch trains the encoder).
+    aux_recon_weight: float = 0.0
+    aux_recon_size: int = 32
     # A pretrained image encoder: a frame-autoencoder folder (latent_actions/frame_autoencoder.py,
     # `wm train autoencoder` on action-free video) whose encoder stages (``encoder.*`` in its
     # model.safetensors) initialise this decoder's; with ``freeze_encoder`` they stay fixed (no
@@ -240,6 +248,10 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         self.aux_state_head = None
         if config.aux_state_weight > 0:
             self.aux_state_head = nn.Linear(config.obs_dim, len(config.aux_state_indices))
+        self.aux_recon_head = None
+        if config.aux_recon_weight > 0:
+            self.aux_recon_head = FrameDecoder(config.obs_dim, config.aux_recon_size, config.image_channels,
+                                               width=config.encoder_channels[-1])
         self.state_index = list(config.state_indices) or list(range(config.state_dim))
         self.state_proj = nn.Linear(len(self.state_index), config.task_dim) if config.state_dim else None
         self.latent_horizon = config.latent_horizon or config.horizon
@@ -379,6 +391,11 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
             aux = (err * aux_weight).sum() / aux_weight.sum().clamp_min(1.0)
             loss = loss + cfg.aux_state_weight * aux
             metrics["aux_state_mse"] = aux.item()
+        if self.aux_recon_head is not None:
+            target = F.adaptive_avg_pool2d(obs[:, -1].float() / 127.5 - 1.0, cfg.aux_recon_size)
+            recon = F.mse_loss(self.aux_recon_head(features[:, -1]), target)
+            loss = loss + cfg.aux_recon_weight * recon
+            metrics["aux_recon_mse"] = recon.item()
         metrics["loss"] = loss.item()
         return loss, metrics
 
@@ -466,6 +483,13 @@ def _validate(cfg: DecoderConfig) -> None:
             problems.append(f"aux_state_indices {cfg.aux_state_indices} must lie in 0..{cfg.state_dim - 1}")
         if not cfg.state_dim:
             problems.append("aux_state_weight > 0 needs a recorded state (state_dim > 0)")
+    if cfg.aux_recon_weight < 0:
+        problems.append(f"aux_recon_weight must be >= 0, got {cfg.aux_recon_weight}")
+    if cfg.aux_recon_weight > 0:
+        size, (h, w) = cfg.aux_recon_size, cfg.image_size
+        if h != w or size > h or h % size or size < 4 or size & (size - 1):
+            problems.append(f"aux_recon_size {size} must be a power of two >= 4 dividing the square "
+                            f"image size {cfg.image_size}")
     if cfg.augment_shift < 0:
         problems.append(f"augment_shift must be >= 0, got {cfg.augment_shift}")
     if len(cfg.image_size) != 2:

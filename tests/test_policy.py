@@ -194,3 +194,13 @@ def test_tiny_scratch_policy_beats_random_on_reach(reach_demos, tmp_path):
     rate, base = trained["tasks"]["reach-v3"]["success_rate"], random["tasks"]["reach-v3"]["success_rate"]
     assert rate > base, (rate, base)
     assert trained["latency"]["calls"] > 0
+
+
+def test_data_tasks_keeps_only_those_tasks(demos):
+    """data.tasks (one policy per task): only that task's samples, all of its demos or its first K."""
+    keys, counts = few_shot_keys([str(demos)], 0, ["push"])
+    assert keys == [{"push_000", "push_001", "push_002"}] and counts == {"push": 3}
+    keys, counts = few_shot_keys([str(demos)], 2, ["reach"])
+    assert keys == [{"reach_000", "reach_002"}] and counts == {"reach": 2}
+    with pytest.raises(UsageError, match=r"data.tasks: no samples of \['pick'\]"):
+        few_shot_keys([str(demos)], 0, ["push", "pick"])

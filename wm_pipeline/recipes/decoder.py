@@ -90,10 +90,9 @@ def prepare(cfg, info: DatasetInfo):
         raise ModelDataMismatch(f"the data folders {paths} have different resolutions {sorted(sizes)}: "
                                 f"set data.resize=H,W")
     stats = {name: e.stats_f32() for name, e in robots.items()}
-    if cfg.data.episodes_per_task:
-        _, counts = few_shot_keys(paths, cfg.data.episodes_per_task)
+    if cfg.data.episodes_per_task or cfg.data.tasks:
+        _, counts = few_shot_keys(paths, cfg.data.episodes_per_task, cfg.data.tasks)
         tasks = sorted(counts)
-        log.info("few-shot: %d demos per task for %s", cfg.data.episodes_per_task, ", ".join(tasks))
     else:
         tasks = info.tasks()
     # a config given back with --config keeps its vocabulary (embedding rows)

@@ -52,6 +52,7 @@ class DataConfig:
     windows_per_episode: int = 4                      # windows cut from one decoded episode
     shuffle_buffer: int = 64                          # windows mixed before batching
     episodes_per_task: int = 0                        # few-shot: first K successful action episodes per task (0: all)
+    tasks: list[str] = field(default_factory=list)    # only these tasks' samples (empty: all); one policy per task
 
 
 @dataclass

@@ -201,7 +201,8 @@ def _import_plugin(plugin: str) -> None:
 
 def default_stream(cfg: Any, seed: int, **stream_kw: Any) -> Iterable[dict]:
     """Batches of training windows (see docs/CONTRACTS.md, shards.stream) for one rank, restricted to the
-    few-shot subset when ``data.episodes_per_task`` is set (wm_pipeline.training.few_shot).
+    few-shot subset when ``data.episodes_per_task`` is set and to ``data.tasks`` when given
+    (wm_pipeline.training.few_shot).
 
     ``seed`` already folds in the rank and the step this stream starts at (wm_pipeline.training.trainer);
     the stream itself splits shards by rank and worker. ``stream_kw``: more ``WindowStream`` arguments
@@ -213,9 +214,10 @@ def default_stream(cfg: Any, seed: int, **stream_kw: Any) -> Iterable[dict]:
 
     d = cfg.data
     keys = None
-    if d.episodes_per_task:
-        keys, counts = few_shot_keys(list(d.paths), d.episodes_per_task)
-        log.info("few-shot: %d demos per task for %s", d.episodes_per_task, ", ".join(sorted(counts)))
+    if d.episodes_per_task or d.tasks:
+        keys, counts = few_shot_keys(list(d.paths), d.episodes_per_task, d.tasks)
+        log.info("training on %s demos per task for %s", d.episodes_per_task or "all",
+                 ", ".join(f"{t} ({n})" for t, n in sorted(counts.items())))
     dataset = WindowStream(list(d.paths), window=d.window, stride=d.stride,
                            camera=d.camera, resize=tuple(d.resize) if d.resize else None, backend=d.backend,
                            mode="train", labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,

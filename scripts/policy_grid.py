@@ -30,6 +30,8 @@ Seeds, kept apart:
 Layout under ``--out`` (every stage is skipped when its output is there, so a rerun resumes)::
 
     runs/<arm>-k<K>-s<seed>/                  wm train output (checkpoints every --ckpt-every, final/)
+    runs/<arm>-k<K>-s<seed>/<task>/           with --per-task: one policy per task (evals/<job>/<task>/ each,
+                                              merged into evals/<job>/results.json)
     runs/idm-k<K>-s<seed>/                    the IDM of idm-bc arms (probe/ beside it: wm probe output)
     val/<arm>-k<K>-s<seed>/step-<N>/          policy/ (that checkpoint's EMA weights), action_error.json,
                                               eval/results.json (closed loop on validation seeds)
@@ -95,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--video", default=None, help="action-free corpus for idm-bc arms (labelled per K / seed)")
     p.add_argument("--idm-steps", type=int, default=3000, help="training steps of each idm-bc arm's IDM")
     p.add_argument("--idm-args", default="", help="extra arguments of `wm train idm`")
+    p.add_argument("--per-task", action="store_true",
+                   help="one policy per task (data.tasks=TASK, --steps each) instead of one for all --tasks")
     p.add_argument("--wm", default=str(Path(sys.executable).with_name("wm")), help="the wm executable")
     args = p.parse_args(argv)
     if not args.arm:
@@ -164,8 +168,8 @@ def finished(run_dir: Path) -> bool:
         json.loads(status.read_text()).get("state") == "finished"
 
 
-def eval_cmd(args, policy: Path, episodes: int, seed: int, out: Path) -> list[str]:
-    return [args.wm, "eval", "--policy", str(policy), "--env", "metaworld", "--tasks", args.tasks,
+def eval_cmd(args, policy: Path, episodes: int, seed: int, out: Path, tasks: str | None = None) -> list[str]:
+    return [args.wm, "eval", "--policy", str(policy), "--env", "metaworld", "--tasks", tasks or args.tasks,
             "--episodes", str(episodes), "--seed", str(seed), "--max-steps", str(args.max_steps),
             "--resolution", str(args.resolution), "--camera", args.camera, "--out", str(out)]
 
@@ -189,15 +193,51 @@ def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
     return out
 
 
+def train_cmd(args, job: Job, run_dir: Path, extra: list[str]) -> list[str]:
+    return [args.wm, "train", "decoder", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
+            "--episodes-per-task", str(job.k), *job.args, *extra, f"train.max_steps={args.steps}",
+            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=1000", f"train.seed={job.seed}",
+            "train.progress=false", "data.num_workers=1"]
+
+
+def do_per_task_job(args, job: Job, stages: set[str]) -> None:
+    """``--per-task``: one policy per task (``data.tasks=TASK``, ``--steps`` each) under runs/<job>/<task>,
+    each evaluated on its own task; the evaluations merge into evals/<job>/results.json, so the table
+    reads as for one policy. No checkpoint validation (the validation demos mix the tasks)."""
+    logs, evals = args.out / "logs", args.out / "evals" / job.name
+    tasks = args.tasks.split(",")
+    for task in tasks:
+        run_dir, name = args.out / "runs" / job.name / task, f"{job.name}-{task}"
+        if "train" in stages and not finished(run_dir):
+            run(train_cmd(args, job, run_dir, [f"data.tasks={task}", *idm_labels(args, job)]),
+                logs / f"train-{name}.log")
+        if not finished(run_dir):
+            return
+        if "eval" in stages and not (evals / task / "results.json").is_file():
+            run(eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals / task, tasks=task),
+                logs / f"eval-{name}.log")
+    parts = {t: json.loads((evals / t / "results.json").read_text()) for t in tasks
+             if (evals / t / "results.json").is_file()}
+    if len(parts) == len(tasks) and not (evals / "results.json").is_file():
+        merged = {**parts[tasks[0]], "policy": str(args.out / "runs" / job.name), "per_task": True,
+                  "tasks": {t: parts[t]["tasks"][t] for t in tasks},
+                  "episodes": [e for t in tasks for e in parts[t].get("episodes", [])],
+                  "wall_seconds": sum(p.get("wall_seconds", 0) for p in parts.values())}
+        done = sum(r["successes"] for r in merged["tasks"].values())
+        total = sum(r["episodes"] for r in merged["tasks"].values())
+        merged["overall"] = {**parts[tasks[0]]["overall"], "episodes": total, "successes": done,
+                             "success_rate": done / total}
+        merged.pop("latency", None)
+        (evals / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
+
+
 def do_job(args, job: Job, stages: set[str]) -> None:
+    if args.per_task:
+        return do_per_task_job(args, job, stages)
     run_dir = args.out / "runs" / job.name
     logs = args.out / "logs"
     if "train" in stages and not finished(run_dir):
-        extra = idm_labels(args, job)
-        run([args.wm, "train", "decoder", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
-             "--episodes-per-task", str(job.k), *job.args, *extra, f"train.max_steps={args.steps}",
-             f"train.ckpt_every={args.ckpt_every}", "train.keep_last=1000", f"train.seed={job.seed}",
-             "train.progress=false", "data.num_workers=1"], logs / f"train-{job.name}.log")
+        run(train_cmd(args, job, run_dir, idm_labels(args, job)), logs / f"train-{job.name}.log")
     if not finished(run_dir):
         return
     evals = args.out / "evals" / job.name
@@ -254,6 +294,10 @@ def collect(args, jobs: list[Job]) -> dict:
 
 
 def _train_seconds(run_dir: Path) -> float | None:
+    per_task = [d for d in sorted(run_dir.iterdir()) if (d / "metrics.jsonl").is_file()] if run_dir.is_dir() else []
+    if per_task and not (run_dir / "metrics.jsonl").is_file():   # --per-task: the policies' sum
+        seconds = [_train_seconds(d) for d in per_task]
+        return round(sum(s for s in seconds if s), 1) if any(seconds) else None
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
     times = [json.loads(x).get("time") for x in lines if x.strip()]
     times = [t for t in times if t]
@@ -264,7 +308,8 @@ def report(args, jobs: list[Job]) -> None:
     data = collect(args, jobs)
     tasks, rows, curves = data["tasks"], data["rows"], data["curves"]
     lines = [f"# Policy grid: {args.out}", "",
-             f"Final checkpoints ({args.steps} steps, preset {args.preset}), {args.eval_episodes} evaluation "
+             f"Final checkpoints ({args.steps} steps, preset {args.preset}"
+             f"{', one policy per task' if args.per_task else ''}), {args.eval_episodes} evaluation "
              f"episodes per task on `wm eval --seed {args.eval_seed}`, at most {args.max_steps} steps, "
              f"{args.camera} camera {args.resolution} px. Rates: mean over training seeds ± standard error "
              f"of that mean (seed to seed).", "",

@@ -96,3 +96,27 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
     logged = (out / "logs" / "train-bc-k2-s0.log").read_text()
     assert f"--data {video} --labels idm-k2-s0" in logged
     assert "| idm-k2-s0 |" in (out / "results.md").read_text()   # the IDM's probe R² in the table
+
+
+@pytest.mark.slow
+def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evaluations(tmp_path):
+    """--per-task: runs/<job>/<task> trained on that task only (data.tasks), evaluated on it; the
+    evaluations merge into the job's results.json, which the table reads as for one policy."""
+    demos = tmp_path / "demos"
+    assert main(["collect", "metaworld", "--tasks", "reach-v3,button-press-v3", "--episodes", "1",
+                 "--resolution", "32", "--seed", "0", "--max-steps", "150", "--out", str(demos)]) == 0
+    out = tmp_path / "grid"
+    cmd = [sys.executable, str(ROOT / "scripts" / "policy_grid.py"), "--out", str(out), "--demos", str(demos),
+           "--tasks", "reach-v3,button-press-v3", "--ks", "1", "--seeds", "0", "--per-task",
+           "--arm", "mf=policy=scratch model.objective=meanflow model.n_obs_steps=1",
+           "--steps", "20", "--ckpt-every", "20", "--eval-episodes", "1", "--val-episodes", "0",
+           "--max-steps", "5", "--resolution", "32", "--lanes", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for task in ("reach-v3", "button-press-v3"):
+        config = json.loads((out / "runs" / "mf-k1-s0" / task / "final" / "config.json").read_text())
+        assert config["tasks"] == [task]                       # trained on that task's demos only
+    merged = json.loads((out / "evals" / "mf-k1-s0" / "results.json").read_text())
+    assert sorted(merged["tasks"]) == ["button-press-v3", "reach-v3"] and merged["overall"]["episodes"] == 2
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| mf | 1 | 1 |"))
+    assert "one policy per task" in (out / "results.md").read_text() and "s0 " in row

@@ -24,6 +24,7 @@ stats stored in the config, so ``config.json`` carries them beside ``model.safet
 optimisers and the loop belong to the runtime in ``wm_pipeline/``.
 """
 
+import contextvars
 import copy
 import dataclasses
 import logging
@@ -188,6 +189,8 @@ class ChunkTransformer(nn.Module):
 
 
 ENCODER_PREFIX = "encoder."   # the frame autoencoder's stage keys in its model.safetensors
+# Set while ``from_pretrained`` builds a decoder whose saved weights (the stages included) load next.
+_LOADING_SAVED_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("loading_saved_weights", default=False)
 
 
 def load_encoder_stages(encoder: ConvEncoder, folder: str) -> None:
@@ -219,6 +222,15 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
         save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
 
+    @classmethod
+    def _from_pretrained(cls, *args, **kwargs):
+        """The hub mixin's load: the folder's own weights follow construction, so ``encoder_init`` is not read."""
+        token = _LOADING_SAVED_WEIGHTS.set(True)
+        try:
+            return super()._from_pretrained(*args, **kwargs)
+        finally:
+            _LOADING_SAVED_WEIGHTS.reset(token)
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         if isinstance(config, dict):
@@ -240,7 +252,7 @@ class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline",
         self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
         self.image_encoder = ConvEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
                                           config.encoder_pool, config.keypoints)
-        if config.encoder_init:
+        if config.encoder_init and not _LOADING_SAVED_WEIGHTS.get():
             load_encoder_stages(self.image_encoder, config.encoder_init)
         if config.freeze_encoder:
             self.image_encoder.stages.requires_grad_(False)

@@ -77,6 +77,13 @@ def test_decoder_on_a_pretrained_frozen_encoder_end_to_end(tmp_path, capsys):
     for k, v in ae_weights.items():          # the stages are the autoencoder's, untouched by training
         torch.testing.assert_close(saved[f"image_encoder.stages.{k}"], v, rtol=0, atol=0)
 
+    # loading never reads the autoencoder's weights (its own weights follow): a corrupt file is not touched
+    weights_file = ae / "final" / "model.safetensors"
+    good = weights_file.read_bytes()
+    weights_file.write_bytes(b"not safetensors")
+    ActionDecoder.from_pretrained(str(run / "final"))
+    weights_file.write_bytes(good)
+
     # the trained decoder is self-contained: it loads and acts with the autoencoder folder gone
     shutil.move(str(ae), str(tmp_path / "ae-moved"))
     decoder = ActionDecoder.from_pretrained(str(run / "final")).eval()

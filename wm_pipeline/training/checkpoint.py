@@ -5,7 +5,7 @@ Layout (``RUN/checkpoints/step-0001000/``)::
     model.safetensors          live weights (unwrapped; written by rank 0)
     ema.safetensors            EMA weights
     optimizer.safetensors      optimizer tensors, keyed "state.<param index>.<name>"
-    optimizer.json             param groups and non-tensor optimizer state
+    optimizer.json             param groups, non-tensor optimizer state, the parameter name of each index
     scheduler.json             LR scheduler state_dict
     rng-rank00000.safetensors  torch CPU / CUDA generator states of that rank
     rng-rank00000.json         Python and NumPy generator states of that rank
@@ -29,6 +29,16 @@ nothing is loaded and nothing is deleted: a one-line ``UsageError`` (exit 2) nam
 restarting from scratch is the user's decision (move ``RUN/checkpoints`` away). A checkpoint that
 reads but does not fit the model (names, shapes: the model config changed) is a different error,
 raised by ``load_checkpoint``.
+
+The optimizer state is saved by parameter index (torch's ``state_dict``), and ``optimizer.json``
+records the parameter name of each index (``param_names``, the names of ``model.named_parameters()``).
+On resume the saved state is matched to the live parameters by name, after renaming old names with
+the model's own renames (``nets.state_dict.current_names``: the ``rename_on_load`` rules a model
+registers when its layout changes, e.g. ``worldmodel.uwm.NETWORK_RENAMES``), so a run checkpointed
+before a layout change (new parameter order, new names) resumes with each parameter's moments. A
+name that matches nothing on either side is a ``ValueError`` naming the checkpoint and the first such
+parameter. Checkpoints saved before names were recorded load by index as before; a saved moment whose
+shape is not its parameter's (an older parameter order) is a ``ValueError`` pointing to ``--init``.
 """
 
 from __future__ import annotations
@@ -88,7 +98,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 # ---------------------------------------------------------------- optimizer / RNG <-> files
 
-def _optimizer_to_files(state: dict, directory: Path) -> None:
+def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str] | None:
+    """The name in ``model`` (``named_parameters``) of each parameter index of ``optimizer.state_dict()``;
+    None when a parameter of the optimizer is not one of ``model``'s (then the state is saved by index only)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names: dict[int, str] = {}
+    for saved, live in zip(optimizer.state_dict()["param_groups"], optimizer.param_groups):
+        for index, p in zip(saved["params"], live["params"]):
+            if id(p) not in by_id:
+                return None
+            names[index] = by_id[id(p)]
+    return names
+
+
+def _optimizer_to_files(state: dict, directory: Path, names: dict[int, str] | None = None) -> None:
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for name, value in entry.items():
@@ -98,11 +121,17 @@ def _optimizer_to_files(state: dict, directory: Path) -> None:
                 scalars.setdefault(str(index), {})[name] = value
     with _writing(directory / "optimizer.safetensors"):
         save_file(tensors, str(directory / "optimizer.safetensors"), metadata=dict(WEIGHTS_METADATA))
-    _write_json(directory / "optimizer.json", {"param_groups": state["param_groups"], "scalars": scalars})
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    if names is not None:
+        meta["param_names"] = {str(index): name for index, name in names.items()}
+    _write_json(directory / "optimizer.json", meta)
 
 
-def _optimizer_from_files(directory: Path, template: dict) -> dict:
+def _optimizer_from_files(directory: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """The optimizer state saved in ``directory`` as a state dict for the live ``optimizer`` of ``model``:
+    matched by parameter name when the checkpoint records names, else by index."""
     meta = read_json(directory / "optimizer.json")
+    template, names = optimizer.state_dict(), parameter_names(model, optimizer)
     state: dict[int, dict[str, Any]] = {}
     for key, value in load_safetensors(directory / "optimizer.safetensors").items():
         _, index, name = key.split(".", 2)
@@ -110,6 +139,12 @@ def _optimizer_from_files(directory: Path, template: dict) -> dict:
     for index, entry in meta["scalars"].items():
         state.setdefault(int(index), {}).update(entry)
     groups = meta["param_groups"]
+    saved_names = meta.get("param_names")
+    if names is not None and saved_names is not None:
+        state, groups = _by_name(directory, state, groups, {int(i): n for i, n in saved_names.items()},
+                                 template, model, names)
+    if names is not None:
+        _check_shapes(directory, state, model, names, by_index=saved_names is None)
     # JSON turned tuples (AdamW betas) into lists; give them back the live optimizer's types.
     # The kernel (optim.impl: fused / foreach) is the live optimizer's, not state: a resume may change it.
     for group, live in zip(groups, template["param_groups"]):
@@ -120,6 +155,57 @@ def _optimizer_from_files(directory: Path, template: dict) -> dict:
             if k in live:
                 group[k] = live[k]
     return {"state": state, "param_groups": groups}
+
+
+def _by_name(directory: Path, state: dict[int, dict], groups: list[dict], saved_names: dict[int, str],
+             template: dict, model: torch.nn.Module, names: dict[int, str]) -> tuple[dict, list[dict]]:
+    """The saved ``state`` / ``groups`` re-indexed for the live optimizer (``template``, its parameter
+    ``names``): each live parameter gets the state saved under its name, old names renamed by the model's
+    rules (``current_names``); group hyperparameters by position. A name without a partner is a ValueError."""
+    where = directory / "optimizer.json"
+    renamed = current_names(model, {name: index for index, name in saved_names.items()})   # name now -> saved index
+    if len(renamed) != len(saved_names):
+        raise ValueError(f"{where}: two saved parameters have the same name after the model's renames")
+    if len(groups) != len(template["param_groups"]):
+        raise ValueError(f"{where}: {len(groups)} parameter groups saved, the optimizer has "
+                         f"{len(template['param_groups'])}")
+    saved_group = {index: g for g, group in enumerate(groups) for index in group["params"]}
+    new_state: dict[int, dict] = {}
+    new_groups, used = [], set()
+    for g, (group, live) in enumerate(zip(groups, template["param_groups"])):
+        for index in live["params"]:
+            saved = renamed.get(names[index])
+            if saved is None:
+                raise ValueError(f"{where}: no saved state for the model's parameter '{names[index]}' "
+                                 f"({len(saved_names)} parameters saved)")
+            if saved_group.get(saved) != g:
+                raise ValueError(f"{where}: the parameter '{names[index]}' was saved in parameter group "
+                                 f"{saved_group.get(saved)}, the optimizer has it in group {g}")
+            used.add(saved)
+            if saved in state:
+                new_state[index] = state[saved]
+        new_groups.append({**group, "params": list(live["params"])})
+    unused = sorted((index, name) for name, index in renamed.items() if index not in used)
+    if unused:
+        index, now = unused[0]
+        also = f" (renamed '{now}')" if now != saved_names[index] else ""
+        raise ValueError(f"{where}: the saved parameter '{saved_names[index]}'{also} is not a parameter of the "
+                         f"model ({len(unused)} unmatched)")
+    return new_state, new_groups
+
+
+def _check_shapes(directory: Path, state: dict[int, dict], model: torch.nn.Module, names: dict[int, str],
+                  by_index: bool) -> None:
+    """Every per-parameter tensor of ``state`` (AdamW's moments) has its parameter's shape: a checkpoint
+    saved by index only under an older parameter order fails here, at resume, not at the first step."""
+    params = dict(model.named_parameters())
+    for index, entry in state.items():
+        p = params.get(names.get(index, ""))
+        for key, value in entry.items() if p is not None else ():
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape != p.shape:
+                hint = f"; an older parameter order? train from its weights: --init {directory}" if by_index else ""
+                raise ValueError(f"{directory / 'optimizer.safetensors'}: state.{index}.{key} {list(value.shape)} "
+                                 f"does not fit the parameter '{names[index]}' {list(p.shape)}{hint}")
 
 
 def _rng_to_files(directory: Path, rank: int) -> None:
@@ -235,7 +321,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
             save_weights(model, tmp / WEIGHTS)
         with _writing(tmp / "ema.safetensors"):
             save_weights(ema_model, tmp / "ema.safetensors")
-        _optimizer_to_files(optimizer.state_dict(), tmp)
+        _optimizer_to_files(optimizer.state_dict(), tmp, parameter_names(model, optimizer))
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
         with _writing(tmp):
@@ -263,7 +349,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, ema_model: torc
     state = read_json(path / TRAINER_STATE)
     _load_weights(model, path / WEIGHTS)
     _load_weights(ema_model, path / "ema.safetensors")
-    optimizer.load_state_dict(_optimizer_from_files(path, optimizer.state_dict()))
+    optimizer.load_state_dict(_optimizer_from_files(path, optimizer, model))
     scheduler.load_state_dict(read_json(path / "scheduler.json"))
     if not _rng_from_files(path, rank):
         log.warning("%s has no RNG state for rank %d (world size changed?); keeping the seeded one", path, rank)

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 
-.PHONY: setup demo quick test test-fast bench clean
+.PHONY: setup demo quick test test-fast lint format bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,11 +15,17 @@ demo: setup          ## the whole pipeline on the built-in Meta-World default
 quick: setup         ## the 5-minute smoke version of the demo
 	$(VENV)/bin/wm demo --profile quick --out demo-quick
 
-test: setup          ## the test suite (what CI runs)
+test: lint           ## the lint, then the test suite (what CI runs)
 	$(PY) -m pytest -q tests
 
 test-fast: setup     ## skips the long learning tests and the Slurm cluster
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
+
+lint: setup          ## ruff: the rules in pyproject.toml [tool.ruff.lint]
+	$(VENV)/bin/ruff check .
+
+format: setup        ## ruff format (style in pyproject.toml [tool.ruff]); `ruff format --check .` joins lint once the tree is formatted
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done

@@ -29,9 +29,9 @@ import statistics
 import time
 
 import torch
-
+import world_model as wm_bench  # its configurations and batches (a sibling script)
 from json_report import emit
-import world_model as wm_bench   # its configurations and batches (a sibling script)
+
 from wm_pipeline.training.config import OptimConfig, TrainConfig
 from wm_pipeline.training.trainer import build_optimizer, compile_model, optimizer_impl
 

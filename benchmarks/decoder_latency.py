@@ -23,10 +23,10 @@ import statistics
 import time
 
 import torch
+from json_report import emit
 
 from decoders.decoder import ActionDecoder, DecoderConfig
 from nets.normalize import stats_of
-from json_report import emit
 
 log = logging.getLogger("decoder_latency")
 SETTINGS = [("fm", 1), ("fm", 2), ("fm", 5), ("fm", 10), ("meanflow", 1), ("meanflow", 2)]

@@ -20,12 +20,12 @@ import statistics
 import time
 
 import torch
+from json_report import emit
 
 from decoders.decoder import ActionDecoder, DecoderConfig
 from decoders.policy import DecoderPolicy
 from nets.normalize import stats_of
 from wm_pipeline.jobs.closed_loop_eval import evaluate
-from json_report import emit
 
 
 def build_policy(preset: str, size: int) -> DecoderPolicy:

@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wm_pipeline.cli.main import main as wm
-from wm_pipeline.jobs.labelling import _starts, label_dataset, label_episodes, load_labeller
 from shards.stream import iter_samples
 from shards.writer import Episode, run_sharded_job
+from wm_pipeline.cli.main import main as wm
+from wm_pipeline.jobs.labelling import _starts, label_dataset, label_episodes, load_labeller
 
 
 def episode(i: int, frames: int, size: int) -> list[Episode]:

@@ -37,13 +37,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from decode import synthetic_clip  # benchmarks/decode.py, run from this folder's parent or here
 
 from shards.decode import decode_video, resolve_backend
 from shards.format import shard_paths
 from shards.stream import WindowStream, make_loader, read_tar_samples
 from shards.writer import Episode, run_sharded_job
-
-from decode import synthetic_clip  # benchmarks/decode.py, run from this folder's parent or here
 
 
 def _episode(i: int, n_frames: int) -> list[Episode]:

@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from json_report import emit
 
 from wm_pipeline.training.config import resolve
 from wm_pipeline.training.ema import EMA
 from wm_pipeline.training.registry import register_model
 from wm_pipeline.training.trainer import build_optimizer, build_scheduler, train
-from json_report import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -43,9 +43,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from nets import attention as attention_module  # noqa: E402
-from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec  # noqa: E402
 from wm_pipeline.training.config import TrainConfig  # noqa: E402
 from wm_pipeline.training.trainer import compile_model, optimizer_impl  # noqa: E402
+from worldmodel.uwm import PRESETS, WorldModel, WorldModelConfig, embodiment_spec  # noqa: E402
 
 ACTION_DIM = 7
 EMB = {"robot": embodiment_spec(action_dim=ACTION_DIM)}

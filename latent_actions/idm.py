@@ -30,8 +30,9 @@ Presets (parameter counts, 3 channels, action_dim 4):
 
 # no `from __future__ import annotations` here: PyTorchModelHubMixin finds the config class from
 # the real annotation of __init__'s `config` (a string would load config.json back as a dict)
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
+
 from shards.model_folder import save_model_folder
 
 from .quantizer import BottleneckOutput, GaussianBottleneck, VectorQuantizer

@@ -30,8 +30,9 @@ and average as it likes; samplers return the clean sample at t = 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

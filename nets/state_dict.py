@@ -13,7 +13,7 @@ matches checkpoint names before loading them, e.g. a warm start that copies what
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 

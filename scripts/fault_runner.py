@@ -29,8 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -61,7 +61,7 @@ class Outcome:
 class Case:
     name: str
     quick: bool
-    run: Callable[["Workspace"], Outcome]
+    run: Callable[[Workspace], Outcome]
 
 
 # ---------------------------------------------------------------- shared set-up

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from latent_actions.lam import PRESETS, LatentActionModel
-from wm_pipeline.training.config import apply_overrides
-from wm_pipeline.jobs.probe import linear_probe, mean_r2
 from shards.stream import iter_samples
+from wm_pipeline.jobs.probe import linear_probe, mean_r2
+from wm_pipeline.training.config import apply_overrides
 
 
 def main() -> None:
@@ -81,7 +81,7 @@ def main() -> None:
     x, y, groups = np.concatenate(x), np.concatenate(y), np.concatenate(groups)
     r2 = linear_probe(x, y, groups)
     r2_random = linear_probe(np.random.default_rng(0).normal(size=x.shape), y, groups)
-    print(json.dumps({"settings": overrides, "preset": args.preset, "steps": args.steps,
+    print(json.dumps({"settings": args.set, "preset": args.preset, "steps": args.steps,
                       "train_minutes": round(minutes, 2),
                       "probe_r2": r2, "probe_r2_mean": mean_r2(r2), "random_latent_r2_mean": mean_r2(r2_random),
                       "own_over_copy": float(np.mean(own) / np.mean(copy)),

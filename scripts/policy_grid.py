@@ -246,7 +246,7 @@ def do_job(args, job: Job, stages: set[str]) -> None:
     if "val" in stages:
         from wm_pipeline.jobs.action_error import held_out_action_error
 
-        for step, policy in checkpoint_policies(run_dir, args.out / "val" / job.name):
+        for _step, policy in checkpoint_policies(run_dir, args.out / "val" / job.name):
             folder = policy.parent
             if args.val_demos and not (folder / "action_error.json").is_file():
                 metrics = held_out_action_error(policy, args.val_demos)

@@ -14,8 +14,9 @@ The manifest format is docs/CONTRACTS.md "Manifest".
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ class FolderInfo:
     manifest: dict[str, Any]
 
     @classmethod
-    def read(cls, path) -> "FolderInfo":
+    def read(cls, path) -> FolderInfo:
         """One folder (or URL, ``shards.location``) from its manifest (``read_manifest``: FormatError naming it)."""
         return cls(str(path), read_manifest(path))
 
@@ -96,12 +97,12 @@ class DatasetInfo(Sequence):
     folders: tuple[FolderInfo, ...]
 
     @classmethod
-    def read(cls, paths: Sequence[str]) -> "DatasetInfo":
+    def read(cls, paths: Sequence[str]) -> DatasetInfo:
         """Read every folder's manifest once (``shards.format.read_manifest``: FormatError naming it)."""
         return cls.from_manifests(paths, [read_manifest(p) for p in paths])
 
     @classmethod
-    def from_manifests(cls, paths: Sequence[str], manifests: Sequence[dict]) -> "DatasetInfo":
+    def from_manifests(cls, paths: Sequence[str], manifests: Sequence[dict]) -> DatasetInfo:
         return cls(tuple(FolderInfo(str(p), m) for p, m in zip(paths, manifests)))
 
     # a sequence of the raw manifests (the plugin API before this object)

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-_HELD: set["FolderLock"] = set()   # locks this process holds (until released, or the process ends)
+_HELD: set[FolderLock] = set()   # locks this process holds (until released, or the process ends)
 
 
 class FolderBusy(RuntimeError):
@@ -119,7 +119,7 @@ class FolderLock:
         return FolderBusy(f"{self.what} is in use by {who} ({_describe(holder)}); one job per folder at a time: "
                           f"wait for it to finish or stop it (its lock {self.path} is released when it ends)", holder)
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         if self.held:
             raise RuntimeError(f"{self.path}: already held by this FolderLock")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ class FolderLock:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

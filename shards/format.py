@@ -100,7 +100,7 @@ class SampleMeta:
         return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str, where: str = "meta.json") -> "SampleMeta":
+    def from_json(cls, data: bytes | str, where: str = "meta.json") -> SampleMeta:
         try:
             raw = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:   # flipped bytes may break the UTF-8 too
@@ -151,7 +151,7 @@ def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
 
 def read_manifest(root) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of a dataset: a folder or a URL (``shards.location``)."""
-    from .location import locate   # location builds on this module's FormatError
+    from .location import locate  # location builds on this module's FormatError
     path = locate(root) / MANIFEST
     if not path.exists():
         raise FormatError(f"{path}: no manifest (is {root} a dataset written by `wm collect` / `wm ingest`?)")

@@ -35,7 +35,6 @@ import subprocess
 import tempfile
 import types
 from pathlib import Path
-from typing import Union
 
 from .format import FormatError
 
@@ -94,7 +93,7 @@ class Location:
     def __hash__(self) -> int:
         return hash((self.root, self.rel))
 
-    def __truediv__(self, name: str | Path) -> "Location":
+    def __truediv__(self, name: str | Path) -> Location:
         parts = [p for p in str(name).split("/") if p not in ("", ".")]
         for p in parts:
             if p == ".." or not _PART_RE.match(p):
@@ -119,15 +118,15 @@ class Location:
         return Path(self.name).suffix
 
     @property
-    def parent(self) -> "Location":
+    def parent(self) -> Location:
         if not self.rel:
             raise LocationError(f"{self.url}: the dataset's root has no parent here")
         return Location(self.root, self.rel[:-1])
 
-    def with_name(self, name: str) -> "Location":
+    def with_name(self, name: str) -> Location:
         return self.parent / name
 
-    def resolve(self) -> "Location":
+    def resolve(self) -> Location:
         return self
 
     # -- reading
@@ -229,7 +228,7 @@ class Location:
         self._writable()
 
 
-DataPath = Union[Path, Location]
+DataPath = Path | Location
 
 
 def locate(where: str | os.PathLike | Location) -> DataPath:

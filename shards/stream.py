@@ -44,12 +44,36 @@ import torch
 from .decode import DecodeError, resolve_backend
 from .format import FormatError, SampleMeta, read_manifest
 from .location import Location, locate
-from .samples import (EncodedSample, decode_frames, frame_size, missing_keys, missing_message, parse_sample,
-                      resize_frames)
+from .samples import (
+    EncodedSample,
+    decode_frames,
+    frame_size,
+    missing_keys,
+    missing_message,
+    parse_sample,
+    resize_frames,
+)
 from .sidecar import has_sidecar, read_sidecar, sidecar_dir
-from .stages import (SampleReader, SkipLog, collate_windows, cut_windows, dataset_shards, decode, flatten,
-                     label_starts, long_episodes, mix, random_starts, read_samples, shard_cycles, shuffle, span,
-                     split_shards, tiled_starts)
+from .stages import (
+    SampleReader,
+    SkipLog,
+    collate_windows,
+    cut_windows,
+    dataset_shards,
+    decode,
+    flatten,
+    label_starts,
+    long_episodes,
+    mix,
+    random_starts,
+    read_samples,
+    shard_cycles,
+    shuffle,
+    span,
+    split_shards,
+    tiled_starts,
+)
+
 # read_tar_samples resyncs past a damaged header: one bad spot costs the members it touches, never the
 # rest of the shard; importable from here too, where readers have always found it
 from .tar_reader import TarIssue, read_tar_samples

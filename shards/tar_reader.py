@@ -68,7 +68,7 @@ def _header(buf: bytes) -> tarfile.TarInfo | None:
         return None
 
 
-def _next_header(r: "_Blocks", start: int) -> int | None:
+def _next_header(r: _Blocks, start: int) -> int | None:
     """Offset of the first valid header at or after block offset ``start``, or None."""
     pos = start
     while True:

@@ -51,9 +51,10 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -61,8 +62,19 @@ from tqdm import tqdm
 from .dataset_card import CARD, dataset_card, is_ours
 from .encode import EncodeError, check_frames, encode_video
 from .folder_lock import FolderLock
-from .format import (ACTION, FAILURES, MANIFEST, META, STATE, FormatError, SampleMeta, check_key, shard_name,
-                     stats_name, video_member)
+from .format import (
+    ACTION,
+    FAILURES,
+    MANIFEST,
+    META,
+    STATE,
+    FormatError,
+    SampleMeta,
+    check_key,
+    shard_name,
+    stats_name,
+    video_member,
+)
 from .stats import build_manifest, file_sha256, read_shard_stats, shard_stats_doc
 
 log = logging.getLogger(__name__)

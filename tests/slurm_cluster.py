@@ -38,7 +38,7 @@ def ensure_installed() -> None:
 
 def _node_line() -> str:
     out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("NodeName="))
+    line = next(x for x in out.splitlines() if x.startswith("NodeName="))
     return line
 
 
@@ -51,7 +51,7 @@ class SlurmCluster:
         self._pidfiles: list[Path] = []
 
     # -------------------------------------------------------------- start / stop
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         ensure_installed()
         r = self.root
         for d in ("state", "spool", "log", "munge"):

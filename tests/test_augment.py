@@ -7,7 +7,7 @@ import torch
 
 from decoders.augment import random_shift
 from decoders.decoder import ActionDecoder
-from tests.test_decoder import mean_of, wake_zero_layers, N_OBS, make_batch, make_config, train
+from tests.test_decoder import N_OBS, make_batch, make_config, mean_of, train, wake_zero_layers
 
 
 def _ramp(b=6, t=3, c=3, h=16, w=16):

@@ -9,7 +9,7 @@ import torch
 
 from decoders.decoder import ActionDecoder
 from nets.frame_decoder import FrameDecoder
-from tests.test_decoder import mean_of, make_batch, make_config, train
+from tests.test_decoder import make_batch, make_config, mean_of, train
 
 
 def _blob_batch(seed=0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from decoders.decoder import ActionDecoder
-from tests.test_decoder import mean_of, wake_zero_layers, N_OBS, make_batch, make_config, predict, train
+from tests.test_decoder import N_OBS, make_batch, make_config, mean_of, predict, train, wake_zero_layers
 
 
 def _batch_with_state_in_frames():

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from test_stream import make_dataset
-
-from wm_pipeline.cli.main import main
-from wm_pipeline.jobs.labelling import Labeller, register_labeller
 from shards.format import FormatError
 from shards.sidecar import read_sidecar, read_sidecar_stats
 from shards.stream import WindowStream, iter_samples, read_tar_samples
+from test_stream import make_dataset
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.labelling import Labeller, register_labeller
 
 KEYS = [f"ep{i}" for i in range(5)]          # test_stream's robot dataset: frames 20, 13, 17, 9, 24
 SHARD = "shard-000000.tar"

@@ -27,9 +27,9 @@ import yaml
 from safetensors.torch import load_file
 
 import toy_models
-from wm_pipeline.training import checkpoint
 from wm_pipeline import exit_codes
 from wm_pipeline.cli.main import main
+from wm_pipeline.training import checkpoint
 from wm_pipeline.training.config import resolve
 from wm_pipeline.training.registry import get_model, register_model
 from wm_pipeline.training.trainer import train
@@ -233,9 +233,9 @@ def test_world_model_loaders_name_the_unreadable_file(tmp_path):
     """`wm eval --policy` / `wm worldmodel eval` of a world model, and the VAE / text-encoder folders
     its config points at (loaded when the model is built)."""
     from wm_pipeline.jobs.closed_loop_eval import env_info, load_policy
+    from wm_pipeline.jobs.worldmodel_offline_eval import load_world_model
     from wm_pipeline.recipes.worldmodel_policy import load_world_model_policy
     from wm_pipeline.weights import UnreadableFile
-    from wm_pipeline.jobs.worldmodel_offline_eval import load_world_model
     from worldmodel.uwm import WorldModel
 
     info = {**env_info("metaworld", resolution=16), "action_steps": None, "temporal_ensemble": None,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wm_pipeline.cli.main import main
 from shards.format import read_manifest
+from wm_pipeline.cli.main import main
 
 
 def _collect(out: Path, *extra: str) -> int:

@@ -4,12 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 import toy_models
-from wm_pipeline.cli import main as cli
 from wm_pipeline import exit_codes
+from wm_pipeline.cli import main as cli
 from wm_pipeline.training.config import ConfigError, RunConfig, dump_yaml, load_yaml, resolve, to_dict
 from wm_pipeline.training.registry import get_model
 

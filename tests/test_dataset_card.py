@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import io
-import json
-
 import numpy as np
-import pytest
 import yaml
 
 from shards.dataset_card import CARD_MARK
@@ -27,7 +23,7 @@ def make_episodes(i: int):
 
 
 def test_card_front_matter_and_load_dataset_reads_the_shards(tmp_path):
-    import datasets   # the test extra (pyproject.toml)
+    import datasets  # the test extra (pyproject.toml)
     out = tmp_path / "data"
     run_sharded_job(out, list(range(3)), make_episodes, samples_per_shard=2, workers=1, created_by="test")
     text = (out / "README.md").read_text()

@@ -6,9 +6,9 @@ import av
 import numpy as np
 import pytest
 
-from wm_pipeline.jobs import closed_loop_eval as ev
 from wm_pipeline.cli.main import main
 from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.jobs import closed_loop_eval as ev
 from wm_pipeline.jobs.policy import ChunkedPolicy, ExpertPolicy, RandomPolicy
 
 

@@ -101,7 +101,7 @@ def test_layout_is_lerobot_v3(exported):
         assert np.asarray(e["stats/observation.images.corner/mean"]).shape == (3, 1, 1)
     assert [e["wm/task"] for e in eps] == TASKS and [e["wm/success"] for e in eps] == [False, True, False, True]
 
-    import pandas as pd   # LeRobot's load_tasks: pd.read_parquet, looked up by the index (the task string)
+    import pandas as pd  # LeRobot's load_tasks: pd.read_parquet, looked up by the index (the task string)
     tasks = pd.read_parquet(out / "meta/tasks.parquet")
     assert list(tasks.index) == ["do reach-v3", "do push-v3"] and tasks.loc["do push-v3"].task_index == 1
     assert tasks.iloc[1].name == "do push-v3"

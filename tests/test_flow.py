@@ -16,7 +16,6 @@ from nets.flow import (
     sample_meanflow_times,
 )
 
-
 # ----------------------------------------------------------------------------- time sampling
 
 

@@ -366,8 +366,8 @@ def frame_mean(tmp_path):
 
 
 def test_label_locks_each_sidecar_shard_so_disjoint_ranges_run_side_by_side(frame_mean, capsys):
-    from wm_pipeline.cli.main import main
     from shards.sidecar import sidecar_done, sidecar_shard_lock
+    from wm_pipeline.cli.main import main
 
     labeller, data = frame_mean
     lock = sidecar_shard_lock(data, "m", "shard-000000.tar")

@@ -16,7 +16,7 @@ from decoders.decoder import ActionDecoder
 from latent_actions.frame_autoencoder import FrameAutoencoder, FrameAutoencoderConfig
 from shards.sidecar import read_sidecar
 from shards.stream import iter_samples
-from tests.test_decoder import wake_zero_layers, make_batch, make_config
+from tests.test_decoder import make_batch, make_config, wake_zero_layers
 from tests.test_policies_more import _demos, _make, _video
 from wm_pipeline.cli.main import main
 

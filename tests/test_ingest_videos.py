@@ -141,7 +141,7 @@ def test_bad_inputs_become_failure_rows(tmp_path):
     paths = [str(good)] + [str(tmp_path / n) for n in bad]
     proc = wm("ingest", "videos", *paths, "--out", str(out), "--clip-seconds", "1", "--resolution", "16",
               check_rc=3)
-    assert proc.stdout.strip().splitlines()[-1].endswith("7 failure(s) (see %s/failures.jsonl)" % out)
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"7 failure(s) (see {out}/failures.jsonl)")
     rows = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     reasons = {Path(r["source"]).name: r["reason"] for r in rows}
     assert set(reasons) == set(bad)

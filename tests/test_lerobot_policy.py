@@ -7,7 +7,7 @@ import torch
 
 from decoders.decoder import ActionDecoder
 from decoders.lerobot_policy import LeRobotPolicy
-from test_decoder import H, N_OBS, PX, S, TASKS, make_batch, make_config
+from test_decoder import N_OBS, PX, TASKS, H, S, make_batch, make_config
 
 
 @pytest.fixture(scope="module")

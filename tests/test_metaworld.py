@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from wm_pipeline.exit_codes import UsageError
-from wm_pipeline.sim.metaworld_env import (MetaWorldEnv, _words_prefix_match, expert_policy, instruction, list_tasks,
-                                        parse_tasks)
+from wm_pipeline.sim.metaworld_env import (
+    MetaWorldEnv,
+    _words_prefix_match,
+    expert_policy,
+    instruction,
+    list_tasks,
+    parse_tasks,
+)
 
 
 @pytest.fixture(scope="module")

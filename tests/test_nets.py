@@ -85,9 +85,8 @@ OLD_RESCONV = {"conv1": 0, "norm1": 1, "conv2": 3, "norm2": 4}
 
 
 def _decoder_and_batch():
-    from tests.test_decoder import make_batch, make_config
-
     from decoders.decoder import ActionDecoder
+    from tests.test_decoder import make_batch, make_config
 
     batch = make_batch()
     torch.manual_seed(0)

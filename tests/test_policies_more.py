@@ -18,16 +18,16 @@ import torch
 
 torch.set_num_threads(1)
 
-from decoders.world_model_policy import WorldModelPolicy
 import wm_pipeline.recipes  # noqa: F401  (registers the policy loaders)
-from wm_pipeline.cli.main import main
-from wm_pipeline.jobs.closed_loop_eval import env_info, evaluate, load_policy
-from wm_pipeline.recipes.decoder import idm_targets
-from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT, STATE_DIM
+from decoders.world_model_policy import WorldModelPolicy
 from shards.format import FormatError
 from shards.sidecar import read_sidecar
 from shards.stream import WindowStream, collate_windows
 from shards.writer import Episode, run_sharded_job
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.closed_loop_eval import env_info, evaluate, load_policy
+from wm_pipeline.recipes.decoder import idm_targets
+from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT, STATE_DIM
 from worldmodel.uwm import PRESETS, WorldModel, embodiment_spec
 
 SIZE = 32

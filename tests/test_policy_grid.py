@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wm_pipeline.jobs.action_error import held_out_action_error
 from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.action_error import held_out_action_error
 
 ROOT = Path(__file__).resolve().parents[1]
 

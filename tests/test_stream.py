@@ -12,10 +12,23 @@ import torch
 
 from shards.decode import DecodeError, decode_video
 from shards.format import FormatError, read_manifest
-from shards.sidecar import (SidecarError, read_sidecar, sidecar_done, sidecar_path, write_labeller_info,
-                            write_sidecar_shard)
-from shards.stream import (WindowStream, collate_windows, iter_samples, label_starts, make_loader,
-                           read_tar_samples, resize_frames)
+from shards.sidecar import (
+    SidecarError,
+    read_sidecar,
+    sidecar_done,
+    sidecar_path,
+    write_labeller_info,
+    write_sidecar_shard,
+)
+from shards.stream import (
+    WindowStream,
+    collate_windows,
+    iter_samples,
+    label_starts,
+    make_loader,
+    read_tar_samples,
+    resize_frames,
+)
 from shards.writer import Episode, run_sharded_job
 
 LENGTHS = [20, 13, 17, 9, 24]  # frames per episode: uneven, one shorter than some windows

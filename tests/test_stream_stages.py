@@ -13,9 +13,25 @@ from shards import batch_keys as bk
 from shards.decode import DecodeError
 from shards.format import FormatError, read_manifest
 from shards.sidecar import write_sidecar_shard
-from shards.stages import (Decoded, SampleReader, SkipLog, batched, cut_windows, dataset_shards, decode, flatten,
-                           label_starts, long_episodes, mix, random_starts, read_samples, shard_cycles, shuffle,
-                           split_shards, tiled_starts)
+from shards.stages import (
+    Decoded,
+    SampleReader,
+    SkipLog,
+    batched,
+    cut_windows,
+    dataset_shards,
+    decode,
+    flatten,
+    label_starts,
+    long_episodes,
+    mix,
+    random_starts,
+    read_samples,
+    shard_cycles,
+    shuffle,
+    split_shards,
+    tiled_starts,
+)
 from test_stream import LENGTHS, _corrupt_copy, make_dataset, stored
 
 KEYS = [f"ep{i}" for i in range(len(LENGTHS))]   # 2 per shard: shard-000000 ep0 ep1, -000001 ep2 ep3, -000002 ep4

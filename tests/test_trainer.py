@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import toy_models
-from wm_pipeline.training import checkpoint
 from wm_pipeline import exit_codes
+from wm_pipeline.training import checkpoint
 from wm_pipeline.training.config import resolve
 from wm_pipeline.training.registry import ModelDataMismatch, get_model, register_model
 from wm_pipeline.training.trainer import lr_factor, train

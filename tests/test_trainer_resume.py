@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import toy_models
-from wm_pipeline.training import checkpoint
 from wm_pipeline import exit_codes
+from wm_pipeline.training import checkpoint
 
 STEPS = "train.max_steps=120"
 

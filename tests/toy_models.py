@@ -20,8 +20,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from wm_pipeline.training.registry import ModelDataMismatch, register_model
 from shards.writer import Episode, run_sharded_job
+from wm_pipeline.training.registry import ModelDataMismatch, register_model
 
 ACTION_DIM, STATE_DIM = 3, 2
 

@@ -31,15 +31,15 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from wm_pipeline.run_folder import FINAL, METRICS, MODEL_CARD, MODEL_CONFIG, WEIGHTS, is_run, recipe_of, \
-    run_config_of
+from wm_pipeline.run_folder import FINAL, METRICS, MODEL_CARD, MODEL_CONFIG, WEIGHTS, is_run, recipe_of, run_config_of
 
 log = logging.getLogger(__name__)
 

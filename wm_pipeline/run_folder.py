@@ -22,8 +22,9 @@ recorded fall back to a model's own guess from the config's field set (``legacy`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 

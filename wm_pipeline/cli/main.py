@@ -10,7 +10,7 @@ import os
 import sys
 
 from wm_pipeline import exit_codes
-from wm_pipeline.training.preemption import PreemptionHandler   # imports nothing heavy: main() installs it first thing
+from wm_pipeline.training.preemption import PreemptionHandler  # imports nothing heavy: main() installs it first thing
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -240,7 +240,7 @@ def run_demo(profile: str, out: str | Path, tasks: list[str] | None = None) -> i
         spent_weight += stage.weight
         log.info("[%d/%d] %s: done in %s", i, len(stages), stage.name, _fmt(record["seconds"]))
     state_path.write_text(json.dumps(state, indent=1))
-    from wm_pipeline.demo.report import write_report   # matplotlib is only needed here
+    from wm_pipeline.demo.report import write_report  # matplotlib is only needed here
 
     report = write_report(out, p, stages)
     log.info("all stages done in %s; report: %s", _fmt(time.perf_counter() - started), report)

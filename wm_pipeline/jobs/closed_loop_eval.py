@@ -29,8 +29,9 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -271,8 +272,8 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
     images, only with ``video``); None: the policy's images themselves. ``num_envs``: environments per
     task stepped at once with batched policy calls (``run_episodes_batched``); 1 runs the episodes one
     after the other. Per-episode results do not depend on it (seeds are per episode)."""
-    from wm_pipeline.sim.metaworld_env import MetaWorldEnv, check_task
     from shards.encode import encode_video
+    from wm_pipeline.sim.metaworld_env import MetaWorldEnv, check_task
 
     if episodes < 1:
         raise UsageError(f"--episodes must be >= 1, got {episodes}")

@@ -41,9 +41,10 @@ import logging
 import queue
 import subprocess
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +52,10 @@ import torch
 from shards.batch_keys import VALID
 from shards.dataset_info import DatasetInfo, FolderInfo
 from shards.model_folder import CLASS_KEY, class_name
+from shards.stats import file_sha256
 from wm_pipeline.exit_codes import UsageError
 from wm_pipeline.run_folder import MODEL_CONFIG, WEIGHTS, run_config_of, weights_folder
 from wm_pipeline.weights import loading, model_folders, read_json
-from shards.stats import file_sha256
 
 log = logging.getLogger(__name__)
 

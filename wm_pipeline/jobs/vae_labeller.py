@@ -94,8 +94,13 @@ def label_vae(data_dir: str | Path, vae_path: str | Path, name: str = KIND, *, r
 
     from shards.dataset_info import FolderInfo
     from shards.format import read_manifest
-    from shards.sidecar import (labeller_info_lock, read_labeller_info, sidecar_complete, sidecar_dir,
-                                write_labeller_info)
+    from shards.sidecar import (
+        labeller_info_lock,
+        read_labeller_info,
+        sidecar_complete,
+        sidecar_dir,
+        write_labeller_info,
+    )
 
     data_dir, vae_path = Path(data_dir), Path(vae_path)
     if not data_dir.is_dir():

@@ -112,10 +112,9 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
                          examples: int = 4, backend: str = "auto", every: int | None = None) -> dict[str, Any]:
     """Score ``run`` on ``data_dir`` (see the module docstring); writes the artefacts to ``out_dir``
     (default ``RUN/eval``) and returns the metrics."""
-    from worldmodel.tokenizer import frames_to_unit
-
     from shards.location import locate, missing_folder
     from wm_pipeline.jobs.frame_quality import psnr_ssim
+    from worldmodel.tokenizer import frames_to_unit
 
     data_dir = locate(data_dir)   # a folder or a URL (shards.location)
     if missing_folder(data_dir):

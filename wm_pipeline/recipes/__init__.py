@@ -18,7 +18,6 @@ from wm_pipeline.recipes import decoder, frame_autoencoder, idm, lam, worldmodel
 from wm_pipeline.training.registry import LabellerFace, ModelSpec
 from worldmodel.uwm import PRESETS as WORLD_MODEL_PRESETS, WorldModel, WorldModelConfig
 
-
 MODELS = (
     ModelSpec("decoder", DecoderConfig, ActionDecoder, DECODER_PRESETS, prepare=decoder.prepare,
               build_stream=decoder.build_stream, run_presets=decoder.RUN_PRESETS,

@@ -42,9 +42,9 @@ from typing import Any
 from decoders.decoder import ActionDecoder, DecoderConfig
 from shards.batch_keys import ACTION, ACTION_MASK, EMBODIMENT, PRESENT, VALID, label_key
 from shards.dataset_info import DatasetInfo
-from wm_pipeline.jobs.closed_loop_eval import check_policy_fits
-from wm_pipeline.exit_codes import UsageError
 from shards.stats import file_sha256
+from wm_pipeline.exit_codes import UsageError
+from wm_pipeline.jobs.closed_loop_eval import check_policy_fits
 from wm_pipeline.run_folder import MODEL_CONFIG, WEIGHTS, model_folder
 from wm_pipeline.training.few_shot import few_shot_keys
 from wm_pipeline.training.registry import ModelDataMismatch, default_stream
@@ -162,8 +162,8 @@ def _sidecar_checkpoint(data: str, name: str) -> tuple[str, str] | None:
 def _prepare_latent(cfg, m: DecoderConfig, paths: list[str]) -> tuple[DecoderConfig, list[str]]:
     """policy=latent: take the latent-action layout from the world model given by ``--init`` and
     join the LAM sidecar it was trained on (the model config and ``data.labels`` that follow)."""
-    from wm_pipeline.recipes.worldmodel_policy import world_model_dir
     from shards.sidecar import has_sidecar
+    from wm_pipeline.recipes.worldmodel_policy import world_model_dir
 
     if not cfg.init:
         raise UsageError("policy=latent needs --init RUN_WM: a world model pretrained with LAM latent actions "

@@ -3,7 +3,14 @@
 See docs/SIMULATION.md for the observation/action conventions, the seed scheme and render speed.
 """
 
-from wm_pipeline.sim.metaworld_env import (EMBODIMENT, MetaWorldEnv, check_task, expert_policy, instruction,
-                                        list_tasks, parse_tasks)
+from wm_pipeline.sim.metaworld_env import (
+    EMBODIMENT,
+    MetaWorldEnv,
+    check_task,
+    expert_policy,
+    instruction,
+    list_tasks,
+    parse_tasks,
+)
 
 __all__ = ["EMBODIMENT", "MetaWorldEnv", "check_task", "expert_policy", "instruction", "list_tasks", "parse_tasks"]

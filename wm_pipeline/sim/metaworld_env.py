@@ -21,7 +21,8 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -308,7 +309,7 @@ class MetaWorldEnv:
             self._env.close()
             self._env = None
 
-    def __enter__(self) -> "MetaWorldEnv":
+    def __enter__(self) -> MetaWorldEnv:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -50,8 +50,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,10 +61,9 @@ from safetensors.torch import load_model, save_file
 
 from nets.state_dict import current_names
 from shards.model_folder import WEIGHTS_METADATA, save_weights
-
-from wm_pipeline.training.distributed import any_rank
 from wm_pipeline.exit_codes import UsageError, WriteFailed
 from wm_pipeline.run_folder import CHECKPOINTS, FINAL, STEP_PREFIX, WEIGHTS, step_name
+from wm_pipeline.training.distributed import any_rank
 from wm_pipeline.weights import UnreadableFile, check_json, check_safetensors, load_safetensors, read_json
 
 log = logging.getLogger(__name__)

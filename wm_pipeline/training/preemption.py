@@ -19,6 +19,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # the annotation only: torch is imported where it is used
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class PreemptionHandler:
         if self.received is None:
             self.received = signal.Signals(signum).name
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
             log.warning("not on the main thread: SIGUSR1/SIGTERM will not checkpoint")
             return self
@@ -57,7 +61,7 @@ class PreemptionHandler:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def __enter__(self) -> "PreemptionHandler":
+    def __enter__(self) -> PreemptionHandler:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:
@@ -68,9 +72,9 @@ class PreemptionHandler:
         return self.received is not None
 
 
-def agree(flags: list[bool], device: "torch.device") -> list[bool]:
+def agree(flags: list[bool], device: torch.device) -> list[bool]:
     """Logical OR of per-rank flags across all ranks (one all-reduce; identity on one process)."""
-    import torch   # here, not at the top: `wm train` installs the handler before it imports torch
+    import torch  # here, not at the top: `wm train` installs the handler before it imports torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

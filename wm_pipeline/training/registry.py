@@ -38,9 +38,10 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from wm_pipeline.exit_codes import UsageError
 
@@ -208,8 +209,8 @@ def default_stream(cfg: Any, seed: int, **stream_kw: Any) -> Iterable[dict]:
     the stream itself splits shards by rank and worker. ``stream_kw``: more ``WindowStream`` arguments
     (e.g. ``optional_labels``) for a model's own ``build_stream`` wrapped around this one."""
     import torch
-    from shards.stream import WindowStream, collate_windows
 
+    from shards.stream import WindowStream, collate_windows
     from wm_pipeline.training.few_shot import few_shot_keys
 
     d = cfg.data

@@ -46,28 +46,28 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from wm_pipeline.training import checkpoint, config as config_mod
-
-from wm_pipeline import exit_codes, model_card, weights
-from wm_pipeline.training.distributed import derive_seed, make_accelerator
-from wm_pipeline.training.ema import EMA
-from wm_pipeline.exit_codes import UsageError, WriteFailed
-from wm_pipeline.training.preemption import PreemptionHandler, agree
-from wm_pipeline.training.registry import ModelDataMismatch, ModelSpec
-from wm_pipeline.run_folder import CONFIG, FINAL, LOCK, METRICS, RUN_CONFIG, STATUS, TENSORBOARD
-from shards.location import missing_folder
-from shards.folder_lock import FolderBusy, FolderLock
 from shards.batch_keys import KEY, START
 from shards.dataset_info import DatasetInfo
+from shards.folder_lock import FolderBusy, FolderLock
 from shards.format import read_manifest
+from shards.location import missing_folder
+from wm_pipeline import exit_codes, model_card, weights
+from wm_pipeline.exit_codes import UsageError, WriteFailed
+from wm_pipeline.run_folder import CONFIG, FINAL, LOCK, METRICS, RUN_CONFIG, STATUS, TENSORBOARD
+from wm_pipeline.training import checkpoint, config as config_mod
+from wm_pipeline.training.distributed import derive_seed, make_accelerator
+from wm_pipeline.training.ema import EMA
+from wm_pipeline.training.preemption import PreemptionHandler, agree
+from wm_pipeline.training.registry import ModelDataMismatch, ModelSpec
 
 log = logging.getLogger(__name__)
 

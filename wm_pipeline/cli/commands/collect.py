@@ -117,8 +117,8 @@ def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS,
 
 def make_episodes(spec: EpisodeSpec):
     """The job's ``make_episodes``: one Episode per spec (module level, so spawned workers can run it)."""
-    from wm_pipeline.sim.metaworld_env import EMBODIMENT, instruction
     from shards.writer import Episode
+    from wm_pipeline.sim.metaworld_env import EMBODIMENT, instruction
 
     env = _env_for(spec)
     r = rollout(env, spec.seed, action_noise=spec.action_noise, noise_hold=spec.noise_hold)
@@ -169,8 +169,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wm_pipeline.sim.metaworld_env import CAMERAS, MAX_PATH_LENGTH, parse_tasks
     from shards.writer import run_sharded_job
+    from wm_pipeline.sim.metaworld_env import CAMERAS, MAX_PATH_LENGTH, parse_tasks
 
     tasks = parse_tasks(args.tasks)
     if args.episodes < 1 or args.workers < 1 or args.samples_per_shard < 1:

@@ -48,8 +48,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wm_pipeline.jobs.closed_loop_eval import env_info, evaluate, format_table, load_policy
-    from wm_pipeline.training.registry import load_plugins
     from wm_pipeline.sim.metaworld_env import parse_tasks
+    from wm_pipeline.training.registry import load_plugins
 
     tasks = parse_tasks(args.tasks)
     info = env_info(args.env, resolution=args.resolution, camera=args.camera)

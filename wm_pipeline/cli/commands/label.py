@@ -53,9 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wm_pipeline.training import distributed
-    from wm_pipeline.jobs.labelling import label_dataset, parse_part
     from shards.folder_lock import FolderBusy
+    from wm_pipeline.jobs.labelling import label_dataset, parse_part
+    from wm_pipeline.training import distributed
 
     world = distributed.launched_world_size()
     rank = int(os.environ.get("RANK", "0"))

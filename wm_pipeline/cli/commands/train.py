@@ -146,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, signals) -> int:
+    from shards.folder_lock import FolderBusy
     from wm_pipeline.training import distributed
     from wm_pipeline.training.config import resolve
     from wm_pipeline.training.registry import get_model, load_plugins
     from wm_pipeline.training.trainer import train
-    from shards.folder_lock import FolderBusy
 
     torchrun = distributed.launched_world_size() > 1
     if torchrun and int(os.environ.get("RANK", "0")) > 0:

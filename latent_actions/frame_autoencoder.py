@@ -23,7 +23,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from nets.conv_encoder import conv_stages
-from shards.model_folder import config_fields, save_model_folder
+from shards.model_folder import ModelFolderMixin, config_fields
 
 
 @dataclass
@@ -45,13 +45,11 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.SiLU())
 
 
-class FrameAutoencoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "autoencoder"]):
+class FrameAutoencoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_name="wm-pipeline",
+                       tags=["robotics", "autoencoder"]):
     """uint8 frames -> 8x8 map (for 3 stages at 64 px) -> reconstructed frames."""
 
-    FORMAT_VERSION = 1
-
-    def _save_pretrained(self, save_directory) -> None:
-        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
+    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
 
     def __init__(self, config: FrameAutoencoderConfig):
         super().__init__()

@@ -42,7 +42,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from nets.conv import ResConvBlock
 from nets.normalize import Normalizer
 from nets.state_dict import rename_on_load, sequential_renames
-from shards.model_folder import save_model_folder
+from shards.model_folder import ModelFolderMixin
 
 from .lam import frames_to_pixels
 
@@ -138,14 +138,10 @@ class FrameFeatures(nn.Module):
         return self.proj(self.stages(h).flatten(1)).unflatten(0, (b, t))
 
 
-class InverseDynamicsModel(nn.Module, PyTorchModelHubMixin):
+class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
     """Non-causal window of frames -> per-frame actions. See the module docstring."""
 
     FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
-
-    def _save_pretrained(self, save_directory) -> None:
-        """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
-        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
 
     def __init__(self, config: IDMConfig):
         super().__init__()

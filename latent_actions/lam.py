@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
-from shards.model_folder import save_model_folder
+from shards.model_folder import ModelFolderMixin
 
 from .quantizer import BottleneckOutput, GaussianBottleneck, VectorQuantizer
 
@@ -217,14 +217,10 @@ class LatentActionDecoder(nn.Module):
         return x_t + out if cfg.predict_residual else out
 
 
-class LatentActionModel(nn.Module, PyTorchModelHubMixin):
+class LatentActionModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
     """Latent-action model trained on frames only. See the module docstring."""
 
     FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
-
-    def _save_pretrained(self, save_directory) -> None:
-        """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
-        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
 
     def __init__(self, config: LAMConfig):
         super().__init__()

@@ -12,8 +12,9 @@ convert folders of an older layout by version. Folders saved before these keys e
 neither: ``saved_class`` is None and ``saved_version`` 0. ``model.safetensors`` carries the
 metadata ``{"format": "pt"}`` (what ``transformers`` and the Hub expect of PyTorch weights).
 
-Model packages use it in their ``_save_pretrained`` (``save_model_folder``) and strip the keys before
-building their config dataclass from a dict (``config_fields``). Only the standard library,
+Model classes mix in ``ModelFolderMixin`` (its ``_save_pretrained`` calls ``save_model_folder`` with the
+class's ``FORMAT_VERSION``) and strip the keys before building their config dataclass from a dict
+(``config_fields``). Only the standard library,
 safetensors and torch: shards may not import the model packages or the runtime.
 """
 
@@ -63,6 +64,18 @@ def save_model_folder(module: Any, folder: str | Path, config: Any, version: int
     folder = Path(folder)
     save_weights(module, folder / WEIGHTS)
     (folder / CONFIG).write_text(json.dumps(stamped(config, type(module), version), sort_keys=True, indent=2))
+
+
+class ModelFolderMixin:
+    """The ``_save_pretrained`` of every built-in model: ``save_model_folder(self, folder, config,
+    FORMAT_VERSION)``, config being what ``huggingface_hub.PyTorchModelHubMixin`` recorded from the
+    constructor. List it before the hub mixin (``class M(nn.Module, ModelFolderMixin, PyTorchModelHubMixin)``)
+    and set ``FORMAT_VERSION`` on the class (raise it, and convert older folders, when the layout changes)."""
+
+    FORMAT_VERSION: int
+
+    def _save_pretrained(self, save_directory: str | Path) -> None:
+        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
 
 
 def _read(folder: str | Path) -> dict[str, Any]:

@@ -57,7 +57,7 @@ from torch import nn
 from nets.flow import interpolate, sample_uniform_time
 from nets.image_encoder import ImageEncoder
 from nets.state_dict import rename_on_load
-from shards.model_folder import config_fields, save_model_folder
+from shards.model_folder import ModelFolderMixin, config_fields
 from worldmodel.config import PRESETS, WorldModelConfig
 from worldmodel.dust import joint_schedule
 from worldmodel.embodiment import LATENT, EmbodimentAdapter, embodiment_spec
@@ -101,16 +101,12 @@ def _groups(names: list) -> dict[str, list[int]]:
     return out
 
 
-class WorldModel(nn.Module, PyTorchModelHubMixin):
+class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
     """UWM / DUST world model. ``forward(batch) -> (loss, metrics)``; ``sample_*`` modes; see module doc."""
 
     # config.json's _format_version: raise it (and convert older folders) when the layout changes.
     # 2: the transformer's parameters under net. (VideoActionTransformer); 1 and 0 load through NETWORK_RENAMES
     FORMAT_VERSION = 2
-
-    def _save_pretrained(self, save_directory) -> None:
-        """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
-        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
 
     def __init__(self, config: WorldModelConfig):
         super().__init__()

@@ -43,7 +43,7 @@ from nets.frame_decoder import FrameDecoder
 from nets.normalize import Normalizer, plain_stats
 from nets.state_dict import rename_on_load
 from nets.timestep import MEANFLOW_SCALE, timestep_embedding
-from shards.model_folder import config_fields, save_model_folder
+from shards.model_folder import ModelFolderMixin, config_fields
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("fm", "meanflow")
@@ -213,14 +213,11 @@ def load_encoder_stages(encoder: ConvEncoder, folder: str) -> None:
     encoder.stages.load_state_dict(weights)
 
 
-class ActionDecoder(nn.Module, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "flow-matching"]):
+class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_name="wm-pipeline",
+                    tags=["robotics", "flow-matching"]):
     """Observation (+ state, task, latent actions) -> action chunk ``[B, H, A]``; see the module docstring."""
 
     FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
-
-    def _save_pretrained(self, save_directory) -> None:
-        """config.json naming the class and format version; weights with ``{"format": "pt"}`` (shards.model_folder)."""
-        save_model_folder(self, save_directory, self._hub_mixin_config, self.FORMAT_VERSION)
 
     @classmethod
     def _from_pretrained(cls, *args, **kwargs):

@@ -31,7 +31,9 @@ import numpy as np
 import pytest
 
 import toy_models
+from in_process import wm_here
 from wm_pipeline import exit_codes
+from wm_pipeline.cli.main import main
 from test_ingest_videos import gray_ramp, read_samples, write_video
 
 TRAIN_ARGS = ("--preset", "tiny", "train.max_steps=20", "train.ckpt_every=10", "train.progress=false")
@@ -186,8 +188,7 @@ def test_a_disk_without_room_for_the_lock_file_is_one_line(data, videos, small_t
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
-    code, _, err = wm("train", "decoder", "--data", str(data), "--out", str(run), *TRAIN_ARGS)
-    assert code == 0, err
+    assert main(["train", "decoder", "--data", str(data), "--out", str(run), *TRAIN_ARGS]) == 0
     return run
 
 
@@ -196,7 +197,8 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("case", ["binary-config", "resize-0", "horizon-0", "init-missing", "init-unused"])
-def test_bad_config_or_init_is_one_line_before_anything_is_written(data, finished, tmp_path, case):
+def test_bad_config_or_init_is_one_line_before_anything_is_written(data, finished, tmp_path, capsys, case):
+    """In this process (main(): the same one-line error on stderr; a traceback would fail the test)."""
     binary = tmp_path / "config.yaml"
     binary.write_bytes(b"data: {window: 2}\n\x00\xff\xfe\x80" + bytes(range(256)))
     extra, expected = {
@@ -207,7 +209,7 @@ def test_bad_config_or_init_is_one_line_before_anything_is_written(data, finishe
         "init-unused": (["--init", str(data)], "model 'decoder' with policy=scratch does not use it"),
     }[case]
     new = tmp_path / "new-run"
-    code, _, err = wm("train", "decoder", "--data", str(data), "--out", str(new), *TRAIN_ARGS, *extra)
+    code, _, err = wm_here(capsys, "train", "decoder", "--data", str(data), "--out", str(new), *TRAIN_ARGS, *extra)
     assert code == exit_codes.USAGE == 2, err
     assert "Traceback" not in err
     (line,) = error_lines(err, "train")
@@ -216,8 +218,8 @@ def test_bad_config_or_init_is_one_line_before_anything_is_written(data, finishe
     assert not new.exists()
     # into a finished run, with one more step to do: refused, the run folder byte for byte as it was
     before = _tree(finished)
-    code, _, err = wm("train", "decoder", "--data", str(data), "--out", str(finished), *TRAIN_ARGS,
-                      "train.max_steps=21", *extra)
+    code, _, err = wm_here(capsys, "train", "decoder", "--data", str(data), "--out", str(finished), *TRAIN_ARGS,
+                           "train.max_steps=21", *extra)
     assert code == 2 and error_lines(err, "train") == [line.replace(str(new), str(finished))], err
     assert _tree(finished) == before
 

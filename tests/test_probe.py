@@ -6,7 +6,8 @@ control, the decoder beats copying frame t, the IDM's pseudo-actions explain the
 """
 
 import json
-from pathlib import Path
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,11 +15,10 @@ import torch
 
 torch.set_num_threads(1)   # 2 shared cores: one thread is ~25x faster than two fighting other jobs
 
-from wm_pipeline.cli.main import main
-from wm_pipeline.jobs.probe import code_usage, linear_probe, r2_per_dim
-
 from shards.writer import Episode
 from test_label import _make
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.probe import code_usage, linear_probe, r2_per_dim
 
 
 def _moving(i: int, n: int = 16, size: int = 32) -> list[Episode]:
@@ -39,11 +39,14 @@ def runs(tmp_path_factory):
     held = _make(root / "held", lambda i: _moving(100 + i), 8, per_shard=8)
     common = ["--preset", "tiny", "train.progress=false", "optim.lr=2e-3", "data.batch_size=16",
               "data.windows_per_episode=4"]
-    assert main(["train", "lam", "--data", str(train), "--out", str(root / "lam"), *common,
-                 "train.max_steps=300", "train.ckpt_every=300", "data.window=3", "model.frame_gap=1", "model.dead_after=20",
-                 "ema.decay=0.9"]) == 0
-    assert main(["train", "idm", "--data", str(train), "--out", str(root / "idm"), *common,
-                 "train.max_steps=150", "train.ckpt_every=150", "data.window=6", "ema.decay=0.9"]) == 0
+    # the IDM trains in a second process meanwhile (one thread each: a second core is otherwise idle)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        idm = pool.submit(main, ["train", "idm", "--data", str(train), "--out", str(root / "idm"), *common,
+                                 "train.max_steps=150", "train.ckpt_every=150", "data.window=6", "ema.decay=0.9"])
+        assert main(["train", "lam", "--data", str(train), "--out", str(root / "lam"), *common,
+                     "train.max_steps=300", "train.ckpt_every=300", "data.window=3", "model.frame_gap=1",
+                     "model.dead_after=20", "ema.decay=0.9"]) == 0
+        assert idm.result() == 0
     return root, held
 
 

@@ -32,9 +32,9 @@ import pytest
 
 import toy_models
 from in_process import wm_here
+from test_ingest_videos import gray_ramp, read_samples, write_video
 from wm_pipeline import exit_codes
 from wm_pipeline.cli.main import main
-from test_ingest_videos import gray_ramp, read_samples, write_video
 
 TRAIN_ARGS = ("--preset", "tiny", "train.max_steps=20", "train.ckpt_every=10", "train.progress=false")
 VIDEO_ARGS = ("--resolution", "32", "--fps", "15", "--clip-seconds", "0.5", "--samples-per-shard", "1")

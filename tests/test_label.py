@@ -20,12 +20,13 @@ import torch
 
 torch.set_num_threads(1)   # 2 shared cores: one thread is ~25x faster than two fighting other jobs
 
-from wm_pipeline.cli.main import main
-from wm_pipeline.jobs.labelling import label_episodes, load_labeller, shard_range
+from in_process import wm_here
 from shards.format import read_manifest
 from shards.sidecar import read_labeller_info, read_sidecar, read_sidecar_stats, sidecar_dir
 from shards.stream import WindowStream, collate_windows, iter_samples
 from shards.writer import Episode, run_sharded_job
+from wm_pipeline.cli.main import main
+from wm_pipeline.jobs.labelling import label_episodes, load_labeller, shard_range
 
 LENGTHS = [14, 9, 21, 3, 17, 12, 25, 10]   # frames; one shorter than the LAM's frame gap + 1 window
 WM = [sys.executable, "-m", "wm_pipeline"]
@@ -51,9 +52,10 @@ def _make(root: Path, make, n: int, per_shard: int = 1) -> Path:
     return root
 
 
-def _wm(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*WM, *args], capture_output=True, text=True, env=env, timeout=120, **kw)
+def _wm(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`wm ARGS` by the same main() in this process (the killed run above is the real process)."""
+    code, out, err = wm_here(capsys, *args)
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_idm_rows_come_from_windows_where_the_step_is_not_last(setup):
     spec, lab = load_labeller(root / "idm")
     t = lab.window
     for key, frames in _episodes(data).items():
-        r = read_sidecar(data, "idm", "shard-%06d.tar" % int(key[2:]))[key]
+        r = read_sidecar(data, "idm", f"shard-{int(key[2:]):06d}.tar")[key]
         n = frames.shape[0]
         assert r["pseudo_action"].shape == (n, 2) and r["valid"].tolist() == [True] * (n - 1) + [False]
         w = min(t, n)
@@ -114,21 +116,21 @@ def test_idm_rows_come_from_windows_where_the_step_is_not_last(setup):
             assert min(np.abs(c - r["pseudo_action"][step]).max() for c in cands) < 1e-4
 
 
-def test_kill_9_then_resume_gives_identical_sidecars(setup):
+def test_kill_9_then_resume_gives_identical_sidecars(setup, capsys):
     root, data = setup
     args = ["label", "--labeller", str(root / "lam"), "--data", str(data), "--name", "resumed", "--batch-size", "4",
             "--no-progress"]
     proc = subprocess.Popen([*WM, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = sidecar_dir(data, "resumed")
-    deadline = time.time() + 60
+    deadline = time.time() + 600   # the first shard's own start-up: a minute or more on a loaded machine
     while not list(out.glob("*.stats.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(list(out.glob("*.stats.json")))
     assert 1 <= done < len(LENGTHS), f"kill landed after {done} of {len(LENGTHS)} shards"
-    r = _wm(*args)
+    r = _wm(capsys, *args)
     assert r.returncode == 0, r.stderr
     assert f"labelling {len(LENGTHS) - done} of {len(LENGTHS)} shards" in r.stderr
     for entry in read_manifest(data)["shards"]:
@@ -178,11 +180,11 @@ def test_torchrun_ranks_take_their_own_shards(setup):
     ({"size": 48}, "takes 32x32 frames (trained without resize) but"),
     ({"fps": 25.0}, "trained on [10.0] fps video"),
 ])
-def test_misfit_labeller_fails_before_any_work(setup, tmp_path, change, message):
+def test_misfit_labeller_fails_before_any_work(setup, tmp_path, capsys, change, message):
     root, _ = setup
     data = _make(tmp_path / "other", lambda i: _episode(i, change.get("size", 32), change.get("camera", "front"),
                                                           change.get("fps", 10.0), n=8), 1)
-    r = _wm("label", "--labeller", str(root / "lam"), "--data", str(data))
+    r = _wm(capsys, "label", "--labeller", str(root / "lam"), "--data", str(data))
     assert r.returncode == 2 and message in r.stderr and str(data) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (data / "labels").exists()
 

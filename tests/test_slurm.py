@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,10 +23,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wm(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "wm_pipeline", *argv], capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"wm {' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}"
-    return r
+def wm(*argv: str) -> None:
+    """The data and the labeller the scripts are given, made by the same main() in this process (a fresh
+    interpreter would cost seconds of imports each); the sbatch jobs themselves are real processes."""
+    from wm_pipeline.cli.main import main
+
+    assert main(list(argv)) == 0, f"wm {' '.join(argv)} failed"
 
 
 @pytest.fixture(scope="module")

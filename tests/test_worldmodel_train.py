@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from in_process import wm_here
 from wm_pipeline.cli.main import main
 
 PRESET = ["--preset", "tiny", "train.progress=false", "data.num_workers=0"]
@@ -42,11 +43,13 @@ def _json(stdout: str) -> dict:
     return json.loads(stdout[stdout.index("{"):])   # huggingface_hub prints a line of its own first
 
 
-def _wm(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=timeout)
+def _wm(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`wm ARGS` by the same main() in this process (no fresh interpreter: seconds of imports saved per call)."""
+    code, out, err = wm_here(capsys, *args)
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
-def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp_path):
+def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["train", "worldmodel", "--data", str(mw["demos"]), "--data", str(mw["video"]), "--out", str(run),
                  *PRESET, "data.weights=0.5,0.5", "train.max_steps=80"])
@@ -65,7 +68,7 @@ def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp
     assert cfg["model"]["embodiments"]["sawyer"]["state_dim"] == 39 and cfg["model"]["tasks"] == ["reach-v3"]
 
     out = tmp_path / "eval"
-    proc = _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(out),
+    proc = _wm(capsys, "worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(out),
                "--windows", "6", "--examples", "3")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -83,25 +86,25 @@ def test_mixed_demos_and_video_loss_falls_then_eval_writes_json_and_grid(mw, tmp
     assert grid.shape == (3 * 32 + 2 * 2, 6 * 32 + 2 * 6, 3)
     assert (out / "grid.mp4").stat().st_size > 0
     # the same seed gives the same numbers; a folder that is not a world model is a one-line error
-    again = _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "e2"),
+    again = _wm(capsys, "worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "e2"),
                 "--windows", "6", "--examples", "1")
     assert _json(again.stdout)["forward_dynamics_mse"] == metrics["forward_dynamics_mse"]
-    bad = _wm("worldmodel", "eval", "--model", str(mw["demos"]), "--data", str(mw["heldout"]))
+    bad = _wm(capsys, "worldmodel", "eval", "--model", str(mw["demos"]), "--data", str(mw["heldout"]))
     assert bad.returncode == 2 and "no world model" in bad.stderr and "Traceback" not in bad.stderr
     # --every K --windows 0: a window at every K-th frame of every held-out episode
     from shards.stream import WindowStream
 
-    dense = _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "e3"),
+    dense = _wm(capsys, "worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "e3"),
                 "--windows", "0", "--every", "3", "--examples", "1")
     expected = sum(1 for _ in WindowStream(str(mw["heldout"]), window=10, mode="label", label_every=3))
     assert dense.returncode == 0, dense.stderr
     assert _json(dense.stdout)["windows"] == expected > 6 and _json(dense.stdout)["window_every"] == 3
-    assert _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--every", "0").returncode == 2
+    assert _wm(capsys, "worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--every", "0").returncode == 2
 
 
 def test_no_future_control_hides_future_frames(mw, tmp_path):
-    from wm_pipeline.training.config import resolve
     from wm_pipeline.recipes.worldmodel import build_stream, hide_future
+    from wm_pipeline.training.config import resolve
     from wm_pipeline.training.registry import get_model, load_plugins
     from wm_pipeline.training.trainer import read_dataset_info
 
@@ -124,12 +127,12 @@ def test_no_future_control_hides_future_frames(mw, tmp_path):
         spec.prepare(cfg, read_dataset_info(cfg.data.paths))
 
 
-def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path):
+def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path, capsys):
     from diffusers import AutoencoderKL
 
-    from wm_pipeline.jobs.vae_labeller import label_vae
     from shards.sidecar import read_sidecar
     from shards.stream import iter_samples
+    from wm_pipeline.jobs.vae_labeller import label_vae
     from worldmodel.tokenizer import encode_frames, load_vae
 
     torch.manual_seed(0)
@@ -150,7 +153,7 @@ def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path):
     torch.testing.assert_close(torch.from_numpy(rows["latent"][:5]), expected, rtol=1e-4, atol=1e-4)
 
     run = tmp_path / "run"
-    proc = _wm("train", "worldmodel", "--data", str(data), "--labels", "vae", "--out", str(run), *PRESET,
+    proc = _wm(capsys, "train", "worldmodel", "--data", str(data), "--labels", "vae", "--out", str(run), *PRESET,
                "train.max_steps=40", "optim.lr=3e-3")
     assert proc.returncode == 0, proc.stderr
     assert "at every step" not in proc.stderr   # the latents came from the sidecar, not a per-step VAE pass
@@ -161,7 +164,7 @@ def test_vae_sidecar_is_streamed_and_trains(mw, tmp_path):
     rows = [r for r in _rows(run) if "loss_video" in r]
     assert rows[-1]["loss_video"] < rows[0]["loss_video"]
     # evaluation decodes the predicted latents with the VAE named in the run, and scores pixels
-    proc = _wm("worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "ev"),
+    proc = _wm(capsys, "worldmodel", "eval", "--model", str(run), "--data", str(mw["heldout"]), "--out", str(tmp_path / "ev"),
                "--windows", "2", "--examples", "1")
     assert proc.returncode == 0, proc.stderr
     metrics = _json(proc.stdout)

@@ -21,10 +21,11 @@ test: lint           ## the lint, then the test suite (what CI runs)
 test-fast: setup     ## skips the long learning tests and the Slurm cluster
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
-lint: setup          ## ruff: the rules in pyproject.toml [tool.ruff.lint]
+lint: setup          ## ruff: the rules in pyproject.toml [tool.ruff.lint], and the tree formatted as ruff format does
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
-format: setup        ## ruff format (style in pyproject.toml [tool.ruff]); `ruff format --check .` joins lint once the tree is formatted
+format: setup        ## ruff format (style in pyproject.toml [tool.ruff]): run it before committing; make lint checks it
 	$(VENV)/bin/ruff format .
 
 bench: setup

@@ -43,19 +43,29 @@ def decoder_config(preset: str):
     from nets.normalize import stats_of
 
     g = torch.Generator().manual_seed(0)
-    stats = {"robot": {"action": stats_of(torch.rand(100, 4, generator=g) * 2 - 1),
-                       "state": stats_of(torch.randn(100, 39, generator=g))}}
-    return DecoderConfig.from_preset(preset, action_dim=4, state_dim=39, image_size=[64, 64], tasks=["reach-v3"],
-                                     stats=stats)
+    stats = {
+        "robot": {
+            "action": stats_of(torch.rand(100, 4, generator=g) * 2 - 1),
+            "state": stats_of(torch.randn(100, 39, generator=g)),
+        }
+    }
+    return DecoderConfig.from_preset(
+        preset, action_dim=4, state_dim=39, image_size=[64, 64], tasks=["reach-v3"], stats=stats
+    )
 
 
 def decoder_batch(cfg, b: int) -> dict:
     g = torch.Generator().manual_seed(1)
     t = cfg.window_length
-    return {"frames": torch.randint(0, 256, (b, t, 3, 64, 64), dtype=torch.uint8, generator=g),
-            "action": torch.rand(b, t, 4, generator=g) * 2 - 1, "action_mask": torch.ones(b, dtype=torch.bool),
-            "state": torch.randn(b, t, 39, generator=g), "state_mask": torch.ones(b, dtype=torch.bool),
-            "embodiment": ["robot"] * b, "task": ["reach-v3"] * b}
+    return {
+        "frames": torch.randint(0, 256, (b, t, 3, 64, 64), dtype=torch.uint8, generator=g),
+        "action": torch.rand(b, t, 4, generator=g) * 2 - 1,
+        "action_mask": torch.ones(b, dtype=torch.bool),
+        "state": torch.randn(b, t, 39, generator=g),
+        "state_mask": torch.ones(b, dtype=torch.bool),
+        "embodiment": ["robot"] * b,
+        "task": ["reach-v3"] * b,
+    }
 
 
 def configs() -> dict:
@@ -65,8 +75,11 @@ def configs() -> dict:
 
     out = {}
     for preset in ("tiny", "small", "base"):
-        out[f"{preset}-decoder"] = (lambda p=preset: ActionDecoder(decoder_config(p)),
-                                    lambda b, p=preset: decoder_batch(decoder_config(p), b), 32 if preset == "base" else 8)
+        out[f"{preset}-decoder"] = (
+            lambda p=preset: ActionDecoder(decoder_config(p)),
+            lambda b, p=preset: decoder_batch(decoder_config(p), b),
+            32 if preset == "base" else 8,
+        )
     for name, (cfg, batch) in wm_bench.configs().items():
         out[name] = (lambda c=cfg: WorldModel(c), lambda b, c=cfg: wm_bench.make_batch(c, b), batch)
     return out
@@ -123,15 +136,22 @@ def bench(name: str, build, make_batch, batch_size: int, args, device: torch.dev
     for _ in range(args.reps):
         for s in runs.values():
             s.timed()
-    out = {"params_M": round(sum(p.numel() for p in runs["eager_for-loop"].model.parameters()) / 1e6, 3),
-           "batch": batch_size, "settings": {}}
+    out = {
+        "params_M": round(sum(p.numel() for p in runs["eager_for-loop"].model.parameters()) / 1e6, 3),
+        "batch": batch_size,
+        "settings": {},
+    }
     for label, s in runs.items():
         ms = statistics.median(getattr(s, clock))
-        out["settings"][label] = {"ms_per_step": round(ms, 2), "steps_per_s": round(1000 / ms, 2),
-                                  "wall_ms": round(statistics.median(s.wall), 2),
-                                  "cpu_ms": round(statistics.median(s.cpu), 2),
-                                  "warmup_s": round(s.warmup_s, 1), "loss_first": round(s.losses[0], 4),
-                                  "loss_last": round(s.losses[-1], 4)}
+        out["settings"][label] = {
+            "ms_per_step": round(ms, 2),
+            "steps_per_s": round(1000 / ms, 2),
+            "wall_ms": round(statistics.median(s.wall), 2),
+            "cpu_ms": round(statistics.median(s.cpu), 2),
+            "warmup_s": round(s.warmup_s, 1),
+            "loss_first": round(s.losses[0], 4),
+            "loss_last": round(s.losses[-1], 4),
+        }
     sps = {label: v["steps_per_s"] for label, v in out["settings"].items()}
     compiled = next(label for label in sps if label.startswith("compiled_"))
     auto = compiled.split("_", 1)[1]
@@ -145,17 +165,27 @@ def bench(name: str, build, make_batch, batch_size: int, args, device: torch.dev
 def main() -> None:
     names = list(configs())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="tiny-decoder,tiny-uwm", help="comma-separated subset of: " + ", ".join(names))
+    parser.add_argument(
+        "--configs", default="tiny-decoder,tiny-uwm", help="comma-separated subset of: " + ", ".join(names)
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, help="batch size for every configuration (default: 8; base: 32)")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per setting")
-    parser.add_argument("--warmup", type=int, default=10,
-                        help="untimed steps per setting first (compiles; the decoder recompiles the frame after its .item() metrics for several steps)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed steps per setting first (compiles; the decoder recompiles the frame after its .item() metrics for several steps)",
+    )
     parser.add_argument("--compile-mode", default="default", help="train.compile_mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="",
-                        help="what the ratios use (default: cpu with one thread on the CPU, else wall)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="",
+        help="what the ratios use (default: cpu with one thread on the CPU, else wall)",
+    )
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     unknown = set(args.configs.split(",")) - set(names)
@@ -168,13 +198,24 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     clock = args.clock or ("cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
-    report = {"benchmark": "compile", "clock": clock, "reps": args.reps, "compile_mode": args.compile_mode,
-              "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "python": platform.python_version(), "precision": args.precision,
-                          "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                          else (platform.processor() or platform.machine()),
-                          "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
-              "results": {}}
+    report = {
+        "benchmark": "compile",
+        "clock": clock,
+        "reps": args.reps,
+        "compile_mode": args.compile_mode,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "precision": args.precision,
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else (platform.processor() or platform.machine()),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "results": {},
+    }
     built = configs()
     for name in args.configs.split(","):
         build, make_batch, batch_size = built[name]

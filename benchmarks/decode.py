@@ -28,7 +28,7 @@ def synthetic_clip(n: int, size: int, seed: int = 0) -> np.ndarray:
         img = np.stack([np.sin(6 * x + t / 9), np.cos(5 * y - t / 7), np.sin(4 * (x + y) + t / 5)], -1)
         img = (img * 0.5 + 0.5) * 200
         c = int((t * 2) % (size - size // 4))
-        img[c:c + size // 4, c:c + size // 4] = 240
+        img[c : c + size // 4, c : c + size // 4] = 240
         frames[t] = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
     return frames
 
@@ -52,9 +52,13 @@ def main() -> None:
     for name, (n, size) in clips.items():
         data = encode_video(synthetic_clip(n, size), fps=30.0)
         every4 = list(range(0, n, 4))
-        results[name] = {b: {"all_fps": round(frames_per_second(data, None, b, args.repeats)),
-                             "every4_fps": round(frames_per_second(data, every4, b, args.repeats))}
-                         for b in backends}
+        results[name] = {
+            b: {
+                "all_fps": round(frames_per_second(data, None, b, args.repeats)),
+                "every4_fps": round(frames_per_second(data, every4, b, args.repeats)),
+            }
+            for b in backends
+        }
     print(json.dumps(results, indent=2))
 
 

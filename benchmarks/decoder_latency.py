@@ -34,10 +34,19 @@ SETTINGS = [("fm", 1), ("fm", 2), ("fm", 5), ("fm", 10), ("meanflow", 1), ("mean
 
 def build(objective: str, args) -> ActionDecoder:
     g = torch.Generator().manual_seed(0)
-    stats = {"sawyer": {"action": stats_of(torch.rand(100, 4, generator=g) * 2 - 1),
-                        "state": stats_of(torch.randn(100, 39, generator=g))}}
+    stats = {
+        "sawyer": {
+            "action": stats_of(torch.rand(100, 4, generator=g) * 2 - 1),
+            "state": stats_of(torch.randn(100, 39, generator=g)),
+        }
+    }
     cfg = DecoderConfig.from_preset(
-        args.preset, action_dim=4, state_dim=39, image_size=[args.image_size] * 2, tasks=["reach-v3"], stats=stats,
+        args.preset,
+        action_dim=4,
+        state_dim=39,
+        image_size=[args.image_size] * 2,
+        tasks=["reach-v3"],
+        stats=stats,
         objective=objective,
     )
     torch.manual_seed(0)
@@ -77,9 +86,13 @@ def main() -> int:
     # shared machine extra threads mostly measure the neighbours.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="",
-                        help="clock of the ratios: cpu (this thread's CPU time; the default with one "
-                             "thread) or wall (the default with more)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="",
+        help="clock of the ratios: cpu (this thread's CPU time; the default with one "
+        "thread) or wall (the default with more)",
+    )
     args = parser.parse_args()
     args.clock = args.clock or ("cpu" if args.threads == 1 else "wall")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -66,8 +66,15 @@ def main() -> None:
     total = args.episodes * args.frames
 
     def make_episodes(i: int):
-        yield Episode(key=f"ep{i:05d}", frames={"corner": videos[i]}, fps=80.0, embodiment="sawyer",
-                      task="push-v3", action=actions[i], state=states[i])
+        yield Episode(
+            key=f"ep{i:05d}",
+            frames={"corner": videos[i]},
+            fps=80.0,
+            embodiment="sawyer",
+            task="push-v3",
+            action=actions[i],
+            state=states[i],
+        )
 
     plain, job = [], []
     for _ in range(args.repeats):
@@ -76,18 +83,36 @@ def main() -> None:
         plain.append(time.perf_counter() - t0)
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
-            result = run_sharded_job(out, list(range(args.episodes)), make_episodes, samples_per_shard=10,
-                                     workers=1, created_by="benchmarks/ingest.py", desc="bench")
+            result = run_sharded_job(
+                out,
+                list(range(args.episodes)),
+                make_episodes,
+                samples_per_shard=10,
+                workers=1,
+                created_by="benchmarks/ingest.py",
+                desc="bench",
+            )
             job.append(time.perf_counter() - t0)
             assert result.ok and result.manifest["totals"]["frames"] == total
             dataset_bytes = result.manifest["totals"]["bytes"]
     plain_fps, job_fps = total / statistics.median(plain), total / statistics.median(job)
-    print(json.dumps({
-        "episodes": args.episodes, "frames_per_episode": args.frames, "size": args.size, "repeats": args.repeats,
-        "plain_pyav_fps": round(plain_fps, 1), "run_sharded_job_fps": round(job_fps, 1),
-        "ratio": round(job_fps / plain_fps, 3), "target_ratio": 0.7,
-        "mp4_bytes": size, "dataset_bytes": dataset_bytes,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "episodes": args.episodes,
+                "frames_per_episode": args.frames,
+                "size": args.size,
+                "repeats": args.repeats,
+                "plain_pyav_fps": round(plain_fps, 1),
+                "run_sharded_job_fps": round(job_fps, 1),
+                "ratio": round(job_fps / plain_fps, 3),
+                "target_ratio": 0.7,
+                "mp4_bytes": size,
+                "dataset_bytes": dataset_bytes,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

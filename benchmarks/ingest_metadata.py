@@ -36,39 +36,60 @@ DIM = 6
 
 def write_dataset(root: Path, n_episodes: int, frames: int, per_file: int) -> None:
     (root / "meta").mkdir(parents=True)
-    info = {"codebase_version": "v3.0", "robot_type": "so100", "fps": 30, "chunks_size": 1000,
-            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet", "video_path": None,
-            "features": {"action": {"dtype": "float32", "shape": [DIM]},
-                         "observation.state": {"dtype": "float32", "shape": [DIM]},
-                         "timestamp": {"dtype": "float32", "shape": [1]}, "frame_index": {"dtype": "int64", "shape": [1]},
-                         "episode_index": {"dtype": "int64", "shape": [1]}, "index": {"dtype": "int64", "shape": [1]},
-                         "task_index": {"dtype": "int64", "shape": [1]}}}
+    info = {
+        "codebase_version": "v3.0",
+        "robot_type": "so100",
+        "fps": 30,
+        "chunks_size": 1000,
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": None,
+        "features": {
+            "action": {"dtype": "float32", "shape": [DIM]},
+            "observation.state": {"dtype": "float32", "shape": [DIM]},
+            "timestamp": {"dtype": "float32", "shape": [1]},
+            "frame_index": {"dtype": "int64", "shape": [1]},
+            "episode_index": {"dtype": "int64", "shape": [1]},
+            "index": {"dtype": "int64", "shape": [1]},
+            "task_index": {"dtype": "int64", "shape": [1]},
+        },
+    }
     (root / "meta" / "info.json").write_text(json.dumps(info))
     rng = np.random.default_rng(0)
     vec = pa.list_(pa.float32(), DIM)
     for f, first in enumerate(range(0, n_episodes, per_file)):
         eps = np.arange(first, min(first + per_file, n_episodes))
         n = len(eps) * frames
-        cols = {"action": pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * DIM).astype(np.float32)), DIM),
-                "observation.state": pa.FixedSizeListArray.from_arrays(
-                    pa.array(rng.normal(size=n * DIM).astype(np.float32)), DIM),
-                "timestamp": pa.array(np.tile(np.arange(frames) / 30, len(eps)).astype(np.float32)),
-                "frame_index": pa.array(np.tile(np.arange(frames), len(eps))),
-                "episode_index": pa.array(np.repeat(eps, frames)),
-                "index": pa.array(np.arange(first * frames, first * frames + n)),
-                "task_index": pa.array(np.zeros(n, np.int64))}
+        cols = {
+            "action": pa.FixedSizeListArray.from_arrays(pa.array(rng.normal(size=n * DIM).astype(np.float32)), DIM),
+            "observation.state": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.normal(size=n * DIM).astype(np.float32)), DIM
+            ),
+            "timestamp": pa.array(np.tile(np.arange(frames) / 30, len(eps)).astype(np.float32)),
+            "frame_index": pa.array(np.tile(np.arange(frames), len(eps))),
+            "episode_index": pa.array(np.repeat(eps, frames)),
+            "index": pa.array(np.arange(first * frames, first * frames + n)),
+            "task_index": pa.array(np.zeros(n, np.int64)),
+        }
         path = root / "data" / "chunk-000" / f"file-{f:03d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(cols), path)
-        stats = {f"stats/{k}/{s}": pa.array([rng.normal(size=DIM).astype(np.float32).tolist()] * len(eps), vec)
-                 for k in ("action", "observation.state") for s in ("min", "max", "mean", "std", "q01", "q99")}
-        meta = {"episode_index": pa.array(eps), "tasks": pa.array([["pick up the cube"]] * len(eps)),
-                "length": pa.array(np.full(len(eps), frames)),
-                "data/chunk_index": pa.array(np.zeros(len(eps), np.int64)),
-                "data/file_index": pa.array(np.full(len(eps), f, np.int64)),
-                "dataset_from_index": pa.array(eps * frames), "dataset_to_index": pa.array((eps + 1) * frames),
-                "meta/episodes/chunk_index": pa.array(np.zeros(len(eps), np.int64)),
-                "meta/episodes/file_index": pa.array(np.full(len(eps), f, np.int64)), **stats}
+        stats = {
+            f"stats/{k}/{s}": pa.array([rng.normal(size=DIM).astype(np.float32).tolist()] * len(eps), vec)
+            for k in ("action", "observation.state")
+            for s in ("min", "max", "mean", "std", "q01", "q99")
+        }
+        meta = {
+            "episode_index": pa.array(eps),
+            "tasks": pa.array([["pick up the cube"]] * len(eps)),
+            "length": pa.array(np.full(len(eps), frames)),
+            "data/chunk_index": pa.array(np.zeros(len(eps), np.int64)),
+            "data/file_index": pa.array(np.full(len(eps), f, np.int64)),
+            "dataset_from_index": pa.array(eps * frames),
+            "dataset_to_index": pa.array((eps + 1) * frames),
+            "meta/episodes/chunk_index": pa.array(np.zeros(len(eps), np.int64)),
+            "meta/episodes/file_index": pa.array(np.full(len(eps), f, np.int64)),
+            **stats,
+        }
         path = root / "meta" / "episodes" / "chunk-000" / f"file-{f:03d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(meta), path)
@@ -102,8 +123,9 @@ def naive_seconds(root: Path) -> float:
             for row in pq.read_table(f).to_pylist():
                 rows[int(row["episode_index"])] = row
         ep = rows[index]
-        table = pq.read_table(root / info["data_path"].format(chunk_index=ep["data/chunk_index"],
-                                                              file_index=ep["data/file_index"]))
+        table = pq.read_table(
+            root / info["data_path"].format(chunk_index=ep["data/chunk_index"], file_index=ep["data/file_index"])
+        )
         table = table.filter(pc.equal(table["episode_index"], index)).sort_by("frame_index")
         np.asarray(table["action"].to_pylist(), np.float32)
         np.asarray(table["observation.state"].to_pylist(), np.float32)
@@ -127,10 +149,18 @@ def main() -> None:
             if n <= args.naive_up_to:
                 run["naive_seconds"] = round(naive_seconds(root), 3)
             runs.append(run)
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                                 f"Python {platform.python_version()}, pyarrow {pa.__version__}",
-                      "frames_per_episode": args.frames, "episodes_per_file": args.episodes_per_file,
-                      "runs": runs}, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}, pyarrow {pa.__version__}",
+                "frames_per_episode": args.frames,
+                "episodes_per_file": args.episodes_per_file,
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

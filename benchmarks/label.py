@@ -43,7 +43,7 @@ def episode(i: int, frames: int, size: int) -> list[Episode]:
     pos = np.clip(np.cumsum(np.vstack([[size // 2, size // 2], action[:-1]]), 0), 0, size - 8).astype(int)
     video = np.repeat(base[None], frames, 0)
     for t, (y, x) in enumerate(pos):
-        video[t, y:y + 8, x:x + 8] = 255
+        video[t, y : y + 8, x : x + 8] = 255
     return [Episode(key=f"ep{i:04d}", frames={"front": video}, fps=20.0, embodiment="toybot", action=action)]
 
 
@@ -64,26 +64,55 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-label-"))
     try:
         import functools
-        run_sharded_job(root / "data", list(range(args.episodes)),
-                        functools.partial(episode, frames=args.frames, size=size),
-                        samples_per_shard=args.per_shard, workers=1, created_by="bench", desc="data")
-        assert wm(["train", args.kind, "--data", str(root / "data"), "--out", str(root / "run"), "--preset",
-                   args.preset, "train.max_steps=2", "train.ckpt_every=2", "train.progress=false",
-                   "data.num_workers=0"]) == 0
+
+        run_sharded_job(
+            root / "data",
+            list(range(args.episodes)),
+            functools.partial(episode, frames=args.frames, size=size),
+            samples_per_shard=args.per_shard,
+            workers=1,
+            created_by="bench",
+            desc="data",
+        )
+        assert (
+            wm(
+                [
+                    "train",
+                    args.kind,
+                    "--data",
+                    str(root / "data"),
+                    "--out",
+                    str(root / "run"),
+                    "--preset",
+                    args.preset,
+                    "train.max_steps=2",
+                    "train.ckpt_every=2",
+                    "train.progress=false",
+                    "data.num_workers=0",
+                ]
+            )
+            == 0
+        )
         spec, lab = load_labeller(root / "run")
         episodes = [(s.frames, s.meta.embodiment) for s in iter_samples(root / "data", split=False)]
         windows = []
         for frames, emb in episodes:
             t, starts = _starts(frames.shape[0], lab.window, lab.tail, lab.hop)
-            windows += [(frames[s: s + t], emb) for s in starts]
-        stacked = [(torch.stack([w for w, _ in windows[b: b + args.batch_size]]),
-                    [e for _, e in windows[b: b + args.batch_size]]) for b in range(0, len(windows), args.batch_size)]
+            windows += [(frames[s : s + t], emb) for s in starts]
+        stacked = [
+            (
+                torch.stack([w for w, _ in windows[b : b + args.batch_size]]),
+                [e for _, e in windows[b : b + args.batch_size]],
+            )
+            for b in range(0, len(windows), args.batch_size)
+        ]
         clips = len(episodes)
         times: dict[str, list[float]] = {"label": [], "windows": [], "forward": []}
         for r in range(args.rounds):
             t0 = time.perf_counter()
-            label_dataset(str(root / "run"), root / "data", name=f"bench{r}", batch_size=args.batch_size,
-                          progress=False)
+            label_dataset(
+                str(root / "run"), root / "data", name=f"bench{r}", batch_size=args.batch_size, progress=False
+            )
             times["label"].append(time.perf_counter() - t0)
             with torch.inference_mode():
                 t0 = time.perf_counter()
@@ -94,13 +123,26 @@ def main() -> None:
                     spec.label(lab, frames, embs)
                 times["forward"].append(time.perf_counter() - t0)
         rate = {k: clips / statistics.median(v) for k, v in times.items()}
-        print(json.dumps({
-            "kind": args.kind, "preset": args.preset, "episodes": clips, "frames": args.frames, "size": size,
-            "window": lab.window, "hop": lab.hop or lab.window - lab.tail, "batch_size": args.batch_size,
-            "threads": args.threads, "clips_per_s": {k: round(v, 2) for k, v in rate.items()},
-            "frames_per_s_label": round(rate["label"] * args.frames, 1),
-            "label_over_forward": round(rate["label"] / rate["forward"], 3),
-            "decode_and_io_share": round(1 - rate["label"] / rate["forward"], 3)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "kind": args.kind,
+                    "preset": args.preset,
+                    "episodes": clips,
+                    "frames": args.frames,
+                    "size": size,
+                    "window": lab.window,
+                    "hop": lab.hop or lab.window - lab.tail,
+                    "batch_size": args.batch_size,
+                    "threads": args.threads,
+                    "clips_per_s": {k: round(v, 2) for k, v in rate.items()},
+                    "frames_per_s_label": round(rate["label"] * args.frames, 1),
+                    "label_over_forward": round(rate["label"] / rate["forward"], 3),
+                    "decode_and_io_share": round(1 - rate["label"] / rate["forward"], 3),
+                },
+                indent=2,
+            )
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -46,8 +46,9 @@ from shards.writer import Episode, run_sharded_job
 
 
 def _episode(i: int, n_frames: int) -> list[Episode]:
-    return [Episode(key=f"ep{i:04d}", frames={"front": synthetic_clip(n_frames, 64, seed=i)}, fps=30.0,
-                    embodiment="video")]
+    return [
+        Episode(key=f"ep{i:04d}", frames={"front": synthetic_clip(n_frames, 64, seed=i)}, fps=30.0, embodiment="video")
+    ]
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -107,17 +108,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "bench"
         make = functools.partial(_episode, n_frames=args.frames)
-        run_sharded_job(root, list(range(args.episodes)), make, samples_per_shard=8, workers=1,
-                        created_by="benchmarks/stream.py", desc="build")
+        run_sharded_job(
+            root,
+            list(range(args.episodes)),
+            make,
+            samples_per_shard=8,
+            workers=1,
+            created_by="benchmarks/stream.py",
+            desc="build",
+        )
         raw_decode_fps(root, backend)  # warm the page cache and the backend's imports
         runs = {"raw": [], "label": [], "raw_windows": [], "train": []}
         for r in range(args.rounds):
             runs["raw"].append(raw_decode_fps(root, backend))
             runs["label"].append(stream_fps(WindowStream(root, window=8, mode="label", backend=backend), None))
             runs["raw_windows"].append(raw_decode_fps(root, backend, windows=4, seed=r))
-            runs["train"].append(stream_fps(WindowStream(root, window=8, mode="train", backend=backend, seed=r,
-                                                         windows_per_episode=4, shuffle_buffer=64),
-                                            args.train_batches))
+            runs["train"].append(
+                stream_fps(
+                    WindowStream(
+                        root, window=8, mode="train", backend=backend, seed=r, windows_per_episode=4, shuffle_buffer=64
+                    ),
+                    args.train_batches,
+                )
+            )
         raw, label, raw_windows, train = (statistics.median(v[0] for v in runs[k]) for k in runs)
         cpu = {k: [v[1] for v in vs if v[1] is not None] for k, vs in runs.items()}
         cpu_med = {k: statistics.median(vs) if vs else None for k, vs in cpu.items()}
@@ -127,20 +140,35 @@ def main() -> None:
     def ratio(a, b):
         return None if a is None or b is None else round(a / b, 2)
 
-    print(json.dumps({"backend": backend, "episodes": args.episodes, "frames_per_episode": args.frames,
-                      "size": 64, "window": 8, "batch": 32, "num_workers": 1,
-                      "rounds": args.rounds, "load_average": [round(v, 2) for v in os.getloadavg()],
-                      "raw_decode_fps": round(raw), "label_stream_fps": round(label),
-                      "raw_window_decode_fps": round(raw_windows), "train_stream_fps": round(train),
-                      "label_ratio": round(label / raw, 2), "train_ratio": round(train / raw_windows, 2),
-                      "label_cpu_ratio": ratio(cpu_med["label"], cpu_med["raw"]),
-                      "train_cpu_ratio": ratio(cpu_med["train"], cpu_med["raw_windows"]),
-                      "label_worker_cpu_ratio": ratio(worker_med["label"], cpu_med["raw"]),
-                      "train_worker_cpu_ratio": ratio(worker_med["train"], cpu_med["raw_windows"]),
-                      "all_runs_fps": {k: [round(v[0]) for v in vs] for k, vs in runs.items()},
-                      "all_runs_frames_per_cpu_s": {k: [round(v) for v in vs] for k, vs in cpu.items()},
-                      "all_runs_frames_per_worker_cpu_s": {k: [round(v) for v in vs] for k, vs in worker.items()}},
-                     indent=2))
+    print(
+        json.dumps(
+            {
+                "backend": backend,
+                "episodes": args.episodes,
+                "frames_per_episode": args.frames,
+                "size": 64,
+                "window": 8,
+                "batch": 32,
+                "num_workers": 1,
+                "rounds": args.rounds,
+                "load_average": [round(v, 2) for v in os.getloadavg()],
+                "raw_decode_fps": round(raw),
+                "label_stream_fps": round(label),
+                "raw_window_decode_fps": round(raw_windows),
+                "train_stream_fps": round(train),
+                "label_ratio": round(label / raw, 2),
+                "train_ratio": round(train / raw_windows, 2),
+                "label_cpu_ratio": ratio(cpu_med["label"], cpu_med["raw"]),
+                "train_cpu_ratio": ratio(cpu_med["train"], cpu_med["raw_windows"]),
+                "label_worker_cpu_ratio": ratio(worker_med["label"], cpu_med["raw"]),
+                "train_worker_cpu_ratio": ratio(worker_med["train"], cpu_med["raw_windows"]),
+                "all_runs_fps": {k: [round(v[0]) for v in vs] for k, vs in runs.items()},
+                "all_runs_frames_per_cpu_s": {k: [round(v) for v in vs] for k, vs in cpu.items()},
+                "all_runs_frames_per_worker_cpu_s": {k: [round(v) for v in vs] for k, vs in worker.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _toy_module():
     spec = importlib.util.spec_from_file_location("wm_bench_toy_models", ROOT / "tests" / "toy_models.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while the file runs
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -46,11 +46,20 @@ def _toy_module():
 def make_batches(n: int, batch: int, window: int, size: int, seed: int = 0) -> list[dict]:
     """``n`` batches in the stream's format (docs/CONTRACTS.md), random content."""
     g = torch.Generator().manual_seed(seed)
-    return [{"frames": torch.randint(0, 256, (batch, window, 3, size, size), dtype=torch.uint8, generator=g),
-             "action": torch.randn(batch, window, 3, generator=g), "action_mask": torch.ones(batch, dtype=torch.bool),
-             "state": torch.randn(batch, window, 2, generator=g), "state_mask": torch.ones(batch, dtype=torch.bool),
-             "key": [f"ep{i}" for i in range(batch)], "start": torch.zeros(batch, dtype=torch.int64),
-             "embodiment": ["toybot"] * batch, "task": ["bench"] * batch} for _ in range(n)]
+    return [
+        {
+            "frames": torch.randint(0, 256, (batch, window, 3, size, size), dtype=torch.uint8, generator=g),
+            "action": torch.randn(batch, window, 3, generator=g),
+            "action_mask": torch.ones(batch, dtype=torch.bool),
+            "state": torch.randn(batch, window, 2, generator=g),
+            "state_mask": torch.ones(batch, dtype=torch.bool),
+            "key": [f"ep{i}" for i in range(batch)],
+            "start": torch.zeros(batch, dtype=torch.int64),
+            "embodiment": ["toybot"] * batch,
+            "task": ["bench"] * batch,
+        }
+        for _ in range(n)
+    ]
 
 
 def bare_loop(model_cls, cfg, batches: list[dict], steps: int) -> float:
@@ -86,16 +95,31 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     toy = _toy_module()
     batches = make_batches(8, args.batch, 2, args.size)
-    spec = register_model("bench-toy", toy.ToyConfig, toy.ToyPolicy, toy.PRESETS,
-                          build_stream=lambda cfg, seed: itertools.cycle(batches))
-    cfg = resolve("bench-toy", toy.ToyConfig, toy.PRESETS, preset="small", overrides=[
-        f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}", "train.eval_every=0",
-        "train.log_every=25", "train.log_with=tensorboard", f"data.batch_size={args.batch}",
-        "model.action_dim=3", "model.state_dim=2", f"model.image_size=[{args.size},{args.size}]"])
+    spec = register_model(
+        "bench-toy", toy.ToyConfig, toy.ToyPolicy, toy.PRESETS, build_stream=lambda cfg, seed: itertools.cycle(batches)
+    )
+    cfg = resolve(
+        "bench-toy",
+        toy.ToyConfig,
+        toy.PRESETS,
+        preset="small",
+        overrides=[
+            f"train.max_steps={args.steps}",
+            f"train.ckpt_every={args.steps}",
+            "train.eval_every=0",
+            "train.log_every=25",
+            "train.log_with=tensorboard",
+            f"data.batch_size={args.batch}",
+            "model.action_dim=3",
+            "model.state_dim=2",
+            f"model.image_size=[{args.size},{args.size}]",
+        ],
+    )
     cfg.data.paths = ["<in memory>"]
 
     import wm_pipeline.training.trainer as trainer_mod
-    trainer_mod.read_manifests = lambda paths: []   # in-memory batches: no dataset folder to read
+
+    trainer_mod.read_manifests = lambda paths: []  # in-memory batches: no dataset folder to read
 
     runtime, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,11 +128,22 @@ def main() -> None:
             runtime.append(result.loop_seconds / result.loop_steps)
             bare.append(bare_loop(toy.ToyPolicy, cfg, batches, args.steps))
     rt, br = statistics.median(runtime), statistics.median(bare)
-    report = {"benchmark": "trainer_overhead", "steps": args.steps, "rounds": args.rounds, "batch": args.batch,
-              "image": args.size, "threads": torch.get_num_threads(),
-              "params": sum(p.numel() for p in toy.ToyPolicy(cfg.model).parameters()),
-              "runtime_s_per_step": rt, "bare_s_per_step": br, "ratio": rt / br, "overhead": rt / br - 1,
-              "runtime_rounds": runtime, "bare_rounds": bare, "target_overhead": 0.05}
+    report = {
+        "benchmark": "trainer_overhead",
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "batch": args.batch,
+        "image": args.size,
+        "threads": torch.get_num_threads(),
+        "params": sum(p.numel() for p in toy.ToyPolicy(cfg.model).parameters()),
+        "runtime_s_per_step": rt,
+        "bare_s_per_step": br,
+        "ratio": rt / br,
+        "overhead": rt / br - 1,
+        "runtime_rounds": runtime,
+        "bare_rounds": bare,
+        "target_overhead": 0.05,
+    }
     emit(report, args.out, indent=1)
 
 

@@ -61,13 +61,30 @@ def configs() -> dict[str, tuple[WorldModelConfig, int]]:
         for variant in ("uwm", "dust"):
             steps = dict(action_steps=10, video_steps=20 if variant == "dust" else 10)
             batch = 32 if preset == "base" else 8
-            out[f"{preset}-{variant}"] = (dataclasses.replace(PRESETS[preset], variant=variant, embodiments=EMB, **steps),
-                                          batch)
+            out[f"{preset}-{variant}"] = (
+                dataclasses.replace(PRESETS[preset], variant=variant, embodiments=EMB, **steps),
+                batch,
+            )
     # UWM reference: SDXL-VAE latents of 64 px frames are 4 x 8 x 8; 2 views x 2 frames -> 4 current and 4 future
     # frames (patch 4: 4 tokens per frame; the reference's Conv3d (2, 4, 4) gives 4 per view and frame pair)
-    ref = WorldModelConfig(image_size=64, n_obs=4, n_future=4, action_horizon=16, frame_gap=4, width=256, depth=4,
-                           heads=4, registers=8, frame_space="vae", vae_latent_channels=4, vae_downsample=8,
-                           patch_size=4, embodiments=EMB, action_steps=10, video_steps=10)
+    ref = WorldModelConfig(
+        image_size=64,
+        n_obs=4,
+        n_future=4,
+        action_horizon=16,
+        frame_gap=4,
+        width=256,
+        depth=4,
+        heads=4,
+        registers=8,
+        frame_space="vae",
+        vae_latent_channels=4,
+        vae_downsample=8,
+        patch_size=4,
+        embodiments=EMB,
+        action_steps=10,
+        video_steps=10,
+    )
     out["uwm-reference"] = (ref, 8)
     out["uwm-reference-dust"] = (dataclasses.replace(ref, variant="dust", video_steps=20), 8)
     return out
@@ -75,9 +92,13 @@ def configs() -> dict[str, tuple[WorldModelConfig, int]]:
 
 def make_batch(cfg: WorldModelConfig, b: int) -> dict:
     s, t = cfg.image_size, cfg.window
-    batch = {"frames": torch.randint(0, 256, (b, t, 3, s, s), dtype=torch.uint8),
-             "action": torch.randn(b, t, ACTION_DIM), "action_mask": torch.ones(b, dtype=torch.bool),
-             "embodiment": ["robot"] * b, "task": [""] * b}
+    batch = {
+        "frames": torch.randint(0, 256, (b, t, 3, s, s), dtype=torch.uint8),
+        "action": torch.randn(b, t, ACTION_DIM),
+        "action_mask": torch.ones(b, dtype=torch.bool),
+        "embodiment": ["robot"] * b,
+        "task": [""] * b,
+    }
     if cfg.frame_space == "vae":
         h = s // cfg.vae_downsample
         batch[cfg.vae_latent_key] = torch.randn(b, t, cfg.vae_latent_channels, h, h)
@@ -98,8 +119,16 @@ def median_ms(fn, repeats: int, warmup: int = 1, device: torch.device | None = N
     return round(statistics.median(times), 2)
 
 
-def bench(cfg: WorldModelConfig, batch_size: int, repeats: int, device: torch.device, precision: str,
-          peak_tflops: float, optim_impl: str = "torch", compile_mode: str | None = None) -> dict:
+def bench(
+    cfg: WorldModelConfig,
+    batch_size: int,
+    repeats: int,
+    device: torch.device,
+    precision: str,
+    peak_tflops: float,
+    optim_impl: str = "torch",
+    compile_mode: str | None = None,
+) -> dict:
     torch.manual_seed(0)
     model = WorldModel(cfg).to(device)
     kernel = {} if optim_impl == "torch" else optimizer_impl(optim_impl, device)
@@ -118,20 +147,28 @@ def bench(cfg: WorldModelConfig, batch_size: int, repeats: int, device: torch.de
         opt.step()
         return loss
 
-    counter = FlopCounterMode(display=False)   # counted eagerly: the compiled step does the same maths
+    counter = FlopCounterMode(display=False)  # counted eagerly: the compiled step does the same maths
     with counter:
         loss = step()
     flops = counter.get_total_flops()
-    if compile_mode is not None:   # as the runtime does it (train.compile): the model's forward + loss
+    if compile_mode is not None:  # as the runtime does it (train.compile): the model's forward + loss
         compile_model(model, TrainConfig(compile=True, compile_mode=compile_mode))
     step_ms = median_ms(step, repeats, warmup=2 if compile_mode is None else 10, device=device)
     tokens = batch_size * model.num_tokens
-    result = {"variant": cfg.variant, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-              "tokens_per_sample": model.num_tokens, "window": cfg.window, "batch": batch_size,
-              "train_step_ms": step_ms, "train_tokens_per_s": round(tokens / (step_ms / 1000)),
-              "train_samples_per_s": round(batch_size / (step_ms / 1000), 1),
-              "train_step_gflops": round(flops / 1e9, 2), "loss_finite": bool(torch.isfinite(loss).item()),
-              "optim_impl": optim_impl, "compile_mode": compile_mode}
+    result = {
+        "variant": cfg.variant,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "tokens_per_sample": model.num_tokens,
+        "window": cfg.window,
+        "batch": batch_size,
+        "train_step_ms": step_ms,
+        "train_tokens_per_s": round(tokens / (step_ms / 1000)),
+        "train_samples_per_s": round(batch_size / (step_ms / 1000), 1),
+        "train_step_gflops": round(flops / 1e9, 2),
+        "loss_finite": bool(torch.isfinite(loss).item()),
+        "optim_impl": optim_impl,
+        "compile_mode": compile_mode,
+    }
     if device.type == "cuda":
         result["mfu"] = round(flops / (step_ms / 1000) / (peak_tflops * 1e12), 4)
         result["max_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -165,14 +202,32 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, help="train batch size for every configuration (default: 8; base: 32)")
-    parser.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"],
-                        help="pin torch's scaled_dot_product_attention to one backend (default: torch picks)")
-    parser.add_argument("--optim-impl", default="torch", choices=["torch", "auto", "fused", "foreach", "for-loop"],
-                        help="AdamW kernel (optim.impl; torch: torch's own default, as before)")
-    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
-                        help="compile the train step's model as train.compile does (MODE: train.compile_mode)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the accelerator's dense peak for --precision, for MFU (H100/H200 bf16: 989)")
+    parser.add_argument(
+        "--sdpa",
+        default="auto",
+        choices=["auto", "flash", "efficient", "cudnn", "math"],
+        help="pin torch's scaled_dot_product_attention to one backend (default: torch picks)",
+    )
+    parser.add_argument(
+        "--optim-impl",
+        default="torch",
+        choices=["torch", "auto", "fused", "foreach", "for-loop"],
+        help="AdamW kernel (optim.impl; torch: torch's own default, as before)",
+    )
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        help="compile the train step's model as train.compile does (MODE: train.compile_mode)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="the accelerator's dense peak for --precision, for MFU (H100/H200 bf16: 989)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -185,22 +240,43 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown configs {sorted(unknown)}; known: {sorted(configs())}")
         chosen = {k: v for k, v in configs().items() if k in args.configs.split(",")}
-    report = {"machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                          "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
-                          "precision": args.precision},
-              "reference_uwm_ms": {"train_step_precomputed_latents": 318, "policy_10_steps_batch1": 113},
-              "results": {}}
+    report = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else (platform.processor() or platform.machine()),
+            "precision": args.precision,
+        },
+        "reference_uwm_ms": {"train_step_precomputed_latents": 318, "policy_10_steps_batch1": 113},
+        "results": {},
+    }
     report["machine"]["sdpa"] = args.sdpa
     report["machine"]["flash_attn_installed"] = attention_module._flash_attn_func is not None
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     pinned = sdpa_kernel(backends[args.sdpa]) if args.sdpa != "auto" else contextlib.nullcontext()
     with pinned:
         for name, (cfg, batch_size) in (bar := tqdm(chosen.items(), desc="worldmodel bench")):
             bar.set_postfix_str(name)
-            report["results"][name] = bench(cfg, args.batch or batch_size, args.repeats, device, args.precision,
-                                            args.peak_tflops, args.optim_impl, args.compile)
+            report["results"][name] = bench(
+                cfg,
+                args.batch or batch_size,
+                args.repeats,
+                device,
+                args.precision,
+                args.peak_tflops,
+                args.optim_impl,
+                args.compile,
+            )
     report["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     emit(report, args.out, indent=2)
 

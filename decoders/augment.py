@@ -27,8 +27,8 @@ def random_shift(frames: torch.Tensor, pad: int, generator: torch.Generator | No
     dtype = x.dtype
     padded = F.pad(x.float() if not x.is_floating_point() else x, (pad, pad, pad, pad), mode="replicate")
     offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=frames.device)
-    rows = offsets[:, 0, None] + torch.arange(h, device=frames.device)[None]        # [B, H]
-    cols = offsets[:, 1, None] + torch.arange(w, device=frames.device)[None]        # [B, W]
+    rows = offsets[:, 0, None] + torch.arange(h, device=frames.device)[None]  # [B, H]
+    cols = offsets[:, 1, None] + torch.arange(w, device=frames.device)[None]  # [B, W]
     batch = torch.arange(b, device=frames.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]     # [B, H, W, T*C]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, T*C]
     return out.permute(0, 3, 1, 2).to(dtype).reshape(b, t, c, h, w)

@@ -137,8 +137,9 @@ class DecoderConfig:
 
 
 PRESETS = {
-    "tiny": DecoderConfig(width=64, depth=2, heads=4, encoder_channels=[16, 32, 64], obs_dim=64, task_dim=16,
-                          horizon=8),
+    "tiny": DecoderConfig(
+        width=64, depth=2, heads=4, encoder_channels=[16, 32, 64], obs_dim=64, task_dim=16, horizon=8
+    ),
     "small": DecoderConfig(),
     "base": DecoderConfig(width=512, depth=8, heads=8, encoder_channels=[64, 128, 256, 512], obs_dim=512, task_dim=128),
 }
@@ -176,8 +177,10 @@ class ChunkTransformer(nn.Module):
 
     def forward(self, z, t, r, cond):
         half = self.width // 2
-        time = torch.cat([timestep_embedding(t, half, MEANFLOW_SCALE),
-                          timestep_embedding(t - r, self.width - half, MEANFLOW_SCALE)], -1)
+        time = torch.cat(
+            [timestep_embedding(t, half, MEANFLOW_SCALE), timestep_embedding(t - r, self.width - half, MEANFLOW_SCALE)],
+            -1,
+        )
         c = F.silu(cond + self.time_mlp(time))  # DiT's AdaLN input: SiLU, then each block's projection
         x = self.action_in(z) + self.pos
         features = None
@@ -188,7 +191,7 @@ class ChunkTransformer(nn.Module):
         return self.action_out(self.final(x, c)), features
 
 
-ENCODER_PREFIX = "encoder."   # the frame autoencoder's stage keys in its model.safetensors
+ENCODER_PREFIX = "encoder."  # the frame autoencoder's stage keys in its model.safetensors
 # Set while ``from_pretrained`` builds a decoder whose saved weights (the stages included) load next.
 _LOADING_SAVED_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("loading_saved_weights", default=False)
 
@@ -205,19 +208,22 @@ def load_encoder_stages(encoder: ConvEncoder, folder: str) -> None:
     if not path.is_file():
         log.info("encoder_init %s has no model.safetensors: the encoder stages come from the decoder's weights", folder)
         return
-    weights = {k[len(ENCODER_PREFIX):]: v for k, v in load_file(str(path)).items() if k.startswith(ENCODER_PREFIX)}
+    weights = {k[len(ENCODER_PREFIX) :]: v for k, v in load_file(str(path)).items() if k.startswith(ENCODER_PREFIX)}
     mine = encoder.stages.state_dict()
     if set(weights) != set(mine) or any(weights[k].shape != mine[k].shape for k in mine):
-        raise ValueError(f"{path}: its encoder stages do not match this decoder's encoder_channels "
-                         f"{[m.shape[0] for k, m in mine.items() if k.endswith('.weight') and m.ndim == 4]}")
+        raise ValueError(
+            f"{path}: its encoder stages do not match this decoder's encoder_channels "
+            f"{[m.shape[0] for k, m in mine.items() if k.endswith('.weight') and m.ndim == 4]}"
+        )
     encoder.stages.load_state_dict(weights)
 
 
-class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_name="wm-pipeline",
-                    tags=["robotics", "flow-matching"]):
+class ActionDecoder(
+    nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "flow-matching"]
+):
     """Observation (+ state, task, latent actions) -> action chunk ``[B, H, A]``; see the module docstring."""
 
-    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+    FORMAT_VERSION = 1  # config.json's _format_version: raise it (and convert older folders) when the layout changes
 
     @classmethod
     def _from_pretrained(cls, *args, **kwargs):
@@ -240,15 +246,18 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
         _validate(config)
         self.config = config
         self.embodiments = list(config.stats)
-        self.action_normalizer = Normalizer(config.stats, self.embodiments, "action", config.action_dim,
-                                            config.action_norm)
+        self.action_normalizer = Normalizer(
+            config.stats, self.embodiments, "action", config.action_dim, config.action_norm
+        )
         self.state_normalizer = None
         if config.state_dim:
-            self.state_normalizer = Normalizer(config.stats, self.embodiments, "state", config.state_dim,
-                                               config.state_norm)
+            self.state_normalizer = Normalizer(
+                config.stats, self.embodiments, "state", config.state_dim, config.state_norm
+            )
         self.task_ids = {task: i + 1 for i, task in enumerate(config.tasks)}  # 0 = unknown task
-        self.image_encoder = ConvEncoder(config.image_channels, config.encoder_channels, config.obs_dim,
-                                          config.encoder_pool, config.keypoints)
+        self.image_encoder = ConvEncoder(
+            config.image_channels, config.encoder_channels, config.obs_dim, config.encoder_pool, config.keypoints
+        )
         if config.encoder_init and not _LOADING_SAVED_WEIGHTS.get():
             load_encoder_stages(self.image_encoder, config.encoder_init)
         if config.freeze_encoder:
@@ -259,8 +268,9 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
             self.aux_state_head = nn.Linear(config.obs_dim, len(config.aux_state_indices))
         self.aux_recon_head = None
         if config.aux_recon_weight > 0:
-            self.aux_recon_head = FrameDecoder(config.obs_dim, config.aux_recon_size, config.image_channels,
-                                               width=config.encoder_channels[-1])
+            self.aux_recon_head = FrameDecoder(
+                config.obs_dim, config.aux_recon_size, config.image_channels, width=config.encoder_channels[-1]
+            )
         self.state_index = list(config.state_indices) or list(range(config.state_dim))
         self.state_proj = nn.Linear(len(self.state_index), config.task_dim) if config.state_dim else None
         self.latent_horizon = config.latent_horizon or config.horizon
@@ -269,10 +279,12 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
             self.latent_proj = nn.Linear(self.latent_horizon * config.latent_dim, config.width)
         cond_in = config.n_obs_steps * config.obs_dim + config.task_dim * (2 if config.state_dim else 1)
         cond_in += config.width if config.latent_dim else 0
-        self.cond_mlp = nn.Sequential(nn.Linear(cond_in, config.width), nn.SiLU(),
-                                      nn.Linear(config.width, config.width))
-        self.velocity = ChunkTransformer(config.action_dim, config.horizon, config.width, config.depth,
-                                         config.heads, config.mlp_ratio)
+        self.cond_mlp = nn.Sequential(
+            nn.Linear(cond_in, config.width), nn.SiLU(), nn.Linear(config.width, config.width)
+        )
+        self.velocity = ChunkTransformer(
+            config.action_dim, config.horizon, config.width, config.depth, config.heads, config.mlp_ratio
+        )
         self._warned_tasks: set[str] = set()
 
     # ------------------------------------------------------------------ condition
@@ -287,8 +299,9 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
         index = []
         for i, name in enumerate(names):
             if name not in self.embodiments and (required is None or bool(required[i])):
-                raise ValueError(f"embodiment {name!r} has no normalisation stats in this decoder "
-                                 f"(known: {self.embodiments})")
+                raise ValueError(
+                    f"embodiment {name!r} has no normalisation stats in this decoder (known: {self.embodiments})"
+                )
             index.append(self.embodiments.index(name) if name in self.embodiments else 0)
         return torch.tensor(index, dtype=torch.long, device=self.task_embedding.weight.device)
 
@@ -304,10 +317,12 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
         """obs_frames uint8 ``[B, n_obs, C, H, W]`` -> per-frame features ``[B, n_obs, obs_dim]``."""
         b, n = obs_frames.shape[:2]
         if list(obs_frames.shape[-2:]) != list(self.config.image_size):
-            raise ValueError(f"frames are {list(obs_frames.shape[-2:])} but the decoder was built for "
-                             f"image_size {list(self.config.image_size)}")
+            raise ValueError(
+                f"frames are {list(obs_frames.shape[-2:])} but the decoder was built for "
+                f"image_size {list(self.config.image_size)}"
+            )
         enc, flat = self.image_encoder, obs_frames.flatten(0, 1)
-        if self.config.freeze_encoder:   # frozen stages: no graph kept, only the projection trains
+        if self.config.freeze_encoder:  # frozen stages: no graph kept, only the projection trains
             with torch.no_grad():
                 pooled = enc.features(flat)
             return enc.proj(pooled).view(b, n, self.config.obs_dim)
@@ -348,8 +363,9 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
                 f"set the stream's window to {cfg.window_length}"
             )
         if action.shape[-1] != cfg.action_dim:
-            raise ValueError(f"batch actions have {action.shape[-1]} dims but the decoder was built for "
-                             f"action_dim={cfg.action_dim}")
+            raise ValueError(
+                f"batch actions have {action.shape[-1]} dims but the decoder was built for action_dim={cfg.action_dim}"
+            )
         now = cfg.n_obs_steps - 1  # window index of the current step t
         mask = batch.get("action_mask")
         mask = torch.ones(b, dtype=torch.bool, device=frames.device) if mask is None else mask.to(frames.device).bool()
@@ -368,7 +384,7 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
         obs = frames[:, : cfg.n_obs_steps]
         if self.training and cfg.augment_shift:
             obs = random_shift(obs, cfg.augment_shift)
-        if cfg.feature_key and cfg.feature_key in batch:   # cached features of the frozen stages
+        if cfg.feature_key and cfg.feature_key in batch:  # cached features of the frozen stages
             cached = batch[cfg.feature_key][:, : cfg.n_obs_steps].to(self.image_encoder.proj.weight.dtype)
             features = self.image_encoder.proj(cached)
         else:
@@ -379,8 +395,11 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
             out = flow_matching_loss(self.velocity, chunk, cond)
         else:
             out = meanflow_loss(
-                self.velocity, chunk, cond,
-                equal_fraction=cfg.meanflow_equal_fraction, adaptive_power=cfg.meanflow_adaptive_power,
+                self.velocity,
+                chunk,
+                cond,
+                equal_fraction=cfg.meanflow_equal_fraction,
+                adaptive_power=cfg.meanflow_adaptive_power,
             )
         weight = mask.float()
         kept = weight.sum().clamp_min(1.0)
@@ -411,8 +430,15 @@ class ActionDecoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_n
     # ------------------------------------------------------------------ inference
 
     def predict_action_chunk(
-        self, frames, state=None, task=None, latent=None, generator: torch.Generator | None = None,
-        n_steps: int | None = None, embodiment=None, noise: torch.Tensor | None = None,
+        self,
+        frames,
+        state=None,
+        task=None,
+        latent=None,
+        generator: torch.Generator | None = None,
+        n_steps: int | None = None,
+        embodiment=None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """frames uint8 ``[B, T, C, H, W]`` (the last ``n_obs_steps`` are used; ``[B, C, H, W]`` when
         ``n_obs_steps == 1``), state ``[B, S]`` (or ``[B, T, S]``: the last is used), task ``str`` or
@@ -478,11 +504,15 @@ def _validate(cfg: DecoderConfig) -> None:
     if cfg.keypoints < 1:
         problems.append(f"keypoints must be >= 1, got {cfg.keypoints}")
     if cfg.feature_key and not cfg.freeze_encoder:
-        problems.append("feature_key (cached encoder features) needs freeze_encoder=true: a trained encoder "
-                        "would no longer compute them")
+        problems.append(
+            "feature_key (cached encoder features) needs freeze_encoder=true: a trained encoder "
+            "would no longer compute them"
+        )
     if cfg.feature_key and cfg.augment_shift:
-        problems.append("feature_key (cached encoder features) cannot be combined with augment_shift > 0: "
-                        "the features were computed on unshifted frames")
+        problems.append(
+            "feature_key (cached encoder features) cannot be combined with augment_shift > 0: "
+            "the features were computed on unshifted frames"
+        )
     if cfg.aux_state_weight < 0:
         problems.append(f"aux_state_weight must be >= 0, got {cfg.aux_state_weight}")
     if cfg.aux_state_weight > 0:
@@ -497,8 +527,9 @@ def _validate(cfg: DecoderConfig) -> None:
     if cfg.aux_recon_weight > 0:
         size, (h, w) = cfg.aux_recon_size, cfg.image_size
         if h != w or size > h or h % size or size < 4 or size & (size - 1):
-            problems.append(f"aux_recon_size {size} must be a power of two >= 4 dividing the square "
-                            f"image size {cfg.image_size}")
+            problems.append(
+                f"aux_recon_size {size} must be a power of two >= 4 dividing the square image size {cfg.image_size}"
+            )
     if cfg.augment_shift < 0:
         problems.append(f"augment_shift must be >= 0, got {cfg.augment_shift}")
     if len(cfg.image_size) != 2:

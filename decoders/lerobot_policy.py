@@ -31,14 +31,21 @@ STATE_KEY = "observation.state"
 
 
 class LeRobotPolicy:
-    def __init__(self, decoder: ActionDecoder, n_action_steps: int | None = None, camera: str | None = None,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        decoder: ActionDecoder,
+        n_action_steps: int | None = None,
+        camera: str | None = None,
+        generator: torch.Generator | None = None,
+    ):
         self.decoder = decoder.eval()
         cfg = decoder.config
         self.n_obs_steps = cfg.n_obs_steps
         self.n_action_steps = n_action_steps or max(cfg.horizon // 2, 1)
         if not 1 <= self.n_action_steps <= cfg.horizon:
-            raise ValueError(f"n_action_steps must be in 1..{cfg.horizon} (the decoder's horizon), got {n_action_steps}")
+            raise ValueError(
+                f"n_action_steps must be in 1..{cfg.horizon} (the decoder's horizon), got {n_action_steps}"
+            )
         self.camera, self.generator = camera, generator
         self.reset()
 
@@ -60,10 +67,12 @@ class LeRobotPolicy:
     def _push(self, batch: dict) -> None:
         images = batch[self._image_key(batch)]
         if images.dim() != 4 or images.shape[1] != self.decoder.config.image_channels:
-            raise ValueError(f"images must be [B, {self.decoder.config.image_channels}, H, W] floats in [0, 1], "
-                             f"got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [B, {self.decoder.config.image_channels}, H, W] floats in [0, 1], "
+                f"got {tuple(images.shape)}"
+            )
         frames = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        if not self._frames:   # the first observation of an episode fills the history
+        if not self._frames:  # the first observation of an episode fills the history
             self._frames.extend([frames] * self.n_obs_steps)
         else:
             self._frames.append(frames)
@@ -72,7 +81,7 @@ class LeRobotPolicy:
         state = batch.get(STATE_KEY)
         if self.decoder.config.state_dim and state is None:
             raise KeyError(f"the decoder needs {STATE_KEY!r} [B, {self.decoder.config.state_dim}]")
-        frames = torch.stack(list(self._frames), dim=1)   # [B, n_obs, C, H, W]
+        frames = torch.stack(list(self._frames), dim=1)  # [B, n_obs, C, H, W]
         return self.decoder.predict_action_chunk(frames, state, batch.get("task"), generator=self.generator)
 
     @torch.no_grad()

@@ -103,7 +103,7 @@ class ChunkedPolicy:
         self._history: collections.deque = collections.deque(maxlen=self.n_obs_steps)
         self._queue: collections.deque = collections.deque()
         self._step = 0
-        self._ensemble: list[tuple[int, np.ndarray]] = []   # (step the chunk was predicted at, chunk)
+        self._ensemble: list[tuple[int, np.ndarray]] = []  # (step the chunk was predicted at, chunk)
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
         """One action float32 [A] for the current observation."""
@@ -122,8 +122,10 @@ class ChunkedPolicy:
 
     def _enqueue(self, chunk: np.ndarray) -> None:
         if len(chunk) < self.n_action_steps:
-            raise ValueError(f"{type(self).__name__}.predict_chunk returned {len(chunk)} actions, "
-                             f"fewer than n_action_steps={self.n_action_steps}")
+            raise ValueError(
+                f"{type(self).__name__}.predict_chunk returned {len(chunk)} actions, "
+                f"fewer than n_action_steps={self.n_action_steps}"
+            )
         self._queue.extend(chunk[: self.n_action_steps])
 
     # ---------------------------------------------------------------- batched: one slot per episode
@@ -146,7 +148,8 @@ class ChunkedPolicy:
         self.reset(seed)
         # per-episode state: EPISODE_STATE and whatever reset() assigned anew (a subclass's generator, ...)
         self._episode_names = set(self.EPISODE_STATE) | {
-            name for name, value in vars(self).items() if name not in before or id(value) != before[name]}
+            name for name, value in vars(self).items() if name not in before or id(value) != before[name]
+        }
         self._leave(slot)
 
     def act_batch(self, observations: list[dict[str, Any]], slots: list[int]) -> list[np.ndarray]:
@@ -198,8 +201,7 @@ class ChunkedPolicy:
 
     def _stacked_history(self) -> dict[str, Any]:
         frames = list(self._history)
-        stacked = {k: np.stack([f[k] for f in frames]) for k in frames[-1]
-                   if isinstance(frames[-1][k], np.ndarray)}
+        stacked = {k: np.stack([f[k] for f in frames]) for k in frames[-1] if isinstance(frames[-1][k], np.ndarray)}
         stacked.update({k: v for k, v in frames[-1].items() if not isinstance(v, np.ndarray)})
         return stacked
 
@@ -215,8 +217,10 @@ class ChunkedPolicy:
         if chunk.ndim != 2 or len(chunk) == 0:
             raise ValueError(f"{type(self).__name__}.predict_chunk must return [H, A], got shape {list(chunk.shape)}")
         if self.action_dim is not None and chunk.shape[1] != self.action_dim:
-            raise ValueError(f"{type(self).__name__}.predict_chunk returned {chunk.shape[1]}-dim actions, "
-                             f"declared action_dim={self.action_dim}")
+            raise ValueError(
+                f"{type(self).__name__}.predict_chunk returned {chunk.shape[1]}-dim actions, "
+                f"declared action_dim={self.action_dim}"
+            )
         if not np.isfinite(chunk).all():
             raise ValueError(f"{type(self).__name__}.predict_chunk returned NaN/inf actions")
         return chunk
@@ -228,7 +232,7 @@ class ChunkedPolicy:
         self._ensemble.append((self._step, chunk))
         # keep only chunks that still cover this step (a chunk from step s covers s .. s+H-1)
         self._ensemble = [(s, c) for s, c in self._ensemble if s + len(c) > self._step]
-        preds = np.stack([c[self._step - s] for s, c in self._ensemble])          # [n, A], oldest first
+        preds = np.stack([c[self._step - s] for s, c in self._ensemble])  # [n, A], oldest first
         weights = np.exp(-self.temporal_ensemble * np.arange(len(preds)))
         return (weights[:, None] * preds).sum(0).astype(np.float32) / weights.sum()
 
@@ -254,9 +258,16 @@ class DecoderPolicy(ChunkedPolicy):
 
     EPISODE_STATE = ChunkedPolicy.EPISODE_STATE + ("generator",)
 
-    def __init__(self, decoder, n_action_steps: int | None = None, temporal_ensemble: float | None = None,
-                 n_steps: int | None = None, embodiment: str | None = None,
-                 latent_source: LatentSource | None = None, seed: int = 0):
+    def __init__(
+        self,
+        decoder,
+        n_action_steps: int | None = None,
+        temporal_ensemble: float | None = None,
+        n_steps: int | None = None,
+        embodiment: str | None = None,
+        latent_source: LatentSource | None = None,
+        seed: int = 0,
+    ):
         cfg = decoder.config
         self.decoder = decoder.eval()
         self.device = next(decoder.parameters()).device
@@ -270,8 +281,10 @@ class DecoderPolicy(ChunkedPolicy):
             raise ValueError(f"the decoder has no embodiment {embodiment!r} (it knows {known})")
         self.embodiment = embodiment
         if cfg.latent_dim and latent_source is None:
-            raise ValueError(f"this decoder is conditioned on {cfg.latent_dim}-dim latent actions "
-                             f"({cfg.latent_key}): give a latent_source (frames -> latent chunk)")
+            raise ValueError(
+                f"this decoder is conditioned on {cfg.latent_dim}-dim latent actions "
+                f"({cfg.latent_key}): give a latent_source (frames -> latent chunk)"
+            )
         self.latent_source = latent_source
         n_action_steps = n_action_steps or max(1, cfg.horizon // 2)
         if n_action_steps > cfg.horizon:
@@ -281,16 +294,22 @@ class DecoderPolicy(ChunkedPolicy):
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
         self.generator = episode_generator(self.device, self.base_seed if seed is None else seed)
-        if hasattr(self.latent_source, "reset"):   # a sampling latent source reseeds its own noise
+        if hasattr(self.latent_source, "reset"):  # a sampling latent source reseeds its own noise
             self.latent_source.reset(self.base_seed if seed is None else seed)
 
     def predict_chunk(self, obs_history: dict[str, Any]) -> np.ndarray:
         latent = None
         if self.latent_source is not None:
             latent = torch.as_tensor(self.latent_source(obs_history)).float()[None]
-        chunk = self.decoder.predict_action_chunk(frames_tensor(obs_history["image"]), self._state([obs_history]),
-                                                  obs_history.get("task"), latent, generator=self.generator,
-                                                  n_steps=self.n_steps, embodiment=self.embodiment)
+        chunk = self.decoder.predict_action_chunk(
+            frames_tensor(obs_history["image"]),
+            self._state([obs_history]),
+            obs_history.get("task"),
+            latent,
+            generator=self.generator,
+            n_steps=self.n_steps,
+            embodiment=self.embodiment,
+        )
         return chunk[0].cpu().numpy()
 
     def _state(self, histories: list[dict[str, Any]]) -> torch.Tensor | None:
@@ -299,8 +318,9 @@ class DecoderPolicy(ChunkedPolicy):
             return None
         state = torch.as_tensor(np.stack([np.asarray(h["state"][-1], np.float32) for h in histories]))
         if state.shape[-1] != self.state_dim:
-            raise ValueError(f"observation state has {state.shape[-1]} dims, the decoder was trained "
-                             f"on {self.state_dim}")
+            raise ValueError(
+                f"observation state has {state.shape[-1]} dims, the decoder was trained on {self.state_dim}"
+            )
         return state
 
     def reset_slot(self, slot: int, seed: int | None = None) -> None:
@@ -322,7 +342,12 @@ class DecoderPolicy(ChunkedPolicy):
             noise.append(torch.randn((1, cfg.horizon, cfg.action_dim), generator=self.generator, device=self.device))
             self._leave(slot)
         chunk = self.decoder.predict_action_chunk(
-            torch.cat([frames_tensor(h["image"]) for h in histories]), self._state(histories),
-            [h.get("task") for h in histories], None, n_steps=self.n_steps, embodiment=self.embodiment,
-            noise=torch.cat(noise))
+            torch.cat([frames_tensor(h["image"]) for h in histories]),
+            self._state(histories),
+            [h.get("task") for h in histories],
+            None,
+            n_steps=self.n_steps,
+            embodiment=self.embodiment,
+            noise=torch.cat(noise),
+        )
         return list(chunk.cpu().numpy())

@@ -40,15 +40,24 @@ class WorldModelPolicy(ChunkedPolicy):
     harness checks. Images must already be ``S x S`` (the harness refuses other resolutions).
     """
 
-    def __init__(self, model, embodiment: str | None = None, n_action_steps: int | None = None,
-                 temporal_ensemble: float | None = None, n_steps: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        embodiment: str | None = None,
+        n_action_steps: int | None = None,
+        temporal_ensemble: float | None = None,
+        n_steps: int | None = None,
+        seed: int = 0,
+    ):
         cfg = model.config
         robots = [name for name in cfg.embodiments if name != "latent"]
         if embodiment is None and len(robots) == 1:
             embodiment = robots[0]
         if embodiment not in robots:
-            raise ValueError(f"the world model has no robot embodiment {embodiment!r} (it knows {robots}; "
-                             f"fine-tune it on demos with actions first)")
+            raise ValueError(
+                f"the world model has no robot embodiment {embodiment!r} (it knows {robots}; "
+                f"fine-tune it on demos with actions first)"
+            )
         spec = cfg.embodiments[embodiment]
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -58,8 +67,9 @@ class WorldModelPolicy(ChunkedPolicy):
         self.horizon, self.n_steps, self.base_seed = cfg.action_horizon, n_steps, seed
         n_action_steps = n_action_steps or max(1, cfg.action_horizon // 2)
         if n_action_steps > cfg.action_horizon:
-            raise ValueError(f"n_action_steps={n_action_steps} exceeds the world model's action horizon "
-                             f"{cfg.action_horizon}")
+            raise ValueError(
+                f"n_action_steps={n_action_steps} exceeds the world model's action horizon {cfg.action_horizon}"
+            )
         super().__init__(cfg.n_obs, n_action_steps, temporal_ensemble)
 
     def reset(self, seed: int | None = None) -> None:
@@ -70,13 +80,20 @@ class WorldModelPolicy(ChunkedPolicy):
         frames = frames_tensor(obs_history["image"])
         state = None
         if self.state_dim:
-            state = torch.as_tensor(np.asarray(obs_history["state"], np.float32))[None]   # [1, n_obs, S]
+            state = torch.as_tensor(np.asarray(obs_history["state"], np.float32))[None]  # [1, n_obs, S]
             if state.shape[-1] != self.state_dim:
-                raise ValueError(f"observation state has {state.shape[-1]} dims, the world model was trained "
-                                 f"on {self.state_dim}")
+                raise ValueError(
+                    f"observation state has {state.shape[-1]} dims, the world model was trained on {self.state_dim}"
+                )
         task = obs_history.get("task")
-        actions = self.model.sample_policy(frames, self.embodiment, task=[task] if task else None, state=state,
-                                           steps=self.n_steps, generator=self.generator)
+        actions = self.model.sample_policy(
+            frames,
+            self.embodiment,
+            task=[task] if task else None,
+            state=state,
+            steps=self.n_steps,
+            generator=self.generator,
+        )
         return actions[0].float().cpu().numpy()
 
 
@@ -94,15 +111,18 @@ class WorldModelLatentSource:
     def __init__(self, model, horizon: int | None = None, n_steps: int | None = None, seed: int = 0):
         cfg = model.config
         if "latent" not in cfg.embodiments:
-            raise ValueError("the world model has no 'latent' embodiment: pretrain it on LAM labels "
-                             "(`wm train worldmodel --labels lam`)")
+            raise ValueError(
+                "the world model has no 'latent' embodiment: pretrain it on LAM labels "
+                "(`wm train worldmodel --labels lam`)"
+            )
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.n_obs, self.latent_dim = cfg.n_obs, int(cfg.embodiments["latent"]["action_dim"])
         self.horizon = horizon or cfg.action_horizon
         if self.horizon > cfg.action_horizon:
-            raise ValueError(f"latent horizon {self.horizon} exceeds the world model's action horizon "
-                             f"{cfg.action_horizon}")
+            raise ValueError(
+                f"latent horizon {self.horizon} exceeds the world model's action horizon {cfg.action_horizon}"
+            )
         self.n_steps = n_steps
         self.reset(seed)
 
@@ -110,11 +130,12 @@ class WorldModelLatentSource:
         self.generator = episode_generator(self.device, seed)
 
     def __call__(self, obs_history: dict[str, Any]) -> torch.Tensor:
-        images = obs_history["image"][-self.n_obs:]
+        images = obs_history["image"][-self.n_obs :]
         if len(images) < self.n_obs:
             raise ValueError(f"the world model needs {self.n_obs} frames, the history holds {len(images)}")
         frames = frames_tensor(images)
         task = obs_history.get("task")
-        latent = self.model.sample_policy(frames, "latent", task=[task] if task else None,
-                                          steps=self.n_steps, generator=self.generator)
+        latent = self.model.sample_policy(
+            frames, "latent", task=[task] if task else None, steps=self.n_steps, generator=self.generator
+        )
         return latent[0, : self.horizon].float().cpu()

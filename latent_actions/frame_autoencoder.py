@@ -28,11 +28,11 @@ from shards.model_folder import ModelFolderMixin, config_fields
 
 @dataclass
 class FrameAutoencoderConfig:
-    image_size: int = 64          # square frames (filled from the data by the runtime)
+    image_size: int = 64  # square frames (filled from the data by the runtime)
     image_channels: int = 3
     encoder_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
-    code_channels: int = 16       # bottleneck channels of the map the decoder reconstructs from
-    grid: int = 4                 # features(): the map averaged to grid x grid and flattened
+    code_channels: int = 16  # bottleneck channels of the map the decoder reconstructs from
+    grid: int = 4  # features(): the map averaged to grid x grid and flattened
 
 
 PRESETS = {
@@ -45,11 +45,12 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.SiLU())
 
 
-class FrameAutoencoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_name="wm-pipeline",
-                       tags=["robotics", "autoencoder"]):
+class FrameAutoencoder(
+    nn.Module, ModelFolderMixin, PyTorchModelHubMixin, library_name="wm-pipeline", tags=["robotics", "autoencoder"]
+):
     """uint8 frames -> 8x8 map (for 3 stages at 64 px) -> reconstructed frames."""
 
-    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+    FORMAT_VERSION = 1  # config.json's _format_version: raise it (and convert older folders) when the layout changes
 
     def __init__(self, config: FrameAutoencoderConfig):
         super().__init__()
@@ -57,8 +58,10 @@ class FrameAutoencoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, librar
             config = FrameAutoencoderConfig(**config_fields(config))
         channels = list(config.encoder_channels)
         if not channels or config.code_channels <= 0 or config.image_size % (2 ** len(channels)):
-            raise ValueError(f"image_size {config.image_size} must be divisible by 2^{len(channels)} "
-                             f"(one halving per encoder stage) and code_channels > 0")
+            raise ValueError(
+                f"image_size {config.image_size} must be divisible by 2^{len(channels)} "
+                f"(one halving per encoder stage) and code_channels > 0"
+            )
         self.config = config
         self.encoder = conv_stages(config.image_channels, channels)
         self.bottleneck = nn.Conv2d(channels[-1], config.code_channels, 1)
@@ -72,8 +75,9 @@ class FrameAutoencoder(nn.Module, ModelFolderMixin, PyTorchModelHubMixin, librar
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, C, H, W]`` -> the encoder's map ``[N, C_last, h, w]``."""
         if frames.ndim != 4 or frames.shape[1] != self.config.image_channels:
-            raise ValueError(f"FrameAutoencoder expects [N, {self.config.image_channels}, H, W] frames, "
-                             f"got {tuple(frames.shape)}")
+            raise ValueError(
+                f"FrameAutoencoder expects [N, {self.config.image_channels}, H, W] frames, got {tuple(frames.shape)}"
+            )
         return self.encoder(frames.float() / 127.5 - 1.0)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ Presets (parameter counts, 3 channels, action_dim 4):
     base:  128 px, channels (64, 128, 256, 256),   width 512, 6 layers -> 25.5 M
 """
 
-
 # no `from __future__ import annotations` here: PyTorchModelHubMixin finds the config class from
 # the real annotation of __init__'s `config` (a string would load config.json back as a dict)
 from collections.abc import Sequence
@@ -66,15 +65,15 @@ class IDMConfig:
     # {embodiment: {"action": {"mean": [A], "std": [A], ...}}}: shards.stats.embodiment_stats
     stats: dict = field(default_factory=dict)
     channels: tuple[int, ...] = (32, 64, 128)  # conv stages; each after the first halves the resolution
-    conv3d_stem: bool = True          # motion features from neighbouring frames (VPT)
-    pool_size: int = 4                # final feature map pooled to pool x pool (keeps coarse position)
+    conv3d_stem: bool = True  # motion features from neighbouring frames (VPT)
+    pool_size: int = 4  # final feature map pooled to pool x pool (keeps coarse position)
     width: int = 256
     depth: int = 4
     n_heads: int = 4
     mlp_ratio: float = 4.0
-    max_frames: int = 64              # longest window (learned temporal position embedding)
-    loss: str = "mse"                 # "mse" | "l1" | "smooth_l1" on normalised actions
-    min_std: float = 1e-3             # floor on std: constant action dims do not blow up
+    max_frames: int = 64  # longest window (learned temporal position embedding)
+    loss: str = "mse"  # "mse" | "l1" | "smooth_l1" on normalised actions
+    min_std: float = 1e-3  # floor on std: constant action dims do not blow up
 
     def __post_init__(self):
         self.stats = _plain(self.stats)
@@ -91,8 +90,10 @@ class IDMConfig:
                 continue  # an action-free embodiment ("video"): nothing to normalise
             for key in ("mean", "std"):
                 if len(act.get(key, [])) != self.action_dim:
-                    raise ValueError(f"IDM stats for embodiment {emb!r}: action {key} has "
-                                     f"{len(act.get(key, []))} values, action_dim is {self.action_dim}")
+                    raise ValueError(
+                        f"IDM stats for embodiment {emb!r}: action {key} has "
+                        f"{len(act.get(key, []))} values, action_dim is {self.action_dim}"
+                    )
 
 
 PRESETS: dict[str, IDMConfig] = {
@@ -126,7 +127,7 @@ class FrameFeatures(nn.Module):
             stages += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _residual(c_out)]
         stages += [nn.GroupNorm(8, cfg.channels[-1]), nn.SiLU(), nn.AdaptiveAvgPool2d(cfg.pool_size)]
         self.stages = nn.Sequential(*stages)
-        self.proj = nn.Linear(cfg.channels[-1] * cfg.pool_size ** 2, cfg.width)
+        self.proj = nn.Linear(cfg.channels[-1] * cfg.pool_size**2, cfg.width)
         rename_on_load(self, OLD_FEATURE_KEYS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,22 +142,31 @@ class FrameFeatures(nn.Module):
 class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
     """Non-causal window of frames -> per-frame actions. See the module docstring."""
 
-    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+    FORMAT_VERSION = 1  # config.json's _format_version: raise it (and convert older folders) when the layout changes
 
     def __init__(self, config: IDMConfig):
         super().__init__()
         self.config = config
         self.features = FrameFeatures(config)
         self.pos = nn.Parameter(torch.randn(1, config.max_frames, config.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(config.width, config.n_heads, int(config.width * config.mlp_ratio),
-                                           dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
-        self.temporal = nn.TransformerEncoder(layer, config.depth, norm=nn.LayerNorm(config.width),
-                                              enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(
+            config.width,
+            config.n_heads,
+            int(config.width * config.mlp_ratio),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.temporal = nn.TransformerEncoder(
+            layer, config.depth, norm=nn.LayerNorm(config.width), enable_nested_tensor=False
+        )
         self.head = nn.Linear(config.width, config.action_dim)
         # nets.normalize's mean_std map with the IDM's std floor; buffers only, nothing in the weights file
         self.action_embodiments = [e for e, f in config.stats.items() if isinstance(f, dict) and f.get("action")]
-        self.action_normalizer = Normalizer(config.stats, self.action_embodiments, "action", config.action_dim,
-                                            "mean_std", min_scale=config.min_std)
+        self.action_normalizer = Normalizer(
+            config.stats, self.action_embodiments, "action", config.action_dim, "mean_std", min_scale=config.min_std
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "InverseDynamicsModel":
@@ -170,13 +180,17 @@ class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         norm, known = self.action_normalizer, self.action_embodiments
         for emb, need in zip(embodiments, needed):
             if need and emb not in known:
-                raise ValueError(f"IDM has no action stats for embodiment {emb!r} (known: "
-                                 f"{sorted(self.config.stats)}): fill config.stats from the manifest "
-                                 f"(shards.stats.embodiment_stats)")
+                raise ValueError(
+                    f"IDM has no action stats for embodiment {emb!r} (known: "
+                    f"{sorted(self.config.stats)}): fill config.stats from the manifest "
+                    f"(shards.stats.embodiment_stats)"
+                )
         a = self.config.action_dim
         if not any(needed):
             return torch.zeros(len(embodiments), a, device=device), torch.ones(len(embodiments), a, device=device)
-        rows = torch.tensor([known.index(e) if n else 0 for e, n in zip(embodiments, needed)], device=norm.center.device)
+        rows = torch.tensor(
+            [known.index(e) if n else 0 for e, n in zip(embodiments, needed)], device=norm.center.device
+        )
         need = torch.tensor(list(needed), dtype=torch.bool, device=norm.center.device)[:, None]
         mean = torch.where(need, norm.center[rows], torch.zeros_like(norm.center[rows]))
         std = torch.where(need, norm.scale[rows], torch.ones_like(norm.scale[rows]))
@@ -199,8 +213,10 @@ class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         frames, action = batch["frames"], batch["action"]
         b, t = frames.shape[:2]
         if action.shape[:2] != (b, t) or action.shape[-1] != self.config.action_dim:
-            raise ValueError(f"batch['action'] is {tuple(action.shape)}, expected "
-                             f"[{b}, {t}, {self.config.action_dim}] for frames {tuple(frames.shape)}")
+            raise ValueError(
+                f"batch['action'] is {tuple(action.shape)}, expected "
+                f"[{b}, {t}, {self.config.action_dim}] for frames {tuple(frames.shape)}"
+            )
         sample_mask = batch["action_mask"].to(frames.device, torch.bool)
         pred = self._predict_normalised(frames)
         mean, std = self._stats(batch["embodiment"], sample_mask.tolist(), pred.device)
@@ -209,7 +225,7 @@ class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         target = (raw - mean[:, None]) / std[:, None]
         step_mask = torch.ones(b, t, dtype=torch.bool, device=pred.device)
         step_mask[:, -1] = False  # action[T-1] shows its effect after the window
-        mask = (sample_mask[:, None] & step_mask)[..., None].float()          # [B, T, 1]
+        mask = (sample_mask[:, None] & step_mask)[..., None].float()  # [B, T, 1]
         if self.config.loss == "mse":
             err = (pred - target).pow(2)
         elif self.config.loss == "l1":
@@ -225,7 +241,7 @@ class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         if n > 0:
             with torch.no_grad():
                 sel = mask[..., 0].bool()
-                p, y = pred[sel], target[sel]                                 # [N, A]
+                p, y = pred[sel], target[sel]  # [N, A]
                 sst = (y - y.mean(0)).pow(2).sum(0)
                 r2 = 1 - (p - y).pow(2).sum(0) / sst.clamp_min(1e-8)
                 metrics["r2"] = r2[sst > 1e-8].mean() if (sst > 1e-8).any() else torch.zeros(())

@@ -58,30 +58,30 @@ from .quantizer import BottleneckOutput, GaussianBottleneck, VectorQuantizer
 
 @dataclass
 class LAMConfig:
-    image_size: int = 64              # frames must be image_size x image_size (resize in the stream)
+    image_size: int = 64  # frames must be image_size x image_size (resize in the stream)
     in_channels: int = 3
     patch_size: int = 8
-    frame_gap: int = 1                # k: the latent explains x_t -> x_{t+k}
+    frame_gap: int = 1  # k: the latent explains x_t -> x_{t+k}
     width: int = 256
     enc_depth: int = 4
     dec_depth: int = 4
     n_heads: int = 4
     mlp_ratio: float = 4.0
-    n_tokens: int = 4                 # latent-action tokens per transition
-    latent_dim: int = 16              # size of each token (code dimension for VQ)
-    bottleneck: str = "vq"            # "vq" | "continuous"
+    n_tokens: int = 4  # latent-action tokens per transition
+    latent_dim: int = 16  # size of each token (code dimension for VQ)
+    bottleneck: str = "vq"  # "vq" | "continuous"
     num_codes: int = 8
-    vq_estimator: str = "nsvq"        # "nsvq" | "straight_through" (see quantizer.py)
+    vq_estimator: str = "nsvq"  # "nsvq" | "straight_through" (see quantizer.py)
     commitment: float = 0.25
-    ema_decay: float = 0.99           # straight_through only; 0 learns the codebook by gradient
-    dead_after: int = 100             # training steps without use before a code is restarted
-    kl_weight: float = 1e-3           # continuous bottleneck only
+    ema_decay: float = 0.99  # straight_through only; 0 learns the codebook by gradient
+    dead_after: int = 100  # training steps without use before a code is restarted
+    kl_weight: float = 1e-3  # continuous bottleneck only
     # "mse" | "l1" on pixels in [-1, 1]. With small moving objects L1's optimum without a
     # useful latent is the median, i.e. a copy of x_t, and training stalls there; MSE's is the
     # blurred mean, whose gradient pulls information into the latent (measured on the test's
     # 8 directions, tiny preset, 250 steps: L1 recon/copy 0.93 with the latent unused, MSE 0.018)
     recon_loss: str = "mse"
-    predict_residual: bool = True     # decoder outputs x_{t+k} - x_t (copying is the start point)
+    predict_residual: bool = True  # decoder outputs x_{t+k} - x_t (copying is the start point)
     # the encoder also embeds x_{t+k} - x_t (added to the x_{t+k} tokens): in robot video the two
     # frames differ in a few pixels, so without it the encoder's outputs vary with the scene, not
     # the motion, and every transition lands on the same code (measured: docs/RESULTS.md)
@@ -120,12 +120,41 @@ class LAMConfig:
 
 
 PRESETS: dict[str, LAMConfig] = {
-    "tiny": LAMConfig(image_size=32, patch_size=4, width=64, enc_depth=2, dec_depth=2, n_heads=4,
-                      n_tokens=2, latent_dim=8, num_codes=8),
-    "small": LAMConfig(image_size=64, patch_size=8, width=128, enc_depth=3, dec_depth=3, n_heads=4,
-                       n_tokens=4, latent_dim=16, num_codes=8, frame_gap=4),
-    "base": LAMConfig(image_size=128, patch_size=8, width=512, enc_depth=8, dec_depth=6, n_heads=8,
-                      n_tokens=4, latent_dim=32, num_codes=16, frame_gap=4),
+    "tiny": LAMConfig(
+        image_size=32,
+        patch_size=4,
+        width=64,
+        enc_depth=2,
+        dec_depth=2,
+        n_heads=4,
+        n_tokens=2,
+        latent_dim=8,
+        num_codes=8,
+    ),
+    "small": LAMConfig(
+        image_size=64,
+        patch_size=8,
+        width=128,
+        enc_depth=3,
+        dec_depth=3,
+        n_heads=4,
+        n_tokens=4,
+        latent_dim=16,
+        num_codes=8,
+        frame_gap=4,
+    ),
+    "base": LAMConfig(
+        image_size=128,
+        patch_size=8,
+        width=512,
+        enc_depth=8,
+        dec_depth=6,
+        n_heads=8,
+        n_tokens=4,
+        latent_dim=32,
+        num_codes=16,
+        frame_gap=4,
+    ),
 }
 
 
@@ -135,14 +164,17 @@ def frames_to_pixels(frames: torch.Tensor, config_size: int, channels: int, name
         raise TypeError(f"{name} must be uint8 [..., C, H, W], got dtype {frames.dtype}")
     c, h, w = frames.shape[-3:]
     if c != channels or h != config_size or w != config_size:
-        raise ValueError(f"{name} are {c}x{h}x{w} (C x H x W) but the model was built for "
-                         f"{channels}x{config_size}x{config_size}: resize in the stream or change the config")
+        raise ValueError(
+            f"{name} are {c}x{h}x{w} (C x H x W) but the model was built for "
+            f"{channels}x{config_size}x{config_size}: resize in the stream or change the config"
+        )
     return frames.float() / 127.5 - 1.0
 
 
 def _transformer(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout=0.0,
-                                       activation="gelu", batch_first=True, norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        width, heads, int(width * mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
 
 
@@ -178,8 +210,8 @@ class LatentActionEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]
         k = self.cfg.frame_gap
-        tok = self.patch(x.flatten(0, 1)).unflatten(0, (b, t))           # [B, T, P, W]
-        before = tok[:, :-k].flatten(0, 1) + self.frame_emb[0]           # [B*(T-k), P, W]
+        tok = self.patch(x.flatten(0, 1)).unflatten(0, (b, t))  # [B, T, P, W]
+        before = tok[:, :-k].flatten(0, 1) + self.frame_emb[0]  # [B*(T-k), P, W]
         after = tok[:, k:].flatten(0, 1) + self.frame_emb[1]
         if self.motion is not None:
             after = after + self.motion((x[:, k:] - x[:, :-k]).flatten(0, 1))
@@ -201,7 +233,7 @@ class LatentActionDecoder(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         self.blocks = _transformer(cfg.width, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio)
-        self.head = nn.Linear(cfg.width, cfg.patch_size ** 2 * cfg.in_channels)
+        self.head = nn.Linear(cfg.width, cfg.patch_size**2 * cfg.in_channels)
         if cfg.predict_residual:  # start exactly at the copy baseline
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -211,7 +243,7 @@ class LatentActionDecoder(nn.Module):
         n, c, hgt, wid = x_t.shape
         scale, shift = self.film(latent.flatten(1)).unsqueeze(1).chunk(2, dim=-1)
         tok = self.patch(x_t) * (1 + scale) + shift
-        h = self.blocks(torch.cat([self.latent_in(latent), tok], dim=1))[:, cfg.n_tokens:]
+        h = self.blocks(torch.cat([self.latent_in(latent), tok], dim=1))[:, cfg.n_tokens :]
         p, g = cfg.patch_size, hgt // cfg.patch_size
         out = self.head(h).reshape(n, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n, c, hgt, wid)
         return x_t + out if cfg.predict_residual else out
@@ -220,15 +252,20 @@ class LatentActionDecoder(nn.Module):
 class LatentActionModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
     """Latent-action model trained on frames only. See the module docstring."""
 
-    FORMAT_VERSION = 1   # config.json's _format_version: raise it (and convert older folders) when the layout changes
+    FORMAT_VERSION = 1  # config.json's _format_version: raise it (and convert older folders) when the layout changes
 
     def __init__(self, config: LAMConfig):
         super().__init__()
         self.config = config
         if config.bottleneck == "vq":
-            self.bottleneck = VectorQuantizer(config.num_codes, config.latent_dim, config.commitment,
-                                              config.ema_decay, config.dead_after,
-                                              estimator=config.vq_estimator)
+            self.bottleneck = VectorQuantizer(
+                config.num_codes,
+                config.latent_dim,
+                config.commitment,
+                config.ema_decay,
+                config.dead_after,
+                estimator=config.vq_estimator,
+            )
             enc_out = config.latent_dim
         else:
             self.bottleneck = GaussianBottleneck(config.latent_dim, config.kl_weight)
@@ -249,8 +286,10 @@ class LatentActionModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         if frames.ndim != 5:
             raise ValueError(f"frames must be [B, T, C, H, W], got shape {tuple(frames.shape)}")
         if frames.shape[1] <= self.config.frame_gap:
-            raise ValueError(f"a window of {frames.shape[1]} frames has no transition at "
-                             f"frame_gap={self.config.frame_gap}: use windows of > frame_gap frames")
+            raise ValueError(
+                f"a window of {frames.shape[1]} frames has no transition at "
+                f"frame_gap={self.config.frame_gap}: use windows of > frame_gap frames"
+            )
         return frames_to_pixels(frames, self.config.image_size, self.config.in_channels)
 
     def _encode(self, x: torch.Tensor) -> BottleneckOutput:
@@ -271,12 +310,16 @@ class LatentActionModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         x_t, x_next = x[:, :-k].flatten(0, 1), x[:, k:].flatten(0, 1)
         pred = self.decoder(x_t, out.latent.flatten(0, 1))
         recon = self._recon(pred.float(), x_next)
-        copy = self._recon(x_t, x_next)   # inputs only: no gradient
+        copy = self._recon(x_t, x_next)  # inputs only: no gradient
         loss = (recon / copy.clamp_min(1e-6) if self.config.normalize_recon else recon) + out.loss
         with torch.no_grad():
-            named = {"recon_loss": recon.detach(), "copy_loss": copy,
-                     "recon_over_copy": recon.detach() / copy.clamp_min(1e-8),
-                     "bottleneck_loss": out.loss.detach(), **out.metrics}
+            named = {
+                "recon_loss": recon.detach(),
+                "copy_loss": copy,
+                "recon_over_copy": recon.detach() / copy.clamp_min(1e-8),
+                "bottleneck_loss": out.loss.detach(),
+                **out.metrics,
+            }
             values = torch.stack([v.float() for v in named.values()]).tolist()  # one sync
         return loss, dict(zip(named, values))
 
@@ -314,15 +357,19 @@ class LatentActionModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         try:
             x = self._pixels(frames)
             k = self.config.frame_gap
-            latent = self._encode(x).latent                                # [B, T-k, n, d]
+            latent = self._encode(x).latent  # [B, T-k, n, d]
             x_t, x_next = x[:, :-k].flatten(0, 1), x[:, k:].flatten(0, 1)
             own = self._recon(self.decoder(x_t, latent.flatten(0, 1)), x_next)
             shuffled = self._recon(self.decoder(x_t, latent.roll(1, dims=0).flatten(0, 1)), x_next)
             copy = self._recon(x_t, x_next)
         finally:
             self.train(was_training)
-        return {"own": own.item(), "shuffled": shuffled.item(), "copy": copy.item(),
-                "shuffled_over_own": (shuffled / own.clamp_min(1e-8)).item()}
+        return {
+            "own": own.item(),
+            "shuffled": shuffled.item(),
+            "copy": copy.item(),
+            "shuffled_over_own": (shuffled / own.clamp_min(1e-8)).item(),
+        }
 
     def latent_from_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """VQ only: codes int64 ``[..., n_tokens]`` -> latent ``[..., n_tokens * latent_dim]``."""
@@ -337,10 +384,11 @@ class LatentActionModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         x = frames_to_pixels(frame_t, cfg.image_size, cfg.in_channels, name="frame_t")
         lead = x.shape[:-3]
         if latent.shape[:-1] != lead or latent.shape[-1] != cfg.action_dim:
-            raise ValueError(f"latent must be {tuple(lead) + (cfg.action_dim,)} for frame_t "
-                             f"{tuple(frame_t.shape)}, got {tuple(latent.shape)}")
-        pred = self.decoder(x.reshape(-1, *x.shape[-3:]),
-                            latent.reshape(-1, cfg.n_tokens, cfg.latent_dim).to(x.dtype))
+            raise ValueError(
+                f"latent must be {tuple(lead) + (cfg.action_dim,)} for frame_t "
+                f"{tuple(frame_t.shape)}, got {tuple(latent.shape)}"
+            )
+        pred = self.decoder(x.reshape(-1, *x.shape[-3:]), latent.reshape(-1, cfg.n_tokens, cfg.latent_dim).to(x.dtype))
         pixels = ((pred.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return pixels.reshape(*lead, *pixels.shape[-3:])
 
@@ -349,5 +397,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["LAMConfig", "PRESETS", "LatentActionModel", "LatentActionEncoder", "LatentActionDecoder",
-           "frames_to_pixels", "count_parameters"]
+__all__ = [
+    "LAMConfig",
+    "PRESETS",
+    "LatentActionModel",
+    "LatentActionEncoder",
+    "LatentActionDecoder",
+    "frames_to_pixels",
+    "count_parameters",
+]

@@ -80,9 +80,17 @@ class VectorQuantizer(nn.Module):
     labelling (``eval`` / ``no_grad``) never moves the codebook.
     """
 
-    def __init__(self, num_codes: int = 8, dim: int = 16, commitment: float = 0.25,
-                 ema_decay: float = 0.99, dead_after: int = 100, data_init: bool = True,
-                 estimator: str = "straight_through", eps: float = 1e-5):
+    def __init__(
+        self,
+        num_codes: int = 8,
+        dim: int = 16,
+        commitment: float = 0.25,
+        ema_decay: float = 0.99,
+        dead_after: int = 100,
+        data_init: bool = True,
+        estimator: str = "straight_through",
+        eps: float = 1e-5,
+    ):
         super().__init__()
         if num_codes < 2:
             raise ValueError(f"num_codes must be >= 2, got {num_codes}")
@@ -125,8 +133,7 @@ class VectorQuantizer(nn.Module):
 
         codebook = self.codebook.float()
         with torch.no_grad():  # the choice of code is not differentiable
-            dist2 = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t()
-                     + codebook.pow(2).sum(1)[None])
+            dist2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None]
             codes = dist2.argmin(1)
         quant = F.embedding(codes, codebook)
 
@@ -168,8 +175,7 @@ class VectorQuantizer(nn.Module):
             "restarted_codes": restarted.float(),
             "quant_error": F.mse_loss(flat.detach(), quant.detach()),
         }
-        return BottleneckOutput(latent.to(in_dtype).reshape(z.shape), codes.reshape(z.shape[:-1]),
-                                loss, metrics)
+        return BottleneckOutput(latent.to(in_dtype).reshape(z.shape), codes.reshape(z.shape[:-1]), loss, metrics)
 
     # -- codebook maintenance ------------------------------------------------------------
     @torch.no_grad()
@@ -244,6 +250,9 @@ class GaussianBottleneck(nn.Module):
             latent = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         else:
             latent = mu
-        metrics = {"kl": kl.detach(), "latent_std": mu.detach().flatten(0, -2).std(0).mean(),
-                   "posterior_std": (0.5 * logvar.detach()).exp().mean()}
+        metrics = {
+            "kl": kl.detach(),
+            "latent_std": mu.detach().flatten(0, -2).std(0).mean(),
+            "posterior_std": (0.5 * logvar.detach()).exp().mean(),
+        }
         return BottleneckOutput(latent.to(stats.dtype), None, self.kl_weight * kl, metrics)

@@ -30,8 +30,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     q, k, v: ``[B, heads, L, head_dim]`` -> ``[B, heads, L, head_dim]``.
     """
-    if (_flash_attn_func is not None and not _MATH_ONLY.get() and q.is_cuda
-            and q.dtype in (torch.float16, torch.bfloat16)):
+    if (
+        _flash_attn_func is not None
+        and not _MATH_ONLY.get()
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+    ):
         # flash-attn wants [B, L, heads, head_dim]
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)

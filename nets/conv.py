@@ -20,8 +20,16 @@ from torch import nn
 
 
 class ResConvBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int | None = None, stride: int = 1, groups: int = 8, *,
-                 bias: bool = False, preact: bool = False):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int | None = None,
+        stride: int = 1,
+        groups: int = 8,
+        *,
+        bias: bool = False,
+        preact: bool = False,
+    ):
         super().__init__()
         c_out = c_in if c_out is None else c_out
         self.preact = preact

@@ -33,8 +33,12 @@ def conv_stages(in_channels: int, channels: list[int]) -> nn.Sequential:
     """One stage per entry of ``channels``: stride-2 conv, GroupNorm, SiLU, residual conv block."""
     layers, c_in = [], in_channels
     for c in channels:
-        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(_groups(c), c), nn.SiLU(),
-                   ResConvBlock(c, c, groups=_groups(c), bias=True)]
+        layers += [
+            nn.Conv2d(c_in, c, 3, stride=2, padding=1),
+            nn.GroupNorm(_groups(c), c),
+            nn.SiLU(),
+            ResConvBlock(c, c, groups=_groups(c), bias=True),
+        ]
         c_in = c
     return nn.Sequential(*layers)
 
@@ -44,8 +48,7 @@ class ConvEncoder(nn.Module):
     conv block each (``nets.conv.ResConvBlock``), then ``pool``: "grid" averages the map to 4x4 and flattens it (coarse positions);
     "spatial_softmax" reads ``keypoints`` soft-argmax positions off it (``nets.SpatialSoftmax``)."""
 
-    def __init__(self, in_channels: int, channels: list[int], out_dim: int, pool: str = "grid",
-                 keypoints: int = 32):
+    def __init__(self, in_channels: int, channels: list[int], out_dim: int, pool: str = "grid", keypoints: int = 32):
         super().__init__()
         self.stages = conv_stages(in_channels, channels)
         c_in = channels[-1]

@@ -81,8 +81,9 @@ def interpolate(x: torch.Tensor, e: torch.Tensor, t: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------- time sampling
 
 
-def sample_uniform_time(batch: int, *, p_noise: float = 0.0, device=None,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_uniform_time(
+    batch: int, *, p_noise: float = 0.0, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``t ~ U(0, 1)`` as ``[B]``, each pinned to 1 (pure noise) with probability ``p_noise``: UWM's draw,
     which trains the marginal modes (a modality at full noise) exactly."""
     u = torch.rand(batch, device=device, generator=generator)
@@ -158,15 +159,14 @@ def meanflow_target(
     ``u_tgt = v - (t - r) * (v . d_z u + d_t u)`` is detached (stop-gradient target).
     z, v: ``[B, ...]``; t, r: ``[B]``.
     """
+
     def fn(z_, t_, r_):
         u_, feats_ = _split(net(z_, t_, r_, cond))
         return u_, (() if feats_ is None else (feats_,))  # jvp's aux must hold only tensors
 
     # Forward-mode AD is not implemented for flash-attn or the fused SDPA kernels; the math kernel has it.
     with math_attention():
-        u, dudt, aux = torch.func.jvp(
-            fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True
-        )
+        u, dudt, aux = torch.func.jvp(fn, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)), has_aux=True)
     feats = aux[0] if aux else None
     u_tgt = (v - _bcast(t - r, z) * dudt).detach()
     return u, u_tgt, feats

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BASE = 4   # the map the linear layer produces is BASE x BASE
+BASE = 4  # the map the linear layer produces is BASE x BASE
 
 
 class FrameDecoder(nn.Module):
     def __init__(self, in_dim: int, size: int, channels: int = 3, width: int = 64):
         super().__init__()
         ups = (size // BASE).bit_length() - 1
-        if size < BASE or BASE * 2 ** ups != size:
+        if size < BASE or BASE * 2**ups != size:
             raise ValueError(f"FrameDecoder size must be {BASE} times a power of two, got {size}")
         self.width = width
         self.inp = nn.Linear(in_dim, width * BASE * BASE)

@@ -33,7 +33,7 @@ from torch import nn
 MODES = ("min_max", "mean_std", "quantile")
 DEFAULT_MODES = {"action": "min_max", "state": "mean_std"}
 _EPS = 1e-6
-MIN_STD = 1e-3   # the world model's and the IDM's floor on a std (``min_scale``)
+MIN_STD = 1e-3  # the world model's and the IDM's floor on a std (``min_scale``)
 _NEEDS = {"min_max": ("min", "max"), "mean_std": ("mean", "std"), "quantile": ("q01", "q99")}
 
 
@@ -66,8 +66,9 @@ def plain_stats(stats: dict) -> dict:
     return float(stats) if isinstance(stats, (int, float)) else stats
 
 
-def affine_params(stats: dict, mode: str, *, where: str = "stats",
-                  min_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_params(
+    stats: dict, mode: str, *, where: str = "stats", min_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(center, scale)`` float64 ``[D]`` for one key's stats; ``where`` names it in errors.
     ``min_scale``: None, a degenerate dim gets scale 1; a number, scales are floored at it."""
     if mode not in MODES:
@@ -100,8 +101,15 @@ class Normalizer(nn.Module):
     follow ``.to(device)`` but never enter the weights file: the config is their one home).
     """
 
-    def __init__(self, stats: dict, embodiments: list[str], key: str, dim: int, mode: str | None = None,
-                 min_scale: float | None = None):
+    def __init__(
+        self,
+        stats: dict,
+        embodiments: list[str],
+        key: str,
+        dim: int,
+        mode: str | None = None,
+        min_scale: float | None = None,
+    ):
         super().__init__()
         self.key, self.dim = key, dim
         self.mode = mode or DEFAULT_MODES.get(key, "mean_std")

@@ -34,6 +34,6 @@ class SpatialSoftmax(nn.Module):
         attn = x.flatten(2).softmax(dim=-1).view(n, c, h, w)
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=attn.dtype)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=attn.dtype)
-        ex = (attn.sum(dim=2) * xs).sum(dim=-1)   # marginal over rows, then E[x]
+        ex = (attn.sum(dim=2) * xs).sum(dim=-1)  # marginal over rows, then E[x]
         ey = (attn.sum(dim=3) * ys).sum(dim=-1)
         return torch.cat([ex, ey], dim=-1)

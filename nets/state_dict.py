@@ -26,7 +26,7 @@ def rename_keys(state_dict: dict, rules: Rules, prefix: str = "") -> dict:
     out = {}
     for key, value in state_dict.items():
         if key.startswith(prefix):
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             for pattern, replacement in compiled:
                 if pattern.fullmatch(rest):
                     key = prefix + pattern.sub(replacement, rest)

@@ -68,8 +68,13 @@ def fit_predict(x_train, y_train, x_val, y_val, x_test, steps: int, seed: int) -
     x = torch.tensor((x_train - mu) / sd, dtype=torch.float32)
     y = torch.tensor(y_train, dtype=torch.float32)
     xv, yv = torch.tensor((x_val - mu) / sd, dtype=torch.float32), torch.tensor(y_val, dtype=torch.float32)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
-                              torch.nn.GELU(), torch.nn.Linear(256, y.shape[1]))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], 256),
+        torch.nn.GELU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.GELU(),
+        torch.nn.Linear(256, y.shape[1]),
+    )
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     best = (float("inf"), 0, None)
@@ -107,8 +112,12 @@ def main() -> None:
     if not len(tr[2]) or not len(va[2]) or not len(te[2]):
         parser.error("no windows with actions and states in --train / --test (--train needs 2+ episodes)")
     dims = tr[2].shape[1] // args.horizon
-    report = {"train_windows": len(tr[2]), "validation_windows": len(va[2]), "test_windows": len(te[2]),
-              "action_dims": dims}
+    report = {
+        "train_windows": len(tr[2]),
+        "validation_windows": len(va[2]),
+        "test_windows": len(te[2]),
+        "action_dims": dims,
+    }
     for name, cols in (("current_state", lambda w: w[0]), ("current_state+future_hand", lambda w: np.hstack(w[:2]))):
         pred, step = fit_predict(cols(tr), tr[2], cols(va), va[2], cols(te), args.steps, args.seed)
         total, per_dim = r2(te[2], pred, dims)

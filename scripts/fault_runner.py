@@ -45,8 +45,14 @@ from test_folder_lock import alive, descendants, wait_until  # noqa: E402
 from test_ingest_videos import gray_ramp, read_samples, write_video  # noqa: E402
 
 VIDEO_ARGS = ["--resolution", "32", "--fps", "15", "--clip-seconds", "0.5", "--samples-per-shard", "1"]
-TRAIN_ARGS = ["--preset", "tiny", "train.max_steps=30", "train.ckpt_every=10", "train.keep_last=5",
-              "train.progress=false"]
+TRAIN_ARGS = [
+    "--preset",
+    "tiny",
+    "train.max_steps=30",
+    "train.ckpt_every=10",
+    "train.keep_last=5",
+    "train.progress=false",
+]
 
 
 @dataclasses.dataclass
@@ -54,7 +60,7 @@ class Outcome:
     expected: str
     got: str
     passed: bool
-    lost: int | None = None     # samples missing from (or differing with) the clean run; None: no dataset
+    lost: int | None = None  # samples missing from (or differing with) the clean run; None: no dataset
 
 
 @dataclasses.dataclass
@@ -66,19 +72,28 @@ class Case:
 
 # ---------------------------------------------------------------- shared set-up
 
+
 def wm_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "wm_pipeline", *map(str, args)]
 
 
 def wm(*args, file_size_limit: int | None = None, timeout: float = 300) -> tuple[int, str]:
     """Run `wm ARGS`; returns (exit code, stderr + stdout). ``file_size_limit``: RLIMIT_FSIZE (EFBIG)."""
+
     def limit():
         import resource
+
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    proc = subprocess.run(wm_cmd(*args), capture_output=True, text=True, timeout=timeout, env=toy_models.plugin_env(),
-                          preexec_fn=limit if file_size_limit else None)
+    proc = subprocess.run(
+        wm_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=toy_models.plugin_env(),
+        preexec_fn=limit if file_size_limit else None,
+    )
     return proc.returncode, proc.stderr + proc.stdout
 
 
@@ -136,7 +151,9 @@ class Workspace:
         mnt = self.root / name
         mnt.mkdir(exist_ok=True)
         opts = f"remount,size={size}" if os.path.ismount(mnt) else f"size={size}"
-        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True).returncode == 0
+        ok = (
+            subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True).returncode == 0
+        )
         return mnt if ok else None
 
     def close(self) -> None:
@@ -147,16 +164,22 @@ class Workspace:
 
 # ---------------------------------------------------------------- the cases
 
+
 def kill9_ingest(ws: Workspace) -> Outcome:
     src, ref = ws.videos()
     out = ws.folder("kill9") / "out"
     args = ["ingest", "videos", src, *VIDEO_ARGS, "--workers", "2", "--out", out]
-    proc = subprocess.Popen(wm_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=toy_models.plugin_env())
-    wait_until(lambda: list(out.glob("shard-*.stats.json")) and len(descendants(proc.pid)) >= 2, 120,
-               "a first shard and two workers", proc)
+    proc = subprocess.Popen(
+        wm_cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=toy_models.plugin_env()
+    )
+    wait_until(
+        lambda: list(out.glob("shard-*.stats.json")) and len(descendants(proc.pid)) >= 2,
+        120,
+        "a first shard and two workers",
+        proc,
+    )
     workers = descendants(proc.pid)
-    os.kill(proc.pid, signal.SIGKILL)   # the parent only, as a user's kill or the OOM killer does
+    os.kill(proc.pid, signal.SIGKILL)  # the parent only, as a user's kill or the OOM killer does
     proc.wait()
     code, text = wm(*args)
     time.sleep(0.5)
@@ -170,13 +193,20 @@ def concurrent_ingest(ws: Workspace) -> Outcome:
     src, ref = ws.videos()
     out = ws.folder("concurrent") / "out"
     args = ["ingest", "videos", src, *VIDEO_ARGS, "--workers", "1", "--out", out]
-    first = subprocess.Popen(wm_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=toy_models.plugin_env())
+    first = subprocess.Popen(
+        wm_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=toy_models.plugin_env()
+    )
     wait_until(lambda: (out / ".lock").exists(), 60, "the first job's lock", first)
     code2, text2 = wm(*args)
     _, err1 = first.communicate(timeout=300)
     n = lost(out, ref)
-    ok = first.returncode == 0 and code2 == 2 and one_line(text2, "ingest") and "in use by another job" in text2 and n == 0
+    ok = (
+        first.returncode == 0
+        and code2 == 2
+        and one_line(text2, "ingest")
+        and "in use by another job" in text2
+        and n == 0
+    )
     return Outcome("first 0, second 2 (one line), = clean run", f"first {first.returncode}, second {code2}", ok, n)
 
 
@@ -186,7 +216,7 @@ def tampered_tar(ws: Workspace) -> Outcome:
     shutil.copytree(ref, out)
     tar = out / "shard-000003.tar"
     raw = bytearray(tar.read_bytes())
-    raw[600:616] = bytes(b ^ 0xFF for b in raw[600:616])   # flipped bytes inside the first member's header
+    raw[600:616] = bytes(b ^ 0xFF for b in raw[600:616])  # flipped bytes inside the first member's header
     tar.write_bytes(raw)
     code, text = wm("ingest", "videos", src, *VIDEO_ARGS, "--out", out)
     n = lost(out, ref)
@@ -222,31 +252,39 @@ def enospc_ingest(ws: Workspace) -> Outcome:
     code, text = wm(*args, file_size_limit=None if disk else shard // 2)
     room = "needs" in text or "file-size limit" in text
     unmarked = [t for t in out.glob("shard-*.tar") if not t.with_name(t.name[:-4] + ".stats.json").exists()]
-    clean = (one_line(text, "ingest") and room and not leftovers(out) and not unmarked
-             and not (out / "manifest.json").exists())
+    clean = (
+        one_line(text, "ingest")
+        and room
+        and not leftovers(out)
+        and not unmarked
+        and not (out / "manifest.json").exists()
+    )
     if disk:
         ws.tmpfs("disk-ingest", 64 * 1024 * 1024)
     code2, _ = wm(*args)
     n = lost(out, ref)
     ok = code == 74 and clean and code2 == 0 and n == 0
-    return Outcome(f"74 one line, no partial ({how}); rerun 0", f"{code}{'' if clean else ' (not clean)'}; rerun {code2}",
-                   ok, n)
+    return Outcome(
+        f"74 one line, no partial ({how}); rerun 0", f"{code}{'' if clean else ' (not clean)'}; rerun {code2}", ok, n
+    )
 
 
 def enospc_train(ws: Workspace) -> Outcome:
     data = ws.toy()
-    disk = ws.tmpfs("disk-train", 600 * 1024)   # one checkpoint (~0.7 MB) does not fit
+    disk = ws.tmpfs("disk-train", 600 * 1024)  # one checkpoint (~0.7 MB) does not fit
     how = "tmpfs" if disk else "RLIMIT_FSIZE"
     run = (disk or ws.folder("enospc-train")) / "run"
-    code, text = wm("train", "toy", "--data", data, "--out", run, *TRAIN_ARGS,
-                    file_size_limit=None if disk else 200_000)
+    code, text = wm(
+        "train", "toy", "--data", data, "--out", run, *TRAIN_ARGS, file_size_limit=None if disk else 200_000
+    )
     clean = one_line(text, "train") and "a checkpoint needs about" in text and not leftovers(run)
     if disk:
         ws.tmpfs("disk-train", 64 * 1024 * 1024)
     code2, _ = wm("train", "toy", "--data", data, "--out", run, *TRAIN_ARGS)
     ok = code == 74 and clean and code2 == 0
-    return Outcome(f"74 one line, no partial ({how}); rerun 0", f"{code}{'' if clean else ' (not clean)'}; rerun {code2}",
-                   ok)
+    return Outcome(
+        f"74 one line, no partial ({how}); rerun 0", f"{code}{'' if clean else ' (not clean)'}; rerun {code2}", ok
+    )
 
 
 def bad_config(ws: Workspace) -> Outcome:
@@ -266,7 +304,7 @@ def bad_init(ws: Workspace) -> Outcome:
     data = ws.toy()
     folder = ws.folder("bad-init")
     codes = []
-    for init in (folder / "no" / "such" / "run", data):   # missing; exists but policy=scratch reads none
+    for init in (folder / "no" / "such" / "run", data):  # missing; exists but policy=scratch reads none
         run = folder / "run"
         code, text = wm("train", "decoder", "--data", data, "--out", run, *TRAIN_ARGS, "--init", init)
         codes.append(code if one_line(text, "train") and not run.exists() else f"{code}!")
@@ -276,8 +314,12 @@ def bad_init(ws: Workspace) -> Outcome:
 def sigusr1_startup(ws: Workspace) -> Outcome:
     data = ws.toy()
     run = ws.folder("sigusr1") / "run"
-    proc = subprocess.Popen(wm_cmd("train", "toy", "--data", data, "--out", run, *TRAIN_ARGS), env=toy_models.plugin_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        wm_cmd("train", "toy", "--data", data, "--out", run, *TRAIN_ARGS),
+        env=toy_models.plugin_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_until(lambda: _catches(proc.pid, signal.SIGUSR1), 60, "the SIGUSR1 handler", proc, step=0.001)
     proc.send_signal(signal.SIGUSR1)
     code = proc.wait(timeout=300)
@@ -292,15 +334,22 @@ def mkv_gap(ws: Workspace) -> Outcome:
     code, _ = wm("ingest", "videos", bad, "--out", out, "--resolution", "32", "--fps", "25", "--clip-seconds", "0.4")
     rows = [json.loads(r) for r in (out / "failures.jsonl").read_text().splitlines()] if out.is_dir() else []
     gap = len(rows) == 1 and rows[0]["reason"].startswith("timestamp gap")
-    return Outcome("3, a 'timestamp gap' failure row", f"{code}, {len(rows)} row(s){'' if gap else ' (no gap row)'}",
-                   code == 3 and gap)
+    return Outcome(
+        "3, a 'timestamp gap' failure row",
+        f"{code}, {len(rows)} row(s){'' if gap else ' (no gap row)'}",
+        code == 3 and gap,
+    )
 
 
 def broken_pipe(ws: Workspace) -> Outcome:
     _, ref = ws.videos()
-    proc = subprocess.Popen(wm_cmd("inspect", ref, "--no-sheet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=toy_models.plugin_env())
-    proc.stdout.close()   # `| head` that already left
+    proc = subprocess.Popen(
+        wm_cmd("inspect", ref, "--no-sheet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=toy_models.plugin_env(),
+    )
+    proc.stdout.close()  # `| head` that already left
     err = proc.stderr.read().decode()
     code = proc.wait(timeout=60)
     return Outcome("141, nothing on stderr", f"{code}, {len(err.splitlines())} stderr line(s)", code == 141 and not err)
@@ -322,7 +371,9 @@ CASES = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="only the cheap cases (no training runs)")
     p.add_argument("--case", action="append", default=[], choices=[c.name for c in CASES], help="run only these")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
@@ -337,9 +388,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 o = case.run(ws)
             except Exception as e:  # noqa: BLE001 - a broken set-up is a failed case, not the end of the tour
-                o = Outcome("-", f"set-up failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}", False)
-            rows.append((case.name, o.expected, o.got, "yes" if o.passed else "NO",
-                         "-" if o.lost is None else str(o.lost), f"{time.monotonic() - t0:.0f}s"))
+                o = Outcome(
+                    "-", f"set-up failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}", False
+                )
+            rows.append(
+                (
+                    case.name,
+                    o.expected,
+                    o.got,
+                    "yes" if o.passed else "NO",
+                    "-" if o.lost is None else str(o.lost),
+                    f"{time.monotonic() - t0:.0f}s",
+                )
+            )
             print(f"{case.name}: {'passed' if o.passed else 'FAILED'} ({o.got})", file=sys.stderr, flush=True)
     finally:
         ws.close()

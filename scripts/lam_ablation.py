@@ -63,8 +63,10 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(recon_over_copy=f"{metrics['recon_over_copy']:.3f}",
-                        perplexity=f"{metrics.get('perplexity', float('nan')):.2f}")
+        bar.set_postfix(
+            recon_over_copy=f"{metrics['recon_over_copy']:.3f}",
+            perplexity=f"{metrics.get('perplexity', float('nan')):.2f}",
+        )
     minutes = (time.perf_counter() - started) / 60
 
     x, y, groups, own, copy, shuffled = [], [], [], [], [], []
@@ -81,11 +83,21 @@ def main() -> None:
     x, y, groups = np.concatenate(x), np.concatenate(y), np.concatenate(groups)
     r2 = linear_probe(x, y, groups)
     r2_random = linear_probe(np.random.default_rng(0).normal(size=x.shape), y, groups)
-    print(json.dumps({"settings": args.set, "preset": args.preset, "steps": args.steps,
-                      "train_minutes": round(minutes, 2),
-                      "probe_r2": r2, "probe_r2_mean": mean_r2(r2), "random_latent_r2_mean": mean_r2(r2_random),
-                      "own_over_copy": float(np.mean(own) / np.mean(copy)),
-                      "shuffled_over_own": float(np.mean(shuffled) / np.mean(own))}))
+    print(
+        json.dumps(
+            {
+                "settings": args.set,
+                "preset": args.preset,
+                "steps": args.steps,
+                "train_minutes": round(minutes, 2),
+                "probe_r2": r2,
+                "probe_r2_mean": mean_r2(r2),
+                "random_latent_r2_mean": mean_r2(r2_random),
+                "own_over_copy": float(np.mean(own) / np.mean(copy)),
+                "shuffled_over_own": float(np.mean(shuffled) / np.mean(own)),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -72,16 +72,22 @@ class Job:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", required=True, type=Path, help="grid folder (resumable)")
     p.add_argument("--demos", required=True, help="demo dataset folder (wm collect output)")
     p.add_argument("--val-demos", default=None, help="validation demos for the held-out action error")
     p.add_argument("--tasks", required=True, help="comma-separated Meta-World tasks to evaluate")
     p.add_argument("--ks", default="10", help="demos per task, comma-separated")
     p.add_argument("--seeds", default="0,1", help="training seeds, comma-separated")
-    p.add_argument("--arm", action="append", default=[], metavar="NAME=ARGS",
-                   help="a policy recipe: a name and the extra arguments of `wm train decoder` (repeatable)")
+    p.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="a policy recipe: a name and the extra arguments of `wm train decoder` (repeatable)",
+    )
     p.add_argument("--preset", default="tiny", help="decoder preset")
     p.add_argument("--steps", type=int, default=12000, help="training steps (the final checkpoint is evaluated)")
     p.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint spacing (each is validated)")
@@ -97,8 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--video", default=None, help="action-free corpus for idm-bc arms (labelled per K / seed)")
     p.add_argument("--idm-steps", type=int, default=3000, help="training steps of each idm-bc arm's IDM")
     p.add_argument("--idm-args", default="", help="extra arguments of `wm train idm`")
-    p.add_argument("--per-task", action="store_true",
-                   help="one policy per task (data.tasks=TASK, --steps each) instead of one for all --tasks")
+    p.add_argument(
+        "--per-task",
+        action="store_true",
+        help="one policy per task (data.tasks=TASK, --steps each) instead of one for all --tasks",
+    )
     p.add_argument("--wm", default=str(Path(sys.executable).with_name("wm")), help="the wm executable")
     args = p.parse_args(argv)
     if not args.arm:
@@ -148,30 +157,83 @@ def idm_labels(args, job: Job) -> list[str]:
     with lock:
         run_dir, logs = args.out / "runs" / name, args.out / "logs"
         if not finished(run_dir):
-            run([args.wm, "train", "idm", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
-                 "--episodes-per-task", str(job.k), *args.idm_args.split(), f"train.max_steps={args.idm_steps}",
-                 f"train.seed={job.seed}", "train.progress=false", "data.num_workers=1"], logs / f"train-{name}.log")
+            run(
+                [
+                    args.wm,
+                    "train",
+                    "idm",
+                    "--data",
+                    args.demos,
+                    "--out",
+                    str(run_dir),
+                    "--preset",
+                    args.preset,
+                    "--episodes-per-task",
+                    str(job.k),
+                    *args.idm_args.split(),
+                    f"train.max_steps={args.idm_steps}",
+                    f"train.seed={job.seed}",
+                    "train.progress=false",
+                    "data.num_workers=1",
+                ],
+                logs / f"train-{name}.log",
+            )
         if args.val_demos and not (run_dir / "probe" / "probe.json").is_file():
-            run([args.wm, "probe", "--labeller", str(run_dir), "--data", args.val_demos,
-                 "--out", str(run_dir / "probe")], logs / f"probe-{name}.log")
-        done = run_dir / "labelled.json"   # the grid's marker: this IDM has labelled --video
+            run(
+                [
+                    args.wm,
+                    "probe",
+                    "--labeller",
+                    str(run_dir),
+                    "--data",
+                    args.val_demos,
+                    "--out",
+                    str(run_dir / "probe"),
+                ],
+                logs / f"probe-{name}.log",
+            )
+        done = run_dir / "labelled.json"  # the grid's marker: this IDM has labelled --video
         if not done.is_file():
-            run([args.wm, "label", "--labeller", str(run_dir), "--data", args.video, "--name", name,
-                 "--no-progress"], logs / f"label-{name}.log")
+            run(
+                [args.wm, "label", "--labeller", str(run_dir), "--data", args.video, "--name", name, "--no-progress"],
+                logs / f"label-{name}.log",
+            )
             done.write_text(json.dumps({"video": str(args.video), "labels": name}) + "\n")
     return ["--data", args.video, "--labels", name]
 
 
 def finished(run_dir: Path) -> bool:
     status = run_dir / "status.json"
-    return (run_dir / "final" / "model.safetensors").is_file() and status.is_file() and \
-        json.loads(status.read_text()).get("state") == "finished"
+    return (
+        (run_dir / "final" / "model.safetensors").is_file()
+        and status.is_file()
+        and json.loads(status.read_text()).get("state") == "finished"
+    )
 
 
 def eval_cmd(args, policy: Path, episodes: int, seed: int, out: Path, tasks: str | None = None) -> list[str]:
-    return [args.wm, "eval", "--policy", str(policy), "--env", "metaworld", "--tasks", tasks or args.tasks,
-            "--episodes", str(episodes), "--seed", str(seed), "--max-steps", str(args.max_steps),
-            "--resolution", str(args.resolution), "--camera", args.camera, "--out", str(out)]
+    return [
+        args.wm,
+        "eval",
+        "--policy",
+        str(policy),
+        "--env",
+        "metaworld",
+        "--tasks",
+        tasks or args.tasks,
+        "--episodes",
+        str(episodes),
+        "--seed",
+        str(seed),
+        "--max-steps",
+        str(args.max_steps),
+        "--resolution",
+        str(args.resolution),
+        "--camera",
+        args.camera,
+        "--out",
+        str(out),
+    ]
 
 
 def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
@@ -184,9 +246,9 @@ def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
         if not (policy / "model.safetensors").is_file():
             policy.mkdir(parents=True, exist_ok=True)
             shutil.copy(run_dir / "final" / "config.json", policy / "config.json")
-            try:   # a hard link: the checkpoint's EMA weights are not read or written again
+            try:  # a hard link: the checkpoint's EMA weights are not read or written again
                 os.link(ckpt / "ema.safetensors", policy / "model.safetensors")
-            except OSError:   # another file system (or no hard links): copy
+            except OSError:  # another file system (or no hard links): copy
                 shutil.copy(ckpt / "ema.safetensors", policy / "model.safetensors.tmp")
                 os.replace(policy / "model.safetensors.tmp", policy / "model.safetensors")
         out.append((step, policy))
@@ -194,10 +256,27 @@ def checkpoint_policies(run_dir: Path, val_dir: Path) -> list[tuple[int, Path]]:
 
 
 def train_cmd(args, job: Job, run_dir: Path, extra: list[str]) -> list[str]:
-    return [args.wm, "train", "decoder", "--data", args.demos, "--out", str(run_dir), "--preset", args.preset,
-            "--episodes-per-task", str(job.k), *job.args, *extra, f"train.max_steps={args.steps}",
-            f"train.ckpt_every={args.ckpt_every}", "train.keep_last=1000", f"train.seed={job.seed}",
-            "train.progress=false", "data.num_workers=1"]
+    return [
+        args.wm,
+        "train",
+        "decoder",
+        "--data",
+        args.demos,
+        "--out",
+        str(run_dir),
+        "--preset",
+        args.preset,
+        "--episodes-per-task",
+        str(job.k),
+        *job.args,
+        *extra,
+        f"train.max_steps={args.steps}",
+        f"train.ckpt_every={args.ckpt_every}",
+        "train.keep_last=1000",
+        f"train.seed={job.seed}",
+        "train.progress=false",
+        "data.num_workers=1",
+    ]
 
 
 def do_per_task_job(args, job: Job, stages: set[str]) -> None:
@@ -209,24 +288,37 @@ def do_per_task_job(args, job: Job, stages: set[str]) -> None:
     for task in tasks:
         run_dir, name = args.out / "runs" / job.name / task, f"{job.name}-{task}"
         if "train" in stages and not finished(run_dir):
-            run(train_cmd(args, job, run_dir, [f"data.tasks={task}", *idm_labels(args, job)]),
-                logs / f"train-{name}.log")
+            run(
+                train_cmd(args, job, run_dir, [f"data.tasks={task}", *idm_labels(args, job)]),
+                logs / f"train-{name}.log",
+            )
         if not finished(run_dir):
             return
         if "eval" in stages and not (evals / task / "results.json").is_file():
-            run(eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals / task, tasks=task),
-                logs / f"eval-{name}.log")
-    parts = {t: json.loads((evals / t / "results.json").read_text()) for t in tasks
-             if (evals / t / "results.json").is_file()}
+            run(
+                eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals / task, tasks=task),
+                logs / f"eval-{name}.log",
+            )
+    parts = {
+        t: json.loads((evals / t / "results.json").read_text()) for t in tasks if (evals / t / "results.json").is_file()
+    }
     if len(parts) == len(tasks) and not (evals / "results.json").is_file():
-        merged = {**parts[tasks[0]], "policy": str(args.out / "runs" / job.name), "per_task": True,
-                  "tasks": {t: parts[t]["tasks"][t] for t in tasks},
-                  "episodes": [e for t in tasks for e in parts[t].get("episodes", [])],
-                  "wall_seconds": sum(p.get("wall_seconds", 0) for p in parts.values())}
+        merged = {
+            **parts[tasks[0]],
+            "policy": str(args.out / "runs" / job.name),
+            "per_task": True,
+            "tasks": {t: parts[t]["tasks"][t] for t in tasks},
+            "episodes": [e for t in tasks for e in parts[t].get("episodes", [])],
+            "wall_seconds": sum(p.get("wall_seconds", 0) for p in parts.values()),
+        }
         done = sum(r["successes"] for r in merged["tasks"].values())
         total = sum(r["episodes"] for r in merged["tasks"].values())
-        merged["overall"] = {**parts[tasks[0]]["overall"], "episodes": total, "successes": done,
-                             "success_rate": done / total}
+        merged["overall"] = {
+            **parts[tasks[0]]["overall"],
+            "episodes": total,
+            "successes": done,
+            "success_rate": done / total,
+        }
         merged.pop("latency", None)
         (evals / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
 
@@ -252,11 +344,14 @@ def do_job(args, job: Job, stages: set[str]) -> None:
                 metrics = held_out_action_error(policy, args.val_demos)
                 (folder / "action_error.json").write_text(json.dumps(metrics, indent=1) + "\n")
             if args.val_episodes and not (folder / "eval" / "results.json").is_file():
-                run(eval_cmd(args, policy, args.val_episodes, args.val_seed, folder / "eval"),
-                    logs / f"val-{job.name}.log")
+                run(
+                    eval_cmd(args, policy, args.val_episodes, args.val_seed, folder / "eval"),
+                    logs / f"val-{job.name}.log",
+                )
 
 
 # ---------------------------------------------------------------- report
+
 
 def mean_se(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
@@ -278,24 +373,31 @@ def collect(args, jobs: list[Job]) -> dict:
         key = (job.arm, job.k)
         if res.is_file():
             r = json.loads(res.read_text())
-            rows.setdefault(key, []).append({"seed": job.seed, "overall": r["overall"]["success_rate"],
-                                             "tasks": {t: r["tasks"][t]["success_rate"] for t in tasks},
-                                             "latency": r.get("latency"),
-                                             "train_s": _train_seconds(args.out / "runs" / job.name)})
+            rows.setdefault(key, []).append(
+                {
+                    "seed": job.seed,
+                    "overall": r["overall"]["success_rate"],
+                    "tasks": {t: r["tasks"][t]["success_rate"] for t in tasks},
+                    "latency": r.get("latency"),
+                    "train_s": _train_seconds(args.out / "runs" / job.name),
+                }
+            )
         for folder in sorted((args.out / "val" / job.name).glob("step-*")):
             step = int(folder.name.split("-")[1])
             point = {"seed": job.seed, "step": step}
             if (folder / "action_error.json").is_file():
                 point.update(json.loads((folder / "action_error.json").read_text()))
             if (folder / "eval" / "results.json").is_file():
-                point["val_success"] = json.loads((folder / "eval" / "results.json").read_text())["overall"]["success_rate"]
+                point["val_success"] = json.loads((folder / "eval" / "results.json").read_text())["overall"][
+                    "success_rate"
+                ]
             curves.setdefault(key, []).append(point)
     return {"tasks": tasks, "rows": rows, "curves": curves}
 
 
 def _train_seconds(run_dir: Path) -> float | None:
     per_task = [d for d in sorted(run_dir.iterdir()) if (d / "metrics.jsonl").is_file()] if run_dir.is_dir() else []
-    if per_task and not (run_dir / "metrics.jsonl").is_file():   # --per-task: the policies' sum
+    if per_task and not (run_dir / "metrics.jsonl").is_file():  # --per-task: the policies' sum
         seconds = [_train_seconds(d) for d in per_task]
         return round(sum(s for s in seconds if s), 1) if any(seconds) else None
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
@@ -307,14 +409,18 @@ def _train_seconds(run_dir: Path) -> float | None:
 def report(args, jobs: list[Job]) -> None:
     data = collect(args, jobs)
     tasks, rows, curves = data["tasks"], data["rows"], data["curves"]
-    lines = [f"# Policy grid: {args.out}", "",
-             f"Final checkpoints ({args.steps} steps, preset {args.preset}"
-             f"{', one policy per task' if args.per_task else ''}), {args.eval_episodes} evaluation "
-             f"episodes per task on `wm eval --seed {args.eval_seed}`, at most {args.max_steps} steps, "
-             f"{args.camera} camera {args.resolution} px. Rates: mean over training seeds ± standard error "
-             f"of that mean (seed to seed).", "",
-             "| arm | K | seeds | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | mean | per seed | train min |",
-             "|---|---|---|" + "---|" * (len(tasks) + 3)]
+    lines = [
+        f"# Policy grid: {args.out}",
+        "",
+        f"Final checkpoints ({args.steps} steps, preset {args.preset}"
+        f"{', one policy per task' if args.per_task else ''}), {args.eval_episodes} evaluation "
+        f"episodes per task on `wm eval --seed {args.eval_seed}`, at most {args.max_steps} steps, "
+        f"{args.camera} camera {args.resolution} px. Rates: mean over training seeds ± standard error "
+        f"of that mean (seed to seed).",
+        "",
+        "| arm | K | seeds | " + " | ".join(t.removesuffix("-v3") for t in tasks) + " | mean | per seed | train min |",
+        "|---|---|---|" + "---|" * (len(tasks) + 3),
+    ]
     table = {}
     for (arm, k), rs in sorted(rows.items()):
         cells = [fmt(*mean_se([r["tasks"][t] for r in rs])) for t in tasks]
@@ -322,32 +428,55 @@ def report(args, jobs: list[Job]) -> None:
         per_seed = ", ".join(f"s{r['seed']} {r['overall']:.2f}" for r in sorted(rs, key=lambda r: r["seed"]))
         minutes = [r["train_s"] / 60 for r in rs if r["train_s"]]
         train = f"{sum(minutes) / len(minutes):.0f}" if minutes else "-"
-        lines.append(f"| {arm} | {k} | {len(rs)} | " + " | ".join(cells) + f" | **{fmt(*overall)}** | {per_seed} | {train} |")
+        lines.append(
+            f"| {arm} | {k} | {len(rs)} | " + " | ".join(cells) + f" | **{fmt(*overall)}** | {per_seed} | {train} |"
+        )
         table[f"{arm}-k{k}"] = {"arm": arm, "k": k, "runs": rs, "mean": overall[0], "se": overall[1]}
-    lines += ["", "Validation (every checkpoint; seeds of neither training nor evaluation): mean over seeds.", "",
-              "| arm | K | step | held-out action MSE (normalised) | first-action MSE | validation success |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Validation (every checkpoint; seeds of neither training nor evaluation): mean over seeds.",
+        "",
+        "| arm | K | step | held-out action MSE (normalised) | first-action MSE | validation success |",
+        "|---|---|---|---|---|---|",
+    ]
     for (arm, k), pts in sorted(curves.items()):
         for step in sorted({p["step"] for p in pts}):
             at = [p for p in pts if p["step"] == step]
             mse = [p["action_mse"] for p in at if "action_mse" in p]
             first = [p["first_action_mse"] for p in at if "first_action_mse" in p]
             succ = [p["val_success"] for p in at if "val_success" in p]
-            lines.append(f"| {arm} | {k} | {step} | {fmt(*mean_se(mse), 4) if mse else '-'} | "
-                         f"{fmt(*mean_se(first), 4) if first else '-'} | {fmt(*mean_se(succ)) if succ else '-'} |")
+            lines.append(
+                f"| {arm} | {k} | {step} | {fmt(*mean_se(mse), 4) if mse else '-'} | "
+                f"{fmt(*mean_se(first), 4) if first else '-'} | {fmt(*mean_se(succ)) if succ else '-'} |"
+            )
     idms = sorted((args.out / "runs").glob("idm-k*-s*/probe/probe.json"))
     if idms:
-        lines += ["", "IDMs of the idm-bc arms (trained on the K demos; `wm probe` on the validation demos):", "",
-                  "| IDM | R² to the true actions (mean over dims) | MSE |", "|---|---|---|"]
+        lines += [
+            "",
+            "IDMs of the idm-bc arms (trained on the K demos; `wm probe` on the validation demos):",
+            "",
+            "| IDM | R² to the true actions (mean over dims) | MSE |",
+            "|---|---|---|",
+        ]
         for path in idms:
             probe = json.loads(path.read_text())
             r2, mse = probe.get("idm_r2_mean"), probe.get("idm_mse_mean")
-            lines.append(f"| {path.parent.parent.name} | {'-' if r2 is None else f'{r2:.3f}'} | "
-                         f"{'-' if mse is None else f'{mse:.4f}'} |")
+            lines.append(
+                f"| {path.parent.parent.name} | {'-' if r2 is None else f'{r2:.3f}'} | "
+                f"{'-' if mse is None else f'{mse:.4f}'} |"
+            )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    (args.out / "results.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "table": table,
-         "curves": {f"{a}-k{k}": v for (a, k), v in curves.items()}}, indent=1) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "table": table,
+                "curves": {f"{a}-k{k}": v for (a, k), v in curves.items()},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     _plots(args.out, rows, curves)
     print("\n".join(lines))
 
@@ -364,8 +493,14 @@ def _plots(out: Path, rows: dict, curves: dict) -> None:
             steps = sorted({p["step"] for p in pts})
             for ax, key in zip(axes, ("action_mse", "val_success")):
                 stats = [mean_se([p[key] for p in pts if p["step"] == s and key in p] or [math.nan]) for s in steps]
-                ax.errorbar(steps, [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
-                            marker="o", capsize=3, label=f"{arm} K={k}")
+                ax.errorbar(
+                    steps,
+                    [m for m, _ in stats],
+                    yerr=[0 if math.isnan(e) else e for _, e in stats],
+                    marker="o",
+                    capsize=3,
+                    label=f"{arm} K={k}",
+                )
         axes[0].set(xlabel="training step", ylabel="held-out action MSE (normalised)", yscale="log")
         axes[1].set(xlabel="training step", ylabel="validation success", ylim=(0, 1.02))
         axes[1].legend(fontsize=7)
@@ -377,8 +512,14 @@ def _plots(out: Path, rows: dict, curves: dict) -> None:
         for arm in sorted({a for a, _ in rows}):
             ks = sorted(k for a, k in rows if a == arm)
             stats = [mean_se([r["overall"] for r in rows[(arm, k)]]) for k in ks]
-            ax.errorbar(ks, [m for m, _ in stats], yerr=[0 if math.isnan(e) else e for _, e in stats],
-                        marker="o", capsize=3, label=arm)
+            ax.errorbar(
+                ks,
+                [m for m, _ in stats],
+                yerr=[0 if math.isnan(e) else e for _, e in stats],
+                marker="o",
+                capsize=3,
+                label=arm,
+            )
         ax.set(xlabel="demos per task (K)", ylabel="success (final checkpoint)", ylim=(0, 1.02))
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -398,7 +539,7 @@ def main(argv=None) -> int:
         for future, job in futures.items():
             try:
                 future.result()
-            except Exception as e:   # one failed job costs that job; the others and the report go on
+            except Exception as e:  # one failed job costs that job; the others and the report go on
                 failed.append(job.name)
                 log.error("%s failed: %s", job.name, e)
     if "report" in stages:

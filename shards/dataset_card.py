@@ -15,7 +15,7 @@ from typing import Any
 
 CARD = "README.md"
 CARD_MARK = "<!-- dataset card written by wm-pipeline (shards.dataset_card); remove this line to keep your edits -->"
-DATA_FILES = "shard-*.tar"   # the root's shard tars only: label sidecars live under labels/
+DATA_FILES = "shard-*.tar"  # the root's shard tars only: label sidecars live under labels/
 
 
 def is_ours(text: str) -> bool:
@@ -29,20 +29,35 @@ def dataset_card(manifest: dict[str, Any]) -> str:
     embodiments = manifest.get("embodiments", {})
     resolution = manifest.get("resolution")
     robotics = any(e.get("action_dim") for e in embodiments.values())
-    front = ["---", "configs:", "- config_name: default", "  data_files:", "  - split: train",
-             f'    path: "{DATA_FILES}"', "tags:", "- webdataset", "- wm-shards"]
+    front = [
+        "---",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        f'    path: "{DATA_FILES}"',
+        "tags:",
+        "- webdataset",
+        "- wm-shards",
+    ]
     if robotics:
         front += ["task_categories:", "- robotics"]
     front.append("---")
     lines = [*front, CARD_MARK, "", "# Shard dataset (wm-shards)", ""]
     size = f"{resolution[0]}x{resolution[1]}" if resolution else "-"
-    lines += [f"{totals.get('samples', 0)} samples, {totals.get('frames', 0)} frames in "
-              f"{totals.get('shards', 0)} WebDataset shard(s), {size} pixels, cameras "
-              f"{', '.join(manifest.get('cameras') or []) or '-'}. Made by `{manifest.get('created_by') or '-'}`.", ""]
+    lines += [
+        f"{totals.get('samples', 0)} samples, {totals.get('frames', 0)} frames in "
+        f"{totals.get('shards', 0)} WebDataset shard(s), {size} pixels, cameras "
+        f"{', '.join(manifest.get('cameras') or []) or '-'}. Made by `{manifest.get('created_by') or '-'}`.",
+        "",
+    ]
     if embodiments:
         lines += ["| embodiment | samples | frames | fps | action dim | state dim |", "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {e.get('samples', 0)} | {e.get('frames', 0)} | {e.get('fps', 0):g} | "
-                  f"{e.get('action_dim', 0)} | {e.get('state_dim', 0)} |" for name, e in sorted(embodiments.items())]
+        lines += [
+            f"| {name} | {e.get('samples', 0)} | {e.get('frames', 0)} | {e.get('fps', 0):g} | "
+            f"{e.get('action_dim', 0)} | {e.get('state_dim', 0)} |"
+            for name, e in sorted(embodiments.items())
+        ]
         lines.append("")
     tasks = manifest.get("tasks") or {}
     if tasks:

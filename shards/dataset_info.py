@@ -28,20 +28,23 @@ class EmbodimentInfo:
     """One embodiment of one data folder (``manifest["embodiments"][name]``)."""
 
     name: str
-    path: str                                   # the data folder it was read from
-    action_dim: int                             # 0: action-free (video)
+    path: str  # the data folder it was read from
+    action_dim: int  # 0: action-free (video)
     state_dim: int
     fps: float
     cameras: tuple[str, ...] = ()
     samples: int = 0
     frames: int = 0
-    stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)   # {"action": {"mean": ...}, "state": ...}
+    stats: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {"action": {"mean": ...}, "state": ...}
 
     def stats_f32(self, fields: Sequence[str] | None = None) -> dict[str, dict[str, list[float]]]:
         """The stats as ``shards.stats.embodiment_stats`` gives them (float32 values), as plain lists;
         ``fields``: only these of ``action`` / ``state``."""
-        return {f: {k: np.asarray(v, np.float32).tolist() for k, v in s.items()}
-                for f, s in self.stats.items() if fields is None or f in fields}
+        return {
+            f: {k: np.asarray(v, np.float32).tolist() for k, v in s.items()}
+            for f, s in self.stats.items()
+            if fields is None or f in fields
+        }
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,20 @@ class FolderInfo:
 
     @property
     def embodiments(self) -> dict[str, EmbodimentInfo]:
-        return {name: EmbodimentInfo(name=name, path=self.path, action_dim=int(e["action_dim"]),
-                                     state_dim=int(e.get("state_dim") or 0), fps=float(e["fps"]),
-                                     cameras=tuple(e.get("cameras") or ()), samples=int(e.get("samples") or 0),
-                                     frames=int(e.get("frames") or 0), stats=dict(e.get("stats") or {}))
-                for name, e in self.manifest["embodiments"].items()}
+        return {
+            name: EmbodimentInfo(
+                name=name,
+                path=self.path,
+                action_dim=int(e["action_dim"]),
+                state_dim=int(e.get("state_dim") or 0),
+                fps=float(e["fps"]),
+                cameras=tuple(e.get("cameras") or ()),
+                samples=int(e.get("samples") or 0),
+                frames=int(e.get("frames") or 0),
+                stats=dict(e.get("stats") or {}),
+            )
+            for name, e in self.manifest["embodiments"].items()
+        }
 
     @property
     def resolution(self) -> tuple[int, int] | None:

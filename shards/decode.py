@@ -64,13 +64,19 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown decode backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     if not backend_available(backend):
-        extra = {"torchcodec": " (pip install 'wm-pipeline[torchcodec]')", "decord": " (pip install 'wm-pipeline[decord]')"}
-        raise ImportError(f"decode backend {backend!r} does not import here{extra.get(backend, '')}; try backend='auto'")
+        extra = {
+            "torchcodec": " (pip install 'wm-pipeline[torchcodec]')",
+            "decord": " (pip install 'wm-pipeline[decord]')",
+        }
+        raise ImportError(
+            f"decode backend {backend!r} does not import here{extra.get(backend, '')}; try backend='auto'"
+        )
     return backend
 
 
-def decode_video(data: bytes, indices: Sequence[int] | None = None, backend: str = "auto",
-                 source: str = "<bytes>") -> np.ndarray:
+def decode_video(
+    data: bytes, indices: Sequence[int] | None = None, backend: str = "auto", source: str = "<bytes>"
+) -> np.ndarray:
     """Decode frames ``indices`` (all frames when None) of an MP4 held in ``data``.
 
     Args:
@@ -99,7 +105,9 @@ def decode_video(data: bytes, indices: Sequence[int] | None = None, backend: str
     except errors as e:
         raise DecodeError(source, name, f"{type(e).__name__}: {str(e).strip()}") from e
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise DecodeError(source, name, f"backend returned {frames.dtype} {list(frames.shape)}, expected uint8 [N, H, W, 3]")
+        raise DecodeError(
+            source, name, f"backend returned {frames.dtype} {list(frames.shape)}, expected uint8 [N, H, W, 3]"
+        )
     return frames
 
 
@@ -115,6 +123,7 @@ def _check_range(wanted: np.ndarray | None, n: int) -> None:
 # ------------------------------------------------------------------------ backends
 # Each factory imports its library on first use and returns (decode, exception types it raises
 # on bad input). decode(data, wanted) -> uint8 [N, H, W, 3].
+
 
 def _torchcodec():
     import torch
@@ -172,7 +181,9 @@ def _pyav():
             return np.zeros((0, 0, 0, 3), np.uint8)
         if wanted is None:
             return np.stack(frames)
-        return np.stack([frames[i] for i in wanted.tolist()]) if wanted.size else np.zeros((0, *frames[0].shape), np.uint8)
+        return (
+            np.stack([frames[i] for i in wanted.tolist()]) if wanted.size else np.zeros((0, *frames[0].shape), np.uint8)
+        )
 
     # av.error.FFmpegError covers InvalidDataError and the other codec/container errors
     return decode, (av.error.FFmpegError, ValueError, IndexError, EOFError, _OutOfRange)

@@ -23,7 +23,7 @@ import av
 import numpy as np
 
 GOP = 8
-CRF = 18          # visually near-lossless; pixels come back within a few levels of the input
+CRF = 18  # visually near-lossless; pixels come back within a few levels of the input
 PRESET = "veryfast"
 PIX_FMT = "yuv420p"
 CODEC = "libx264"

@@ -69,14 +69,19 @@ DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 TASKS_PATH = "meta/tasks.parquet"
-CHUNKS_SIZE = 1000                  # files per chunk folder (LeRobot's default)
-DATA_FILE_MB = 100                  # LeRobot's defaults for starting a new file
+CHUNKS_SIZE = 1000  # files per chunk folder (LeRobot's default)
+DATA_FILE_MB = 100  # LeRobot's defaults for starting a new file
 VIDEO_FILE_MB = 200
 CAMERA_PREFIX = "observation.images."
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
-STAT_FRAMES = 64                    # frames per episode that image stats look at
-INDEX_FEATURES = {"timestamp": "float32", "frame_index": "int64", "episode_index": "int64", "index": "int64",
-                  "task_index": "int64"}
+STAT_FRAMES = 64  # frames per episode that image stats look at
+INDEX_FEATURES = {
+    "timestamp": "float32",
+    "frame_index": "int64",
+    "episode_index": "int64",
+    "index": "int64",
+    "task_index": "int64",
+}
 
 
 class ExportError(ValueError):
@@ -89,11 +94,12 @@ class ExportResult:
     episodes: int
     frames: int
     tasks: int
-    skipped: int                    # samples left out: another embodiment, or no actions
+    skipped: int  # samples left out: another embodiment, or no actions
     video_files: int
 
 
 # ---------------------------------------------------------------- stats
+
 
 def feature_stats(x: np.ndarray) -> dict[str, np.ndarray]:
     """LeRobot's per-feature stats of rows ``x [N, D]``: min, max, mean, std (population), count, q01..q99."""
@@ -107,11 +113,12 @@ def feature_stats(x: np.ndarray) -> dict[str, np.ndarray]:
 def image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel stats of uint8 ``frames [N, H, W, 3]`` in [0, 1], each of shape ``[3, 1, 1]``
     (``count``: frames looked at), as LeRobot keeps them for image and video features."""
-    step = max(1, min(frames.shape[1:3]) // 150)               # LeRobot looks at ~150 px images too
+    step = max(1, min(frames.shape[1:3]) // 150)  # LeRobot looks at ~150 px images too
     pixels = frames[:, ::step, ::step].reshape(-1, 3) / 255.0
     stats = feature_stats(pixels)
-    return {k: (v if k == "count" else v.reshape(3, 1, 1)) for k, v in stats.items()} | \
-        {"count": np.array([len(frames)])}
+    return {k: (v if k == "count" else v.reshape(3, 1, 1)) for k, v in stats.items()} | {
+        "count": np.array([len(frames)])
+    }
 
 
 def aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -125,8 +132,13 @@ def aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, np.nd
 
     mean = wsum("mean")
     var = sum(wi * (s["std"] ** 2 + (s["mean"] - mean) ** 2) for wi, s in zip(w, per_episode))
-    out = {"min": np.min([s["min"] for s in per_episode], 0), "max": np.max([s["max"] for s in per_episode], 0),
-           "mean": mean, "std": np.sqrt(var), "count": np.array([int(counts.sum())])}
+    out = {
+        "min": np.min([s["min"] for s in per_episode], 0),
+        "max": np.max([s["max"] for s in per_episode], 0),
+        "mean": mean,
+        "std": np.sqrt(var),
+        "count": np.array([int(counts.sum())]),
+    }
     for q in QUANTILES:
         name = f"q{round(q * 100):02d}"
         out[name] = wsum(name)
@@ -138,6 +150,7 @@ def _tolist(stats: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- files
+
 
 def _next_file(chunk: int, file: int) -> tuple[int, int]:
     """LeRobot's numbering: files 0..CHUNKS_SIZE-1 in a chunk folder, then the next chunk."""
@@ -181,18 +194,21 @@ class _VideoFiles:
             if stream.codec_context.name != "h264":
                 raise ExportError(f"{where}: codec {stream.codec_context.name}, expected h264")
             extradata = bytes(stream.codec_context.extradata or b"")
-            if (self._out is None or extradata != self._extradata
-                    or (self._frames and self._bytes + len(mp4) > self.max_bytes)):
+            if (
+                self._out is None
+                or extradata != self._extradata
+                or (self._frames and self._bytes + len(mp4) > self.max_bytes)
+            ):
                 self._open(stream)
             start = self._frames
             tb = stream.time_base
-            shift = Fraction(start, self.fps) / tb               # the episode's first frame at start / fps
+            shift = Fraction(start, self.fps) / tb  # the episode's first frame at start / fps
             if shift.denominator != 1:
                 raise ExportError(f"{where}: time base {tb} cannot hold frame times of {self.fps} fps")
             count = 0
             for packet in src.demux(stream):
                 if packet.dts is None and packet.pts is None:
-                    continue                                     # the demuxer's end-of-stream flush packet
+                    continue  # the demuxer's end-of-stream flush packet
                 packet.pts = None if packet.pts is None else packet.pts + int(shift)
                 packet.dts = None if packet.dts is None else packet.dts + int(shift)
                 packet.stream = self._stream
@@ -220,8 +236,9 @@ class _DataFiles:
         fields = [pa.field("action", pa.list_(pa.float32(), action_dim))]
         if state_dim:
             fields.append(pa.field("observation.state", pa.list_(pa.float32(), state_dim)))
-        fields += [pa.field(name, pa.float32() if dtype == "float32" else pa.int64())
-                   for name, dtype in INDEX_FEATURES.items()]
+        fields += [
+            pa.field(name, pa.float32() if dtype == "float32" else pa.int64()) for name, dtype in INDEX_FEATURES.items()
+        ]
         self.schema = pa.schema(fields)
         self.chunk, self.file = 0, 0
         self._writer, self._bytes = None, 0
@@ -246,7 +263,7 @@ class _DataFiles:
             path = self.root / DATA_PATH.format(chunk_index=self.chunk, file_index=self.file)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._writer, self._bytes = pq.ParquetWriter(str(path), self.schema, compression="snappy"), 0
-        self._writer.write_table(table)                          # one row group per episode, as LeRobot does
+        self._writer.write_table(table)  # one row group per episode, as LeRobot does
         self._bytes += table.nbytes
         return self.chunk, self.file
 
@@ -263,18 +280,28 @@ def _write_tasks(path: Path, tasks: list[str]) -> None:
     import pyarrow.parquet as pq
 
     pandas_meta = {
-        "index_columns": ["task"], "column_indexes": [],
-        "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
-                     "numpy_type": "int64", "metadata": None},
-                    {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object",
-                     "metadata": None}],
-        "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "2.0.0"}
+        "index_columns": ["task"],
+        "column_indexes": [],
+        "columns": [
+            {
+                "name": "task_index",
+                "field_name": "task_index",
+                "pandas_type": "int64",
+                "numpy_type": "int64",
+                "metadata": None,
+            },
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
+        ],
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.0.0",
+    }
     table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
     table = table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
     pq.write_table(table, str(path))
 
 
 # ---------------------------------------------------------------- the export
+
 
 def _samples(src, manifest: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     root = locate(src)
@@ -294,11 +321,13 @@ def _pick_embodiment(manifest: dict[str, Any], embodiment: str | None, where: st
             raise ExportError(f"{where}: embodiment {embodiment!r} has no actions; LeRobot datasets need them")
         return embodiment, bodies[embodiment]
     if not acting:
-        raise ExportError(f"{where}: no sample has actions (embodiments {sorted(bodies)}); "
-                          f"a LeRobot dataset needs them")
+        raise ExportError(
+            f"{where}: no sample has actions (embodiments {sorted(bodies)}); a LeRobot dataset needs them"
+        )
     if len(acting) > 1:
-        raise ExportError(f"{where}: samples of several embodiments {acting}; a LeRobot dataset holds one "
-                          f"(choose with --embodiment)")
+        raise ExportError(
+            f"{where}: samples of several embodiments {acting}; a LeRobot dataset holds one (choose with --embodiment)"
+        )
     return acting[0], bodies[acting[0]]
 
 
@@ -308,8 +337,15 @@ def _integer_fps(fps: float, where: str) -> int:
     return int(round(fps))
 
 
-def export_lerobot(src, out_dir: str | Path, *, embodiment: str | None = None, robot_type: str | None = None,
-                   data_file_mb: float = DATA_FILE_MB, video_file_mb: float = VIDEO_FILE_MB) -> ExportResult:
+def export_lerobot(
+    src,
+    out_dir: str | Path,
+    *,
+    embodiment: str | None = None,
+    robot_type: str | None = None,
+    data_file_mb: float = DATA_FILE_MB,
+    video_file_mb: float = VIDEO_FILE_MB,
+) -> ExportResult:
     """Write the shard dataset ``src`` (folder or URL) as a LeRobot v3 dataset in ``out_dir`` (module docstring).
 
     ``robot_type`` defaults to the embodiment's name. Raises ``ExportError`` / ``FormatError`` (one line)."""
@@ -348,8 +384,11 @@ def export_lerobot(src, out_dir: str | Path, *, embodiment: str | None = None, r
                     raise ExportError(f"{at}: cameras {meta.cameras} differ from the embodiment's {cameras}")
                 n = meta.n_frames
                 action = np.load(io.BytesIO(sample[ACTION]), allow_pickle=False).astype(np.float32, copy=False)
-                state = (np.load(io.BytesIO(sample[STATE]), allow_pickle=False).astype(np.float32, copy=False)
-                         if STATE in sample else None)
+                state = (
+                    np.load(io.BytesIO(sample[STATE]), allow_pickle=False).astype(np.float32, copy=False)
+                    if STATE in sample
+                    else None
+                )
                 if action.shape != (n, action_dim):
                     raise ExportError(f"{at}.{ACTION}: shape {list(action.shape)}, expected [{n}, {action_dim}]")
                 if not state_dim:
@@ -361,30 +400,46 @@ def export_lerobot(src, out_dir: str | Path, *, embodiment: str | None = None, r
                 task_index = tasks.setdefault(task, len(tasks))
                 ep = len(episodes)
                 frame_index = np.arange(n, dtype=np.int64)
-                columns = {"action": action, "observation.state": state,
-                           "timestamp": (frame_index / fps).astype(np.float32), "frame_index": frame_index,
-                           "episode_index": np.full(n, ep, np.int64), "index": total + frame_index,
-                           "task_index": np.full(n, task_index, np.int64)}
+                columns = {
+                    "action": action,
+                    "observation.state": state,
+                    "timestamp": (frame_index / fps).astype(np.float32),
+                    "frame_index": frame_index,
+                    "episode_index": np.full(n, ep, np.int64),
+                    "index": total + frame_index,
+                    "task_index": np.full(n, task_index, np.int64),
+                }
                 chunk, file = data.append(columns)
-                row: dict[str, Any] = {"episode_index": ep, "tasks": [task], "length": n,
-                                       "data/chunk_index": chunk, "data/file_index": file,
-                                       "dataset_from_index": total, "dataset_to_index": total + n}
+                row: dict[str, Any] = {
+                    "episode_index": ep,
+                    "tasks": [task],
+                    "length": n,
+                    "data/chunk_index": chunk,
+                    "data/file_index": file,
+                    "dataset_from_index": total,
+                    "dataset_to_index": total + n,
+                }
                 ep_stats = {k: feature_stats(v.reshape(n, -1)) for k, v in columns.items() if v is not None}
                 for cam, key in video_keys.items():
                     mp4 = sample.get(f"{cam}.mp4")
                     if mp4 is None:
                         raise ExportError(f"{at}: no {cam}.mp4 member")
                     vc, vf, t0, t1 = videos[cam].append(mp4, n, f"{at}.{cam}.mp4")
-                    row.update({f"videos/{key}/chunk_index": vc, f"videos/{key}/file_index": vf,
-                                f"videos/{key}/from_timestamp": t0, f"videos/{key}/to_timestamp": t1})
+                    row.update(
+                        {
+                            f"videos/{key}/chunk_index": vc,
+                            f"videos/{key}/file_index": vf,
+                            f"videos/{key}/from_timestamp": t0,
+                            f"videos/{key}/to_timestamp": t1,
+                        }
+                    )
                     picks = np.unique(np.linspace(0, n - 1, min(n, STAT_FRAMES)).round().astype(int))
                     ep_stats[key] = image_stats(decode_video(mp4, picks.tolist(), source=f"{at}.{cam}.mp4"))
                 row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
                 for feature, s in ep_stats.items():
                     stats.setdefault(feature, []).append(s)
                     row.update({f"stats/{feature}/{k}": np.asarray(v).tolist() for k, v in s.items()})
-                row.update({"wm/key": meta.key, "wm/task": meta.task, "wm/success": meta.success,
-                            "wm/seed": meta.seed})
+                row.update({"wm/key": meta.key, "wm/task": meta.task, "wm/success": meta.success, "wm/seed": meta.seed})
                 episodes.append(row)
                 total += n
         finally:
@@ -393,11 +448,22 @@ def export_lerobot(src, out_dir: str | Path, *, embodiment: str | None = None, r
                 v.close()
         if not episodes:
             raise ExportError(f"{where}: no sample of embodiment {name!r} with actions to export")
-        _write_meta(tmp, episodes, list(tasks), stats, fps=fps, robot_type=robot_type or name,
-                    action_dim=action_dim, state_dim=state_dim, video_keys=list(video_keys.values()),
-                    size=(height, width), data_file_mb=data_file_mb, video_file_mb=video_file_mb)
+        _write_meta(
+            tmp,
+            episodes,
+            list(tasks),
+            stats,
+            fps=fps,
+            robot_type=robot_type or name,
+            action_dim=action_dim,
+            state_dim=state_dim,
+            video_keys=list(video_keys.values()),
+            size=(height, width),
+            data_file_mb=data_file_mb,
+            video_file_mb=video_file_mb,
+        )
         if out.exists():
-            out.rmdir()                                          # empty (checked above)
+            out.rmdir()  # empty (checked above)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -406,9 +472,21 @@ def export_lerobot(src, out_dir: str | Path, *, embodiment: str | None = None, r
     return ExportResult(out, len(episodes), total, len(tasks), skipped, sum(v.files for v in videos.values()))
 
 
-def _write_meta(root: Path, episodes: list[dict[str, Any]], tasks: list[str], stats: dict[str, list], *, fps: int,
-                robot_type: str, action_dim: int, state_dim: int, video_keys: list[str], size: tuple[int, int],
-                data_file_mb: float, video_file_mb: float) -> None:
+def _write_meta(
+    root: Path,
+    episodes: list[dict[str, Any]],
+    tasks: list[str],
+    stats: dict[str, list],
+    *,
+    fps: int,
+    robot_type: str,
+    action_dim: int,
+    state_dim: int,
+    video_keys: list[str],
+    size: tuple[int, int],
+    data_file_mb: float,
+    video_file_mb: float,
+) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -416,20 +494,42 @@ def _write_meta(root: Path, episodes: list[dict[str, Any]], tasks: list[str], st
     if state_dim:
         features["observation.state"] = {"dtype": "float32", "shape": [state_dim], "names": None}
     for key in video_keys:
-        features[key] = {"dtype": "video", "shape": [size[0], size[1], 3], "names": ["height", "width", "channels"],
-                         "info": {"video.height": size[0], "video.width": size[1], "video.codec": "h264",
-                                  "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
-                                  "video.channels": 3, "has_audio": False}}
+        features[key] = {
+            "dtype": "video",
+            "shape": [size[0], size[1], 3],
+            "names": ["height", "width", "channels"],
+            "info": {
+                "video.height": size[0],
+                "video.width": size[1],
+                "video.codec": "h264",
+                "video.pix_fmt": "yuv420p",
+                "video.is_depth_map": False,
+                "video.fps": fps,
+                "video.channels": 3,
+                "has_audio": False,
+            },
+        }
     features.update({name: {"dtype": dtype, "shape": [1], "names": None} for name, dtype in INDEX_FEATURES.items()})
-    info = {"codebase_version": CODEBASE_VERSION, "robot_type": robot_type, "total_episodes": len(episodes),
-            "total_frames": episodes[-1]["dataset_to_index"], "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE,
-            "data_files_size_in_mb": data_file_mb, "video_files_size_in_mb": video_file_mb, "fps": fps,
-            "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH,
-            "video_path": VIDEO_PATH if video_keys else None, "features": features}
+    info = {
+        "codebase_version": CODEBASE_VERSION,
+        "robot_type": robot_type,
+        "total_episodes": len(episodes),
+        "total_frames": episodes[-1]["dataset_to_index"],
+        "total_tasks": len(tasks),
+        "chunks_size": CHUNKS_SIZE,
+        "data_files_size_in_mb": data_file_mb,
+        "video_files_size_in_mb": video_file_mb,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": DATA_PATH,
+        "video_path": VIDEO_PATH if video_keys else None,
+        "features": features,
+    }
     (root / "meta").mkdir(exist_ok=True)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4) + "\n")
     (root / "meta" / "stats.json").write_text(
-        json.dumps({k: _tolist(aggregate_stats(v)) for k, v in stats.items()}, indent=4) + "\n")
+        json.dumps({k: _tolist(aggregate_stats(v)) for k, v in stats.items()}, indent=4) + "\n"
+    )
     _write_tasks(root / TASKS_PATH, tasks)
     path = root / EPISODES_PATH.format(chunk_index=0, file_index=0)
     path.parent.mkdir(parents=True, exist_ok=True)

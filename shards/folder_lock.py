@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-_HELD: set[FolderLock] = set()   # locks this process holds (until released, or the process ends)
+_HELD: set[FolderLock] = set()  # locks this process holds (until released, or the process ends)
 
 
 class FolderBusy(RuntimeError):
@@ -65,8 +65,9 @@ def _describe(holder: dict[str, Any] | None) -> str:
         return "a process that has not written its name yet"
     cmd = str(holder.get("command", ""))
     cmd = cmd if len(cmd) <= 160 else cmd[:157] + "..."
-    return (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}"
-            + (f": {cmd}" if cmd else ""))
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}" + (
+        f": {cmd}" if cmd else ""
+    )
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:
@@ -93,15 +94,22 @@ class FolderLock:
     ``acquire()`` / ``release()``.
     """
 
-    def __init__(self, folder: str | Path, name: str = LOCK_NAME, *, what: str | None = None,
-                 wait: float = 0.0, command: str | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        name: str = LOCK_NAME,
+        *,
+        what: str | None = None,
+        wait: float = 0.0,
+        command: str | None = None,
+    ):
         self.folder = Path(folder)
         self.path = self.folder / name
         self.what = what or f"output folder {self.folder}"
         self.wait = wait
         self.command = command
         self._fd: int | None = None
-        self._pid: int | None = None     # the process that holds it (a forked child does not)
+        self._pid: int | None = None  # the process that holds it (a forked child does not)
 
     @property
     def held(self) -> bool:
@@ -109,15 +117,18 @@ class FolderLock:
 
     def _busy(self, fd: int) -> FolderBusy:
         holder = None
-        for _ in range(20):   # the holder writes its name right after locking: give it a moment
+        for _ in range(20):  # the holder writes its name right after locking: give it a moment
             holder = _parse(os.pread(fd, 1 << 16, 0))
             if holder:
                 break
             time.sleep(0.025)
         mine = holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
         who = "this very process" if mine else "another job"
-        return FolderBusy(f"{self.what} is in use by {who} ({_describe(holder)}); one job per folder at a time: "
-                          f"wait for it to finish or stop it (its lock {self.path} is released when it ends)", holder)
+        return FolderBusy(
+            f"{self.what} is in use by {who} ({_describe(holder)}); one job per folder at a time: "
+            f"wait for it to finish or stop it (its lock {self.path} is released when it ends)",
+            holder,
+        )
 
     def acquire(self) -> FolderLock:
         if self.held:
@@ -140,11 +151,14 @@ class FolderLock:
                 os.close(fd)
                 if e.errno not in _UNSUPPORTED:
                     raise
-                log.warning("%s: the file system does not support locks (%s): one job per folder is not enforced",
-                            self.path, e.strerror)
+                log.warning(
+                    "%s: the file system does not support locks (%s): one job per folder is not enforced",
+                    self.path,
+                    e.strerror,
+                )
                 self._pid = os.getpid()
                 return self
-            try:   # the holder may have released (deleted) the file between our open and our flock
+            try:  # the holder may have released (deleted) the file between our open and our flock
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
                 same = False
@@ -153,11 +167,18 @@ class FolderLock:
                 continue
             break
         previous = os.pread(fd, 1 << 16, 0)
-        if previous:   # a clean release deletes the file: this one was left by a process that died
-            log.warning("%s: taking over the lock left by %s, which is no longer running", self.path,
-                        _describe(_parse(previous)) if _parse(previous) else "an unreadable lock file")
-        doc = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command or _command(),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if previous:  # a clean release deletes the file: this one was left by a process that died
+            log.warning(
+                "%s: taking over the lock left by %s, which is no longer running",
+                self.path,
+                _describe(_parse(previous)) if _parse(previous) else "an unreadable lock file",
+            )
+        doc = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": self.command or _command(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         data = json.dumps(doc, sort_keys=True).encode() + b"\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
@@ -170,12 +191,12 @@ class FolderLock:
             return
         fd, self._fd, self._pid = self._fd, None, None
         _HELD.discard(self)
-        if fd is None:   # unsupported file system: nothing was locked
+        if fd is None:  # unsupported file system: nothing was locked
             return
         try:
             try:
                 if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    os.unlink(self.path)   # still holding it: a waiting acquirer sees the file is gone
+                    os.unlink(self.path)  # still holding it: a waiting acquirer sees the file is gone
             except FileNotFoundError:
                 pass
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -103,23 +103,40 @@ class SampleMeta:
     def from_json(cls, data: bytes | str, where: str = "meta.json") -> SampleMeta:
         try:
             raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:   # flipped bytes may break the UTF-8 too
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # flipped bytes may break the UTF-8 too
             raise FormatError(f"{where}: not valid JSON ({e})") from None
         return validate_meta(raw, where)
 
 
-_META_TYPES = {"key": str, "fps": (int, float), "n_frames": int, "height": int, "width": int, "cameras": list,
-               "embodiment": str, "task": str, "instruction": str, "source": str, "success": (bool, type(None)),
-               "has_action": bool, "action_dim": int, "state_dim": int, "episode_index": int,
-               "seed": (int, type(None)), "extra": dict, "schema": int}
+_META_TYPES = {
+    "key": str,
+    "fps": (int, float),
+    "n_frames": int,
+    "height": int,
+    "width": int,
+    "cameras": list,
+    "embodiment": str,
+    "task": str,
+    "instruction": str,
+    "source": str,
+    "success": (bool, type(None)),
+    "has_action": bool,
+    "action_dim": int,
+    "state_dim": int,
+    "episode_index": int,
+    "seed": (int, type(None)),
+    "extra": dict,
+    "schema": int,
+}
 
 
 def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
     if not isinstance(raw, dict):
         raise FormatError(f"{where}: a JSON {type(raw).__name__}, expected an object")
     fields = {f.name: f for f in dataclasses.fields(SampleMeta)}
-    required = [n for n, f in fields.items()
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if n not in raw]
     if missing:
         raise FormatError(f"{where}: missing field(s) {missing}")
@@ -132,7 +149,11 @@ def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
     for name, value in raw.items():
         types = _META_TYPES[name]
         bad_bool = isinstance(value, bool) and types in (int, (int, float))
-        if bad_bool or not isinstance(value, types) or (name == "cameras" and not all(isinstance(c, str) for c in value)):
+        if (
+            bad_bool
+            or not isinstance(value, types)
+            or (name == "cameras" and not all(isinstance(c, str) for c in value))
+        ):
             raise FormatError(f"{where}: field {name!r} is {value!r}, of the wrong type")
     meta = SampleMeta(**raw)
     check_key(meta.key)
@@ -149,9 +170,11 @@ def validate_meta(raw: dict[str, Any], where: str) -> SampleMeta:
 
 # ---------------------------------------------------------------- manifest
 
+
 def read_manifest(root) -> dict[str, Any]:
     """Read and validate ``manifest.json`` of a dataset: a folder or a URL (``shards.location``)."""
     from .location import locate  # location builds on this module's FormatError
+
     path = locate(root) / MANIFEST
     if not path.exists():
         raise FormatError(f"{path}: no manifest (is {root} a dataset written by `wm collect` / `wm ingest`?)")
@@ -186,5 +209,6 @@ def validate_manifest(m: dict[str, Any], where: str) -> None:
 def shard_paths(root) -> list:
     """The dataset's shard files in order, as listed by its manifest (``Path`` or ``Location``)."""
     from .location import locate
+
     root = locate(root)
     return [root / s["name"] for s in read_manifest(root)["shards"]]

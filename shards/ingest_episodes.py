@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("npz", "hdf5", "lerobot")
 DEFAULT_EMBODIMENT = "robot"
 DEFAULT_FPS = 10.0
-BARE_CAMERA = "image"                       # the camera name of an npz's `frames` / `image` array
-DEMO_SEP = "::"                             # input string "<file.hdf5>::<demo>"
+BARE_CAMERA = "image"  # the camera name of an npz's `frames` / `image` array
+DEMO_SEP = "::"  # input string "<file.hdf5>::<demo>"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -65,8 +65,9 @@ def _scalar(value: np.ndarray | bytes | str) -> object:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def frames_of(arrays: dict[str, np.ndarray], cameras: list[str] | None, resolution: int | None,
-            what: str) -> dict[str, np.ndarray]:
+def frames_of(
+    arrays: dict[str, np.ndarray], cameras: list[str] | None, resolution: int | None, what: str
+) -> dict[str, np.ndarray]:
     """Pick the requested cameras from ``{camera: array}`` and resize them when asked."""
     if not arrays:
         raise BadInput(f"no image array found ({what})")
@@ -85,8 +86,10 @@ def frames_of(arrays: dict[str, np.ndarray], cameras: list[str] | None, resoluti
 
 # ---------------------------------------------------------------- npz
 
-def npz_episodes(path: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None,
-                 fps: float) -> Iterator[Episode]:
+
+def npz_episodes(
+    path: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None, fps: float
+) -> Iterator[Episode]:
     """The one episode of an ``.npz`` file (layout in the module docstring)."""
     if os.path.exists(path) and not zipfile.is_zipfile(path):
         raise BadInput("not an .npz file (not a zip archive)")
@@ -110,18 +113,25 @@ def npz_episodes(path: str, *, embodiment: str | None, cameras: list[str] | None
         raise BadInput(f"no 'action' (or 'actions') array; arrays: {sorted(data)}")
     meta = {k: _scalar(data[k]) for k in ("task", "instruction", "embodiment", "success", "fps") if k in data}
     yield Episode(
-        key=source_id(path), frames=frames_of(images, cameras, resolution, f"arrays: {sorted(data)}"),
-        fps=float(meta.get("fps", fps)), embodiment=embodiment or str(meta.get("embodiment", DEFAULT_EMBODIMENT)),
-        task=str(meta.get("task", "")), instruction=str(meta.get("instruction", "")), source=path,
-        action=action, state=data.get("state", data.get("states")),
+        key=source_id(path),
+        frames=frames_of(images, cameras, resolution, f"arrays: {sorted(data)}"),
+        fps=float(meta.get("fps", fps)),
+        embodiment=embodiment or str(meta.get("embodiment", DEFAULT_EMBODIMENT)),
+        task=str(meta.get("task", "")),
+        instruction=str(meta.get("instruction", "")),
+        source=path,
+        action=action,
+        state=data.get("state", data.get("states")),
         success=None if "success" not in meta else bool(meta["success"]),
     )
 
 
 # ---------------------------------------------------------------- hdf5 (robomimic)
 
-IMAGE_DATASET_HINT = ("robomimic's image datasets (image.hdf5) hold them; make one with robomimic's "
-                      "dataset_states_to_obs.py --camera_names agentview robot0_eye_in_hand")
+IMAGE_DATASET_HINT = (
+    "robomimic's image datasets (image.hdf5) hold them; make one with robomimic's "
+    "dataset_states_to_obs.py --camera_names agentview robot0_eye_in_hand"
+)
 
 
 def file_demos(f: h5py.File, filter_key: str | None) -> list[str]:
@@ -142,8 +152,9 @@ def file_demos(f: h5py.File, filter_key: str | None) -> list[str]:
         demos = sorted(listed, key=_natural)
     obs = f["data"][demos[0]].get("obs") if demos else None
     if obs is not None and not any(k.endswith("_image") for k in obs):
-        raise BadInput(f"no image observations (data/{demos[0]}/obs has only {sorted(obs)}: a low-dim file); "
-                       + IMAGE_DATASET_HINT)
+        raise BadInput(
+            f"no image observations (data/{demos[0]}/obs has only {sorted(obs)}: a low-dim file); " + IMAGE_DATASET_HINT
+        )
     return demos
 
 
@@ -181,8 +192,16 @@ def _env_args(f: h5py.File) -> dict:
         return {}
 
 
-def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None,
-                  fps: float, state_keys: list[str] | None, filter_key: str | None = None) -> Iterator[Episode]:
+def hdf5_episodes(
+    item: str,
+    *,
+    embodiment: str | None,
+    cameras: list[str] | None,
+    resolution: int | None,
+    fps: float,
+    state_keys: list[str] | None,
+    filter_key: str | None = None,
+) -> Iterator[Episode]:
     """The episode of one robomimic demo, ``item = "<file>::<demo>"``."""
     path, sep, demo = item.rpartition(DEMO_SEP)
     if not sep:
@@ -195,7 +214,7 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
         raise BadInput(f"not a readable HDF5 file ({e})") from None
     with f:
         if not demo:
-            file_demos(f, filter_key)   # raises why this file yields no demo
+            file_demos(f, filter_key)  # raises why this file yields no demo
             raise BadInput("no demo to ingest")
         g = f["data"][demo]
         if "actions" not in g or "obs" not in g:
@@ -214,9 +233,13 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
         yield Episode(
             key=f"{source_id(path)}-{_UNSAFE.sub('_', demo)}",
             frames=frames_of(images, cameras, resolution, f"obs keys: {sorted(obs)}"),
-            fps=float(rate), embodiment=embodiment or DEFAULT_EMBODIMENT,
-            task=str(env.get("env_name", "")), instruction=_instruction(attrs),
-            source=item, action=g["actions"][()], state=state,
+            fps=float(rate),
+            embodiment=embodiment or DEFAULT_EMBODIMENT,
+            task=str(env.get("env_name", "")),
+            instruction=_instruction(attrs),
+            source=item,
+            action=g["actions"][()],
+            state=state,
             success=bool(attrs["success"]) if "success" in attrs else None,
             episode_index=int(m.group(1)) if (m := re.search(r"(\d+)$", demo)) else -1,
             extra={"state_keys": list(keys)},
@@ -225,11 +248,22 @@ def hdf5_episodes(item: str, *, embodiment: str | None, cameras: list[str] | Non
 
 # ---------------------------------------------------------------- the job
 
-def ingest_episodes(sources: list[str], out_dir: str | Path, *, fmt: str, embodiment: str | None = None,
-                    cameras: list[str] | None = None, resolution: int | None = None, fps: float = DEFAULT_FPS,
-                    state_keys: list[str] | None = None, filter_key: str | None = None, workers: int = 2,
-                    samples_per_shard: int = 64,
-                    created_by: str = "") -> JobResult:
+
+def ingest_episodes(
+    sources: list[str],
+    out_dir: str | Path,
+    *,
+    fmt: str,
+    embodiment: str | None = None,
+    cameras: list[str] | None = None,
+    resolution: int | None = None,
+    fps: float = DEFAULT_FPS,
+    state_keys: list[str] | None = None,
+    filter_key: str | None = None,
+    workers: int = 2,
+    samples_per_shard: int = 64,
+    created_by: str = "",
+) -> JobResult:
     """Find the episodes in ``sources`` (files, folders, globs) and write them as shards into ``out_dir``."""
     common = dict(embodiment=embodiment, cameras=cameras, resolution=resolution, fps=fps)
     if fmt == "npz":
@@ -248,5 +282,12 @@ def ingest_episodes(sources: list[str], out_dir: str | Path, *, fmt: str, embodi
     if not inputs:
         raise FileNotFoundError(f"no {fmt} input found in {sources}")
     log.info("ingesting %d %s episode input(s) into %s", len(inputs), fmt, out_dir)
-    return run_sharded_job(out_dir, inputs, make, samples_per_shard=samples_per_shard, workers=workers,
-                           created_by=created_by or f"wm ingest episodes --format {fmt}", desc=f"{fmt} episodes")
+    return run_sharded_job(
+        out_dir,
+        inputs,
+        make,
+        samples_per_shard=samples_per_shard,
+        workers=workers,
+        created_by=created_by or f"wm ingest episodes --format {fmt}",
+        desc=f"{fmt} episodes",
+    )

@@ -36,7 +36,7 @@ from shards.ingest_episodes import DEFAULT_EMBODIMENT, DEMO_SEP, frames_of
 from shards.ingest_videos import source_id
 from shards.writer import BadInput, Episode
 
-CONVERTER = "lerobot.scripts.convert_dataset_v21_to_v30"   # LeRobot's v2.1 -> v3.0 converter (lerobot >= 0.5)
+CONVERTER = "lerobot.scripts.convert_dataset_v21_to_v30"  # LeRobot's v2.1 -> v3.0 converter (lerobot >= 0.5)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 _IMAGE_KINDS = ("video", "image")
@@ -44,11 +44,19 @@ _IMAGE_KINDS = ("video", "image")
 
 # ---------------------------------------------------------------- where the dataset is
 
+
 def lerobot_home() -> Path:
     """``$HF_LEROBOT_HOME``, defaulting the way LeRobot does (``$HF_HOME/lerobot``)."""
-    hf_home = os.path.expandvars(os.path.expanduser(os.getenv(
-        "HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
-                                "huggingface"))))
+    hf_home = os.path.expandvars(
+        os.path.expanduser(
+            os.getenv(
+                "HF_HOME",
+                os.path.join(
+                    os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface"
+                ),
+            )
+        )
+    )
     return Path(os.getenv("HF_LEROBOT_HOME", os.path.join(hf_home, "lerobot"))).expanduser()
 
 
@@ -62,12 +70,16 @@ def resolve_dataset(src: str) -> str:
     if local.is_dir():
         return str(local)
     snapshots = home / "hub" / ("datasets--" + src.replace("/", "--")) / "snapshots"
-    found = sorted((p for p in snapshots.glob("*") if (p / "meta" / "info.json").is_file()),
-                   key=lambda p: (p / "meta" / "info.json").stat().st_mtime)
+    found = sorted(
+        (p for p in snapshots.glob("*") if (p / "meta" / "info.json").is_file()),
+        key=lambda p: (p / "meta" / "info.json").stat().st_mtime,
+    )
     if found:
         return str(found[-1])
-    raise BadInput(f"{src}: no such folder, and not in the LeRobot cache ({local} nor {snapshots}/*); download it "
-                   f"first (e.g. LeRobotDataset('{src}')) or set HF_LEROBOT_HOME")
+    raise BadInput(
+        f"{src}: no such folder, and not in the LeRobot cache ({local} nor {snapshots}/*); download it "
+        f"first (e.g. LeRobotDataset('{src}')) or set HF_LEROBOT_HOME"
+    )
 
 
 def repo_id_of(root: str) -> str:
@@ -84,6 +96,7 @@ def repo_id_of(root: str) -> str:
 
 # ---------------------------------------------------------------- metadata, read once per process
 
+
 @functools.lru_cache(maxsize=8)
 def read_info(root: str) -> dict:
     """``meta/info.json`` of a v3 dataset; a v2.x dataset is refused naming LeRobot's converter."""
@@ -94,9 +107,11 @@ def read_info(root: str) -> dict:
         raise BadInput(f"not a LeRobot dataset folder: cannot read meta/info.json ({e})") from None
     version = str(info.get("codebase_version", ""))
     if version.startswith("v2"):
-        raise BadInput(f"LeRobot dataset format {version} (only v3.x is read): convert it in place with LeRobot's "
-                       f"converter: python -m {CONVERTER} --repo-id={repo_id_of(root)} --root={root} "
-                       f"--push-to-hub=false")
+        raise BadInput(
+            f"LeRobot dataset format {version} (only v3.x is read): convert it in place with LeRobot's "
+            f"converter: python -m {CONVERTER} --repo-id={repo_id_of(root)} --root={root} "
+            f"--push-to-hub=false"
+        )
     if not version.startswith("v3"):
         raise BadInput(f"LeRobot codebase_version {info.get('codebase_version')!r}: only v3.x is supported")
     return info
@@ -130,8 +145,10 @@ def image_features(info: dict, cameras: list[str] | None) -> dict[str, tuple[str
         keys = ", ".join(repr(k) for k, _ in depth)
         others = ",".join(sorted(out))
         hint = f"--camera {others}" if others else "--camera with the non-depth cameras"
-        raise BadInput(f"depth feature(s) {keys} (is_depth_map) are not supported (they would be stored as RGB "
-                       f"video): skip them with {hint}")
+        raise BadInput(
+            f"depth feature(s) {keys} (is_depth_map) are not supported (they would be stored as RGB "
+            f"video): skip them with {hint}"
+        )
     return out
 
 
@@ -151,8 +168,12 @@ def episode_table(root: str) -> dict[int, dict]:
     for f in files:
         try:
             names = pq.read_schema(f).names
-            wanted = [c for c in names if c in _EPISODE_COLUMNS or
-                      (c.startswith("videos/") and c.endswith(("/chunk_index", "/file_index", "/from_timestamp")))]
+            wanted = [
+                c
+                for c in names
+                if c in _EPISODE_COLUMNS
+                or (c.startswith("videos/") and c.endswith(("/chunk_index", "/file_index", "/from_timestamp")))
+            ]
             columns = pq.read_table(f, columns=wanted).to_pydict()
             indices = columns["episode_index"]
         except (OSError, ValueError, KeyError) as e:
@@ -166,11 +187,11 @@ def episode_table(root: str) -> dict[int, dict]:
 class DataFile:
     """One data parquet, sorted by (episode_index, frame_index), with each episode's row range."""
 
-    table: object                                 # pyarrow.Table
-    ranges: dict[int, tuple[int, int]]            # episode_index -> (first row, end row)
+    table: object  # pyarrow.Table
+    ranges: dict[int, tuple[int, int]]  # episode_index -> (first row, end row)
 
 
-@functools.lru_cache(maxsize=2)   # inputs come in episode order, so one file is used for a run of episodes
+@functools.lru_cache(maxsize=2)  # inputs come in episode order, so one file is used for a run of episodes
 def data_file(path: str) -> DataFile:
     import pyarrow.parquet as pq
 
@@ -180,8 +201,9 @@ def data_file(path: str) -> DataFile:
         raise BadInput(f"{path}: unreadable ({e})") from None
     if "episode_index" not in table.column_names:
         raise BadInput(f"{path}: no 'episode_index' column")
-    order = [("episode_index", "ascending")] + ([("frame_index", "ascending")] if "frame_index" in table.column_names
-                                                else [])
+    order = [("episode_index", "ascending")] + (
+        [("frame_index", "ascending")] if "frame_index" in table.column_names else []
+    )
     table = table.sort_by(order)
     episodes = table["episode_index"].to_numpy()
     ranges = {}
@@ -200,8 +222,11 @@ def numeric_column(column, what: str) -> np.ndarray:
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(column)
     try:
-        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or \
-                pa.types.is_fixed_size_list(column.type):
+        if (
+            pa.types.is_list(column.type)
+            or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)
+        ):
             values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
             if n and values.size % n:
                 raise BadInput(f"{what}: rows of different lengths")
@@ -222,17 +247,18 @@ class EpisodeData:
     root: str
     index: int
     row: dict
-    rows: object                                  # pyarrow.Table slice, rows in frame order
+    rows: object  # pyarrow.Table slice, rows in frame order
     action: np.ndarray
     state: np.ndarray | None
-    timestamps: np.ndarray                        # seconds from the episode's start
+    timestamps: np.ndarray  # seconds from the episode's start
 
 
 def episode_data(root: str, index: int) -> EpisodeData:
     """Episode ``index`` of the dataset at ``root``, without its images (the metadata part of ingest)."""
     info, row = read_info(root), episode_table(root)[index]
-    path = str(Path(root) / info["data_path"].format(chunk_index=row["data/chunk_index"],
-                                                   file_index=row["data/file_index"]))
+    path = str(
+        Path(root) / info["data_path"].format(chunk_index=row["data/chunk_index"], file_index=row["data/file_index"])
+    )
     data = data_file(path)
     if index not in data.ranges:
         raise BadInput(f"{path}: no rows of episode {index}")
@@ -242,15 +268,26 @@ def episode_data(root: str, index: int) -> EpisodeData:
     if "action" not in columns:
         raise BadInput(f"{path}: no 'action' column")
     rate = float(info.get("fps") or 0) or None
-    stamps = (rows["timestamp"].to_numpy().astype(np.float64) if "timestamp" in columns
-              else np.arange(rows.num_rows) / (rate or 1.0))
-    return EpisodeData(root=root, index=index, row=row, rows=rows,
-                       action=numeric_column(rows["action"], f"{path}: 'action'"),
-                       state=numeric_column(rows["observation.state"], f"{path}: 'observation.state'")
-                       if "observation.state" in columns else None, timestamps=stamps)
+    stamps = (
+        rows["timestamp"].to_numpy().astype(np.float64)
+        if "timestamp" in columns
+        else np.arange(rows.num_rows) / (rate or 1.0)
+    )
+    return EpisodeData(
+        root=root,
+        index=index,
+        row=row,
+        rows=rows,
+        action=numeric_column(rows["action"], f"{path}: 'action'"),
+        state=numeric_column(rows["observation.state"], f"{path}: 'observation.state'")
+        if "observation.state" in columns
+        else None,
+        timestamps=stamps,
+    )
 
 
 # ---------------------------------------------------------------- images
+
 
 def _video_frames(path: Path, targets: np.ndarray, fps: float) -> np.ndarray:
     """Frames of ``path`` nearest to each time in ``targets`` (seconds): uint8 ``[len(targets), H, W, 3]``."""
@@ -296,8 +333,9 @@ def _image_frames(ep: EpisodeData, key: str) -> np.ndarray:
     try:
         blobs = column.field("bytes").to_pylist()
     except (KeyError, AttributeError, TypeError):
-        raise BadInput(f"episode {ep.index}: column {key!r} is {column.type}, not an image struct {{bytes, path}}") \
-            from None
+        raise BadInput(
+            f"episode {ep.index}: column {key!r} is {column.type}, not an image struct {{bytes, path}}"
+        ) from None
     frames = []
     for t, blob in enumerate(blobs):
         if blob is None:
@@ -316,6 +354,7 @@ def _image_frames(ep: EpisodeData, key: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- inputs and episodes
+
 
 def lerobot_inputs(sources: list[str], cameras: list[str] | None = None) -> list[str]:
     """One input ``"<dataset root>::<episode_index>"`` per episode listed in ``meta/episodes``; a source
@@ -337,11 +376,12 @@ def lerobot_inputs(sources: list[str], cameras: list[str] | None = None) -> list
     return inputs
 
 
-def lerobot_episodes(item: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None,
-                     fps: float) -> Iterator[Episode]:
+def lerobot_episodes(
+    item: str, *, embodiment: str | None, cameras: list[str] | None, resolution: int | None, fps: float
+) -> Iterator[Episode]:
     """The episode ``item = "<root>::<episode_index>"`` of a LeRobot v3 dataset."""
     root, sep, index = item.rpartition(DEMO_SEP)
-    if not sep:   # a source that yielded no episode: raise its reason
+    if not sep:  # a source that yielded no episode: raise its reason
         root = resolve_dataset(item)
         episode_table(root)
         image_features(read_info(root), cameras)
@@ -355,12 +395,21 @@ def lerobot_episodes(item: str, *, embodiment: str | None, cameras: list[str] | 
             images[cam] = _image_frames(ep, key)
             continue
         video = Path(root) / info["video_path"].format(
-            video_key=key, chunk_index=ep.row[f"videos/{key}/chunk_index"], file_index=ep.row[f"videos/{key}/file_index"])
+            video_key=key,
+            chunk_index=ep.row[f"videos/{key}/chunk_index"],
+            file_index=ep.row[f"videos/{key}/file_index"],
+        )
         images[cam] = _video_frames(video, ep.row[f"videos/{key}/from_timestamp"] + ep.timestamps, rate)
     tasks = ep.row.get("tasks") or []
     yield Episode(
-        key=f"{source_id(root)}-ep{ep.index:06d}", frames=frames_of(images, cameras, resolution, f"features of {root}"),
-        fps=rate, embodiment=embodiment or info.get("robot_type") or DEFAULT_EMBODIMENT,
-        task=tasks[0] if tasks else "", instruction=tasks[0] if tasks else "", source=item,
-        action=ep.action, state=ep.state, episode_index=ep.index,
+        key=f"{source_id(root)}-ep{ep.index:06d}",
+        frames=frames_of(images, cameras, resolution, f"features of {root}"),
+        fps=rate,
+        embodiment=embodiment or info.get("robot_type") or DEFAULT_EMBODIMENT,
+        task=tasks[0] if tasks else "",
+        instruction=tasks[0] if tasks else "",
+        source=item,
+        action=ep.action,
+        state=ep.state,
+        episode_index=ep.index,
     )

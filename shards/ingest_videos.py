@@ -46,24 +46,42 @@ log = logging.getLogger(__name__)
 
 EMBODIMENT = "video"
 DEFAULT_CAMERA = "video"
-TIME_TOLERANCE = 1e-3      # seconds; timestamps closer than this are equal (ms time bases)
+TIME_TOLERANCE = 1e-3  # seconds; timestamps closer than this are equal (ms time bases)
 # A decode that ends this much before the container's stated duration is called truncated.
-TRUNCATION_SLACK = 0.5     # seconds, plus two source frames
+TRUNCATION_SLACK = 0.5  # seconds, plus two source frames
 # Consecutive decoded frames further apart than this (and than GAP_FRAMES source frames) mark a gap:
 # footage the demuxer skipped (a corrupt Matroska cluster, a cut in the stream). Holding the last frame
 # across it would store frozen frames, so the clip across a gap is dropped and the gap reported.
 GAP_SECONDS = 0.25
 GAP_FRAMES = 4
 # Folder walks pick files with these suffixes; files named explicitly (or by a glob) are always tried.
-VIDEO_SUFFIXES = frozenset({
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts",
-    ".mts", ".m2ts", ".3gp", ".ogv", ".gif", ".y4m",
-})
+VIDEO_SUFFIXES = frozenset(
+    {
+        ".mp4",
+        ".m4v",
+        ".mov",
+        ".mkv",
+        ".webm",
+        ".avi",
+        ".flv",
+        ".wmv",
+        ".mpg",
+        ".mpeg",
+        ".ts",
+        ".mts",
+        ".m2ts",
+        ".3gp",
+        ".ogv",
+        ".gif",
+        ".y4m",
+    }
+)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
 # ---------------------------------------------------------------- finding inputs
+
 
 def find_videos(sources: list[str]) -> list[str]:
     """Expand files, folders (recursive, by ``VIDEO_SUFFIXES``) and globs into absolute paths."""
@@ -104,6 +122,7 @@ def clip_key(path: str, clip_index: int) -> str:
 
 # ---------------------------------------------------------------- frames
 
+
 def square_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
     """Resize the shorter side to ``size`` (area filter) and center-crop: uint8 ``[size, size, 3]``."""
     w, h = frame.width, frame.height
@@ -113,13 +132,14 @@ def square_frame(frame: av.VideoFrame, size: int) -> np.ndarray:
         new_w, new_h = max(size, round(w * size / h)), size
     rgb = frame.reformat(width=new_w, height=new_h, format="rgb24", interpolation="AREA").to_ndarray()
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.ascontiguousarray(rgb[top:top + size, left:left + size])
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
 
 def square_array(frames: np.ndarray, size: int) -> np.ndarray:
     """``square_frame`` for a uint8 ``[T, H, W, 3]`` array -> ``[T, size, size, 3]``."""
-    return np.stack([square_frame(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24"), size)
-                     for f in frames])
+    return np.stack(
+        [square_frame(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24"), size) for f in frames]
+    )
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -156,7 +176,7 @@ def resampled_frames(path: str, fps: float, size: int, stats: dict) -> Iterator[
         t0: float | None = None
         held, held_time, held_rgb = None, 0.0, None  # the source frame shown until the next one
         out_index = 0
-        gap_from: float | None = None   # inside a gap: where it began (waiting for the next keyframe)
+        gap_from: float | None = None  # inside a gap: where it began (waiting for the next keyframe)
 
         def emit_until(limit: float) -> Iterator[np.ndarray]:
             # every output time before `limit` shows the held frame
@@ -174,17 +194,17 @@ def resampled_frames(path: str, fps: float, size: int, stats: dict) -> Iterator[
                 if t0 is None:
                     t0 = t
                     stats["source_size"] = [frame.height, frame.width]
-                if held is not None and gap_from is None and t - held_time > gap:   # skipped footage
-                    gap_from = held_time + frame_dt   # the last frame before it lasts one source frame
+                if held is not None and gap_from is None and t - held_time > gap:  # skipped footage
+                    gap_from = held_time + frame_dt  # the last frame before it lasts one source frame
                     yield from emit_until(gap_from)
                 if gap_from is not None:
-                    if not frame.key_frame:   # predicted from frames that were lost: garbage until a keyframe
+                    if not frame.key_frame:  # predicted from frames that were lost: garbage until a keyframe
                         stats["decoded"] += 1
                         continue
                     stats["gaps"].append((gap_from - t0, t - t0))
                     out_index = stats["next_index"] = max(out_index, math.ceil((t - t0 - TIME_TOLERANCE) * fps))
                     gap_from = None
-                    yield None   # do not freeze across the gap: the clip in progress ends here
+                    yield None  # do not freeze across the gap: the clip in progress ends here
                 elif held is not None:
                     yield from emit_until(t)
                 held, held_time, held_rgb = frame, t, None
@@ -195,7 +215,7 @@ def resampled_frames(path: str, fps: float, size: int, stats: dict) -> Iterator[
             raise BadInput(stats["error"] or "no decodable video frame (zero-frame video)")
         end = held_time + frame_dt  # the last frame lasts one source frame
         stats["end"] = end - t0
-        if gap_from is not None:   # no keyframe after the gap: the rest of the file is lost
+        if gap_from is not None:  # no keyframe after the gap: the rest of the file is lost
             stats["gaps"].append((gap_from - t0, None))
         else:
             yield from emit_until(end)
@@ -217,6 +237,7 @@ def _stated_duration(container: av.container.InputContainer, stream: av.VideoStr
 
 # ---------------------------------------------------------------- clips
 
+
 def video_clips(path: str, *, resolution: int, fps: float, clip_seconds: float, camera: str) -> Iterator[Episode]:
     """Yield the clips of one video file as ``Episode``s (frames ``[L, R, R, 3]``, no actions).
 
@@ -225,9 +246,9 @@ def video_clips(path: str, *, resolution: int, fps: float, clip_seconds: float, 
     clip_len = clip_frames(fps, clip_seconds)
     stats: dict = {}
     buffer: list[np.ndarray] = []
-    n_clips, n_out, dropped = 0, 0, 0   # n_out: output frame times passed (gaps included)
+    n_clips, n_out, dropped = 0, 0, 0  # n_out: output frame times passed (gaps included)
     for rgb in resampled_frames(path, fps, resolution, stats):
-        if rgb is None:   # a timestamp gap: the clip in progress is not continuous, drop it
+        if rgb is None:  # a timestamp gap: the clip in progress is not continuous, drop it
             dropped += bool(buffer)
             n_out = stats["next_index"]
             buffer = []
@@ -236,22 +257,36 @@ def video_clips(path: str, *, resolution: int, fps: float, clip_seconds: float, 
         n_out += 1
         if len(buffer) == clip_len:
             yield Episode(
-                key=clip_key(path, n_clips), frames={camera: np.stack(buffer)}, fps=float(fps),
-                embodiment=EMBODIMENT, source=path, episode_index=n_clips,
-                extra={"clip_index": n_clips, "start_seconds": round((n_out - clip_len) / fps, 6),
-                       "source_fps": stats.get("source_fps"), "source_size": stats.get("source_size")},
+                key=clip_key(path, n_clips),
+                frames={camera: np.stack(buffer)},
+                fps=float(fps),
+                embodiment=EMBODIMENT,
+                source=path,
+                episode_index=n_clips,
+                extra={
+                    "clip_index": n_clips,
+                    "start_seconds": round((n_out - clip_len) / fps, 6),
+                    "source_fps": stats.get("source_fps"),
+                    "source_size": stats.get("source_size"),
+                },
             )
             n_clips += 1
             buffer = []
     gaps = stats.get("gaps") or []
     if gaps:
         a, b = gaps[0]
-        where = (f"no usable frame from {a:.2f} s to {b:.2f} s ({b - a:.2f} s missing or undecodable up to the next "
-                 f"keyframe: a corrupt or cut part)" if b is not None else
-                 f"no usable frame after {a:.2f} s (no keyframe after the damage)")
+        where = (
+            f"no usable frame from {a:.2f} s to {b:.2f} s ({b - a:.2f} s missing or undecodable up to the next "
+            f"keyframe: a corrupt or cut part)"
+            if b is not None
+            else f"no usable frame after {a:.2f} s (no keyframe after the damage)"
+        )
         more = f" and {len(gaps) - 1} more" if len(gaps) > 1 else ""
-        stats["error"] = "; ".join(filter(None, [
-            f"timestamp gap: {where}{more}; dropped {dropped} partial clip(s) across it", stats.get("error")]))
+        stats["error"] = "; ".join(
+            filter(
+                None, [f"timestamp gap: {where}{more}; dropped {dropped} partial clip(s) across it", stats.get("error")]
+            )
+        )
     if stats.get("error"):
         raise BadInput(f"{stats['error']}; kept {n_clips} clip(s) from the good part")
     if n_clips == 0:
@@ -267,14 +302,24 @@ def clip_frames(fps: float, clip_seconds: float) -> int:
     return n
 
 
-def ingest_videos(sources: list[str], out_dir: str | Path, *, resolution: int = 64, fps: float = 10.0,
-                  clip_seconds: float = 4.0, camera: str = DEFAULT_CAMERA, workers: int = 2,
-                  samples_per_shard: int = 64, created_by: str = "wm ingest videos") -> JobResult:
+def ingest_videos(
+    sources: list[str],
+    out_dir: str | Path,
+    *,
+    resolution: int = 64,
+    fps: float = 10.0,
+    clip_seconds: float = 4.0,
+    camera: str = DEFAULT_CAMERA,
+    workers: int = 2,
+    samples_per_shard: int = 64,
+    created_by: str = "wm ingest videos",
+) -> JobResult:
     """Find the videos in ``sources`` and write their clips as shards into ``out_dir``."""
     paths = find_videos(sources)
     if not paths:
         raise FileNotFoundError(f"no video found in {sources}")
     make = functools.partial(video_clips, resolution=resolution, fps=fps, clip_seconds=clip_seconds, camera=camera)
     log.info("ingesting %d video file(s) into %s", len(paths), out_dir)
-    return run_sharded_job(out_dir, paths, make, samples_per_shard=samples_per_shard, workers=workers,
-                           created_by=created_by, desc="videos")
+    return run_sharded_job(
+        out_dir, paths, make, samples_per_shard=samples_per_shard, workers=workers, created_by=created_by, desc="videos"
+    )

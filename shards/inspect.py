@@ -27,8 +27,8 @@ from shards.tar_reader import read_tar_samples
 
 log = logging.getLogger(__name__)
 
-FIRST_FAILURES = 5        # failure reasons shown in the summary
-STATS_DIMS = 8            # dims shown per stats row in the table
+FIRST_FAILURES = 5  # failure reasons shown in the summary
+STATS_DIMS = 8  # dims shown per stats row in the table
 
 
 def dataset_summary(root: str | Path) -> dict[str, Any]:
@@ -51,11 +51,17 @@ def dataset_summary(root: str | Path) -> dict[str, Any]:
         embodiments[name] = {k: e.get(k) for k in ("samples", "frames", "fps", "action_dim", "state_dim", "cameras")}
         embodiments[name]["stats"] = e.get("stats", {})
     return {
-        "path": str(root), "created_by": manifest.get("created_by", ""), "schema": manifest["schema"],
-        "shards": manifest["totals"]["shards"], "samples": manifest["totals"]["samples"],
-        "frames": manifest["totals"]["frames"], "bytes": manifest["totals"]["bytes"],
-        "resolution": manifest.get("resolution"), "cameras": manifest.get("cameras", []),
-        "embodiments": embodiments, "tasks": manifest.get("tasks", {}),
+        "path": str(root),
+        "created_by": manifest.get("created_by", ""),
+        "schema": manifest["schema"],
+        "shards": manifest["totals"]["shards"],
+        "samples": manifest["totals"]["samples"],
+        "frames": manifest["totals"]["frames"],
+        "bytes": manifest["totals"]["bytes"],
+        "resolution": manifest.get("resolution"),
+        "cameras": manifest.get("cameras", []),
+        "embodiments": embodiments,
+        "tasks": manifest.get("tasks", {}),
         "failures": {"count": len(failures), "first": failures[:FIRST_FAILURES]},
         "problems": problems,
     }
@@ -76,6 +82,7 @@ def _read_failures(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- contact sheet
 
+
 def _pick_samples(manifest: dict, n: int) -> list[tuple[str, str]]:
     """``n`` (shard name, key) pairs evenly spread over the whole dataset, in dataset order."""
     everything = [(s["name"], k) for s in manifest["shards"] for k in s.get("keys", [])]
@@ -87,14 +94,18 @@ def _pick_samples(manifest: dict, n: int) -> list[tuple[str, str]]:
 def _read_members(tar_path: Path, keys: set[str]) -> dict[str, dict[str, bytes]]:
     """``{key: {member suffix: bytes}}`` for the wanted keys of one shard (past any damage, which is logged)."""
     issues: list = []
-    out = {raw["__key__"]: {k: v for k, v in raw.items() if not k.startswith("__")}
-           for raw in read_tar_samples(tar_path, issues) if raw["__key__"] in keys}
+    out = {
+        raw["__key__"]: {k: v for k, v in raw.items() if not k.startswith("__")}
+        for raw in read_tar_samples(tar_path, issues)
+        if raw["__key__"] in keys
+    }
     for issue in issues:
         log.warning("%s (run `wm inspect --verify` to check every member)", issue)
     return out
 
 
 # ---------------------------------------------------------------- verify
+
 
 def _problem(shard: str, key: str | None, member: str | None, reason: str) -> dict[str, Any]:
     return {"shard": shard, "key": key, "member": member, "reason": reason}
@@ -110,17 +121,23 @@ def _verify_sample(raw: dict[str, Any], path: Path, backend: str) -> list[dict[s
     except FormatError as e:
         return [_problem(name, key, None, str(e))]
     meta, problems = sample.meta, []
-    expected = {META, *(video_member(c) for c in meta.cameras), *((ACTION,) if ACTION in raw else ()),
-                *((STATE,) if STATE in raw else ())}
+    expected = {
+        META,
+        *(video_member(c) for c in meta.cameras),
+        *((ACTION,) if ACTION in raw else ()),
+        *((STATE,) if STATE in raw else ()),
+    }
     for field in sorted(set(raw) - expected):
         if not field.startswith("__"):
-            problems.append(_problem(name, key, f"{key}.{field}", f"{path}:{key}.{field}: unexpected member "
-                                                                  f"(not in its meta.json)"))
+            problems.append(
+                _problem(name, key, f"{key}.{field}", f"{path}:{key}.{field}: unexpected member (not in its meta.json)")
+            )
     for camera in meta.cameras:
         member = f"{key}.{video_member(camera)}"
         if video_member(camera) not in raw:
-            problems.append(_problem(name, key, member, f"{path}:{member}: missing (its meta.json lists camera "
-                                                        f"{camera!r})"))
+            problems.append(
+                _problem(name, key, member, f"{path}:{member}: missing (its meta.json lists camera {camera!r})")
+            )
             continue
         try:
             frames = decode_video(raw[video_member(camera)], None, backend=backend, source=f"{path}:{member}")
@@ -128,9 +145,16 @@ def _verify_sample(raw: dict[str, Any], path: Path, backend: str) -> list[dict[s
             problems.append(_problem(name, key, member, str(e)))
             continue
         if frames.shape[:3] != (meta.n_frames, meta.height, meta.width):
-            problems.append(_problem(name, key, member, f"{path}:{member}: {frames.shape[0]} frames of "
-                                                        f"{frames.shape[1]}x{frames.shape[2]}, its meta.json says "
-                                                        f"{meta.n_frames} of {meta.height}x{meta.width}"))
+            problems.append(
+                _problem(
+                    name,
+                    key,
+                    member,
+                    f"{path}:{member}: {frames.shape[0]} frames of "
+                    f"{frames.shape[1]}x{frames.shape[2]}, its meta.json says "
+                    f"{meta.n_frames} of {meta.height}x{meta.width}",
+                )
+            )
     return problems
 
 
@@ -169,8 +193,14 @@ def verify_dataset(root: str | Path, backend: str = "pyav") -> dict[str, Any]:
             problems.append(_problem(name, None, None, str(e)))
             continue
         if changed:
-            problems.append(_problem(name, None, None, f"{path}: size or sha256 differs from the manifest's "
-                                                       f"(the file changed after it was written)"))
+            problems.append(
+                _problem(
+                    name,
+                    None,
+                    None,
+                    f"{path}: size or sha256 differs from the manifest's (the file changed after it was written)",
+                )
+            )
         issues: list = []
         listed, seen = entry.get("keys"), set()
         try:
@@ -182,16 +212,19 @@ def verify_dataset(root: str | Path, backend: str = "pyav") -> dict[str, Any]:
                 if listed is not None and key not in listed:
                     problems.append(_problem(name, key, None, f"{path}:{key}: a sample the manifest does not list"))
                 problems += _verify_sample(raw, path, backend)
-        except FormatError as e:   # the file could not be opened or read at all
+        except FormatError as e:  # the file could not be opened or read at all
             problems.append(_problem(name, None, None, str(e)))
         problems += [_problem(name, i.key, i.member, str(i)) for i in issues]
-        problems += [_problem(name, k, None, f"{path}:{k}: listed in the manifest but not in the shard")
-                     for k in missing_keys(listed, seen)]
+        problems += [
+            _problem(name, k, None, f"{path}:{k}: listed in the manifest but not in the shard")
+            for k in missing_keys(listed, seen)
+        ]
     return {"shards": len(manifest["shards"]), "samples": samples, "members": members, "problems": problems}
 
 
-def contact_sheet(root: str | Path, path: str | Path, samples: int = 4, frames: int = 8,
-                  backend: str = "pyav") -> dict[str, Any]:
+def contact_sheet(
+    root: str | Path, path: str | Path, samples: int = 4, frames: int = 8, backend: str = "pyav"
+) -> dict[str, Any]:
     """Write a PNG grid of ``frames`` evenly spaced frames from ``samples`` samples to ``path``.
 
     Returns ``{"path", "width", "height", "frames_per_row", "rows": [{"shard", "key", "camera", "frames": [indices]}],
@@ -229,7 +262,7 @@ def contact_sheet(root: str | Path, path: str | Path, samples: int = 4, frames: 
                 video = decode_video(m[video_member(camera)], indices, backend=backend, source=where)
             except (DecodeError, KeyError) as e:
                 raise FormatError(f"{where}: cannot draw camera {camera!r}: {e}") from None
-        except FormatError as e:   # a damaged sample costs its row, not the sheet
+        except FormatError as e:  # a damaged sample costs its row, not the sheet
             log.warning("contact sheet: %s", e)
             skipped.append({"shard": shard, "key": key, "reason": str(e)})
             continue
@@ -238,19 +271,27 @@ def contact_sheet(root: str | Path, path: str | Path, samples: int = 4, frames: 
         tiles.append(np.concatenate(list(video), axis=1))  # [H, frames * W, 3]
         rows.append({"shard": shard, "key": key, "camera": camera, "frames": indices.tolist()})
     if not tiles:
-        raise FormatError(f"{root}: none of the samples picked for the contact sheet can be drawn: "
-                          f"{skipped[0]['reason']}")
+        raise FormatError(
+            f"{root}: none of the samples picked for the contact sheet can be drawn: {skipped[0]['reason']}"
+        )
     width = max(t.shape[1] for t in tiles)
     grid = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tiles], axis=0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     log.info("wrote %s (%dx%d)", path, grid.shape[1], grid.shape[0])
-    return {"path": str(path), "width": int(grid.shape[1]), "height": int(grid.shape[0]),
-            "frames_per_row": frames, "rows": rows, "skipped": skipped}
+    return {
+        "path": str(path),
+        "width": int(grid.shape[1]),
+        "height": int(grid.shape[0]),
+        "frames_per_row": frames,
+        "rows": rows,
+        "skipped": skipped,
+    }
 
 
 # ---------------------------------------------------------------- the table
+
 
 def _fmt_values(values: list[float]) -> str:
     shown = ", ".join(f"{v:.3g}" for v in values[:STATS_DIMS])
@@ -269,8 +310,10 @@ def format_summary(summary: dict[str, Any], sheet: dict[str, Any] | None = None)
         f"{'embodiment':<16}{'samples':>9}{'frames':>10}{'fps':>8}{'action':>8}{'state':>7}  cameras",
     ]
     for name, e in sorted(summary["embodiments"].items()):
-        lines.append(f"{name:<16}{e['samples']:>9}{e['frames']:>10}{e['fps']:>8.3g}{e['action_dim']:>8}"
-                     f"{e['state_dim']:>7}  {', '.join(e['cameras'] or [])}")
+        lines.append(
+            f"{name:<16}{e['samples']:>9}{e['frames']:>10}{e['fps']:>8.3g}{e['action_dim']:>8}"
+            f"{e['state_dim']:>7}  {', '.join(e['cameras'] or [])}"
+        )
     for name, e in sorted(summary["embodiments"].items()):
         for field, stats in e["stats"].items():
             lines.append(f"\nstats {name}.{field} ({len(stats['mean'])} dims)")
@@ -282,19 +325,25 @@ def format_summary(summary: dict[str, Any], sheet: dict[str, Any] | None = None)
         lines += [f"{task:<40}{n:>7}" for task, n in summary["tasks"].items()]
     f = summary["failures"]
     lines.append(f"\nfailures   {f['count']}")
-    lines += [f"  {row.get('source')}{' [' + row['key'] + ']' if row.get('key') else ''}: {row.get('reason')}"
-              for row in f["first"]]
+    lines += [
+        f"  {row.get('source')}{' [' + row['key'] + ']' if row.get('key') else ''}: {row.get('reason')}"
+        for row in f["first"]
+    ]
     if f["count"] > len(f["first"]):
         lines.append(f"  ... {f['count'] - len(f['first'])} more in {locate(summary['path']) / FAILURES}")
     for p in summary["problems"]:
         lines.append(f"problem    {p}")
     v = summary.get("verify")
     if v is not None:
-        lines.append(f"\nverify     {v['shards']} shards, {v['samples']} samples, {v['members']} members read and "
-                     f"decoded: {len(v['problems'])} problem(s)")
+        lines.append(
+            f"\nverify     {v['shards']} shards, {v['samples']} samples, {v['members']} members read and "
+            f"decoded: {len(v['problems'])} problem(s)"
+        )
         lines += [f"  bad  {p['reason']}" for p in v["problems"]]
     if sheet:
-        lines.append(f"\ncontact sheet {sheet['path']} ({sheet['width']}x{sheet['height']}): "
-                     f"{len(sheet['rows'])} samples x {sheet['frames_per_row']} frames"
-                     + (f" ({len(sheet['skipped'])} unreadable sample(s) left out)" if sheet.get("skipped") else ""))
+        lines.append(
+            f"\ncontact sheet {sheet['path']} ({sheet['width']}x{sheet['height']}): "
+            f"{len(sheet['rows'])} samples x {sheet['frames_per_row']} frames"
+            + (f" ({len(sheet['skipped'])} unreadable sample(s) left out)" if sheet.get("skipped") else "")
+        )
     return "\n".join(lines)

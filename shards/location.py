@@ -39,7 +39,7 @@ from pathlib import Path
 from .format import FormatError
 
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
-_PART_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")   # names inside a dataset (shards, labels, manifest)
+_PART_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")  # names inside a dataset (shards, labels, manifest)
 PIPE = "pipe:"
 
 
@@ -134,10 +134,13 @@ class Location:
     def _fs(self):
         try:
             import fsspec
+
             fs, path = fsspec.core.url_to_fs(self.url)
-        except (ImportError, ValueError) as e:   # ValueError: an unknown protocol
-            raise LocationError(f"{self.url}: cannot open {self.protocol}:// locations ({_one_line(e)}); "
-                                f"pip install 'wm-pipeline[remote]' (s3fs, gcsfs, aiohttp)") from None
+        except (ImportError, ValueError) as e:  # ValueError: an unknown protocol
+            raise LocationError(
+                f"{self.url}: cannot open {self.protocol}:// locations ({_one_line(e)}); "
+                f"pip install 'wm-pipeline[remote]' (s3fs, gcsfs, aiohttp)"
+            ) from None
         return fs, path
 
     def open(self, mode: str = "rb"):
@@ -145,12 +148,12 @@ class Location:
         if mode != "rb":
             raise ValueError(f"{self.url}: only mode 'rb' is supported, got {mode!r}")
         if self.is_pipe:
-            return _PipeReader(self.url[len(PIPE):], self.url)
+            return _PipeReader(self.url[len(PIPE) :], self.url)
         fs, path = self._fs()
         try:
             kw = {"block_size": 0} if self.protocol in ("http", "https") else {}
             return _Guarded(fs.open(path, "rb", **kw), self.url)
-        except Exception as e:   # backends raise OSError, botocore, aiohttp, ... errors
+        except Exception as e:  # backends raise OSError, botocore, aiohttp, ... errors
             raise LocationError(f"{self.url}: cannot read ({_one_line(e)})") from None
 
     def read_bytes(self) -> bytes:
@@ -162,7 +165,7 @@ class Location:
 
     def exists(self) -> bool:
         if self.is_pipe:
-            return _pipe_has_output(self.url[len(PIPE):])
+            return _pipe_has_output(self.url[len(PIPE) :])
         fs, path = self._fs()
         try:
             return bool(fs.exists(path))
@@ -197,11 +200,15 @@ class Location:
 
     def _writable(self):
         if self.is_pipe:
-            raise LocationError(f"{self.url}: a pipe: location is read-only; write sidecars to a folder or "
-                                f"an s3:// / gs:// URL (wm label --labels-out)")
+            raise LocationError(
+                f"{self.url}: a pipe: location is read-only; write sidecars to a folder or "
+                f"an s3:// / gs:// URL (wm label --labels-out)"
+            )
         if self.protocol in ("http", "https"):
-            raise LocationError(f"{self.url}: cannot write to an {self.protocol}:// location; write sidecars to "
-                                f"a folder or an s3:// / gs:// URL (wm label --labels-out)")
+            raise LocationError(
+                f"{self.url}: cannot write to an {self.protocol}:// location; write sidecars to "
+                f"a folder or an s3:// / gs:// URL (wm label --labels-out)"
+            )
         return self._fs()
 
     def write_bytes(self, data: bytes) -> int:
@@ -238,14 +245,16 @@ def locate(where: str | os.PathLike | Location) -> DataPath:
     text = os.fspath(where)
     if text.startswith(PIPE):
         if "{}" not in text:
-            raise LocationError(f"{text}: a pipe: dataset needs '{{}}' in its command where the file's path "
-                                f"inside the dataset goes, e.g. pipe:curl -sf https://host/ds/{{}}")
+            raise LocationError(
+                f"{text}: a pipe: dataset needs '{{}}' in its command where the file's path "
+                f"inside the dataset goes, e.g. pipe:curl -sf https://host/ds/{{}}"
+            )
         return Location(text)
     m = _URL_RE.match(text)
     if not m:
         return Path(text)
     if m.group(1).lower() == "file":
-        return Path(text[len(m.group(0)):] or "/")
+        return Path(text[len(m.group(0)) :] or "/")
     return Location(text.rstrip("/") if len(text) > len(m.group(0)) else text)
 
 
@@ -290,6 +299,7 @@ def write_atomic(path: DataPath, data: bytes) -> None:
 
 # ---------------------------------------------------------------- stream wrappers
 
+
 class _Guarded:
     """A backend's file object whose read errors become one-line ``LocationError``s naming the URL."""
 
@@ -322,8 +332,9 @@ class _PipeReader:
     def __init__(self, cmd: str, url: str):
         self.url, self.err = url, tempfile.TemporaryFile()
         try:
-            self.proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=self.err)
+            self.proc = subprocess.Popen(
+                cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.err
+            )
         except OSError as e:
             raise LocationError(f"{url}: cannot run the command ({_one_line(e)})") from None
         self.eof = False
@@ -332,7 +343,7 @@ class _PipeReader:
         data = self.proc.stdout.read() if n is None or n < 0 else self.proc.stdout.read(n)
         if (n is None or n < 0 or (n > 0 and not data)) and not self.eof:
             self.eof = True
-            self._check(self.proc.wait())   # at the end of the output: a failed command is the cause
+            self._check(self.proc.wait())  # at the end of the output: a failed command is the cause
         return data
 
     def _check(self, rc: int) -> None:
@@ -346,7 +357,7 @@ class _PipeReader:
         if self.proc.poll() is None and not check:
             self.proc.kill()
         elif check and not self.eof:
-            while self.proc.stdout.read(1 << 16):   # the tar's trailing padding, usually
+            while self.proc.stdout.read(1 << 16):  # the tar's trailing padding, usually
                 pass
         self.proc.stdout.close()
         rc = self.proc.wait()
@@ -365,8 +376,9 @@ class _PipeReader:
 
 def _pipe_has_output(cmd: str) -> bool:
     """Whether ``cmd`` names an existing file: it prints a byte, or prints nothing and exits 0."""
-    proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     got = b""
     try:
         got = proc.stdout.read(1)

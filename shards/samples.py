@@ -35,8 +35,7 @@ def _npy(sample: dict[str, Any], name: str, where: str, n_frames: int, dim: int)
     except Exception as e:  # flipped header bytes raise ValueError, SyntaxError, EOFError, ... from numpy
         raise FormatError(f"{member}: unreadable ({type(e).__name__}: {e})") from None
     if arr.ndim != 2 or arr.shape[0] != n_frames or (dim and arr.shape[1] != dim):
-        raise FormatError(f"{member}: shape {list(arr.shape)}, meta.json says [n_frames={n_frames}, "
-                          f"{dim or 'D'}]")
+        raise FormatError(f"{member}: shape {list(arr.shape)}, meta.json says [n_frames={n_frames}, {dim or 'D'}]")
     return arr
 
 
@@ -50,7 +49,7 @@ class EncodedSample:
     camera: str
     video: bytes
     action: np.ndarray | None  # float32 [n_frames, A]
-    state: np.ndarray | None   # float32 [n_frames, S]
+    state: np.ndarray | None  # float32 [n_frames, S]
     # sidecar rows of this sample, {labeller: {field: array}}, joined by the stream's reader (shards.stages)
     labels: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
 
@@ -81,15 +80,25 @@ def parse_sample(raw: dict[str, Any], shard: Path, camera: str | None) -> Encode
     if cam not in meta.cameras:
         raise FormatError(f"{where}: no camera {cam!r} (its {META} lists cameras {meta.cameras})")
     if video_member(cam) not in raw:
-        raise FormatError(f"{where}: no member {key}.{video_member(cam)} for camera {cam!r} listed in its "
-                          f"{META} (the sample has {_members(raw)})")
+        raise FormatError(
+            f"{where}: no member {key}.{video_member(cam)} for camera {cam!r} listed in its "
+            f"{META} (the sample has {_members(raw)})"
+        )
     for name, dim, flag in ((ACTION, meta.action_dim, meta.has_action), (STATE, meta.state_dim, meta.state_dim > 0)):
         if flag and name not in raw:
-            raise FormatError(f"{where}: no member {key}.{name}, but its {META} gives it {name.split('.')[0]} "
-                              f"dim {dim} (the sample has {_members(raw)})")
-    return EncodedSample(key, shard, meta, cam, raw[video_member(cam)],
-                         _npy(raw, ACTION, where, meta.n_frames, meta.action_dim),
-                         _npy(raw, STATE, where, meta.n_frames, meta.state_dim))
+            raise FormatError(
+                f"{where}: no member {key}.{name}, but its {META} gives it {name.split('.')[0]} "
+                f"dim {dim} (the sample has {_members(raw)})"
+            )
+    return EncodedSample(
+        key,
+        shard,
+        meta,
+        cam,
+        raw[video_member(cam)],
+        _npy(raw, ACTION, where, meta.n_frames, meta.action_dim),
+        _npy(raw, STATE, where, meta.n_frames, meta.state_dim),
+    )
 
 
 def missing_keys(listed: Sequence[str] | None, seen: Collection[str]) -> list[str]:
@@ -115,8 +124,9 @@ def frame_size(resize: int | Sequence[int] | None) -> tuple[int, int] | None:
     return size
 
 
-def decode_frames(sample: EncodedSample, indices: np.ndarray | None, backend: str,
-                  size: tuple[int, int] | None) -> torch.Tensor:
+def decode_frames(
+    sample: EncodedSample, indices: np.ndarray | None, backend: str, size: tuple[int, int] | None
+) -> torch.Tensor:
     """Frames ``indices`` (all when None) of a sample as uint8 ``[N, C, H, W]``, resized."""
     frames = decode_video(sample.video, indices, backend, source=sample.video_where)
     # one contiguous NCHW copy per episode: windows are then cheap views/copies of it (indexing a
@@ -126,5 +136,7 @@ def decode_frames(sample: EncodedSample, indices: np.ndarray | None, backend: st
 
 def missing_message(shard: Path, keys: list[str], issues: list[TarIssue]) -> str:
     why = f"; the shard is damaged: {issues[0]}" if issues else ""
-    return (f"{shard}: {len(keys)} sample(s) the manifest lists are not in the shard: "
-            f"{keys[:10]}{' ...' if len(keys) > 10 else ''}{why}")
+    return (
+        f"{shard}: {len(keys)} sample(s) the manifest lists are not in the shard: "
+        f"{keys[:10]}{' ...' if len(keys) > 10 else ''}{why}"
+    )

@@ -77,7 +77,7 @@ def sidecar_shard_lock(data_dir: str | Path, name: str, shard_name: str) -> Fold
     Per shard, not per folder: the disjoint ``--shards i/N`` ranges of a Slurm array write one sidecar
     folder side by side, while two jobs that reach the same shard cannot both write it."""
     path = sidecar_path(data_dir, name, shard_name)
-    if isinstance(path, Location):   # no locks on object stores: keep --shards ranges disjoint
+    if isinstance(path, Location):  # no locks on object stores: keep --shards ranges disjoint
         return contextlib.nullcontext()
     return FolderLock(path.parent, f".{path.stem}.lock", what=f"sidecar {path}")
 
@@ -113,8 +113,12 @@ def sidecar_complete(data_dir: str | Path, name: str, shard_name: str) -> bool:
         log.warning("%s: %d bytes but its stats.json records %s; it will be labelled again", path, size, recorded)
         return False
     if failed:
-        log.info("%s: %d sample(s) failed in an earlier run (%s); retrying the shard", path, len(failed),
-                 ", ".join(map(str, failed[:5])) + (" ..." if len(failed) > 5 else ""))
+        log.info(
+            "%s: %d sample(s) failed in an earlier run (%s); retrying the shard",
+            path,
+            len(failed),
+            ", ".join(map(str, failed[:5])) + (" ..." if len(failed) > 5 else ""),
+        )
         return False
     return True
 
@@ -142,12 +146,17 @@ def _add(tar: tarfile.TarFile, member: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-_replace_atomic = write_atomic   # local: tmp + fsync + rename; remote: one put
+_replace_atomic = write_atomic  # local: tmp + fsync + rename; remote: one put
 
 
-def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
-                        rows: dict[str, dict[str, np.ndarray]], failures: list[dict[str, Any]] = (),
-                        video=None) -> dict[str, Any]:
+def write_sidecar_shard(
+    data_dir: str | Path,
+    name: str,
+    shard_name: str,
+    rows: dict[str, dict[str, np.ndarray]],
+    failures: list[dict[str, Any]] = (),
+    video=None,
+) -> dict[str, Any]:
     """Write ``labels/<name>/<shard_name>`` from ``rows`` {key: {field: array}}; returns its stats.
 
     ``data_dir`` is where the sidecar goes (a folder, or an ``s3://`` / ``gs://`` URL); ``video`` the
@@ -167,8 +176,10 @@ def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
         missing = sorted(set(expected) - set(got))[:5]
         extra = sorted(set(got) - set(expected))[:5]
         both = sorted(set(rows) & set(failed))[:5]
-        raise SidecarError(f"{where}: keys must equal the video shard's {len(expected)} keys "
-                           f"(missing {missing}, unknown {extra}, both labelled and failed {both})")
+        raise SidecarError(
+            f"{where}: keys must equal the video shard's {len(expected)} keys "
+            f"(missing {missing}, unknown {extra}, both labelled and failed {both})"
+        )
     fields: dict[str, list[int]] = {}
     path.parent.mkdir(parents=True, exist_ok=True)
     _stats_path(path).unlink(missing_ok=True)  # incomplete until the new marker exists
@@ -185,9 +196,16 @@ def write_sidecar_shard(data_dir: str | Path, name: str, shard_name: str,
                 fields.setdefault(field, list(arr.shape[1:]))
                 _add(tar, f"{key}.{field}.npy", _npy(arr))
     _replace_atomic(path, buf.getvalue())
-    stats = {"schema": SIDECAR_SCHEMA, "name": path.name, "labeller": name, "samples": len(rows),
-             "keys": sorted(rows), "fields": fields, "failures": sorted(failures, key=lambda f: str(f.get("key"))),
-             "bytes": len(buf.getvalue())}
+    stats = {
+        "schema": SIDECAR_SCHEMA,
+        "name": path.name,
+        "labeller": name,
+        "samples": len(rows),
+        "keys": sorted(rows),
+        "fields": fields,
+        "failures": sorted(failures, key=lambda f: str(f.get("key"))),
+        "bytes": len(buf.getvalue()),
+    }
     _replace_atomic(_stats_path(path), json.dumps(stats, sort_keys=True, separators=(",", ":")).encode())
     return stats
 
@@ -196,8 +214,10 @@ def read_sidecar_stats(data_dir: str | Path, name: str, shard_name: str) -> dict
     """The sidecar shard's stats.json (keys, fields, failures); ``SidecarError`` when not complete."""
     path = sidecar_path(data_dir, name, shard_name)
     if not sidecar_done(data_dir, name, shard_name):
-        raise SidecarError(f"{path}: sidecar '{name}' for video shard {shard_name} is missing or incomplete "
-                           f"(run the labelling job for this shard)")
+        raise SidecarError(
+            f"{path}: sidecar '{name}' for video shard {shard_name} is missing or incomplete "
+            f"(run the labelling job for this shard)"
+        )
     try:
         return json.loads(_stats_path(path).read_text())
     except json.JSONDecodeError as e:
@@ -211,8 +231,9 @@ def read_sidecar(data_dir: str | Path, name: str, shard_name: str) -> dict[str, 
     rows: dict[str, dict[str, np.ndarray]] = {}
     try:
         remote = isinstance(path, Location)
-        with (tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r") if remote else
-              tarfile.open(path, "r")) as tar:
+        with (
+            tarfile.open(fileobj=io.BytesIO(path.read_bytes()), mode="r") if remote else tarfile.open(path, "r")
+        ) as tar:
             for info in tar:
                 if not info.isreg():
                     continue

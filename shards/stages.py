@@ -46,7 +46,7 @@ from .tar_reader import TarIssue, read_tar_samples
 
 log = logging.getLogger(__name__)
 
-WARN_FIRST = 10   # skipped samples warned about one by one per process; then only at powers of two
+WARN_FIRST = 10  # skipped samples warned about one by one per process; then only at powers of two
 
 
 class SkipLog:
@@ -75,6 +75,7 @@ def span(window: int, stride: int) -> int:
 
 # ---------------------------------------------------------------- 1. list shards
 
+
 def dataset_shards(data_dir: Path, manifest: dict, keys: Collection[str] | None = None) -> list[Path]:
     """The shards of one dataset in manifest order; with ``keys``, only those holding one of them
     (the others would only be read to be skipped)."""
@@ -100,6 +101,7 @@ def shard_cycles(shards: Sequence[Path], rng: np.random.Generator, slot: int, sl
 
 # ---------------------------------------------------------------- 2. read samples
 
+
 class SampleReader:
     """``reader(data_dir, shard)``: the shard's usable samples, each with its sidecar rows joined by key
     (``sample.labels``), in tar order.
@@ -111,9 +113,16 @@ class SampleReader:
     a counted skip in ``skips`` that costs only the samples it touches; ``"raise"`` raises it. A sample
     its labeller failed on is skipped either way; a sidecar that lacks a sample's key always raises."""
 
-    def __init__(self, *, camera: str | None = None, labels: dict[Path, Sequence[str]] | None = None,
-                 keys: dict[Path, Collection[str]] | None = None, manifests: dict[Path, dict] | None = None,
-                 on_error: str = "raise", skips: SkipLog | None = None):
+    def __init__(
+        self,
+        *,
+        camera: str | None = None,
+        labels: dict[Path, Sequence[str]] | None = None,
+        keys: dict[Path, Collection[str]] | None = None,
+        manifests: dict[Path, dict] | None = None,
+        on_error: str = "raise",
+        skips: SkipLog | None = None,
+    ):
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.camera, self.on_error, self.skips = camera, on_error, skips if skips is not None else SkipLog()
@@ -159,11 +168,15 @@ class SampleReader:
                 continue
             for name, (table, failed) in sidecars.items():
                 if sample.key in failed:  # the labeller reported this sample: it has no label
-                    self.skips.skip(f"{sample.where}#{name}", f"{sample.where}: labeller '{name}' failed on this sample")
+                    self.skips.skip(
+                        f"{sample.where}#{name}", f"{sample.where}: labeller '{name}' failed on this sample"
+                    )
                     break
                 if sample.key not in table:
-                    raise FormatError(f"{sidecar_dir(data_dir, name) / shard.name}: no labels for key "
-                                      f"{sample.key!r} of video shard {shard}")
+                    raise FormatError(
+                        f"{sidecar_dir(data_dir, name) / shard.name}: no labels for key "
+                        f"{sample.key!r} of video shard {shard}"
+                    )
                 sample.labels[name] = table[sample.key]
             else:
                 yield sample
@@ -177,15 +190,21 @@ class SampleReader:
             self.skips.skip(f"{shard}#missing", message)
 
 
-def read_samples(shards: Iterable[tuple[Path, Path]], reader: Callable[[Path, Path], Iterator[EncodedSample]]
-                 ) -> Iterator[EncodedSample]:
+def read_samples(
+    shards: Iterable[tuple[Path, Path]], reader: Callable[[Path, Path], Iterator[EncodedSample]]
+) -> Iterator[EncodedSample]:
     """The samples of ``(data_dir, shard)`` pairs, in order."""
     for data_dir, shard in shards:
         yield from reader(data_dir, shard)
 
 
-def long_episodes(cycles: Iterable[list[Path]], data_dir: Path, reader: Callable[[Path, Path], Iterator[EncodedSample]],
-                  window: int, stride: int) -> Iterator[EncodedSample]:
+def long_episodes(
+    cycles: Iterable[list[Path]],
+    data_dir: Path,
+    reader: Callable[[Path, Path], Iterator[EncodedSample]],
+    window: int,
+    stride: int,
+) -> Iterator[EncodedSample]:
     """Train mode: the samples of one dataset's shard cycles that hold a window (``span(window, stride)``
     frames). A whole cycle without one is a ``FormatError`` (the stream would spin without yielding)."""
     need = span(window, stride)
@@ -197,8 +216,10 @@ def long_episodes(cycles: Iterable[list[Path]], data_dir: Path, reader: Callable
                     usable += 1
                     yield sample
         if usable == 0:
-            raise FormatError(f"{data_dir}: no episode with at least {need} frames (window {window}, stride "
-                              f"{stride}) in shards {sorted(s.name for s in cycle)}")
+            raise FormatError(
+                f"{data_dir}: no episode with at least {need} frames (window {window}, stride "
+                f"{stride}) in shards {sorted(s.name for s in cycle)}"
+            )
 
 
 def mix(sources: Sequence[Iterator], probs: Sequence[float], rng: np.random.Generator) -> Iterator:
@@ -208,6 +229,7 @@ def mix(sources: Sequence[Iterator], probs: Sequence[float], rng: np.random.Gene
 
 
 # ---------------------------------------------------------------- 3. window starts
+
 
 def label_starts(n_frames: int, window: int, stride: int) -> list[int]:
     """Window starts that tile an episode: every frame lies in at least one window, in order.
@@ -229,8 +251,9 @@ def label_starts(n_frames: int, window: int, stride: int) -> list[int]:
     return sorted(starts)
 
 
-def tiled_starts(samples: Iterable[EncodedSample], window: int, stride: int, every: int | None = None
-                 ) -> Iterator[tuple[EncodedSample, list[int]]]:
+def tiled_starts(
+    samples: Iterable[EncodedSample], window: int, stride: int, every: int | None = None
+) -> Iterator[tuple[EncodedSample, list[int]]]:
     """Label mode: ``(sample, starts)`` with the starts that tile the episode (``label_starts``), or with
     ``every=K`` a start at every K-th frame (overlapping windows). An episode too short for one window
     gets no starts, and a warning."""
@@ -239,13 +262,20 @@ def tiled_starts(samples: Iterable[EncodedSample], window: int, stride: int, eve
         n = sample.meta.n_frames
         starts = list(range(0, n - need + 1, every)) if every else label_starts(n, window, stride)
         if not starts:
-            log.warning("%s: %d frames, too short for a window of %d frames at stride %d (%d frames); "
-                        "no windows", sample.where, n, window, stride, need)
+            log.warning(
+                "%s: %d frames, too short for a window of %d frames at stride %d (%d frames); no windows",
+                sample.where,
+                n,
+                window,
+                stride,
+                need,
+            )
         yield sample, starts
 
 
-def random_starts(samples: Iterable[EncodedSample], rng: np.random.Generator, window: int, stride: int,
-                  per_episode: int) -> Iterator[tuple[EncodedSample, list[int]]]:
+def random_starts(
+    samples: Iterable[EncodedSample], rng: np.random.Generator, window: int, stride: int, per_episode: int
+) -> Iterator[tuple[EncodedSample, list[int]]]:
     """Train mode: ``(sample, starts)`` with ``per_episode`` uniform random starts (sorted; repeats allowed)."""
     need = span(window, stride)
     for sample in samples:
@@ -253,6 +283,7 @@ def random_starts(samples: Iterable[EncodedSample], rng: np.random.Generator, wi
 
 
 # ---------------------------------------------------------------- 4. decode
+
 
 class Decoded(NamedTuple):
     """An episode's frames for its windows: ``frames`` uint8 ``[N, C, H, W]`` are the episode's frames
@@ -264,9 +295,16 @@ class Decoded(NamedTuple):
     index: np.ndarray | None
 
 
-def decode(items: Iterable[tuple[EncodedSample, list[int]]], *, window: int, stride: int, backend: str,
-           size: tuple[int, int] | None = None, on_error: str = "raise", skips: SkipLog | None = None
-           ) -> Iterator[Decoded]:
+def decode(
+    items: Iterable[tuple[EncodedSample, list[int]]],
+    *,
+    window: int,
+    stride: int,
+    backend: str,
+    size: tuple[int, int] | None = None,
+    on_error: str = "raise",
+    skips: SkipLog | None = None,
+) -> Iterator[Decoded]:
     """Decode, once per episode, the frames its windows need (all of them when they need all), resized to
     ``size``. An episode without starts is passed over; an undecodable one is raised (``DecodeError``),
     or with ``on_error="skip"`` a counted skip in ``skips``."""
@@ -280,8 +318,9 @@ def decode(items: Iterable[tuple[EncodedSample, list[int]]], *, window: int, str
         try:
             frames = decode_frames(sample, None if full else needed, backend, size)
             if frames.shape[0] != len(needed):
-                raise DecodeError(sample.video_where, backend, f"{frames.shape[0]} frames, meta.json says "
-                                  f"{sample.meta.n_frames}")
+                raise DecodeError(
+                    sample.video_where, backend, f"{frames.shape[0]} frames, meta.json says {sample.meta.n_frames}"
+                )
         except DecodeError as e:
             if on_error != "skip":
                 raise
@@ -292,11 +331,12 @@ def decode(items: Iterable[tuple[EncodedSample, list[int]]], *, window: int, str
 
 # ---------------------------------------------------------------- 5. cut windows
 
+
 def _take(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """``x[rows]``: a strided view when ``rows`` are evenly spaced (the usual case), else a copy."""
     step = int(rows[1] - rows[0]) if len(rows) > 1 else 1
     if step > 0 and (np.diff(rows) == step).all():
-        return x[int(rows[0]): int(rows[-1]) + 1: step]
+        return x[int(rows[0]) : int(rows[-1]) + 1 : step]
     return x[torch.from_numpy(rows)]
 
 
@@ -308,9 +348,15 @@ def _padded(arr: np.ndarray | None, dim: int, n_frames: int) -> torch.Tensor:
     return out
 
 
-def cut_windows(items: Iterable[Decoded], *, window: int, stride: int, action_dim: int, state_dim: int,
-                optional_labels: dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]] | None = None
-                ) -> Iterator[list[dict[str, Any]]]:
+def cut_windows(
+    items: Iterable[Decoded],
+    *,
+    window: int,
+    stride: int,
+    action_dim: int,
+    state_dim: int,
+    optional_labels: dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]] | None = None,
+) -> Iterator[list[dict[str, Any]]]:
     """One list of window dicts per episode (docs/CONTRACTS.md): frames, action / state zero-padded to
     ``action_dim`` / ``state_dim``, masks, strings, start, and each sidecar field cut to the window when
     it is per-frame. ``optional_labels`` (``{name: {field: (per-frame shape, dtype)}}``): every window
@@ -324,16 +370,24 @@ def cut_windows(items: Iterable[Decoded], *, window: int, stride: int, action_di
         for start in d.starts:
             idx = start + offsets
             cut = slice(start, start + length, stride)  # views, no copy: collate copies once
-            w = {bk.FRAMES: d.frames[cut] if d.index is None else _take(d.frames, np.searchsorted(d.index, idx)),
-                 bk.ACTION: action[cut], bk.STATE: state[cut],
-                 bk.ACTION_MASK: sample.action is not None, bk.STATE_MASK: sample.state is not None,
-                 bk.EMBODIMENT: sample.meta.embodiment, bk.TASK: sample.meta.task, bk.KEY: sample.key,
-                 bk.START: start}
+            w = {
+                bk.FRAMES: d.frames[cut] if d.index is None else _take(d.frames, np.searchsorted(d.index, idx)),
+                bk.ACTION: action[cut],
+                bk.STATE: state[cut],
+                bk.ACTION_MASK: sample.action is not None,
+                bk.STATE_MASK: sample.state is not None,
+                bk.EMBODIMENT: sample.meta.embodiment,
+                bk.TASK: sample.meta.task,
+                bk.KEY: sample.key,
+                bk.START: start,
+            }
             for name, fields in sample.labels.items():
                 for field, arr in fields.items():
                     per_frame = arr.ndim >= 1 and arr.shape[0] == n
-                    w[bk.label_key(name, field)] = torch.from_numpy(np.ascontiguousarray(arr[idx] if per_frame else arr))
-            for name, fields in (optional_labels or {}).items():   # flag, zero-fill
+                    w[bk.label_key(name, field)] = torch.from_numpy(
+                        np.ascontiguousarray(arr[idx] if per_frame else arr)
+                    )
+            for name, fields in (optional_labels or {}).items():  # flag, zero-fill
                 w[bk.label_key(name, bk.PRESENT)] = name in sample.labels
                 if name not in sample.labels:
                     for field, (shape, dtype) in fields.items():
@@ -343,6 +397,7 @@ def cut_windows(items: Iterable[Decoded], *, window: int, stride: int, action_di
 
 
 # ---------------------------------------------------------------- 6. shuffle
+
 
 def shuffle(groups: Iterable[list], size: int, rng: np.random.Generator) -> Iterator:
     """Items of ``groups`` (an episode's windows: correlated) in random order: the groups fill a buffer,
@@ -371,6 +426,7 @@ def flatten(groups: Iterable[list]) -> Iterator:
 
 
 # ---------------------------------------------------------------- 7. batch
+
 
 def collate_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack window dicts into a batch (docs/CONTRACTS.md): tensors stacked, flags and starts as

@@ -30,16 +30,15 @@ import numpy as np
 from .dataset_info import FolderInfo
 from .format import SCHEMA_NAME, SCHEMA_VERSION, FormatError, shard_name
 
-QUANTILE_ROWS = 256       # per shard, per embodiment and field: keeps stats.json small (~100 KB)
+QUANTILE_ROWS = 256  # per shard, per embodiment and field: keeps stats.json small (~100 KB)
 FIELDS = ("action", "state")
-STATS_SCHEMA = 1          # of stats.json; bump when a field changes meaning
+STATS_SCHEMA = 1  # of stats.json; bump when a field changes meaning
 STAT_NAMES = ("mean", "std", "min", "max", "q01", "q99")
 
 
 def _compact(values: np.ndarray) -> list:
     """float32 values as the shortest decimal that round-trips (deterministic, small JSON)."""
-    return [float(np.format_float_positional(v, unique=True, trim="0"))
-            for v in np.asarray(values, np.float32).ravel()]
+    return [float(np.format_float_positional(v, unique=True, trim="0")) for v in np.asarray(values, np.float32).ravel()]
 
 
 def accumulate(arrays: Iterable[np.ndarray]) -> dict[str, Any]:
@@ -51,8 +50,11 @@ def accumulate(arrays: Iterable[np.ndarray]) -> dict[str, Any]:
     m2 = ((x - mean) ** 2).sum(axis=0)
     pick = np.unique(np.linspace(0, n - 1, min(n, QUANTILE_ROWS)).round().astype(np.int64))
     return {
-        "n": int(n), "mean": [float(v) for v in mean], "m2": [float(v) for v in m2],
-        "min": _compact(data.min(axis=0)), "max": _compact(data.max(axis=0)),
+        "n": int(n),
+        "mean": [float(v) for v in mean],
+        "m2": [float(v) for v in m2],
+        "min": _compact(data.min(axis=0)),
+        "max": _compact(data.max(axis=0)),
         "rows": [_compact(r) for r in data[pick]],
     }
 
@@ -71,15 +73,17 @@ def merge(accs: list[dict[str, Any]]) -> dict[str, list[float]]:
             delta = ma - mean
             total = n + na
             mean = mean + delta * na / total
-            m2 = m2 + m2a + delta ** 2 * n * na / total
+            m2 = m2 + m2a + delta**2 * n * na / total
             n = total
             lo, hi = np.minimum(lo, a["min"]), np.maximum(hi, a["max"])
         rows.extend(a["rows"])
     sample = np.asarray(rows, np.float64)
     std = np.sqrt(np.maximum(m2 / n, 0.0))
     return {
-        "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-        "min": [float(v) for v in lo], "max": [float(v) for v in hi],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "min": [float(v) for v in lo],
+        "max": [float(v) for v in hi],
         "q01": [float(v) for v in np.quantile(sample, 0.01, axis=0)],
         "q99": [float(v) for v in np.quantile(sample, 0.99, axis=0)],
     }
@@ -113,17 +117,38 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def shard_stats_doc(index: int, sources: list[str], entries: list[tuple[Any, Any, Any]],
-                    failures: list[dict], tar_path: Path) -> dict[str, Any]:
+def shard_stats_doc(
+    index: int, sources: list[str], entries: list[tuple[Any, Any, Any]], failures: list[dict], tar_path: Path
+) -> dict[str, Any]:
     """The stats.json of shard ``index``; ``entries`` are ``(SampleMeta, action | None, state | None)``."""
-    info = [{"key": m.key, "source": m.source, "embodiment": m.embodiment, "task": m.task, "fps": m.fps,
-             "n_frames": m.n_frames, "height": m.height, "width": m.width, "cameras": m.cameras,
-             "action_dim": m.action_dim, "state_dim": m.state_dim} for m, _, _ in entries]
+    info = [
+        {
+            "key": m.key,
+            "source": m.source,
+            "embodiment": m.embodiment,
+            "task": m.task,
+            "fps": m.fps,
+            "n_frames": m.n_frames,
+            "height": m.height,
+            "width": m.width,
+            "cameras": m.cameras,
+            "action_dim": m.action_dim,
+            "state_dim": m.state_dim,
+        }
+        for m, _, _ in entries
+    ]
     return {
-        "format": SCHEMA_NAME, "stats_schema": STATS_SCHEMA, "name": shard_name(index), "sources": sources,
-        "samples": len(entries), "frames": sum(m.n_frames for m, _, _ in entries),
-        "bytes": tar_path.stat().st_size, "sha256": file_sha256(tar_path), "keys": [m.key for m, _, _ in entries],
-        "sample_info": info, "failures": failures,
+        "format": SCHEMA_NAME,
+        "stats_schema": STATS_SCHEMA,
+        "name": shard_name(index),
+        "sources": sources,
+        "samples": len(entries),
+        "frames": sum(m.n_frames for m, _, _ in entries),
+        "bytes": tar_path.stat().st_size,
+        "sha256": file_sha256(tar_path),
+        "keys": [m.key for m, _, _ in entries],
+        "sample_info": info,
+        "failures": failures,
         "accumulators": shard_accumulators([(m.embodiment, {"action": a, "state": s}) for m, a, s in entries]),
     }
 
@@ -154,8 +179,10 @@ def build_manifest(docs: list[dict[str, Any]], created_by: str) -> dict[str, Any
     resolution = None
     for doc in docs:
         for s in doc["sample_info"]:
-            e = embodiments.setdefault(s["embodiment"], {"action_dim": 0, "state_dim": 0, "fps": s["fps"],
-                                                         "cameras": set(), "samples": 0, "frames": 0})
+            e = embodiments.setdefault(
+                s["embodiment"],
+                {"action_dim": 0, "state_dim": 0, "fps": s["fps"], "cameras": set(), "samples": 0, "frames": 0},
+            )
             e["action_dim"] = e["action_dim"] or s["action_dim"]
             e["state_dim"] = e["state_dim"] or s["state_dim"]
             e["cameras"].update(s["cameras"])
@@ -170,18 +197,30 @@ def build_manifest(docs: list[dict[str, Any]], created_by: str) -> dict[str, Any
         e["stats"] = {}
         for field in FIELDS:
             dim = e[f"{field}_dim"]
-            accs = [d["accumulators"][name][field][str(dim)] for d in docs
-                    if str(dim) in d["accumulators"].get(name, {}).get(field, {})]
+            accs = [
+                d["accumulators"][name][field][str(dim)]
+                for d in docs
+                if str(dim) in d["accumulators"].get(name, {}).get(field, {})
+            ]
             if dim and accs:
                 e["stats"][field] = merge(accs)
     shards = [{k: d[k] for k in ("name", "samples", "frames", "bytes", "sha256", "keys")} for d in docs]
     n_failures = sum(len(d["failures"]) for d in docs)
     return {
-        "format": SCHEMA_NAME, "schema": SCHEMA_VERSION, "created_by": created_by, "shards": shards,
-        "embodiments": embodiments, "tasks": dict(sorted(tasks.items())), "resolution": resolution,
+        "format": SCHEMA_NAME,
+        "schema": SCHEMA_VERSION,
+        "created_by": created_by,
+        "shards": shards,
+        "embodiments": embodiments,
+        "tasks": dict(sorted(tasks.items())),
+        "resolution": resolution,
         "cameras": sorted(cameras),
-        "totals": {"samples": sum(d["samples"] for d in docs), "frames": sum(d["frames"] for d in docs),
-                   "shards": len(docs), "bytes": sum(d["bytes"] for d in docs)},
+        "totals": {
+            "samples": sum(d["samples"] for d in docs),
+            "frames": sum(d["frames"] for d in docs),
+            "shards": len(docs),
+            "bytes": sum(d["bytes"] for d in docs),
+        },
         "failures": n_failures,
     }
 
@@ -192,5 +231,7 @@ def embodiment_stats(data_dir: str | Path) -> dict[str, dict[str, dict[str, np.n
     Returns ``{embodiment: {"action": {"mean": float32 [A], "std", "min", "max", "q01", "q99"},
     "state": {... float32 [S]}}}``; fields the embodiment has no data for are absent.
     """
-    return {name: {field: {k: np.asarray(v, np.float32) for k, v in stats.items()} for field, stats in e.stats.items()}
-            for name, e in FolderInfo.read(data_dir).embodiments.items()}
+    return {
+        name: {field: {k: np.asarray(v, np.float32) for k, v in stats.items()} for field, stats in e.stats.items()}
+        for name, e in FolderInfo.read(data_dir).embodiments.items()
+    }

@@ -79,9 +79,25 @@ from .stages import (
 from .tar_reader import TarIssue, read_tar_samples
 
 # names callers import from here (the stages and the sample helpers live in shards.stages / shards.samples)
-__all__ = ["WindowStream", "collate_windows", "make_loader", "iter_samples", "iter_shard_samples", "DecodedSample",
-           "EncodedSample", "SkipLog", "decode_frames", "label_starts", "locate_all", "missing_keys", "parse_sample",
-           "rank_and_world", "read_tar_samples", "resize_frames", "worker_and_count"]
+__all__ = [
+    "WindowStream",
+    "collate_windows",
+    "make_loader",
+    "iter_samples",
+    "iter_shard_samples",
+    "DecodedSample",
+    "EncodedSample",
+    "SkipLog",
+    "decode_frames",
+    "label_starts",
+    "locate_all",
+    "missing_keys",
+    "parse_sample",
+    "rank_and_world",
+    "read_tar_samples",
+    "resize_frames",
+    "worker_and_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +105,7 @@ MODES = ("train", "label")
 
 
 # ---------------------------------------------------------------- splitting
+
 
 def locate_all(data) -> list[Path | Location]:
     """One dataset or a list of them (folders or URLs, ``shards.location``) as located roots."""
@@ -109,8 +126,8 @@ def worker_and_count() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-
 # ---------------------------------------------------------------- whole episodes
+
 
 @dataclasses.dataclass
 class DecodedSample:
@@ -119,7 +136,7 @@ class DecodedSample:
 
     key: str
     shard: Path
-    shard_index: int           # position of the shard in its dataset's manifest
+    shard_index: int  # position of the shard in its dataset's manifest
     data_dir: Path
     meta: SampleMeta | None
     frames: torch.Tensor | None  # uint8 [n_frames, C, H, W]
@@ -128,8 +145,15 @@ class DecodedSample:
     error: str | None = None
 
 
-def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | None = None,
-                       resize=None, backend: str = "auto", errors: str = "raise") -> Iterator[DecodedSample]:
+def iter_shard_samples(
+    data_dir: str | Path,
+    shard_index: int,
+    *,
+    camera: str | None = None,
+    resize=None,
+    backend: str = "auto",
+    errors: str = "raise",
+) -> Iterator[DecodedSample]:
     """Decode every episode of shard ``shard_index`` of ``data_dir`` in order.
 
     ``errors="raise"`` raises ``DecodeError`` / ``FormatError`` naming shard, key and member;
@@ -179,12 +203,28 @@ def iter_shard_samples(data_dir: str | Path, shard_index: int, *, camera: str | 
         raise FormatError(missing_message(shard, missing, []))
     for key in missing:
         why = f" (the shard is damaged: {issues[0]})" if issues else ""
-        yield DecodedSample(key, shard, shard_index, data_dir, None, None, None, None,
-                            f"{shard}:{key}: listed in the manifest but not in the shard{why}")
+        yield DecodedSample(
+            key,
+            shard,
+            shard_index,
+            data_dir,
+            None,
+            None,
+            None,
+            None,
+            f"{shard}:{key}: listed in the manifest but not in the shard{why}",
+        )
 
 
-def iter_samples(data: str | Path | Sequence[str | Path], *, camera: str | None = None, resize=None,
-                 backend: str = "auto", errors: str = "raise", split: bool = True) -> Iterator[DecodedSample]:
+def iter_samples(
+    data: str | Path | Sequence[str | Path],
+    *,
+    camera: str | None = None,
+    resize=None,
+    backend: str = "auto",
+    errors: str = "raise",
+    split: bool = True,
+) -> Iterator[DecodedSample]:
     """Every episode of one or more datasets, once; split by rank and DataLoader worker when ``split``."""
     dirs = locate_all(data)
     shards = [(d, i) for d in dirs for i in range(len(read_manifest(d)["shards"]))]
@@ -216,12 +256,26 @@ class WindowStream(torch.utils.data.IterableDataset):
     tiling; an exact, ordered pass all the same.
     """
 
-    def __init__(self, data: str | Path | Sequence[str | Path], *, window: int = 8, stride: int = 1,
-                 camera: str | None = None, resize: int | Sequence[int] | None = None, backend: str = "auto",
-                 mode: str = "train", labels: Sequence[str] = (), windows_per_episode: int = 4,
-                 shuffle_buffer: int = 64, seed: int = 0, weights: Sequence[float] | None = None,
-                 on_error: str | None = None, keys: Sequence[Collection[str] | None] | None = None,
-                 optional_labels: bool = False, label_every: int | None = None):
+    def __init__(
+        self,
+        data: str | Path | Sequence[str | Path],
+        *,
+        window: int = 8,
+        stride: int = 1,
+        camera: str | None = None,
+        resize: int | Sequence[int] | None = None,
+        backend: str = "auto",
+        mode: str = "train",
+        labels: Sequence[str] = (),
+        windows_per_episode: int = 4,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+        weights: Sequence[float] | None = None,
+        on_error: str | None = None,
+        keys: Sequence[Collection[str] | None] | None = None,
+        optional_labels: bool = False,
+        label_every: int | None = None,
+    ):
         super().__init__()
         if label_every is not None and (mode != "label" or label_every < 1):
             raise ValueError(f"label_every is a label-mode option and must be >= 1 (got {label_every}, mode {mode!r})")
@@ -229,8 +283,9 @@ class WindowStream(torch.utils.data.IterableDataset):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if window < 1 or stride < 1 or windows_per_episode < 1:
-            raise ValueError(f"window, stride and windows_per_episode must be >= 1 (got {window}, {stride}, "
-                             f"{windows_per_episode})")
+            raise ValueError(
+                f"window, stride and windows_per_episode must be >= 1 (got {window}, {stride}, {windows_per_episode})"
+            )
         self.dirs = locate_all(data)
         if not self.dirs:
             raise ValueError("no data directories given")
@@ -240,8 +295,9 @@ class WindowStream(torch.utils.data.IterableDataset):
         self.keys = {d: frozenset(k) for d, k in zip(self.dirs, keys or []) if k is not None}
         # shards without a wanted key are dropped up front: they would only be read to be skipped
         self.shards = [dataset_shards(d, m, self.keys.get(d)) for d, m in zip(self.dirs, manifests)]
-        sizes = [m["totals"]["samples"] if d not in self.keys else len(self.keys[d])
-                 for d, m in zip(self.dirs, manifests)]
+        sizes = [
+            m["totals"]["samples"] if d not in self.keys else len(self.keys[d]) for d, m in zip(self.dirs, manifests)
+        ]
         if weights is None:
             weights = sizes
         if len(weights) != len(self.dirs) or min(weights) < 0 or sum(weights) <= 0:
@@ -271,8 +327,14 @@ class WindowStream(torch.utils.data.IterableDataset):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         self.span = span(window, stride)  # frames a window covers in its episode
         self.skips = SkipLog()  # per process: each DataLoader worker counts its own
-        self.reader = SampleReader(camera=camera, labels=self.dir_labels, keys=self.keys,
-                                   manifests=dict(zip(self.dirs, manifests)), on_error=self.on_error, skips=self.skips)
+        self.reader = SampleReader(
+            camera=camera,
+            labels=self.dir_labels,
+            keys=self.keys,
+            manifests=dict(zip(self.dirs, manifests)),
+            on_error=self.on_error,
+            skips=self.skips,
+        )
 
     def _has_label(self, name: str) -> bool:
         return any(name in have for have in self.dir_labels.values())
@@ -291,25 +353,44 @@ class WindowStream(torch.utils.data.IterableDataset):
         """The stages (``shards.stages``) for this process's (rank, worker)."""
         (rank, world), (worker, workers) = rank_and_world(), worker_and_count()
         if self.mode == "label":
-            shards = split_shards([(d, s) for d, ss in zip(self.dirs, self.shards) for s in ss],
-                                  rank, world, worker, workers)
+            shards = split_shards(
+                [(d, s) for d, ss in zip(self.dirs, self.shards) for s in ss], rank, world, worker, workers
+            )
             starts = tiled_starts(read_samples(shards, self.reader), self.window, self.stride, self.label_every)
         else:
             rng = np.random.default_rng([self.seed, rank, worker])
             slot, slots = rank * workers + worker, world * workers
             active = [i for i, w in enumerate(self.weights) if w > 0]
-            sources = [long_episodes(shard_cycles(self.shards[i], rng, slot, slots), self.dirs[i], self.reader,
-                                     self.window, self.stride) for i in active]
+            sources = [
+                long_episodes(
+                    shard_cycles(self.shards[i], rng, slot, slots), self.dirs[i], self.reader, self.window, self.stride
+                )
+                for i in active
+            ]
             probs = self.weights[active] / self.weights[active].sum()
             starts = random_starts(mix(sources, probs, rng), rng, self.window, self.stride, self.windows_per_episode)
-        decoded = decode(starts, window=self.window, stride=self.stride, backend=self.backend, size=self.size,
-                         on_error=self.on_error, skips=self.skips)
-        groups = cut_windows(decoded, window=self.window, stride=self.stride, action_dim=self.action_dim,
-                             state_dim=self.state_dim, optional_labels=self.label_templates)
+        decoded = decode(
+            starts,
+            window=self.window,
+            stride=self.stride,
+            backend=self.backend,
+            size=self.size,
+            on_error=self.on_error,
+            skips=self.skips,
+        )
+        groups = cut_windows(
+            decoded,
+            window=self.window,
+            stride=self.stride,
+            action_dim=self.action_dim,
+            state_dim=self.state_dim,
+            optional_labels=self.label_templates,
+        )
         return flatten(groups) if self.mode == "label" else shuffle(groups, self.shuffle_buffer, rng)
 
 
 # ---------------------------------------------------------------- batching
+
 
 def make_loader(stream: WindowStream, batch_size: int, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
     """A DataLoader over ``stream`` with ``collate_windows``; workers stay alive between epochs.
@@ -319,5 +400,11 @@ def make_loader(stream: WindowStream, batch_size: int, num_workers: int = 0, **k
     """
     if num_workers > 0:
         kwargs.setdefault("prefetch_factor", 4)
-    return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                                       collate_fn=collate_windows, persistent_workers=num_workers > 0, **kwargs)
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_windows,
+        persistent_workers=num_workers > 0,
+        **kwargs,
+    )

@@ -32,10 +32,16 @@ from .format import FormatError
 from .location import LocationError, locate, open_read
 
 BLOCK = 512
-_SCAN_BLOCKS = 256                       # blocks read at a time while scanning for the next header
+_SCAN_BLOCKS = 256  # blocks read at a time while scanning for the next header
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
-_KINDS = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hard link", tarfile.DIRTYPE: "a directory",
-          tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+_KINDS = {
+    tarfile.SYMTYPE: "a symlink",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.DIRTYPE: "a directory",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+}
 
 
 @dataclasses.dataclass
@@ -75,7 +81,7 @@ def _next_header(r: _Blocks, start: int) -> int | None:
         chunk = r.read_at(pos, BLOCK * _SCAN_BLOCKS)
         for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
             # cheap test first: the magic sits at byte 257 of every ustar header
-            if chunk[i + 257: i + 262] == b"ustar" and _header(chunk[i: i + BLOCK]) is not None:
+            if chunk[i + 257 : i + 262] == b"ustar" and _header(chunk[i : i + BLOCK]) is not None:
                 return pos + i
         if len(chunk) < BLOCK * _SCAN_BLOCKS:
             return None
@@ -102,7 +108,7 @@ class _Blocks:
         if skip >= len(self.buf):
             skip -= len(self.buf)
             self.buf.clear()
-            while skip and not self.eof:             # data nobody needs (a skipped member)
+            while skip and not self.eof:  # data nobody needs (a skipped member)
                 got = self.f.read(min(skip, 1 << 20))
                 self.eof, skip = not got, skip - len(got)
         else:
@@ -123,7 +129,7 @@ def _pax(data: bytes) -> dict[str, str]:
         length = int(data[i:space])
         if length <= 0:
             raise ValueError(f"bad record length {length}")
-        record = data[space + 1: i + length]
+        record = data[space + 1 : i + length]
         if not record.endswith(b"\n"):
             raise ValueError("record does not end in a newline")
         k, _, v = record[:-1].partition(b"=")
@@ -162,11 +168,21 @@ def iter_members(path, report) -> Iterator[tuple[str, int, bytes]]:
             if info is None:
                 nxt = _next_header(r, pos + BLOCK)
                 if buf.count(0) == BLOCK and nxt is None:
-                    return                                  # the end-of-archive zero blocks
+                    return  # the end-of-archive zero blocks
                 what = "zero block inside the archive" if buf.count(0) == BLOCK else "damaged tar header"
-                report(TarIssue(path, pos, None, f"{what}; " + (
-                    f"skipped {nxt - pos} bytes to the next valid header at byte {nxt}" if nxt is not None
-                    else "no valid header after it: the rest of the shard is lost")))
+                report(
+                    TarIssue(
+                        path,
+                        pos,
+                        None,
+                        f"{what}; "
+                        + (
+                            f"skipped {nxt - pos} bytes to the next valid header at byte {nxt}"
+                            if nxt is not None
+                            else "no valid header after it: the rest of the shard is lost"
+                        ),
+                    )
+                )
                 if nxt is None:
                     return
                 pos, pax, longname = nxt, {}, None
@@ -179,13 +195,19 @@ def iter_members(path, report) -> Iterator[tuple[str, int, bytes]]:
             # but only kept for the length check
             data = r.read_at(start, n)
             if len(data) < n:
-                report(TarIssue(path, pos, name, f"truncated: {n} bytes of data, the file ends "
-                                                 f"{len(data)} bytes after the header"))
+                report(
+                    TarIssue(
+                        path,
+                        pos,
+                        name,
+                        f"truncated: {n} bytes of data, the file ends {len(data)} bytes after the header",
+                    )
+                )
                 return
             if not keep:
                 data = b""
             nxt = start + -(-n // BLOCK) * BLOCK
-            if info.type == tarfile.XHDTYPE:                 # pax header: applies to the next member
+            if info.type == tarfile.XHDTYPE:  # pax header: applies to the next member
                 try:
                     pax = _pax(data)
                 except ValueError as e:
@@ -197,7 +219,7 @@ def iter_members(path, report) -> Iterator[tuple[str, int, bytes]]:
                 longname, pos = data.rstrip(b"\0").decode("utf-8", "surrogateescape"), nxt
                 continue
             pos, pax, longname = nxt, {}, None
-            if info.type == tarfile.XGLTYPE:                  # global pax header: nothing we use
+            if info.type == tarfile.XGLTYPE:  # global pax header: nothing we use
                 continue
             if info.type not in _REGULAR:
                 kind = _KINDS.get(info.type, f"of tar type {info.type!r}")
@@ -211,8 +233,11 @@ def iter_members(path, report) -> Iterator[tuple[str, int, bytes]]:
             yield name, start - BLOCK, data
         # a complete tar ends in zero blocks (returned above); here the file stopped short of them
         size = pos + len(buf)
-        report(TarIssue(path, min(pos, size), None, f"truncated: the file ends at byte {size}, before the "
-                                                     f"end-of-archive blocks"))
+        report(
+            TarIssue(
+                path, min(pos, size), None, f"truncated: the file ends at byte {size}, before the end-of-archive blocks"
+            )
+        )
 
 
 def read_tar_samples(path: str | Path, issues: list[TarIssue] | None = None) -> Iterator[dict[str, Any]]:
@@ -239,8 +264,15 @@ def read_tar_samples(path: str | Path, issues: list[TarIssue] | None = None) -> 
                 current = None
             if current is None:
                 if key in seen:
-                    report(TarIssue(path, offset, name, f"sample {key!r} appears a second time in the shard "
-                                                        f"(its members are not together); ignored"))
+                    report(
+                        TarIssue(
+                            path,
+                            offset,
+                            name,
+                            f"sample {key!r} appears a second time in the shard "
+                            f"(its members are not together); ignored",
+                        )
+                    )
                     continue
                 seen.add(key)
                 current = {"__key__": key, "__url__": str(path)}

@@ -87,15 +87,15 @@ _RESERVED = {"meta", "action", "state"}
 class Episode:
     """One episode or clip, as producers hand it to the writer."""
 
-    key: str                                  # letters, digits, '_' and '-' only
-    frames: dict[str, np.ndarray]             # camera -> uint8 [T, H, W, 3], H and W even
+    key: str  # letters, digits, '_' and '-' only
+    frames: dict[str, np.ndarray]  # camera -> uint8 [T, H, W, 3], H and W even
     fps: float
-    embodiment: str                           # e.g. "sawyer"; "video" for action-free clips
+    embodiment: str  # e.g. "sawyer"; "video" for action-free clips
     task: str = ""
     instruction: str = ""
-    source: str = ""                          # defaults to str(input) of the job
-    action: np.ndarray | None = None          # float [T, A]: the action taken after seeing frame t
-    state: np.ndarray | None = None           # float [T, S]
+    source: str = ""  # defaults to str(input) of the job
+    action: np.ndarray | None = None  # float [T, A]: the action taken after seeing frame t
+    state: np.ndarray | None = None  # float [T, S]
     success: bool | None = None
     episode_index: int = -1
     seed: int | None = None
@@ -113,7 +113,7 @@ class DiskFull(Exception):
     room it needs)."""
 
     def __init__(self, message: str, path: str = "", written: int = 0, errno: int = 0):
-        super().__init__(message, path, written, errno)   # all args: it crosses process boundaries by pickle
+        super().__init__(message, path, written, errno)  # all args: it crosses process boundaries by pickle
         self.message, self.path, self.written, self.errno = message, path, written, errno
 
     def __str__(self) -> str:
@@ -179,7 +179,7 @@ class Failure:
 class JobResult:
     manifest: dict[str, Any]
     failures: list[dict[str, Any]]
-    exit_code: int                            # 0, or DATA_FAILURES when any failure row exists
+    exit_code: int  # 0, or DATA_FAILURES when any failure row exists
 
     @property
     def ok(self) -> bool:
@@ -187,6 +187,7 @@ class JobResult:
 
 
 # ---------------------------------------------------------------- validation
+
 
 def _float_array(a: Any, name: str, n_frames: int) -> np.ndarray:
     a = np.asarray(a)
@@ -237,15 +238,29 @@ def validate_episode(ep: Episode) -> tuple[SampleMeta, np.ndarray | None, np.nda
     if not ep.embodiment or not isinstance(ep.embodiment, str):
         raise BadInput("embodiment must be a non-empty string")
     meta = SampleMeta(
-        key=ep.key, fps=fps, n_frames=n_frames, height=height, width=width, cameras=list(ep.frames),
-        embodiment=ep.embodiment, task=str(ep.task), instruction=str(ep.instruction), source=str(ep.source),
-        success=None if ep.success is None else bool(ep.success), has_action=action is not None,
-        action_dim=0 if action is None else action.shape[1], state_dim=0 if state is None else state.shape[1],
-        episode_index=int(ep.episode_index), seed=None if ep.seed is None else int(ep.seed), extra=ep.extra)
+        key=ep.key,
+        fps=fps,
+        n_frames=n_frames,
+        height=height,
+        width=width,
+        cameras=list(ep.frames),
+        embodiment=ep.embodiment,
+        task=str(ep.task),
+        instruction=str(ep.instruction),
+        source=str(ep.source),
+        success=None if ep.success is None else bool(ep.success),
+        has_action=action is not None,
+        action_dim=0 if action is None else action.shape[1],
+        state_dim=0 if state is None else state.shape[1],
+        episode_index=int(ep.episode_index),
+        seed=None if ep.seed is None else int(ep.seed),
+        extra=ep.extra,
+    )
     return meta, action, state
 
 
 # ---------------------------------------------------------------- one shard
+
 
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -263,7 +278,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 # ---------------------------------------------------------------- worker processes
 
-_JOB_PID: int | None = None   # in a pool worker: the pid of the job's process, which must outlive it
+_JOB_PID: int | None = None  # in a pool worker: the pid of the job's process, which must outlive it
 
 
 def _orphaned() -> bool:
@@ -291,7 +306,7 @@ def _worker_init(job_pid: int) -> None:
             armed = ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             armed = False
-    if _orphaned():   # the job died before the signal was armed
+    if _orphaned():  # the job died before the signal was armed
         os._exit(1)
     if not armed:
         threading.Thread(target=_watch_parent, name="watch-job-process", daemon=True).start()
@@ -301,7 +316,7 @@ def _replace(tmp: Path, path: Path) -> None:
     """fsync ``tmp`` and rename it to ``path``: readers see the old file or the whole new one."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    if _orphaned():   # a worker whose job is gone writes nothing: a rerun owns the folder now
+    if _orphaned():  # a worker whose job is gone writes nothing: a rerun owns the folder now
         os._exit(1)
     os.replace(tmp, path)
 
@@ -321,8 +336,9 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def write_shard(out_dir: str | Path, index: int, items: Iterable[Episode | Failure],
-                sources: list[str] | None = None) -> dict[str, Any]:
+def write_shard(
+    out_dir: str | Path, index: int, items: Iterable[Episode | Failure], sources: list[str] | None = None
+) -> dict[str, Any]:
     """Write shard ``index`` from episodes (validated here) and already-known failures.
 
     Writes ``shard-NNNNNN.tar`` atomically, then its stats.json (the completion marker), and returns
@@ -339,7 +355,7 @@ def write_shard(out_dir: str | Path, index: int, items: Iterable[Episode | Failu
     try:
         _write_tar(tmp, items, entries, failures, keys)
         _replace(tmp, tar_path)
-    except OSError as e:   # a full disk: no half tar left behind, the job stops (DiskFull, exit 74)
+    except OSError as e:  # a full disk: no half tar left behind, the job stops (DiskFull, exit 74)
         if e.errno not in DISK_FULL:
             raise
         raise _disk_full(tar_path, e, tmp) from None
@@ -360,8 +376,9 @@ def _write_stats(stats_path: Path, doc: dict[str, Any], tar_path: Path) -> None:
         raise
 
 
-def _write_tar(tmp: Path, items: Iterable[Episode | Failure], entries: list, failures: list[dict],
-               keys: set[str]) -> None:
+def _write_tar(
+    tmp: Path, items: Iterable[Episode | Failure], entries: list, failures: list[dict], keys: set[str]
+) -> None:
     """Validate, encode and append ``items`` to the tar ``tmp``; fills ``entries`` and ``failures``."""
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for item in items:
@@ -412,6 +429,7 @@ def _job_shard(out_dir: str, index: int, inputs: list, make_episodes: Callable) 
 
 # ---------------------------------------------------------------- finalize
 
+
 def _decide_drops(docs: list[dict[str, Any]]) -> dict[int, list[dict]]:
     """Samples that conflict with an earlier sample (shard/key order): {shard index: failure rows}.
 
@@ -428,14 +446,18 @@ def _decide_drops(docs: list[dict[str, Any]]) -> dict[int, list[dict]]:
             if key in seen:
                 reason = f"duplicate key {key!r}: an earlier shard already holds it"
             elif resolution and [s["height"], s["width"]] != resolution:
-                reason = (f"resolution {s['height']}x{s['width']} differs from the dataset's "
-                          f"{resolution[0]}x{resolution[1]} (set by the first sample)")
+                reason = (
+                    f"resolution {s['height']}x{s['width']} differs from the dataset's "
+                    f"{resolution[0]}x{resolution[1]} (set by the first sample)"
+                )
             else:
                 for field in ("action", "state"):
                     dim, first = s[f"{field}_dim"], dims.get((emb, field))
                     if dim and first and first[0] != dim:
-                        reason = (f"{field} dim {dim} differs from embodiment {emb!r}'s {field} dim {first[0]} "
-                                  f"(set by sample {first[1]!r})")
+                        reason = (
+                            f"{field} dim {dim} differs from embodiment {emb!r}'s {field} dim {first[0]} "
+                            f"(set by sample {first[1]!r})"
+                        )
                         break
             if reason:
                 drops.setdefault(i, []).append(Failure(s["source"], key, reason).row())
@@ -461,8 +483,7 @@ def _drop_samples(out_dir: Path, index: int, doc: dict[str, Any], rows: list[dic
         if e.errno not in DISK_FULL:
             raise
         raise _disk_full(tar_path, e, tmp) from None
-    new = shard_stats_doc(index, doc["sources"], [tuple(e) for e in entries.values()],
-                          doc["failures"] + rows, tar_path)
+    new = shard_stats_doc(index, doc["sources"], [tuple(e) for e in entries.values()], doc["failures"] + rows, tar_path)
     _write_stats(out_dir / stats_name(index), new, tar_path)
     return new
 
@@ -482,8 +503,9 @@ def _copy_without(tar_path: Path, tmp: Path, drop: set[str], entries: dict[str, 
                 e[1 if name == ACTION else 2] = np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shards: int | None = None
-                     ) -> tuple[dict[str, Any], list[dict]]:
+def finalize_dataset(
+    out_dir: str | Path, created_by: str | None = None, n_shards: int | None = None
+) -> tuple[dict[str, Any], list[dict]]:
     """Make the dataset consistent and (re)build ``manifest.json`` and ``failures.jsonl``.
 
     Reads the stats of shards ``0 .. n_shards-1`` (default: every consecutive stats file from 0),
@@ -503,8 +525,11 @@ def finalize_dataset(out_dir: str | Path, created_by: str | None = None, n_shard
             log.warning("%s: %s: %s", shard_name(i), row["key"], row["reason"])
         docs[i] = _drop_samples(out, i, docs[i], rows)
     if (out / stats_name(n_shards)).exists():
-        log.warning("%s: holds shards beyond the %d of this job (from an earlier, larger job?); "
-                    "they are not in the manifest", out, n_shards)
+        log.warning(
+            "%s: holds shards beyond the %d of this job (from an earlier, larger job?); they are not in the manifest",
+            out,
+            n_shards,
+        )
     if created_by is None:
         try:
             created_by = json.loads((out / MANIFEST).read_text()).get("created_by", "")
@@ -532,6 +557,7 @@ def _write_card(out: Path, manifest: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- the job
 
+
 def _is_complete(out_dir: Path, index: int, sources: list[str], quiet: bool = False) -> bool:
     """A shard may be skipped: its stats exist, were made from ``sources`` and match the tar's size and sha256."""
     path, tar = out_dir / stats_name(index), out_dir / shard_name(index)
@@ -548,14 +574,28 @@ def _is_complete(out_dir: Path, index: int, sources: list[str], quiet: bool = Fa
         return False
     size = tar.stat().st_size
     if doc.get("bytes") != size or doc.get("sha256") != file_sha256(tar):
-        warn("%s: does not match its stats record (file: %d bytes; %s records %s bytes, sha256 %.12s...); "
-                    "shard will be rewritten", tar, size, path.name, doc.get("bytes"), doc.get("sha256"))
+        warn(
+            "%s: does not match its stats record (file: %d bytes; %s records %s bytes, sha256 %.12s...); "
+            "shard will be rewritten",
+            tar,
+            size,
+            path.name,
+            doc.get("bytes"),
+            doc.get("sha256"),
+        )
         return False
     return True
 
 
-def run_sharded_job(out_dir: str | Path, inputs: list, make_episodes: Callable[[Any], Iterable[Episode]],
-                    samples_per_shard: int, workers: int = 1, created_by: str = "", desc: str = "shards") -> JobResult:
+def run_sharded_job(
+    out_dir: str | Path,
+    inputs: list,
+    make_episodes: Callable[[Any], Iterable[Episode]],
+    samples_per_shard: int,
+    workers: int = 1,
+    created_by: str = "",
+    desc: str = "shards",
+) -> JobResult:
     """Turn ``inputs`` into a dataset in ``out_dir``, resuming whatever an earlier run completed.
 
     ``make_episodes(input)`` yields 0..n ``Episode``s; with ``workers > 1`` it runs in spawned
@@ -584,17 +624,22 @@ def take_lock(lock: FolderLock) -> Iterator[FolderLock]:
         except OSError:
             pass
         free = free_bytes(lock.path.parent)
-        raise DiskFull(f"cannot write {lock.path} (the job's lock): {e.strerror or e}; nothing else was written; "
-                       f"{megabytes(free) if free is not None else 'unknown'} free there: make room and rerun",
-                       str(lock.path), 0, e.errno) from None
+        raise DiskFull(
+            f"cannot write {lock.path} (the job's lock): {e.strerror or e}; nothing else was written; "
+            f"{megabytes(free) if free is not None else 'unknown'} free there: make room and rerun",
+            str(lock.path),
+            0,
+            e.errno,
+        ) from None
     try:
         yield lock
     finally:
         lock.release()
 
 
-def _write_pending(out: Path, chunks: list[list], pending: list[int], make_episodes: Callable, workers: int,
-                   bar: tqdm) -> None:
+def _write_pending(
+    out: Path, chunks: list[list], pending: list[int], make_episodes: Callable, workers: int, bar: tqdm
+) -> None:
     if workers == 1 or len(pending) <= 1:
         for i in pending:
             _job_shard(str(out), i, chunks[i], make_episodes)
@@ -605,15 +650,16 @@ def _write_pending(out: Path, chunks: list[list], pending: list[int], make_episo
     except Exception as e:  # noqa: BLE001
         raise TypeError(f"make_episodes must be picklable with workers > 1 (a module-level function): {e}") from None
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx,
-                             initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(pending)), mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(_job_shard, str(out), i, chunks[i], make_episodes) for i in pending]
         try:
             for fut in as_completed(futures):
                 fut.result()
                 bar.update()
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)   # a full disk: start no further shard
+            pool.shutdown(wait=True, cancel_futures=True)  # a full disk: start no further shard
             raise
 
 
@@ -622,25 +668,46 @@ def _job_disk_full(out: Path, chunks: list[list], e: DiskFull) -> DiskFull:
     done = [i for i in range(len(chunks)) if _is_complete(out, i, [str(x) for x in chunks[i]], quiet=True)]
     left = len(chunks) - len(done)
     sizes = [(out / shard_name(i)).stat().st_size for i in done]
-    if e.errno == errno.EFBIG:   # not the free room: a limit on one file's size
-        room = (f"writes files larger than the file system or the process's file-size limit (`ulimit -f`) allows "
-                f"({megabytes(e.written)} written); lower --samples-per-shard or raise the limit")
-        return DiskFull(f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}, "
-                        f"then rerun the same command to resume", e.path, e.written, e.errno)
+    if e.errno == errno.EFBIG:  # not the free room: a limit on one file's size
+        room = (
+            f"writes files larger than the file system or the process's file-size limit (`ulimit -f`) allows "
+            f"({megabytes(e.written)} written); lower --samples-per-shard or raise the limit"
+        )
+        return DiskFull(
+            f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}, "
+            f"then rerun the same command to resume",
+            e.path,
+            e.written,
+            e.errno,
+        )
     if sizes and left:
         mean = sum(sizes) // len(sizes)
         room = room_note(out, mean * left, f"{left} shard(s) left x {megabytes(mean)} each")
-    else:   # no complete shard to measure: the free room was not enough for one
+    else:  # no complete shard to measure: the free room was not enough for one
         free = free_bytes(out)
-        room = (f"needs more than the {megabytes(free) if free is not None else 'unknown'} free there (the shard had "
-                f"written {megabytes(e.written)} when the disk filled)")
-    return DiskFull(f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}: "
-                    f"make room and rerun the same command to resume", e.path, e.written, e.errno)
+        room = (
+            f"needs more than the {megabytes(free) if free is not None else 'unknown'} free there (the shard had "
+            f"written {megabytes(e.written)} when the disk filled)"
+        )
+    return DiskFull(
+        f"{e}; {len(done)} of {len(chunks)} shard(s) complete and kept; the rest of the job {room}: "
+        f"make room and rerun the same command to resume",
+        e.path,
+        e.written,
+        e.errno,
+    )
 
 
-def _run_job(out: Path, inputs: list, make_episodes: Callable[[Any], Iterable[Episode]], samples_per_shard: int,
-             workers: int, created_by: str, desc: str) -> JobResult:
-    chunks = [inputs[i:i + samples_per_shard] for i in range(0, len(inputs), samples_per_shard)]
+def _run_job(
+    out: Path,
+    inputs: list,
+    make_episodes: Callable[[Any], Iterable[Episode]],
+    samples_per_shard: int,
+    workers: int,
+    created_by: str,
+    desc: str,
+) -> JobResult:
+    chunks = [inputs[i : i + samples_per_shard] for i in range(0, len(inputs), samples_per_shard)]
     pending = [i for i, c in enumerate(chunks) if not _is_complete(out, i, [str(x) for x in c])]
     if len(pending) < len(chunks):
         log.info("%s: resuming, %d of %d shards already complete", out, len(chunks) - len(pending), len(chunks))
@@ -653,6 +720,13 @@ def _run_job(out: Path, inputs: list, make_episodes: Callable[[Any], Iterable[Ep
     finally:
         bar.close()
     totals = manifest["totals"]
-    log.info("%s: %d samples, %d frames in %d shards; %d failures%s", out, totals["samples"], totals["frames"],
-             totals["shards"], len(failures), f" (see {out / FAILURES})" if failures else "")
+    log.info(
+        "%s: %d samples, %d frames in %d shards; %d failures%s",
+        out,
+        totals["samples"],
+        totals["frames"],
+        totals["shards"],
+        len(failures),
+        f" (see {out / FAILURES})" if failures else "",
+    )
     return JobResult(manifest, failures, DATA_FAILURES if failures else 0)

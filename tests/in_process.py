@@ -16,12 +16,12 @@ from wm_pipeline.cli.main import main
 def wm_here(capsys, *args: str) -> tuple[int, str, str]:
     """``(exit code, stdout, stderr)`` of ``wm ARGS`` run in this process (``capsys``: pytest's fixture)."""
     capsys.readouterr()
-    handler = logging.StreamHandler(sys.stderr)   # capsys's stderr at this moment
+    handler = logging.StreamHandler(sys.stderr)  # capsys's stderr at this moment
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
-    root.setLevel(logging.INFO)   # what main()'s basicConfig sets in a real process
+    root.setLevel(logging.INFO)  # what main()'s basicConfig sets in a real process
     try:
         code = main(list(args))
     except SystemExit as e:

@@ -30,8 +30,12 @@ def ensure_installed() -> None:
         raise SlurmUnavailable("slurm is not installed and this is not a root Debian machine (apt-get)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-    r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}")
 
@@ -62,33 +66,58 @@ class SlurmCluster:
         subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
         os.chmod(key, 0o600)
         sock = r / "munge" / "munge.socket.2"
-        self._start(["munged", f"--socket={sock}", f"--key-file={key}", f"--pid-file={r / 'munge' / 'munged.pid'}",
-                     f"--log-file={r / 'log' / 'munged.log'}", f"--seed-file={r / 'munge' / 'seed'}", "--force"],
-                    r / "munge" / "munged.pid")
+        self._start(
+            [
+                "munged",
+                f"--socket={sock}",
+                f"--key-file={key}",
+                f"--pid-file={r / 'munge' / 'munged.pid'}",
+                f"--log-file={r / 'log' / 'munged.log'}",
+                f"--seed-file={r / 'munge' / 'seed'}",
+                "--force",
+            ],
+            r / "munge" / "munged.pid",
+        )
         host = socket.gethostname().split(".")[0]
         node = _node_line()
         nodename = node.split()[0].split("=", 1)[1]
         conf = r / "slurm.conf"
-        conf.write_text("\n".join([
-            "ClusterName=wmtest",
-            f"SlurmctldHost={host}(127.0.0.1)",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge",
-            f"AuthInfo=socket={sock},cred_expire=10",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "SchedulerParameters=bf_interval=1,sched_interval=2",
-            "SlurmdParameters=config_overrides", "ReturnToService=2", "MpiDefault=none", "MailProg=/bin/true",
-            "MinJobAge=300",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
-            "SlurmctldPort=16817", "SlurmdPort=16818",
-            node,
-            f"PartitionName=debug Nodes={nodename} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=wmtest",
+                    f"SlurmctldHost={host}(127.0.0.1)",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={sock},cred_expire=10",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "SchedulerParameters=bf_interval=1,sched_interval=2",
+                    "SlurmdParameters=config_overrides",
+                    "ReturnToService=2",
+                    "MpiDefault=none",
+                    "MailProg=/bin/true",
+                    "MinJobAge=300",
+                    f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={r / 'slurmd.pid'}",
+                    f"StateSaveLocation={r / 'state'}",
+                    f"SlurmdSpoolDir={r / 'spool'}",
+                    f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+                    "SlurmctldPort=16817",
+                    "SlurmdPort=16818",
+                    node,
+                    f"PartitionName=debug Nodes={nodename} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         self.env["SLURM_CONF"] = str(conf)
         self._start(["slurmctld", "-c", "-f", str(conf)], r / "slurmctld.pid")
         self._start(["slurmd", "-f", str(conf)], r / "slurmd.pid")
@@ -130,8 +159,9 @@ class SlurmCluster:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check)
 
     def sbatch(self, args: list[str], env: dict[str, str] | None = None) -> int:
-        r = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["sbatch", "--parsable", *args], env={**self.env, **(env or {})}, capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {r.stderr.strip()}")
         return int(r.stdout.strip().split(";")[0])
@@ -145,7 +175,9 @@ class SlurmCluster:
                 fields[k] = v
         return fields
 
-    def wait(self, job_id: int, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")) -> dict[str, str]:
+    def wait(
+        self, job_id: int, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    ) -> dict[str, str]:
         end = time.time() + timeout
         last: dict[str, str] = {}
         while time.time() < end:

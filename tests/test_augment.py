@@ -30,7 +30,7 @@ def test_random_shift_moves_each_sample_by_at_most_pad_and_the_same_for_its_fram
     dy = centre[:, 0, 0] // 16 - 6
     dx = centre[:, 0, 0] % 16 - 6
     assert dy.abs().max() <= 4 and dx.abs().max() <= 4
-    assert len({(int(a), int(b)) for a, b in zip(dy, dx)}) > 1      # offsets differ between samples
+    assert len({(int(a), int(b)) for a, b in zip(dy, dx)}) > 1  # offsets differ between samples
     for i in range(frames.shape[0]):
         want = frames[i, 0, 0, 6 + dy[i] : 10 + dy[i], 6 + dx[i] : 10 + dx[i]]
         assert torch.equal(out[i, 0, 0, 6:10, 6:10], want)
@@ -51,7 +51,7 @@ def test_decoder_augments_frames_in_training_only_and_keeps_actions():
     torch.manual_seed(1)
     loss_shift, _ = shifted(batch)
     assert not torch.isclose(loss_plain, loss_shift)
-    for k, v in before.items():              # the batch (frames, actions, states) is left as it was
+    for k, v in before.items():  # the batch (frames, actions, states) is left as it was
         assert torch.equal(batch[k], v), k
 
     # Eval mode: no augmentation, identical predictions.
@@ -63,11 +63,13 @@ def test_decoder_augments_frames_in_training_only_and_keeps_actions():
     b, _ = shifted(batch)
     torch.testing.assert_close(a, b)
     g = torch.Generator().manual_seed(3)
-    chunk_a = plain.predict_action_chunk(batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1], batch["task"],
-                                         generator=g)
+    chunk_a = plain.predict_action_chunk(
+        batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1], batch["task"], generator=g
+    )
     g = torch.Generator().manual_seed(3)
-    chunk_b = shifted.predict_action_chunk(batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1], batch["task"],
-                                           generator=g)
+    chunk_b = shifted.predict_action_chunk(
+        batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1], batch["task"], generator=g
+    )
     torch.testing.assert_close(chunk_a, chunk_b)
 
 
@@ -88,16 +90,17 @@ def test_state_indices_keep_only_the_chosen_state_dims():
     wake_zero_layers(model)
 
     def chunk(state):
-        return model.predict_action_chunk(batch["frames"][:, :N_OBS], state, batch["task"],
-                                          generator=torch.Generator().manual_seed(5))
+        return model.predict_action_chunk(
+            batch["frames"][:, :N_OBS], state, batch["task"], generator=torch.Generator().manual_seed(5)
+        )
 
     state = batch["state"][:, N_OBS - 1]
     base = chunk(state)
     ignored = state.clone()
-    ignored[:, 4:] += 100.0                                 # dims the decoder does not read
+    ignored[:, 4:] += 100.0  # dims the decoder does not read
     torch.testing.assert_close(chunk(ignored), base)
     read = state.clone()
-    read[:, 0] += 5.0                                       # a dim it reads
+    read[:, 0] += 5.0  # a dim it reads
     assert not torch.allclose(chunk(read), base)
     with pytest.raises(ValueError, match="state_indices"):
         ActionDecoder(make_config(batch, state_indices=[0, 99]))

@@ -21,7 +21,7 @@ def _blob_batch(seed=0):
     frames = torch.full((b, t, c, h, w), 40, dtype=torch.uint8)
     ys, xs = torch.randint(0, h - 4, (b,), generator=g), torch.randint(0, w - 4, (b,), generator=g)
     for i in range(b):
-        frames[i, :, :, ys[i]:ys[i] + 4, xs[i]:xs[i] + 4] = 230
+        frames[i, :, :, ys[i] : ys[i] + 4, xs[i] : xs[i] + 4] = 230
     batch["frames"] = frames
     return batch
 
@@ -45,10 +45,10 @@ def test_aux_recon_is_off_by_default_and_validated():
 def test_aux_recon_trains_the_encoder_and_counts_action_free_samples():
     torch.manual_seed(0)
     batch = _blob_batch()
-    batch["action_mask"] = torch.zeros_like(batch["action_mask"])   # no sample has actions
+    batch["action_mask"] = torch.zeros_like(batch["action_mask"])  # no sample has actions
     model = ActionDecoder(make_config(batch, objective="fm", aux_recon_weight=1.0, aux_recon_size=8))
     loss, metrics = model(batch)
-    loss.backward()   # the flow loss is masked out entirely: any encoder gradient is the reconstruction's
+    loss.backward()  # the flow loss is masked out entirely: any encoder gradient is the reconstruction's
     grad = model.image_encoder.stages[0].weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert metrics["aux_recon_mse"] > 0

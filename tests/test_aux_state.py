@@ -31,8 +31,9 @@ def test_aux_state_loss_is_off_by_default_and_validated():
 def test_aux_state_head_learns_the_state_from_the_frames_through_the_encoder():
     torch.manual_seed(0)
     batch = _batch_with_state_in_frames()
-    model = ActionDecoder(make_config(batch, objective="fm", state_indices=[0, 1, 2, 3],
-                                      aux_state_indices=[5], aux_state_weight=1.0))
+    model = ActionDecoder(
+        make_config(batch, objective="fm", state_indices=[0, 1, 2, 3], aux_state_indices=[5], aux_state_weight=1.0)
+    )
     loss, metrics = model(batch)
     loss.backward()
     with_aux = model.image_encoder.proj.weight.grad.clone()
@@ -42,7 +43,7 @@ def test_aux_state_head_learns_the_state_from_the_frames_through_the_encoder():
     torch.manual_seed(1)
     loss_p, _ = plain(batch)
     loss_p.backward()
-    assert not torch.allclose(with_aux, plain.image_encoder.proj.weight.grad)   # the head trains the encoder
+    assert not torch.allclose(with_aux, plain.image_encoder.proj.weight.grad)  # the head trains the encoder
 
     history = train(model, batch, steps=150, lr=3e-3)
     first, last = mean_of(history, "aux_state_mse", slice(10)), mean_of(history, "aux_state_mse", slice(-10, None))
@@ -52,8 +53,11 @@ def test_aux_state_head_learns_the_state_from_the_frames_through_the_encoder():
 def test_the_policy_never_reads_the_aux_state_dims():
     torch.manual_seed(0)
     batch = make_batch()
-    model = ActionDecoder(make_config(batch, objective="fm", state_indices=[0, 1, 2, 3],
-                                      aux_state_indices=[4, 5, 6], aux_state_weight=1.0)).eval()
+    model = ActionDecoder(
+        make_config(
+            batch, objective="fm", state_indices=[0, 1, 2, 3], aux_state_indices=[4, 5, 6], aux_state_weight=1.0
+        )
+    ).eval()
     wake_zero_layers(model)
     base = predict(model, batch)
     changed = {**batch, "state": batch["state"].clone()}

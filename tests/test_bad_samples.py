@@ -24,7 +24,7 @@ from test_stream import make_dataset
 from wm_pipeline.cli.main import main
 from wm_pipeline.jobs.labelling import Labeller, register_labeller
 
-KEYS = [f"ep{i}" for i in range(5)]          # test_stream's robot dataset: frames 20, 13, 17, 9, 24
+KEYS = [f"ep{i}" for i in range(5)]  # test_stream's robot dataset: frames 20, 13, 17, 9, 24
 SHARD = "shard-000000.tar"
 
 
@@ -53,7 +53,7 @@ def _flip(tar: Path, at: int, n: int = 4) -> None:
 
 
 def _flip_header(tar: Path, member: str) -> None:
-    _flip(tar, _offsets(tar)[member][0] + 2)        # inside the name field: the checksum no longer matches
+    _flip(tar, _offsets(tar)[member][0] + 2)  # inside the name field: the checksum no longer matches
 
 
 def _label_keys(data: Path, caplog) -> set[str]:
@@ -75,9 +75,9 @@ def test_a_flipped_tar_header_costs_only_its_sample(clean, tmp_path, caplog, mem
     text = _warnings(caplog)
     offset = _offsets(clean / SHARD)[member][0]
     assert f"{SHARD}: unreadable shard data at byte {offset} (damaged tar header; skipped" in text
-    assert not lost or f"{SHARD}:ep1: no member {member}" in text      # the sample it cost, by key and member
+    assert not lost or f"{SHARD}:ep1: no member {member}" in text  # the sample it cost, by key and member
     with pytest.raises(FormatError, match=f"{SHARD}: unreadable shard data at byte {offset}"):
-        list(WindowStream(tmp_path / "d", window=4, mode="label"))    # strict: raised, not swallowed
+        list(WindowStream(tmp_path / "d", window=4, mode="label"))  # strict: raised, not swallowed
 
 
 def test_train_mode_counts_each_bad_sample_once_and_keeps_going(clean, tmp_path, caplog):
@@ -85,7 +85,7 @@ def test_train_mode_counts_each_bad_sample_once_and_keeps_going(clean, tmp_path,
     _flip_header(tar, "ep2.meta.json")
     stream = WindowStream(tmp_path / "d", window=4, windows_per_episode=2, shuffle_buffer=4)
     with caplog.at_level(logging.WARNING, logger="shards.stream"):
-        windows = list(itertools.islice(iter(stream), 120))           # ~15 passes over the shard
+        windows = list(itertools.islice(iter(stream), 120))  # ~15 passes over the shard
     assert {w["key"] for w in windows} == set(KEYS) - {"ep2"}
     skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
     # two distinct problems (the header, the sample it broke), each warned once despite every pass
@@ -96,8 +96,8 @@ def test_train_mode_counts_each_bad_sample_once_and_keeps_going(clean, tmp_path,
 def test_flipped_npy_header_and_meta_json_bytes_are_skips_not_tracebacks(clean, tmp_path, caplog):
     tar = _copy(clean, tmp_path / "d")
     offsets = _offsets(tar)
-    _flip(tar, offsets["ep1.action.npy"][1] + 12)                      # inside the .npy header dict
-    _flip(tar, offsets["ep3.meta.json"][1] + 1, 2)                     # bytes that are not UTF-8 JSON
+    _flip(tar, offsets["ep1.action.npy"][1] + 12)  # inside the .npy header dict
+    _flip(tar, offsets["ep3.meta.json"][1] + 1, 2)  # bytes that are not UTF-8 JSON
     assert _label_keys(tmp_path / "d", caplog) == {"ep0", "ep2", "ep4"}
     text = _warnings(caplog)
     assert f"{SHARD}:ep1.action.npy: unreadable" in text and f"{SHARD}:ep3.meta.json: not valid JSON" in text
@@ -131,8 +131,11 @@ def _member(name: str, size: int = 8) -> tarfile.TarInfo:
 
 def test_unsafe_and_non_file_members_are_named_and_never_used(clean, tmp_path, caplog):
     tar = _copy(clean, tmp_path / "a" / "b" / "d")
-    _rewrite(tar, extra=[_member("../../evil.mp4"), _member("/tmp/evil.mp4"), _member("sub/ep9.meta.json")],
-             link="ep1.front.mp4")
+    _rewrite(
+        tar,
+        extra=[_member("../../evil.mp4"), _member("/tmp/evil.mp4"), _member("sub/ep9.meta.json")],
+        link="ep1.front.mp4",
+    )
     assert _label_keys(tmp_path / "a" / "b" / "d", caplog) == set(KEYS) - {"ep1"}
     text = _warnings(caplog)
     for name in ("'../../evil.mp4'", "'/tmp/evil.mp4'", "'sub/ep9.meta.json'"):
@@ -145,7 +148,7 @@ def test_unsafe_and_non_file_members_are_named_and_never_used(clean, tmp_path, c
 
 def test_samples_the_manifest_lists_but_the_shard_lacks_are_reported(clean, tmp_path, caplog):
     tar = _copy(clean, tmp_path / "d")
-    _rewrite(tar, drop="ep3.")                                         # a valid tar: nothing else says so
+    _rewrite(tar, drop="ep3.")  # a valid tar: nothing else says so
     assert [r["__key__"] for r in read_tar_samples(tar)] == ["ep0", "ep1", "ep2", "ep4"]
     assert _label_keys(tmp_path / "d", caplog) == set(KEYS) - {"ep3"}
     assert f"{SHARD}: 1 sample(s) the manifest lists are not in the shard: ['ep3']" in _warnings(caplog)
@@ -171,14 +174,20 @@ def test_inspect_verify_reads_every_member_and_lists_the_bad_ones(clean, tmp_pat
     offsets = _offsets(tar)
     _flip_header(tar, "ep1.meta.json")
     _flip(tar, offsets["ep2.state.npy"][1] + 12)
-    _flip(tar, offsets["ep3.front.mp4"][1] + 600, 400)                 # inside the H.264 stream
-    assert _wm("inspect", str(tmp_path / "d"), "--no-sheet").returncode == 0   # the summary alone cannot tell
+    _flip(tar, offsets["ep3.front.mp4"][1] + 600, 400)  # inside the H.264 stream
+    assert _wm("inspect", str(tmp_path / "d"), "--no-sheet").returncode == 0  # the summary alone cannot tell
     proc = _wm("inspect", str(tmp_path / "d"), "--verify", "--no-sheet")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     bad = [line for line in proc.stdout.splitlines() if line.startswith("  bad  ")]
-    for text in ("size or sha256 differs", f"unreadable shard data at byte {offsets['ep1.meta.json'][0]}",
-                 f"{SHARD}:ep1: no member ep1.meta.json", f"{SHARD}:ep2.state.npy: unreadable",
-                 f"{SHARD}:ep3.front.mp4: cannot decode", "member 'ep4.wrist.mp4'", "member '../../evil.mp4'"):
+    for text in (
+        "size or sha256 differs",
+        f"unreadable shard data at byte {offsets['ep1.meta.json'][0]}",
+        f"{SHARD}:ep1: no member ep1.meta.json",
+        f"{SHARD}:ep2.state.npy: unreadable",
+        f"{SHARD}:ep3.front.mp4: cannot decode",
+        "member 'ep4.wrist.mp4'",
+        "member '../../evil.mp4'",
+    ):
         assert sum(text in line for line in bad) >= 1, (text, bad)
     assert not any("ep0" in line for line in bad), bad
 
@@ -193,8 +202,15 @@ def labeller(tmp_path_factory):
     save_file({"unused": torch.zeros(1)}, str(folder / "model.safetensors"))
 
     def load(path, run_config):
-        return Labeller(kind="bad_samples_mean", model=torch.nn.Identity(), folder=path, window=4, tail=0,
-                        fields={"mean": ((3,), "float32")}, image_size=(32, 32))
+        return Labeller(
+            kind="bad_samples_mean",
+            model=torch.nn.Identity(),
+            folder=path,
+            window=4,
+            tail=0,
+            fields={"mean": ((3,), "float32")},
+            image_size=(32, 32),
+        )
 
     register_labeller("bad_samples_mean", load, lambda lab, frames, embs: {"mean": frames.float().mean((-1, -2))})
     return folder
@@ -204,7 +220,7 @@ def test_label_fails_only_bad_samples_and_reruns_retry_them(clean, labeller, tmp
     data = tmp_path / "d"
     tar = _copy(clean, data)
     good, offsets = tar.read_bytes(), _offsets(tar)
-    _flip_header(tar, "ep1.meta.json")                 # Python's tarfile (and WebDataset) stop here
+    _flip_header(tar, "ep1.meta.json")  # Python's tarfile (and WebDataset) stop here
     _flip(tar, offsets["ep3.action.npy"][1] + 12)
     args = ["label", "--labeller", str(labeller), "--data", str(data), "--no-progress"]
     with caplog.at_level(logging.INFO):
@@ -214,14 +230,14 @@ def test_label_fails_only_bad_samples_and_reruns_retry_them(clean, labeller, tmp
     reasons = {f["key"]: f["reason"] for f in stats["failures"]}
     assert "no member ep1.meta.json" in reasons["ep1"] and "ep3.action.npy: unreadable" in reasons["ep3"]
     assert "None" not in json.dumps(reasons)
-    assert "labelled 3 clips" in caplog.text and "(2 failures)" in caplog.text   # what it did, not what it tried
+    assert "labelled 3 clips" in caplog.text and "(2 failures)" in caplog.text  # what it did, not what it tried
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert main(args) == 3                     # a rerun retries the shard and stays honest
+        assert main(args) == 3  # a rerun retries the shard and stays honest
     assert "2 sample(s) failed in an earlier run (ep1, ep3); retrying" in caplog.text
 
-    tar.write_bytes(good)                          # the shard repaired: the rerun labels the rest
+    tar.write_bytes(good)  # the shard repaired: the rerun labels the rest
     assert main(args) == 0
     stats = read_sidecar_stats(data, "bad_samples_mean", SHARD)
     assert stats["keys"] == KEYS and stats["failures"] == []

@@ -15,7 +15,7 @@ SCRIPTS = sorted(p for p in BENCH.glob("*.py") if p.name != "json_report.py")
 def test_benchmark_imports_and_parses_help(script, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(script), "--help"])
     monkeypatch.syspath_prepend(str(BENCH))
-    monkeypatch.delitem(sys.modules, "json_report", raising=False)   # each script must find it itself
+    monkeypatch.delitem(sys.modules, "json_report", raising=False)  # each script must find it itself
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(script), run_name="__main__")
     assert stop.value.code in (0, None)

@@ -34,8 +34,13 @@ from wm_pipeline.training.config import resolve
 from wm_pipeline.training.registry import get_model, register_model
 from wm_pipeline.training.trainer import train
 
-RUN_ARGS = ("train.max_steps=30", "train.ckpt_every=10", "train.keep_last=5", "train.log_every=10",
-            "train.progress=false")
+RUN_ARGS = (
+    "train.max_steps=30",
+    "train.ckpt_every=10",
+    "train.keep_last=5",
+    "train.log_every=10",
+    "train.progress=false",
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +49,22 @@ def data(tmp_path_factory):
 
 
 def wm_train(data, run, *overrides, model="toy", env=None, extra=()):
-    cmd = [sys.executable, "-m", "wm_pipeline", "train", model, "--data", str(data), "--out", str(run),
-           "--preset", "tiny", *extra, *RUN_ARGS, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wm_pipeline",
+        "train",
+        model,
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        *extra,
+        *RUN_ARGS,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=env or toy_models.plugin_env(), capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -81,8 +100,10 @@ def error_lines(out: str, command: str = "train") -> list[str]:
 
 # ---------------------------------------------------------------- resume
 
-@pytest.mark.parametrize("name", ["model.safetensors", "ema.safetensors", "optimizer.safetensors",
-                                  "trainer_state.json"])
+
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "trainer_state.json"]
+)
 def test_truncated_file_in_latest_checkpoint_falls_back_to_the_intact_one(data, trained, tmp_path, name):
     run = copy_run(trained, tmp_path)
     bad = checkpoint.step_dir(run, 30) / name
@@ -107,15 +128,21 @@ def test_truncated_file_in_latest_checkpoint_falls_back_to_the_intact_one(data, 
     assert checkpoint.verify_checkpoint(checkpoint.step_dir(run, 30)) == []
     # resuming replays the same batches and noise: the same weights as the uninterrupted run
     for file in ("model.safetensors", "ema.safetensors"):
-        a, b = load_file(str(checkpoint.step_dir(trained, 30) / file)), load_file(str(checkpoint.step_dir(run, 30) / file))
+        a, b = (
+            load_file(str(checkpoint.step_dir(trained, 30) / file)),
+            load_file(str(checkpoint.step_dir(run, 30) / file)),
+        )
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{file}:{key}")
 
 
 def test_no_intact_checkpoint_is_a_one_line_error_and_deletes_nothing(data, trained, tmp_path):
     run = copy_run(trained, tmp_path)
-    bad = [checkpoint.step_dir(run, 10) / "model.safetensors", checkpoint.step_dir(run, 20) / "optimizer.safetensors",
-           checkpoint.step_dir(run, 30) / "trainer_state.json"]
+    bad = [
+        checkpoint.step_dir(run, 10) / "model.safetensors",
+        checkpoint.step_dir(run, 20) / "optimizer.safetensors",
+        checkpoint.step_dir(run, 30) / "trainer_state.json",
+    ]
     for path in bad:
         truncate(path)
     sizes = {p: p.stat().st_size for p in bad}
@@ -146,17 +173,20 @@ def test_weights_that_do_not_fit_keep_the_config_change_hint(data, trained, tmp_
 
 # ---------------------------------------------------------------- other readers of weights
 
+
 def test_truncated_init_weights_are_a_one_line_error(data, trained, tmp_path):
     pre = copy_run(trained, tmp_path)
     bad = pre / "final" / "model.safetensors"
     truncate(bad)
     plugin = tmp_path / "finetune_plugin.py"
-    plugin.write_text("from wm_pipeline.training.registry import get_model, register_model\n"
-                      "s = get_model('toy')\n"
-                      "register_model('toy-finetune', s.config_cls, s.model_cls, s.presets, prepare=s.prepare,\n"
-                      "               required_keys=s.required_keys, warm_start=True)\n")
+    plugin.write_text(
+        "from wm_pipeline.training.registry import get_model, register_model\n"
+        "s = get_model('toy')\n"
+        "register_model('toy-finetune', s.config_cls, s.model_cls, s.presets, prepare=s.prepare,\n"
+        "               required_keys=s.required_keys, warm_start=True)\n"
+    )
     env = toy_models.plugin_env()
-    env["WM_PLUGINS"] = f"{env['WM_PLUGINS']},{plugin}"   # in order: `toy` first
+    env["WM_PLUGINS"] = f"{env['WM_PLUGINS']},{plugin}"  # in order: `toy` first
     ft = tmp_path / "ft"
     code, out = wm_train(data, ft, model="toy-finetune", env=env, extra=("--init", str(pre)))
     assert code == 2, out
@@ -170,11 +200,18 @@ def test_truncated_init_weights_are_a_one_line_error(data, trained, tmp_path):
 def _saved_decoder(run: Path) -> Path:
     from decoders.decoder import ActionDecoder, DecoderConfig
 
-    stats = {"sawyer": {"action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
-                        "state": {"mean": [0.0] * 39, "std": [1.0] * 39, "min": [-1.0] * 39, "max": [1.0] * 39}}}
+    stats = {
+        "sawyer": {
+            "action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
+            "state": {"mean": [0.0] * 39, "std": [1.0] * 39, "min": [-1.0] * 39, "max": [1.0] * 39},
+        }
+    }
     final = run / "final"
-    ActionDecoder(DecoderConfig.from_preset("tiny", action_dim=4, state_dim=39, image_size=[64, 64],
-                                            tasks=["reach-v3"], stats=stats)).save_pretrained(final)
+    ActionDecoder(
+        DecoderConfig.from_preset(
+            "tiny", action_dim=4, state_dim=39, image_size=[64, 64], tasks=["reach-v3"], stats=stats
+        )
+    ).save_pretrained(final)
     (final / "run_config.yaml").write_text(yaml.safe_dump({"model_name": "decoder"}))
     return final
 
@@ -187,14 +224,26 @@ def test_wm_eval_policy_names_the_unreadable_file(tmp_path, capsys, damage):
         bad.write_bytes(b"")
     else:
         truncate(bad)
-    args = ["eval", "--policy", str(tmp_path / "dec"), "--tasks", "reach-v3", "--episodes", "1",
-            "--out", str(tmp_path / "eval")]
+    args = [
+        "eval",
+        "--policy",
+        str(tmp_path / "dec"),
+        "--tasks",
+        "reach-v3",
+        "--episodes",
+        "1",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert main(args) == exit_codes.USAGE
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = error_lines(err, "eval")
-    expected = {"model.safetensors": "is unreadable: truncated or corrupt safetensors",
-                "config.json": "is unreadable: not valid JSON", "empty": "is empty (0 bytes)"}[damage]
+    expected = {
+        "model.safetensors": "is unreadable: truncated or corrupt safetensors",
+        "config.json": "is unreadable: not valid JSON",
+        "empty": "is empty (0 bytes)",
+    }[damage]
     assert f"{bad} {expected}" in line, line
     assert not (tmp_path / "eval" / "results.json").exists()
 
@@ -202,8 +251,19 @@ def test_wm_eval_policy_names_the_unreadable_file(tmp_path, capsys, damage):
 def _tiny_world_model_config(**kw):
     from worldmodel.uwm import WorldModelConfig, embodiment_spec
 
-    base = dict(image_size=16, patch_size=4, n_obs=1, n_future=1, action_horizon=4, width=32, depth=1, heads=2,
-                registers=1, encoder_channels=[8, 16], embodiments={"sawyer": embodiment_spec(action_dim=4)})
+    base = dict(
+        image_size=16,
+        patch_size=4,
+        n_obs=1,
+        n_future=1,
+        action_horizon=4,
+        width=32,
+        depth=1,
+        heads=2,
+        registers=1,
+        encoder_channels=[8, 16],
+        embodiments={"sawyer": embodiment_spec(action_dim=4)},
+    )
     return WorldModelConfig(**{**base, **kw})
 
 
@@ -211,9 +271,15 @@ def _tiny_vae(path: Path) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                  layers_per_block=1, sample_size=32).save_pretrained(path)
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    ).save_pretrained(path)
     return path
 
 
@@ -224,8 +290,11 @@ def _tiny_text_encoder(path: Path) -> Path:
     vocab = path.with_name("vocab.txt")
     vocab.write_text("\n".join(words) + "\n")
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -238,13 +307,20 @@ def test_world_model_loaders_name_the_unreadable_file(tmp_path):
     from wm_pipeline.weights import UnreadableFile
     from worldmodel.uwm import WorldModel
 
-    info = {**env_info("metaworld", resolution=16), "action_steps": None, "temporal_ensemble": None,
-            "sampling_steps": None}
+    info = {
+        **env_info("metaworld", resolution=16),
+        "action_steps": None,
+        "temporal_ensemble": None,
+        "sampling_steps": None,
+    }
     plain = tmp_path / "wm"
     WorldModel(_tiny_world_model_config()).save_pretrained(plain)
     truncate(plain / "model.safetensors")
-    for load in (lambda: load_world_model_policy(str(plain), info), lambda: load_policy(str(plain), info),
-                 lambda: load_world_model(plain)):
+    for load in (
+        lambda: load_world_model_policy(str(plain), info),
+        lambda: load_policy(str(plain), info),
+        lambda: load_world_model(plain),
+    ):
         with pytest.raises(UnreadableFile, match="truncated or corrupt safetensors") as e:
             load()
         assert e.value.path == plain / "model.safetensors"
@@ -293,12 +369,14 @@ def test_labellers_name_the_unreadable_file(tmp_path):
     from wm_pipeline.jobs.vae_labeller import label_vae, load_vae_labeller
     from wm_pipeline.weights import UnreadableFile
 
-    for name, model in (("lam", LatentActionModel.from_preset("tiny")),
-                        ("idm", InverseDynamicsModel.from_preset("tiny", action_dim=4))):
+    for name, model in (
+        ("lam", LatentActionModel.from_preset("tiny")),
+        ("idm", InverseDynamicsModel.from_preset("tiny", action_dim=4)),
+    ):
         final = tmp_path / name / "final"
         model.save_pretrained(final)
         (final / "run_config.yaml").write_text(yaml.safe_dump({"model_name": name, "data": {"window": 4}}))
-        load_labeller(tmp_path / name)   # intact: loads
+        load_labeller(tmp_path / name)  # intact: loads
         truncate(final / "model.safetensors")
         with pytest.raises(UnreadableFile, match="truncated or corrupt safetensors") as e:
             load_labeller(tmp_path / name)
@@ -315,6 +393,7 @@ def test_labellers_name_the_unreadable_file(tmp_path):
 
 
 # ---------------------------------------------------------------- a full disk during a save
+
 
 def _tree_bytes(path: Path) -> int:
     """Bytes a tmpfs charges for the files under ``path`` (whole 4 KiB pages)."""
@@ -350,7 +429,7 @@ def test_full_disk_during_a_save_in_process(data, tmp_path, monkeypatch, capsys)
 
     def full_disk(path, obj):
         if path.name == "scheduler.json" and "step-0000020" in str(path.parent):
-            path.write_text("{")   # a partial file, as a real full disk leaves
+            path.write_text("{")  # a partial file, as a real full disk leaves
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, obj)
 
@@ -374,6 +453,7 @@ def test_full_disk_during_a_save_in_process(data, tmp_path, monkeypatch, capsys)
 
 # ---------------------------------------------------------------- status.json always ends final
 
+
 class _Broken(toy_models.ToyPolicy):
     """Raises a bug-like error at the 5th training step."""
 
@@ -388,10 +468,18 @@ class _Broken(toy_models.ToyPolicy):
 
 def test_an_exception_out_of_training_writes_a_final_status(data, tmp_path):
     spec = get_model("toy")
-    register_model("toy-broken", spec.config_cls, _Broken, spec.presets, prepare=spec.prepare,
-                   required_keys=spec.required_keys)
-    cfg = resolve("toy-broken", spec.config_cls, spec.presets, preset="tiny", data_paths=[str(data)],
-                  overrides=["train.max_steps=20"], run_presets=spec.run_presets)
+    register_model(
+        "toy-broken", spec.config_cls, _Broken, spec.presets, prepare=spec.prepare, required_keys=spec.required_keys
+    )
+    cfg = resolve(
+        "toy-broken",
+        spec.config_cls,
+        spec.presets,
+        preset="tiny",
+        data_paths=[str(data)],
+        overrides=["train.max_steps=20"],
+        run_presets=spec.run_presets,
+    )
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="a bug in the model"):
         train(cfg, get_model("toy-broken"), run)
@@ -400,10 +488,31 @@ def test_an_exception_out_of_training_writes_a_final_status(data, tmp_path):
 
 # ---------------------------------------------------------------- two ranks
 
+
 def torchrun(data, run, *overrides, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
-           "train.ckpt_every=10", "train.keep_last=5", "train.log_every=10", "train.progress=false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "wm_pipeline",
+        "train",
+        "toy",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "train.ckpt_every=10",
+        "train.keep_last=5",
+        "train.log_every=10",
+        "train.progress=false",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=toy_models.plugin_env(), capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -419,12 +528,12 @@ def test_two_ranks_agree_to_skip_a_checkpoint_damaged_on_one_rank(data4, tmp_pat
     run = tmp_path / "run"
     code, out = torchrun(data4, run, "train.max_steps=20")
     assert code == 0, out
-    bad = checkpoint.step_dir(run, 20) / "rng-rank00001.safetensors"   # read by rank 1 only
+    bad = checkpoint.step_dir(run, 20) / "rng-rank00001.safetensors"  # read by rank 1 only
     truncate(bad)
     code, out = torchrun(data4, run, "train.max_steps=30")
     assert code == 0, out
-    assert f"{bad} is unreadable" in out                               # rank 1's warning
-    assert "a file of another rank is unreadable" in out              # rank 0's
+    assert f"{bad} is unreadable" in out  # rank 1's warning
+    assert "a file of another rank is unreadable" in out  # rank 0's
     assert f"resuming from {checkpoint.step_dir(run, 10)} (step 10 of 30)" in out
     assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [10, 20, 30]
     assert status(run)["state"] == "finished"
@@ -432,10 +541,10 @@ def test_two_ranks_agree_to_skip_a_checkpoint_damaged_on_one_rank(data4, tmp_pat
 
 @pytest.mark.distributed
 def test_two_ranks_stop_together_when_a_save_hits_a_full_disk(data4, trained, small_tmpfs):
-    ckpt = _tree_bytes(checkpoint.step_dir(trained, 10)) + 8192   # + the second rank's RNG pair
+    ckpt = _tree_bytes(checkpoint.step_dir(trained, 10)) + 8192  # + the second rank's RNG pair
     run = small_tmpfs(64 * 1024 + ckpt * 3 // 2) / "run"
     code, out = torchrun(data4, run, "train.max_steps=30")
-    assert code != 0 and re.search(r"exitcode\s*:\s*74", out), out   # torchrun's summary of its workers
+    assert code != 0 and re.search(r"exitcode\s*:\s*74", out), out  # torchrun's summary of its workers
     assert "No space left on device" in out and "failed on another rank" in out
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [10]

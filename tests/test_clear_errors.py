@@ -42,13 +42,19 @@ VIDEO_ARGS = ("--resolution", "32", "--fps", "15", "--clip-seconds", "0.5", "--s
 
 def wm(*args: str, env: dict | None = None, file_size_limit: int | None = None, timeout: float = 300):
     """Run `wm ARGS` as a real process; ``file_size_limit``: the kernel refuses larger files (EFBIG)."""
+
     def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG from write(), not a killing signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write(), not a killing signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env or toy_models.plugin_env(),
-                          preexec_fn=limit if file_size_limit else None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wm_pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or toy_models.plugin_env(),
+        preexec_fn=limit if file_size_limit else None,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -87,10 +93,11 @@ def _mkdir(path: Path) -> Path:
 
 # ---------------------------------------------------------------- a full disk
 
+
 def test_ingest_on_a_full_tmpfs_stops_with_one_line_and_resumes(videos, small_tmpfs):
     src, ref = videos
     shard = (ref / "shard-000000.tar").stat().st_size
-    out = small_tmpfs(3 * shard + shard // 2 + 16 * 1024) / "out"   # three shards and a half fit
+    out = small_tmpfs(3 * shard + shard // 2 + 16 * 1024) / "out"  # three shards and a half fit
     code, _, err = wm("ingest", "videos", str(src), "--out", str(out), *VIDEO_ARGS, "--workers", "2")
     assert code == exit_codes.WRITE_FAILED == 74, err
     assert "Traceback" not in err
@@ -101,7 +108,7 @@ def test_ingest_on_a_full_tmpfs_stops_with_one_line_and_resumes(videos, small_tm
     kept = sorted(p.name for p in out.glob("shard-*.tar"))
     assert kept and all((out / k.replace(".tar", ".stats.json")).exists() for k in kept)
 
-    small_tmpfs(16 * 1024 * 1024)   # room made: the rerun resumes, and nothing is lost
+    small_tmpfs(16 * 1024 * 1024)  # room made: the rerun resumes, and nothing is lost
     code, _, err = wm("ingest", "videos", str(src), "--out", str(out), *VIDEO_ARGS, "--workers", "2")
     assert code == 0, err
     assert "resuming" in err
@@ -112,8 +119,9 @@ def test_ingest_past_a_file_size_limit_stops_with_one_line(videos, tmp_path):
     """Any machine: the kernel refuses a shard larger than the limit (EFBIG), as a quota would."""
     src, ref = videos
     out = tmp_path / "out"
-    code, _, err = wm("ingest", "videos", str(src), "--out", str(out), *VIDEO_ARGS, "--workers", "1",
-                      file_size_limit=8 * 1024)
+    code, _, err = wm(
+        "ingest", "videos", str(src), "--out", str(out), *VIDEO_ARGS, "--workers", "1", file_size_limit=8 * 1024
+    )
     assert code == 74, err
     assert "Traceback" not in err
     (line,) = error_lines(err, "ingest")
@@ -127,10 +135,23 @@ def test_ingest_past_a_file_size_limit_stops_with_one_line(videos, tmp_path):
 
 def test_collect_past_a_file_size_limit_is_one_line_and_no_traceback_at_exit(tmp_path):
     out = tmp_path / "out"
-    code, _, err = wm("collect", "metaworld", "--tasks", "reach-v3", "--episodes", "1", "--resolution", "32",
-                      "--max-steps", "20", "--out", str(out), file_size_limit=8 * 1024)
+    code, _, err = wm(
+        "collect",
+        "metaworld",
+        "--tasks",
+        "reach-v3",
+        "--episodes",
+        "1",
+        "--resolution",
+        "32",
+        "--max-steps",
+        "20",
+        "--out",
+        str(out),
+        file_size_limit=8 * 1024,
+    )
     assert code == 74, err
-    assert "Traceback" not in err and "Exception ignored" not in err, err   # the simulator closed cleanly
+    assert "Traceback" not in err and "Exception ignored" not in err, err  # the simulator closed cleanly
     (line,) = error_lines(err, "collect")
     assert f"cannot write {out / 'shard-000000.tar'}: File too large" in line, line
     assert leftovers(out) == [] and not list(out.glob("shard-*"))
@@ -154,7 +175,9 @@ def test_train_checkpoint_past_a_file_size_limit_names_the_room_needed(data, tmp
 def test_train_on_a_disk_full_from_the_start_is_one_line_and_a_final_status(data, small_tmpfs):
     """16 kB: room for the config and the lock, not for the logs: whichever write is refused first."""
     run = small_tmpfs(16 * 1024) / "run"
-    code, _, err = wm("train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS, "train.log_with=[tensorboard]")
+    code, _, err = wm(
+        "train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS, "train.log_with=[tensorboard]"
+    )
     assert code == 74, err
     assert "Traceback" not in err
     (line,) = error_lines(err, "train")
@@ -168,14 +191,16 @@ def test_train_on_a_disk_full_from_the_start_is_one_line_and_a_final_status(data
 
 def test_a_disk_without_room_for_the_lock_file_is_one_line(data, videos, small_tmpfs):
     disk = small_tmpfs(8 * 1024)
-    with open(disk / "filler", "wb") as f:   # fill it to the last byte
+    with open(disk / "filler", "wb") as f:  # fill it to the last byte
         try:
             f.write(bytes(64 * 1024))
         except OSError:
             pass
     src, _ = videos
-    for command, args in [("ingest", ["ingest", "videos", str(src), "--out", str(disk / "out"), *VIDEO_ARGS]),
-                          ("train", ["train", "toy", "--data", str(data), "--out", str(disk / "run"), *TRAIN_ARGS])]:
+    for command, args in [
+        ("ingest", ["ingest", "videos", str(src), "--out", str(disk / "out"), *VIDEO_ARGS]),
+        ("train", ["train", "toy", "--data", str(data), "--out", str(disk / "run"), *TRAIN_ARGS]),
+    ]:
         code, _, err = wm(*args)
         assert code == 74, err
         (line,) = error_lines(err, command)
@@ -184,6 +209,7 @@ def test_a_disk_without_room_for_the_lock_file_is_one_line(data, videos, small_t
 
 
 # ---------------------------------------------------------------- bad config, bad --init
+
 
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
@@ -218,13 +244,24 @@ def test_bad_config_or_init_is_one_line_before_anything_is_written(data, finishe
     assert not new.exists()
     # into a finished run, with one more step to do: refused, the run folder byte for byte as it was
     before = _tree(finished)
-    code, _, err = wm_here(capsys, "train", "decoder", "--data", str(data), "--out", str(finished), *TRAIN_ARGS,
-                           "train.max_steps=21", *extra)
+    code, _, err = wm_here(
+        capsys,
+        "train",
+        "decoder",
+        "--data",
+        str(data),
+        "--out",
+        str(finished),
+        *TRAIN_ARGS,
+        "train.max_steps=21",
+        *extra,
+    )
     assert code == 2 and error_lines(err, "train") == [line.replace(str(new), str(finished))], err
     assert _tree(finished) == before
 
 
 # ---------------------------------------------------------------- SIGUSR1 at start-up
+
 
 def _catches(pid: int, sig: int) -> bool:
     try:
@@ -242,13 +279,14 @@ def _has_torch(pid: int) -> bool:
 def test_sigusr1_during_start_up_checkpoints_instead_of_killing(data, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run), *TRAIN_ARGS]
-    proc = subprocess.Popen(cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 60
     while not _catches(proc.pid, signal.SIGUSR1):
         assert proc.poll() is None and time.monotonic() < deadline, "the handler was never installed"
         time.sleep(0.001)
-    early = not _has_torch(proc.pid)   # the handler exists before the heavy imports
+    early = not _has_torch(proc.pid)  # the handler exists before the heavy imports
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert early, "SIGUSR1 handler installed only after torch was imported"
@@ -261,6 +299,7 @@ def test_sigusr1_during_start_up_checkpoints_instead_of_killing(data, tmp_path):
 
 
 # ---------------------------------------------------------------- an MKV with a corrupt cluster
+
 
 def corrupt_mkv(path: Path, frames: np.ndarray, fps: int, cluster: int = 5) -> Path:
     """An H.264 MKV, a keyframe every 5 frames, ~0.2 s clusters, whose ``cluster``-th cluster is zeroed
@@ -275,40 +314,46 @@ def corrupt_mkv(path: Path, frames: np.ndarray, fps: int, cluster: int = 5) -> P
         container.mux(stream.encode())
     raw = bytearray(path.read_bytes())
     starts, i = [], 0
-    while (i := raw.find(b"\x1f\x43\xb6\x75", i + 1)) > 0:   # the Matroska Cluster element ID
+    while (i := raw.find(b"\x1f\x43\xb6\x75", i + 1)) > 0:  # the Matroska Cluster element ID
         starts.append(i)
     assert len(starts) > cluster + 1, starts
-    raw[starts[cluster]:starts[cluster + 1]] = bytes(starts[cluster + 1] - starts[cluster])
+    raw[starts[cluster] : starts[cluster + 1]] = bytes(starts[cluster + 1] - starts[cluster])
     path.write_bytes(raw)
     return path
 
 
 def test_mkv_with_a_corrupt_cluster_is_a_failure_row_without_frozen_frames(tmp_path):
-    bad = corrupt_mkv(tmp_path / "bad.mkv", gray_ramp(75, 64, 64, 3), 25)   # 3 s, level = 3 x frame index
+    bad = corrupt_mkv(tmp_path / "bad.mkv", gray_ramp(75, 64, 64, 3), 25)  # 3 s, level = 3 x frame index
     out = tmp_path / "out"
-    code, stdout, err = wm("ingest", "videos", str(bad), "--out", str(out), "--resolution", "32", "--fps", "25",
-                           "--clip-seconds", "0.4")
+    code, stdout, err = wm(
+        "ingest", "videos", str(bad), "--out", str(out), "--resolution", "32", "--fps", "25", "--clip-seconds", "0.4"
+    )
     assert code == exit_codes.DATA_FAILURES == 3, err
     (row,) = [json.loads(r) for r in (out / "failures.jsonl").read_text().splitlines()]
     assert row["source"] == str(bad) and row["reason"].startswith("timestamp gap: no usable frame from "), row
     assert "dropped 1 partial clip(s) across it" in row["reason"] and "kept 6 clip(s)" in row["reason"], row
     samples = read_samples(out)
     starts = sorted(json.loads(s["meta.json"])["extra"]["start_seconds"] for s in samples.values())
-    assert len(starts) == 6 and any(s > 1.5 for s in starts), starts   # clips after the gap are kept
-    for key, s in samples.items():   # each frame is the next source frame: the level rises by 3 a frame
-        with av.open(io.BytesIO(s["video.mp4"])) as c:   # (give or take H.264's rounding), never stands still
+    assert len(starts) == 6 and any(s > 1.5 for s in starts), starts  # clips after the gap are kept
+    for key, s in samples.items():  # each frame is the next source frame: the level rises by 3 a frame
+        with av.open(io.BytesIO(s["video.mp4"])) as c:  # (give or take H.264's rounding), never stands still
             levels = [float(f.to_ndarray(format="rgb24").mean()) for f in c.decode(video=0)]
         steps = np.diff(levels)
-        assert steps.min() >= -1 and steps.max() <= 8, (key, levels)         # no jump: no gap inside a clip
-        assert (np.asarray(levels[2:]) - levels[:-2]).min() >= 3, (key, levels)   # no frozen frames
+        assert steps.min() >= -1 and steps.max() <= 8, (key, levels)  # no jump: no gap inside a clip
+        assert (np.asarray(levels[2:]) - levels[:-2]).min() >= 3, (key, levels)  # no frozen frames
 
 
 # ---------------------------------------------------------------- a closed stdout
 
+
 def test_inspect_into_a_closed_pipe_ends_quietly(data):
-    proc = subprocess.Popen([sys.executable, "-m", "wm_pipeline", "inspect", str(data), "--no-sheet", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=toy_models.plugin_env())
-    proc.stdout.close()   # the reader is gone before the first line (`| head -0`)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wm_pipeline", "inspect", str(data), "--no-sheet", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=toy_models.plugin_env(),
+    )
+    proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == exit_codes.BROKEN_PIPE == 141, err
     assert err == ""

@@ -16,8 +16,25 @@ from wm_pipeline.cli.main import main
 
 
 def _collect(out: Path, *extra: str) -> int:
-    return main(["collect", "metaworld", "--tasks", "reach-v3", "--episodes", "2", "--resolution", "64",
-                 "--seed", "3", "--samples-per-shard", "1", "--out", str(out), *extra])
+    return main(
+        [
+            "collect",
+            "metaworld",
+            "--tasks",
+            "reach-v3",
+            "--episodes",
+            "2",
+            "--resolution",
+            "64",
+            "--seed",
+            "3",
+            "--samples-per-shard",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def _members(root: Path) -> dict[str, bytes]:
@@ -86,9 +103,25 @@ def test_drop_actions_writes_the_same_video_without_actions(collected):
 
 def test_unknown_task_lists_valid_names_exit_2(tmp_path):
     env = dict(os.environ, MUJOCO_GL="egl")
-    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", "collect", "metaworld", "--tasks", "reach-v3,fly-v3",
-                           "--episodes", "1", "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wm_pipeline",
+            "collect",
+            "metaworld",
+            "--tasks",
+            "reach-v3,fly-v3",
+            "--episodes",
+            "1",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "fly-v3" in proc.stderr and "push-v3" in proc.stderr and "valid tasks" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -100,7 +133,7 @@ def test_action_noise_changes_the_motion_and_is_seeded(collected):
     assert _collect(out, "--action-noise", "0.5", "--max-steps", "30") == 0
     again = collected / "noisy2"
     assert _collect(again, "--action-noise", "0.5", "--max-steps", "30") == 0
-    assert _members(out) == _members(again)                     # the noise comes from the episode seed
+    assert _members(out) == _members(again)  # the noise comes from the episode seed
     expert, noisy = _members(collected / "a"), _members(out)
     key = "reach-v3_000000"
     meta = json.loads(noisy[f"{key}.meta.json"])
@@ -131,7 +164,7 @@ def test_noise_hold_keeps_each_draw_for_k_steps(collected):
     offset = np.stack([action[t] - expert.act({"task": "reach-v3", "state": state[t]}) for t in range(20)])
     inside = np.abs(action) < 0.999
     blocks = [offset[b : b + 5][inside[b : b + 5].all(1)] for b in range(0, 20, 5)]
-    for blk in blocks:                                           # constant within a block
+    for blk in blocks:  # constant within a block
         assert len(blk) >= 2 and np.abs(blk - blk[0]).max() < 1e-4
-    assert np.abs(blocks[0][0] - blocks[1][0]).max() > 1e-3       # redrawn between blocks
+    assert np.abs(blocks[0][0] - blocks[1][0]).max() > 1e-3  # redrawn between blocks
     assert _collect(collected / "bad2", "--action-noise", "0.1", "--noise-hold", "0") == 2

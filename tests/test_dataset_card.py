@@ -17,13 +17,22 @@ def _frames(n: int, phase: float) -> np.ndarray:
 
 def make_episodes(i: int):
     rng = np.random.default_rng(i)
-    yield Episode(key=f"ep{i:03d}", frames={"corner": _frames(6 + i, i)}, fps=10.0, embodiment="sawyer",
-                  task="reach-v3", instruction="reach the goal", action=rng.normal(size=(6 + i, 4)).astype(np.float32),
-                  state=rng.normal(size=(6 + i, 5)).astype(np.float32), episode_index=i)
+    yield Episode(
+        key=f"ep{i:03d}",
+        frames={"corner": _frames(6 + i, i)},
+        fps=10.0,
+        embodiment="sawyer",
+        task="reach-v3",
+        instruction="reach the goal",
+        action=rng.normal(size=(6 + i, 4)).astype(np.float32),
+        state=rng.normal(size=(6 + i, 5)).astype(np.float32),
+        episode_index=i,
+    )
 
 
 def test_card_front_matter_and_load_dataset_reads_the_shards(tmp_path):
     import datasets  # the test extra (pyproject.toml)
+
     out = tmp_path / "data"
     run_sharded_job(out, list(range(3)), make_episodes, samples_per_shard=2, workers=1, created_by="test")
     text = (out / "README.md").read_text()
@@ -39,16 +48,16 @@ def test_card_front_matter_and_load_dataset_reads_the_shards(tmp_path):
     for i in range(3):
         (ep,) = make_episodes(i)
         row = rows[ep.key]
-        assert np.array_equal(np.asarray(row["action.npy"], np.float32), ep.action)   # bit-exact through HF
+        assert np.array_equal(np.asarray(row["action.npy"], np.float32), ep.action)  # bit-exact through HF
         assert row["meta.json"]["n_frames"] == 6 + i and row["meta.json"]["task"] == "reach-v3"
-        assert row["corner.mp4"]["bytes"][4:8] == b"ftyp"                           # the MP4 member itself
+        assert row["corner.mp4"]["bytes"][4:8] == b"ftyp"  # the MP4 member itself
 
 
 def test_a_users_readme_is_never_replaced_and_ours_is_refreshed(tmp_path):
     out = tmp_path / "data"
     run_sharded_job(out, [0], make_episodes, samples_per_shard=2, workers=1)
     assert "1 samples" in (out / "README.md").read_text()
-    run_sharded_job(out, [0, 1], make_episodes, samples_per_shard=2, workers=1)   # our card: rewritten
+    run_sharded_job(out, [0, 1], make_episodes, samples_per_shard=2, workers=1)  # our card: rewritten
     assert "2 samples" in (out / "README.md").read_text()
     (out / "README.md").write_text("# my notes\n")
     finalize_dataset(out)

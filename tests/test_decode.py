@@ -15,7 +15,7 @@ def moving_square(t: int = 24, h: int = 32, w: int = 64) -> np.ndarray:
     frames[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, None, :]
     frames[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[None, :, None]
     for i in range(t):
-        frames[i, 4:12, i:i + 8, 2] = 250
+        frames[i, 4:12, i : i + 8, 2] = 250
     return frames
 
 

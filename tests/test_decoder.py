@@ -90,11 +90,22 @@ def make_batch(seed=0, b=B, t=T):
 
 def make_config(batch, **overrides):
     # numpy arrays, as shards.stats.embodiment_stats returns them: the model stores plain lists
-    stats = {"sawyer": {key: {k: np.asarray(v, np.float32) for k, v in stats_of(batch[key].flatten(0, 1)).items()}
-                        for key in ("action", "state")}}
+    stats = {
+        "sawyer": {
+            key: {k: np.asarray(v, np.float32) for k, v in stats_of(batch[key].flatten(0, 1)).items()}
+            for key in ("action", "state")
+        }
+    }
     fields = dict(
-        action_dim=A, state_dim=S, image_size=[PX, PX], tasks=TASKS, stats=stats, n_obs_steps=N_OBS, horizon=H,
-        encoder_channels=[8, 16, 32], obs_dim=32,
+        action_dim=A,
+        state_dim=S,
+        image_size=[PX, PX],
+        tasks=TASKS,
+        stats=stats,
+        n_obs_steps=N_OBS,
+        horizon=H,
+        encoder_channels=[8, 16, 32],
+        obs_dim=32,
     )
     fields.update(overrides)
     return DecoderConfig.from_preset("tiny", **fields)
@@ -129,8 +140,11 @@ def mean_of(history, key, rows):
 
 def predict(model, batch, seed=1, **kw):
     return model.predict_action_chunk(
-        batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1], batch["task"],
-        generator=torch.Generator().manual_seed(seed), **kw,
+        batch["frames"][:, :N_OBS],
+        batch["state"][:, N_OBS - 1],
+        batch["task"],
+        generator=torch.Generator().manual_seed(seed),
+        **kw,
     )
 
 
@@ -163,8 +177,9 @@ def test_flow_matching_decoder_overfits_and_checkpoint_reproduces_actions(tmp_pa
     assert err < 0.5 * baseline, (err, baseline)
     # Only the last n_obs_steps frames count as the observation.
     longer = torch.cat([batch["frames"][:, :1], batch["frames"][:, :N_OBS]], 1)
-    same = model.predict_action_chunk(longer, batch["state"][:, N_OBS - 1], batch["task"],
-                                      generator=torch.Generator().manual_seed(1))
+    same = model.predict_action_chunk(
+        longer, batch["state"][:, N_OBS - 1], batch["task"], generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(same, chunk)
 
     model.save_pretrained(tmp_path)
@@ -245,8 +260,9 @@ def test_latent_action_chunk_conditions_the_decoder():
     obs, state = batch["frames"][:, :N_OBS], batch["state"][:, N_OBS - 1]
     latent = batch["lam.latent"][:, N_OBS - 1 : N_OBS - 1 + H]
     a = model.predict_action_chunk(obs, state, batch["task"], latent=latent, generator=torch.Generator().manual_seed(0))
-    b = model.predict_action_chunk(obs, state, batch["task"], latent=-latent,
-                                   generator=torch.Generator().manual_seed(0))
+    b = model.predict_action_chunk(
+        obs, state, batch["task"], latent=-latent, generator=torch.Generator().manual_seed(0)
+    )
     assert (a - b).abs().max() > 1e-3
     with pytest.raises(ValueError, match="latent-action chunk"):
         model.predict_action_chunk(obs, state, batch["task"])

@@ -13,10 +13,15 @@ TASK = "reach-v3"
 
 def _decoder(objective: str) -> ActionDecoder:
     g = torch.Generator().manual_seed(0)
-    stats = {"sawyer": {"action": stats_of(torch.rand(50, 4, generator=g) * 2 - 1),
-                        "state": stats_of(torch.randn(50, 6, generator=g))}}
-    cfg = DecoderConfig.from_preset("tiny", action_dim=4, state_dim=6, image_size=[32, 32], tasks=[TASK],
-                                    stats=stats, objective=objective)
+    stats = {
+        "sawyer": {
+            "action": stats_of(torch.rand(50, 4, generator=g) * 2 - 1),
+            "state": stats_of(torch.randn(50, 6, generator=g)),
+        }
+    }
+    cfg = DecoderConfig.from_preset(
+        "tiny", action_dim=4, state_dim=6, image_size=[32, 32], tasks=[TASK], stats=stats, objective=objective
+    )
     torch.manual_seed(0)
     model = ActionDecoder(cfg).eval()
     with torch.no_grad():  # the output layers start at zero: make the velocity depend on its inputs
@@ -31,7 +36,7 @@ def _reference_chunk(model: ActionDecoder, frames, state, task, seed: int, n_ste
     cfg = model.config
     with torch.no_grad():
         emb = model._embodiment_index(None, frames.shape[0])
-        cond = model.encode_condition(frames[:, -cfg.n_obs_steps:], state, task, None, emb)
+        cond = model.encode_condition(frames[:, -cfg.n_obs_steps :], state, task, None, emb)
         z = torch.randn((frames.shape[0], cfg.horizon, cfg.action_dim), generator=torch.Generator().manual_seed(seed))
         ts = torch.linspace(1.0, 0.0, n_steps + 1)
         for i in range(n_steps):
@@ -50,8 +55,9 @@ def test_predict_action_chunk_equals_the_plain_computation(objective):
     state = torch.randn(3, 6, generator=g)
     tasks = [TASK, "unknown-task", TASK]
     for n_steps in (1, 2, 10):
-        got = model.predict_action_chunk(frames, state, tasks, generator=torch.Generator().manual_seed(7),
-                                         n_steps=n_steps)
+        got = model.predict_action_chunk(
+            frames, state, tasks, generator=torch.Generator().manual_seed(7), n_steps=n_steps
+        )
         want = _reference_chunk(model, frames, state, tasks, 7, n_steps)
         assert torch.equal(got, want), (objective, n_steps, (got - want).abs().max().item())
     # a different seed gives a different chunk (the comparison above can fail)
@@ -72,7 +78,9 @@ def test_given_noise_is_the_noise_the_generator_would_draw():
     want = model.predict_action_chunk(frames, state, TASK, generator=torch.Generator().manual_seed(7), n_steps=2)
     assert torch.equal(got, want)
     assert not torch.allclose(got, model.predict_action_chunk(frames, state, TASK, noise=noise * 0, n_steps=2))
-    with pytest.raises(ValueError, match=rf"noise is \[1, {cfg.horizon}, 4\], the decoder needs \[2, {cfg.horizon}, 4\]"):
+    with pytest.raises(
+        ValueError, match=rf"noise is \[1, {cfg.horizon}, 4\], the decoder needs \[2, {cfg.horizon}, 4\]"
+    ):
         model.predict_action_chunk(frames, state, TASK, noise=noise[:1], n_steps=2)
 
 

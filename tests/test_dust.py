@@ -10,9 +10,22 @@ from worldmodel.uwm import WorldModel, WorldModelConfig, embodiment_spec
 
 def dust_config(**kw) -> WorldModelConfig:
     """16 px frames, 1 current + 1 future frame (index 4), 4-step chunks of a 2-dim action."""
-    base = dict(variant="dust", image_size=16, patch_size=4, n_obs=1, n_future=1, action_horizon=4, width=64, depth=2,
-                heads=2, registers=2, encoder_channels=[16, 32], action_steps=3, video_steps=6,
-                embodiments={"toy": embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}})})
+    base = dict(
+        variant="dust",
+        image_size=16,
+        patch_size=4,
+        n_obs=1,
+        n_future=1,
+        action_horizon=4,
+        width=64,
+        depth=2,
+        heads=2,
+        registers=2,
+        encoder_channels=[16, 32],
+        action_steps=3,
+        video_steps=6,
+        embodiments={"toy": embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}})},
+    )
     return WorldModelConfig(**{**base, **kw})
 
 
@@ -23,8 +36,12 @@ def action_dependent_data(n: int, seed: int) -> dict:
     a = torch.rand(n, 2, generator=g) * 2 - 1
     frames[:, 4, :, :8] = ((a[:, 0, None, None, None] + 1) * 127.5).round().to(torch.uint8)
     frames[:, 4, :, 8:] = ((a[:, 1, None, None, None] + 1) * 127.5).round().to(torch.uint8)
-    return {"frames": frames, "action": a[:, None].expand(n, 5, 2).clone(),
-            "action_mask": torch.ones(n, dtype=torch.bool), "embodiment": ["toy"] * n}
+    return {
+        "frames": frames,
+        "action": a[:, None].expand(n, 5, 2).clone(),
+        "action_mask": torch.ones(n, dtype=torch.bool),
+        "embodiment": ["toy"] * n,
+    }
 
 
 def test_joint_schedule_steps_each_stream_its_own_number_of_times():
@@ -111,7 +128,12 @@ def test_dust_uses_the_actions_to_predict_the_future():
     model.eval()
     test = action_dependent_data(32, seed=1)
     obs, truth = test["frames"][:, :1], test["frames"][:, 4:5].float() / 127.5 - 1
-    err_fd = ((model.sample_forward_dynamics(obs, test["action"][:, :4], "toy",
-                                             generator=torch.Generator().manual_seed(0)) - truth) ** 2).mean()
+    err_fd = (
+        (
+            model.sample_forward_dynamics(obs, test["action"][:, :4], "toy", generator=torch.Generator().manual_seed(0))
+            - truth
+        )
+        ** 2
+    ).mean()
     err_video = ((model.sample_video(obs, "toy", generator=torch.Generator().manual_seed(0)) - truth) ** 2).mean()
     assert err_fd < 0.5 * err_video, (err_fd, err_video)

@@ -13,7 +13,7 @@ from wm_pipeline.cli.main import main
 from wm_pipeline.exit_codes import UsageError
 from wm_pipeline.jobs.encoder_probe import encoder_probe, parse_targets
 
-N = 16   # frames per episode
+N = 16  # frames per episode
 
 
 def _episode(spec):
@@ -28,30 +28,58 @@ def _episode(spec):
     state = np.zeros((N, 7), np.float32)
     state[:, 0:3] = rng.normal(size=(N, 3))
     state[:, 4:6] = pos
-    return [Episode(key=f"{task}_{i:03d}", frames={"corner": frames}, fps=10.0, embodiment="sawyer", task=task,
-                    action=np.zeros((N, 4), np.float32), state=state, success=True)]
+    return [
+        Episode(
+            key=f"{task}_{i:03d}",
+            frames={"corner": frames},
+            fps=10.0,
+            embodiment="sawyer",
+            task=task,
+            action=np.zeros((N, 4), np.float32),
+            state=state,
+            success=True,
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     data = root / "data"
-    assert run_sharded_job(data, [(t, i) for t in ("a", "b") for i in range(10)], _episode,
-                           samples_per_shard=8, workers=1, created_by="tests").ok
-    assert run_sharded_job(root / "held", [(t, i) for t in ("a", "b") for i in range(10, 16)], _episode,
-                           samples_per_shard=8, workers=1, created_by="tests").ok
-    stats = {"sawyer": {"action": {"mean": [0.0] * 4, "std": [1.0] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
-                        "state": {"mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7, "max": [1.0] * 7}}}
+    assert run_sharded_job(
+        data,
+        [(t, i) for t in ("a", "b") for i in range(10)],
+        _episode,
+        samples_per_shard=8,
+        workers=1,
+        created_by="tests",
+    ).ok
+    assert run_sharded_job(
+        root / "held",
+        [(t, i) for t in ("a", "b") for i in range(10, 16)],
+        _episode,
+        samples_per_shard=8,
+        workers=1,
+        created_by="tests",
+    ).ok
+    stats = {
+        "sawyer": {
+            "action": {"mean": [0.0] * 4, "std": [1.0] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
+            "state": {"mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7, "max": [1.0] * 7},
+        }
+    }
     torch.manual_seed(1)
-    cfg = DecoderConfig.from_preset("tiny", action_dim=4, state_dim=7, image_size=[64, 64], tasks=["a", "b"],
-                                    stats=stats)
+    cfg = DecoderConfig.from_preset(
+        "tiny", action_dim=4, state_dim=7, image_size=[64, 64], tasks=["a", "b"], stats=stats
+    )
     ActionDecoder(cfg).save_pretrained(root / "dec")
     return root
 
 
 def test_the_probe_places_what_the_frames_show_and_not_what_they_hide(scene):
-    result = encoder_probe(str(scene / "dec"), scene / "data", scene / "out",
-                           targets={"hand": (0, 3), "object": (4, 6)}, every=1)
+    result = encoder_probe(
+        str(scene / "dec"), scene / "data", scene / "out", targets={"hand": (0, 3), "object": (4, 6)}, every=1
+    )
     assert result["episodes"] == 20 and result["frames"] == 20 * N and result["tasks"] == ["a", "b"]
     obj, hand = result["targets"]["object"], result["targets"]["hand"]
     # random conv features of the frame already place a drawn square; nothing places noise
@@ -62,16 +90,38 @@ def test_the_probe_places_what_the_frames_show_and_not_what_they_hide(scene):
 
 
 def test_fitted_on_one_set_and_scored_on_another(scene):
-    result = encoder_probe(str(scene / "dec"), scene / "held", scene / "out-held",
-                           targets={"hand": (0, 3), "object": (4, 6)}, every=1, fit_dir=scene / "data")
+    result = encoder_probe(
+        str(scene / "dec"),
+        scene / "held",
+        scene / "out-held",
+        targets={"hand": (0, 3), "object": (4, 6)},
+        every=1,
+        fit_dir=scene / "data",
+    )
     assert result["episodes"] == 12 and result["fit_data"] == str(scene / "data")
     assert result["targets"]["object"]["untrained"]["r2"] > 0.5
     assert result["targets"]["hand"]["untrained"]["r2"] < 0.1
 
 
 def test_cli_and_bad_targets(scene, capsys):
-    assert main(["probe", "--encoder", str(scene / "dec"), "--data", str(scene / "data"), "--out",
-                 str(scene / "cli"), "--targets", "object=4:6", "--max-episodes", "8"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--encoder",
+                str(scene / "dec"),
+                "--data",
+                str(scene / "data"),
+                "--out",
+                str(scene / "cli"),
+                "--targets",
+                "object=4:6",
+                "--max-episodes",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "object" in out and "untrained" in out and (scene / "cli" / "encoder_probe.json").is_file()
     with pytest.raises(UsageError, match="NAME=START:STOP"):

@@ -49,14 +49,14 @@ def test_act_batch_equals_act_per_episode(kw):
             got[slot_seed[k]].append(a)
         for k in slots:
             if len(got[slot_seed[k]]) == lengths[slot_seed[k]]:
-                if slot_seed[k] == 1:              # episode 2 starts in slot 1 while slot 0 is mid-episode
+                if slot_seed[k] == 1:  # episode 2 starts in slot 1 while slot 0 is mid-episode
                     slot_seed[k] = 2
                     batched.reset_slot(k, 2)
                 else:
                     del slot_seed[k]
     for seed in lengths:
         assert np.array_equal(np.stack(got[seed]), np.stack(want[seed])), seed
-    assert len(batched.latencies) < len(single.latencies)   # chunks of several episodes in one call
+    assert len(batched.latencies) < len(single.latencies)  # chunks of several episodes in one call
 
 
 class ChunkedExpert(ChunkedPolicy):
@@ -82,25 +82,34 @@ def _rows(results):
 def test_num_envs_4_gives_the_episodes_of_num_envs_1(make):
     # 3 episodes on 2 envs: the third starts beside the second, when the first ends
     runs = {n: ev.evaluate(make(), ["reach-v3"], episodes=3, seed=2, resolution=16, num_envs=n) for n in (1, 2)}
-    assert _rows(runs[1]) == _rows(runs[2])                      # same seeds, successes, rewards (exactly)
+    assert _rows(runs[1]) == _rows(runs[2])  # same seeds, successes, rewards (exactly)
     assert [e["length"] for e in runs[1]["episodes"]] == [e["length"] for e in runs[2]["episodes"]]
-    assert len({e["length"] for e in runs[1]["episodes"]}) > 1   # episodes end at different steps
+    assert len({e["length"] for e in runs[1]["episodes"]}) > 1  # episodes end at different steps
     assert runs[2]["num_envs"] == 2 and runs[1]["tasks"]["reach-v3"]["success_rate"] == 1.0
 
 
 def test_num_envs_with_a_decoder_policy_batches_its_calls():
-    stats = {"sawyer": {"action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
-                        "state": {"mean": [0.0] * 39, "std": [1.0] * 39, "min": [-1.0] * 39, "max": [1.0] * 39}}}
-    decoder = ActionDecoder(DecoderConfig.from_preset("tiny", action_dim=4, state_dim=39, image_size=[16, 16],
-                                                      tasks=["reach-v3"], stats=stats))
+    stats = {
+        "sawyer": {
+            "action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
+            "state": {"mean": [0.0] * 39, "std": [1.0] * 39, "min": [-1.0] * 39, "max": [1.0] * 39},
+        }
+    }
+    decoder = ActionDecoder(
+        DecoderConfig.from_preset(
+            "tiny", action_dim=4, state_dim=39, image_size=[16, 16], tasks=["reach-v3"], stats=stats
+        )
+    )
     runs = {}
     for n in (1, 3):
         policy = DecoderPolicy(decoder, n_action_steps=4)
-        runs[n] = (ev.evaluate(policy, ["reach-v3"], episodes=3, seed=0, resolution=16, max_steps=8, num_envs=n),
-                   len(policy.latencies))
+        runs[n] = (
+            ev.evaluate(policy, ["reach-v3"], episodes=3, seed=0, resolution=16, max_steps=8, num_envs=n),
+            len(policy.latencies),
+        )
     one, three = runs[1][0], runs[3][0]
     for a, b in zip(one["tasks"]["reach-v3"]["per_episode"], three["tasks"]["reach-v3"]["per_episode"]):
         assert (a["seed"], a["success"]) == (b["seed"], b["success"])
-        assert b["sum_reward"] == pytest.approx(a["sum_reward"], rel=1e-4)   # batched kernels: rounding only
+        assert b["sum_reward"] == pytest.approx(a["sum_reward"], rel=1e-4)  # batched kernels: rounding only
     assert [e["length"] for e in one["episodes"]] == [e["length"] for e in three["episodes"]]
-    assert runs[1][1] == 3 * 2 and runs[3][1] == 2     # 8 steps / 4 per chunk: 6 single calls vs 2 batched
+    assert runs[1][1] == 3 * 2 and runs[3][1] == 2  # 8 steps / 4 per chunk: 6 single calls vs 2 batched

@@ -10,8 +10,24 @@ from wm_pipeline.jobs.policy import RandomPolicy
 
 
 def test_results_hold_lerobot_eval_info_fields(tmp_path):
-    assert main(["eval", "--policy", "expert", "--tasks", "reach-v3", "--episodes", "2", "--seed", "3",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                "expert",
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "2",
+                "--seed",
+                "3",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     task = results["tasks"]["reach-v3"]
     rows = task["per_episode"]
@@ -19,14 +35,14 @@ def test_results_hold_lerobot_eval_info_fields(tmp_path):
     assert all(r["success"] is True for r in rows)
     for r in rows:
         assert set(r) == {"episode_ix", "sum_reward", "max_reward", "success", "seed"}
-        assert 0 < r["max_reward"] <= r["sum_reward"]   # Meta-World rewards are positive, up to 10
+        assert 0 < r["max_reward"] <= r["sum_reward"]  # Meta-World rewards are positive, up to 10
     agg = task["aggregated"]
     assert agg["pc_success"] == 100.0 and agg["n_episodes"] == 2
     assert np.isclose(agg["avg_sum_reward"], np.mean([r["sum_reward"] for r in rows]))
     assert np.isclose(agg["avg_max_reward"], np.mean([r["max_reward"] for r in rows]))
     assert agg["eval_s"] > 0 and np.isclose(agg["eval_ep_s"], agg["eval_s"] / 2, atol=1e-3)
     overall = results["overall"]
-    assert overall["pc_success"] == 100.0 and overall["success_rate"] == 1.0   # ours kept beside LeRobot's
+    assert overall["pc_success"] == 100.0 and overall["success_rate"] == 1.0  # ours kept beside LeRobot's
     assert overall["avg_sum_reward"] == agg["avg_sum_reward"] and overall["eval_s"] >= agg["eval_s"]
     # our own episode rows carry the same rewards
     assert [e["sum_reward"] for e in results["episodes"]] == [r["sum_reward"] for r in rows]
@@ -42,8 +58,26 @@ def test_pc_success_counts_failures(tmp_path):
 def test_videos_are_rendered_at_video_size_apart_from_the_policy_images(tmp_path):
     import av
 
-    rc = main(["eval", "--policy", "expert", "--tasks", "reach-v3", "--episodes", "1", "--seed", "0", "--out",
-               str(tmp_path / "v"), "--video", "--resolution", "32", "--video-size", "128"])
+    rc = main(
+        [
+            "eval",
+            "--policy",
+            "expert",
+            "--tasks",
+            "reach-v3",
+            "--episodes",
+            "1",
+            "--seed",
+            "0",
+            "--out",
+            str(tmp_path / "v"),
+            "--video",
+            "--resolution",
+            "32",
+            "--video-size",
+            "128",
+        ]
+    )
     assert rc == 0
     with_video = json.loads((tmp_path / "v" / "results.json").read_text())
     ep = with_video["episodes"][0]

@@ -51,7 +51,7 @@ def test_temporal_ensemble_averages_overlapping_chunks():
     a0, a1, a2, a3 = (float(p.act(_obs(t))[0]) for t in range(4))
     w = np.exp(-k * np.arange(3))
     assert a0 == pytest.approx(0.0)
-    assert a1 == pytest.approx((w[0] * 1 + w[1] * 100) / w[:2].sum())          # chunk 0 pos 1, chunk 1 pos 0
+    assert a1 == pytest.approx((w[0] * 1 + w[1] * 100) / w[:2].sum())  # chunk 0 pos 1, chunk 1 pos 0
     assert a2 == pytest.approx((w[0] * 2 + w[1] * 101 + w[2] * 200) / w.sum())
     assert a3 == pytest.approx((w[0] * 102 + w[1] * 201 + w[2] * 300) / w.sum())  # chunk 0 has expired
     assert p.calls == 4
@@ -82,8 +82,26 @@ def test_load_policy_registry_and_compatibility_checks(tmp_path):
 
 
 def test_eval_expert_succeeds_and_writes_results_and_videos(tmp_path, capsys):
-    rc = main(["eval", "--policy", "expert", "--env", "metaworld", "--tasks", "reach-v3", "--episodes", "3",
-               "--seed", "0", "--out", str(tmp_path), "--video", "--resolution", "64"])
+    rc = main(
+        [
+            "eval",
+            "--policy",
+            "expert",
+            "--env",
+            "metaworld",
+            "--tasks",
+            "reach-v3",
+            "--episodes",
+            "3",
+            "--seed",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--video",
+            "--resolution",
+            "64",
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     for key in ("policy", "env", "seed", "episodes_per_task", "tasks", "overall", "latency", "episodes", "fps"):
@@ -124,8 +142,7 @@ class ChunkedExpert(ChunkedPolicy):
 
 
 def test_eval_chunked_policy_is_deterministic_and_reports_latency(tmp_path):
-    runs = [ev.evaluate(ChunkedExpert(), ["reach-v3"], episodes=2, seed=1, out_dir=tmp_path / str(i))
-            for i in range(2)]
+    runs = [ev.evaluate(ChunkedExpert(), ["reach-v3"], episodes=2, seed=1, out_dir=tmp_path / str(i)) for i in range(2)]
     assert runs[0]["episodes"] == runs[1]["episodes"]
     assert runs[0]["tasks"]["reach-v3"]["success_rate"] == 1.0
     lat = runs[0]["latency"]
@@ -139,6 +156,20 @@ def test_eval_unknown_task_and_policy_exit_2(tmp_path, capsys):
     assert main(["eval", "--policy", "expert", "--tasks", "reach-v9", "--episodes", "1", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "reach-v9" in err and "reach-v3" in err and "Traceback" not in err
-    assert main(["eval", "--policy", str(tmp_path / "run"), "--tasks", "reach-v3", "--episodes", "1",
-                 "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(tmp_path / "run"),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "cannot load policy" in capsys.readouterr().err

@@ -34,12 +34,23 @@ def _frames(n: int, phase: float) -> np.ndarray:
 def make_episodes(i: int):
     rng = np.random.default_rng(i)
     n = LENGTHS[i]
-    yield Episode(key=f"ep{i:03d}", frames={"corner": _frames(n, i), "wrist": _frames(n, 10 + i)}, fps=10.0,
-                  embodiment="sawyer", task=TASKS[i], instruction=f"do {TASKS[i]}",
-                  action=rng.normal(size=(n, 4)).astype(np.float32), state=rng.normal(size=(n, 6)).astype(np.float32),
-                  success=bool(i % 2), episode_index=i, seed=100 + i)
-    if i == 1:   # an action-free clip: not a LeRobot episode
-        yield Episode(key="clip", frames={"corner": _frames(6, 3), "wrist": _frames(6, 4)}, fps=10.0, embodiment="video")
+    yield Episode(
+        key=f"ep{i:03d}",
+        frames={"corner": _frames(n, i), "wrist": _frames(n, 10 + i)},
+        fps=10.0,
+        embodiment="sawyer",
+        task=TASKS[i],
+        instruction=f"do {TASKS[i]}",
+        action=rng.normal(size=(n, 4)).astype(np.float32),
+        state=rng.normal(size=(n, 6)).astype(np.float32),
+        success=bool(i % 2),
+        episode_index=i,
+        seed=100 + i,
+    )
+    if i == 1:  # an action-free clip: not a LeRobot episode
+        yield Episode(
+            key="clip", frames={"corner": _frames(6, 3), "wrist": _frames(6, 4)}, fps=10.0, embodiment="video"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +85,25 @@ def test_layout_is_lerobot_v3(exported):
         f = feats[f"observation.images.{cam}"]
         assert f["dtype"] == "video" and f["shape"] == [32, 48, 3] and f["names"] == ["height", "width", "channels"]
         assert f["info"]["video.codec"] == "h264" and f["info"]["video.fps"] == 10
-    for name, dtype in [("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
-                        ("index", "int64"), ("task_index", "int64")]:
+    for name, dtype in [
+        ("timestamp", "float32"),
+        ("frame_index", "int64"),
+        ("episode_index", "int64"),
+        ("index", "int64"),
+        ("task_index", "int64"),
+    ]:
         assert feats[name] == {"dtype": dtype, "shape": [1], "names": None}
 
     data = pq.read_table(out / info["data_path"].format(chunk_index=0, file_index=0))
-    assert data.schema.names == ["action", "observation.state", "timestamp", "frame_index", "episode_index",
-                                 "index", "task_index"]
+    assert data.schema.names == [
+        "action",
+        "observation.state",
+        "timestamp",
+        "frame_index",
+        "episode_index",
+        "index",
+        "task_index",
+    ]
     assert data.schema.field("action").type == pa.list_(pa.float32(), 4)
     assert data.schema.field("observation.state").type == pa.list_(pa.float32(), 6)
     assert data.schema.field("timestamp").type == pa.float32() and data.schema.field("index").type == pa.int64()
@@ -96,26 +119,40 @@ def test_layout_is_lerobot_v3(exported):
         for cam in ("corner", "wrist"):
             key = f"videos/observation.images.{cam}"
             assert (e[f"{key}/chunk_index"], e[f"{key}/file_index"]) == (0, 0)
-            assert e[f"{key}/from_timestamp"] == pytest.approx(lo / 10) and e[f"{key}/to_timestamp"] == pytest.approx(hi / 10)
+            assert e[f"{key}/from_timestamp"] == pytest.approx(lo / 10) and e[f"{key}/to_timestamp"] == pytest.approx(
+                hi / 10
+            )
         assert e["stats/action/count"] == [hi - lo] and len(e["stats/action/q50"]) == 4
         assert np.asarray(e["stats/observation.images.corner/mean"]).shape == (3, 1, 1)
     assert [e["wm/task"] for e in eps] == TASKS and [e["wm/success"] for e in eps] == [False, True, False, True]
 
     import pandas as pd  # LeRobot's load_tasks: pd.read_parquet, looked up by the index (the task string)
+
     tasks = pd.read_parquet(out / "meta/tasks.parquet")
     assert list(tasks.index) == ["do reach-v3", "do push-v3"] and tasks.loc["do push-v3"].task_index == 1
     assert tasks.iloc[1].name == "do push-v3"
 
     stats = json.loads((out / "meta/stats.json").read_text())
-    assert set(stats) == {"action", "observation.state", "observation.images.corner", "observation.images.wrist",
-                          "timestamp", "frame_index", "episode_index", "index", "task_index"}
+    assert set(stats) == {
+        "action",
+        "observation.state",
+        "observation.images.corner",
+        "observation.images.wrist",
+        "timestamp",
+        "frame_index",
+        "episode_index",
+        "index",
+        "task_index",
+    }
     assert set(stats["action"]) == {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
     actions = np.concatenate([e.action for i in range(4) for e in make_episodes(i) if e.action is not None])
     assert np.allclose(stats["action"]["mean"], actions.mean(0), atol=1e-6)
     assert np.allclose(stats["action"]["std"], actions.std(0), atol=1e-6)
     assert stats["action"]["min"] == actions.min(0).tolist() and stats["action"]["count"] == [len(actions)]
     assert np.asarray(stats["observation.images.wrist"]["mean"]).shape == (3, 1, 1)
-    assert 0 <= np.min(stats["observation.images.wrist"]["min"]) <= np.max(stats["observation.images.wrist"]["max"]) <= 1
+    assert (
+        0 <= np.min(stats["observation.images.wrist"]["min"]) <= np.max(stats["observation.images.wrist"]["max"]) <= 1
+    )
 
 
 def test_read_as_lerobot_dataset_reads_it(exported, tmp_path):
@@ -129,12 +166,19 @@ def test_read_as_lerobot_dataset_reads_it(exported, tmp_path):
     for key, ft in info["features"].items():
         if ft["dtype"] == "video":
             continue
-        hf[key] = (datasets.Value(ft["dtype"]) if ft["shape"] == [1]
-                   else datasets.Sequence(length=ft["shape"][0], feature=datasets.Value(ft["dtype"])))
-    frames = datasets.Dataset.from_parquet([str(p) for p in sorted((out / "data").glob("*/*.parquet"))],
-                                           features=datasets.Features(hf), cache_dir=str(tmp_path))
-    episodes = datasets.Dataset.from_parquet([str(p) for p in sorted((out / "meta/episodes").glob("*/*.parquet"))],
-                                             cache_dir=str(tmp_path))
+        hf[key] = (
+            datasets.Value(ft["dtype"])
+            if ft["shape"] == [1]
+            else datasets.Sequence(length=ft["shape"][0], feature=datasets.Value(ft["dtype"]))
+        )
+    frames = datasets.Dataset.from_parquet(
+        [str(p) for p in sorted((out / "data").glob("*/*.parquet"))],
+        features=datasets.Features(hf),
+        cache_dir=str(tmp_path),
+    )
+    episodes = datasets.Dataset.from_parquet(
+        [str(p) for p in sorted((out / "meta/episodes").glob("*/*.parquet"))], cache_dir=str(tmp_path)
+    )
     assert len(frames) == info["total_frames"] and len(episodes) == info["total_episodes"]
     decoded: dict[str, dict[float, np.ndarray]] = {}
     for key in ("observation.images.corner", "observation.images.wrist"):
@@ -155,8 +199,8 @@ def test_read_as_lerobot_dataset_reads_it(exported, tmp_path):
             for t, ts in enumerate(rows["timestamp"]):
                 query = ep[f"videos/{vkey}/from_timestamp"] + ts
                 nearest = times[np.abs(times - query).argmin()]
-                assert abs(nearest - query) < 1e-4                       # LeRobot's default tolerance_s
-                assert np.array_equal(decoded[vkey][nearest], want[t])    # stream copy: the very same pixels
+                assert abs(nearest - query) < 1e-4  # LeRobot's default tolerance_s
+                assert np.array_equal(decoded[vkey][nearest], want[t])  # stream copy: the very same pixels
 
 
 def test_reingest_gives_back_the_episodes(exported, tmp_path):
@@ -174,7 +218,7 @@ def test_reingest_gives_back_the_episodes(exported, tmp_path):
         assert np.load(io.BytesIO(s["state.npy"])).tobytes() == np.load(io.BytesIO(orig["state.npy"])).tobytes()
         for cam in ("corner", "wrist"):
             a, b = decode_video(s[f"{cam}.mp4"]).astype(int), decode_video(orig[f"{cam}.mp4"]).astype(int)
-            assert a.shape == b.shape and np.abs(a - b).mean() < 2.0     # one more H.264 generation (crf 18)
+            assert a.shape == b.shape and np.abs(a - b).mean() < 2.0  # one more H.264 generation (crf 18)
 
 
 def test_refusals_are_one_line(exported, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ["decord", "diffusers", "transformers", "flash_attn", "torchcodec", "wandb"]
 
-SCRIPT = r'''
+SCRIPT = r"""
 import importlib, json, pkgutil, sys, tempfile
 from pathlib import Path
 
@@ -51,18 +51,23 @@ for what, call in (("decord", lambda: resolve_backend("decord")),
     except Exception as e:
         report["errors"][what] = f"{type(e).__name__}: {e}"
 print(json.dumps(report))
-'''
+"""
 
 
 def test_every_module_imports_without_the_extras_and_features_name_their_extra(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(EXTRAS), str(ROOT)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(EXTRAS), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["failed"] == {}
     assert report["modules"] > 50 and report["leaked"] == []
-    assert report["auto_backend"] == "pyav" and report["decoded"] == 4   # PyAV, a base dependency, covers decode
+    assert report["auto_backend"] == "pyav" and report["decoded"] == 4  # PyAV, a base dependency, covers decode
     assert "pip install 'wm-pipeline[decord]'" in report["errors"]["decord"]
     assert report["errors"]["vae"].startswith("ImportError") and "wm-pipeline[vae]" in report["errors"]["vae"]
 
@@ -77,12 +82,14 @@ def test_pyproject_keeps_the_extras_out_of_the_base_dependencies():
     assert extras["decord"] == ["decord>=0.6"] and extras["vae"][0].startswith("diffusers")
     assert extras["text"][0].startswith("transformers") and extras["gpu"] == ["flash-attn"]
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert "extras=test,decord,vae,text" in setup   # make test / make demo get every feature
+    assert "extras=test,decord,vae,text" in setup  # make test / make demo get every feature
 
 
 def test_wm_version_is_the_package_version():
     import tomllib
 
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", "--version"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "wm_pipeline", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"wm {version}", proc.stdout + proc.stderr

@@ -221,5 +221,7 @@ def test_interpolate_and_uniform_time_are_the_world_models_draws():
     drawn = sample_uniform_time(1000, p_noise=0.3, generator=g)
     pinned = drawn != u
     assert torch.all(drawn[pinned] == 1.0) and 0.2 < pinned.float().mean() < 0.4
-    assert torch.equal(sample_uniform_time(8, generator=torch.Generator().manual_seed(1)),
-                       torch.rand(8, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(
+        sample_uniform_time(8, generator=torch.Generator().manual_seed(1)),
+        torch.rand(8, generator=torch.Generator().manual_seed(1)),
+    )

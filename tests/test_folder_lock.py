@@ -103,8 +103,13 @@ HOLD = textwrap.dedent("""
 
 def hold_lock(folder: Path, name: str = LOCK_NAME) -> subprocess.Popen:
     """Another process that takes the lock and keeps it until killed."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), name], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder), name],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -123,6 +128,7 @@ def one_error_line(stderr: str, command: str) -> str:
 
 # ---------------------------------------------------------------- the lock itself
 
+
 def test_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path, caplog):
     folder = tmp_path / "out"
     holder = hold_lock(folder)
@@ -131,14 +137,14 @@ def test_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path, caplo
     message = str(e.value)
     assert "\n" not in message and str(folder) in message and f"pid {holder.pid} on host {HOST}" in message
     assert e.value.holder["pid"] == holder.pid
-    kill(holder)   # kill -9: nothing released the file, only the kernel the lock
+    kill(holder)  # kill -9: nothing released the file, only the kernel the lock
     assert read_holder(folder / LOCK_NAME)["pid"] == holder.pid
     with caplog.at_level(logging.WARNING, logger="shards.folder_lock"), FolderLock(folder) as lock:
         assert lock.held and read_holder(folder / LOCK_NAME)["pid"] == os.getpid()
         assert f"taking over the lock left by pid {holder.pid} on host {HOST}" in caplog.text
-    assert not (folder / LOCK_NAME).exists()   # a clean release leaves nothing in the folder
+    assert not (folder / LOCK_NAME).exists()  # a clean release leaves nothing in the folder
 
-    (folder / LOCK_NAME).write_text("not json")   # whatever a dead process left
+    (folder / LOCK_NAME).write_text("not json")  # whatever a dead process left
     with FolderLock(folder):
         assert read_holder(folder / LOCK_NAME)["pid"] == os.getpid()
 
@@ -147,15 +153,17 @@ def test_wait_retries_until_the_holder_ends(tmp_path):
     folder = tmp_path / "out"
     # the holder says when it lets go (CLOCK_MONOTONIC is one clock for every process): taking the lock
     # after that instant shows the wait, however slowly either process runs
-    script = "import time; from shards.folder_lock import FolderLock\n" \
-             f"with FolderLock({str(folder)!r}):\n    print('locked', flush=True); time.sleep(1.0)\n" \
-             "    print(time.monotonic(), flush=True)\n"
+    script = (
+        "import time; from shards.folder_lock import FolderLock\n"
+        f"with FolderLock({str(folder)!r}):\n    print('locked', flush=True); time.sleep(1.0)\n"
+        "    print(time.monotonic(), flush=True)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "locked"
-    with FolderLock(folder, wait=WAIT):   # the holder releases after its second
+    with FolderLock(folder, wait=WAIT):  # the holder releases after its second
         taken = time.monotonic()
         assert taken > float(proc.stdout.readline()) and read_holder(folder / LOCK_NAME)["pid"] == os.getpid()
-    with pytest.raises(FolderBusy):   # wait=0 refuses at once
+    with pytest.raises(FolderBusy):  # wait=0 refuses at once
         with FolderLock(folder), FolderLock(folder):
             pass
     proc.wait()
@@ -180,7 +188,7 @@ def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
     proc.wait()
     try:
         assert alive(child)
-        with FolderLock(folder, wait=WAIT):   # free once the child has run its at-fork hook
+        with FolderLock(folder, wait=WAIT):  # free once the child has run its at-fork hook
             assert alive(child)
     finally:
         os.kill(child, signal.SIGKILL)
@@ -188,22 +196,31 @@ def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
 
 # ---------------------------------------------------------------- ingest
 
+
 def test_second_ingest_into_one_folder_fails_at_once_and_the_first_stays_intact(tmp_path):
     mine, theirs = videos(tmp_path / "mine", 8, step=8), videos(tmp_path / "theirs", 8, step=4)
-    ref = tmp_path / "ref"   # what a lone run writes (in this process: only the two jobs below need their own)
+    ref = tmp_path / "ref"  # what a lone run writes (in this process: only the two jobs below need their own)
     assert main(["ingest", "videos", str(mine), *VIDEO_ARGS, "--workers", "1", "--out", str(ref)]) == 0
     out = tmp_path / "out"
     t0 = time.monotonic()
-    first = subprocess.Popen(wm_cmd("ingest", "videos", str(mine), *VIDEO_ARGS, "--workers", "1", "--out", str(out)),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        wm_cmd("ingest", "videos", str(mine), *VIDEO_ARGS, "--workers", "1", "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until(lambda: holds(out, first.pid), WAIT, "the first ingest's lock", first)
-    startup = time.monotonic() - t0   # a `wm ingest` from its start to the lock, on this machine now
-    first.send_signal(signal.SIGSTOP)   # keep it mid-job (holding the lock) while the second one tries
+    startup = time.monotonic() - t0  # a `wm ingest` from its start to the lock, on this machine now
+    first.send_signal(signal.SIGSTOP)  # keep it mid-job (holding the lock) while the second one tries
     try:
         assert holds(out, first.pid), "the first ingest ended before it could be paused"
         t0 = time.monotonic()
-        second = subprocess.run(wm_cmd("ingest", "videos", str(theirs), *VIDEO_ARGS, "--workers", "2", "--out",
-                                       str(out)), capture_output=True, text=True, timeout=WAIT)
+        second = subprocess.run(
+            wm_cmd("ingest", "videos", str(theirs), *VIDEO_ARGS, "--workers", "2", "--out", str(out)),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
         took = time.monotonic() - t0
         assert first.poll() is None, "the first ingest ended before the second one ran"
     finally:
@@ -216,7 +233,7 @@ def test_second_ingest_into_one_folder_fails_at_once_and_the_first_stays_intact(
     assert "wm ingest videos" in line and took < 30 + 3 * startup, (took, startup)
     _, err = first.communicate(timeout=WAIT)
     assert first.returncode == 0, err
-    assert read_samples(out) == read_samples(ref)   # only the first job's clips, as a lone run writes them
+    assert read_samples(out) == read_samples(ref)  # only the first job's clips, as a lone run writes them
     assert (out / "manifest.json").read_bytes() == (ref / "manifest.json").read_bytes()
     assert not (out / LOCK_NAME).exists()
 
@@ -224,19 +241,24 @@ def test_second_ingest_into_one_folder_fails_at_once_and_the_first_stays_intact(
 def test_kill_9_of_the_parent_takes_its_workers_and_an_immediate_rerun_succeeds(tmp_path):
     src = videos(tmp_path / "src", 12, step=8)
     args = ["ingest", "videos", str(src), *VIDEO_ARGS, "--workers", "2"]
-    ref = tmp_path / "ref"   # a lone run's bytes (in this process, one worker: the bytes never depend on workers)
+    ref = tmp_path / "ref"  # a lone run's bytes (in this process, one worker: the bytes never depend on workers)
     assert main([*args[:-1], "1", "--out", str(ref)]) == 0
 
     out = tmp_path / "out"
     proc = subprocess.Popen(wm_cmd(*args, "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: list(out.glob("shard-*.stats.json")) and len(descendants(proc.pid)) >= 2, WAIT,
-               "a first shard and two workers", proc)
+    wait_until(
+        lambda: list(out.glob("shard-*.stats.json")) and len(descendants(proc.pid)) >= 2,
+        WAIT,
+        "a first shard and two workers",
+        proc,
+    )
     workers = descendants(proc.pid)
-    os.kill(proc.pid, signal.SIGKILL)   # the parent only, as a user's kill or the OOM killer does
+    os.kill(proc.pid, signal.SIGKILL)  # the parent only, as a user's kill or the OOM killer does
     proc.wait()
     assert not (out / "manifest.json").exists(), "the kill landed after the job: cannot test the rerun"
-    rerun = subprocess.Popen(wm_cmd(*args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)   # at once, before anyone looked at the workers
+    rerun = subprocess.Popen(
+        wm_cmd(*args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )  # at once, before anyone looked at the workers
     try:
         # the kernel kills them with it (PR_SET_PDEATHSIG) while the rerun is still starting up;
         # the bound is generous for a loaded machine and only stops a test whose workers live on
@@ -257,8 +279,13 @@ def _episodes(i: int):
     """make_episodes of the stats test (module level, picklable)."""
     rng = np.random.default_rng(i)
     frames = rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
-    yield Episode(key=f"ep{i:02d}", frames={"cam": frames}, fps=10.0, embodiment="toybot",
-                  action=rng.normal(size=(6, 2)).astype(np.float32))
+    yield Episode(
+        key=f"ep{i:02d}",
+        frames={"cam": frames},
+        fps=10.0,
+        embodiment="toybot",
+        action=rng.normal(size=(6, 2)).astype(np.float32),
+    )
 
 
 def test_a_shard_whose_stats_do_not_match_its_tar_is_rewritten(tmp_path, caplog):
@@ -269,7 +296,7 @@ def test_a_shard_whose_stats_do_not_match_its_tar_is_rewritten(tmp_path, caplog)
     # and shard 1's stats record an empty file for a good tar
     (out / "shard-000000.tar").write_bytes((out / "shard-000002.tar").read_bytes())
     stats = json.loads((out / "shard-000001.stats.json").read_text())
-    stats.update(bytes=0, sha256=hashlib.sha256(b"").hexdigest())   # the hash of an empty file
+    stats.update(bytes=0, sha256=hashlib.sha256(b"").hexdigest())  # the hash of an empty file
     (out / "shard-000001.stats.json").write_text(json.dumps(stats))
     with caplog.at_level(logging.INFO, logger="shards.writer"):
         assert run_sharded_job(out, [0, 1, 2], _episodes, samples_per_shard=1).ok
@@ -281,33 +308,39 @@ def test_a_shard_whose_stats_do_not_match_its_tar_is_rewritten(tmp_path, caplog)
 
 # ---------------------------------------------------------------- train
 
+
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     return toy_models.make_dataset(tmp_path_factory.mktemp("toy") / "data", episodes=4, per_shard=2)
 
 
 def train_cmd(data: Path, run: Path, *overrides: str) -> list[str]:
-    return wm_cmd("train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
-                  "train.progress=false", *overrides)
+    return wm_cmd(
+        "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny", "train.progress=false", *overrides
+    )
 
 
 def test_second_train_into_one_run_folder_is_refused(toy_data, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     env = toy_models.plugin_env()
-    first = subprocess.Popen(train_cmd(toy_data, run, "train.max_steps=1000000", "train.ckpt_every=1000000"),
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        train_cmd(toy_data, run, "train.max_steps=1000000", "train.ckpt_every=1000000"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_until(lambda: holds(run, first.pid) and (run / "status.json").exists(), WAIT, "the first run", first)
-        first.send_signal(signal.SIGSTOP)   # mid-run, holding the lock, without taking the CPU the others need
-        try:   # the second and third runs in this process (another one than the first; torchrun ranks below)
+        first.send_signal(signal.SIGSTOP)  # mid-run, holding the lock, without taking the CPU the others need
+        try:  # the second and third runs in this process (another one than the first; torchrun ranks below)
             capsys.readouterr()
             assert main(train_cmd(toy_data, run, "train.max_steps=3")[3:]) == 2
         finally:
             first.send_signal(signal.SIGCONT)
         line = one_error_line(capsys.readouterr().err, "train")
         assert f"run folder {run} is in use by another job (pid {first.pid} on host {HOST}" in line, line
-        assert first.poll() is None   # the first run goes on, untouched
-        assert yaml_max_steps(run) == 1000000   # the refused run wrote nothing (not even its config)
+        assert first.poll() is None  # the first run goes on, untouched
+        assert yaml_max_steps(run) == 1000000  # the refused run wrote nothing (not even its config)
     finally:
         kill(first)
     # the dead run's lock is taken over
@@ -319,6 +352,7 @@ def test_second_train_into_one_run_folder_is_refused(toy_data, tmp_path, capsys,
 
 def yaml_max_steps(run: Path) -> int:
     import yaml
+
     return yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"]
 
 
@@ -327,8 +361,15 @@ def test_torchrun_ranks_all_stop_when_the_run_folder_is_taken(toy_data, tmp_path
     run = tmp_path / "run"
     holder = hold_lock(run)
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *train_cmd(toy_data, run, "train.max_steps=3")[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *train_cmd(toy_data, run, "train.max_steps=3")[1:],
+        ]
         r = subprocess.run(cmd, env=toy_models.plugin_env(), capture_output=True, text=True, timeout=WAIT)
     finally:
         kill(holder)
@@ -341,6 +382,7 @@ def test_torchrun_ranks_all_stop_when_the_run_folder_is_taken(toy_data, tmp_path
 
 
 # ---------------------------------------------------------------- label
+
 
 @pytest.fixture
 def frame_mean(tmp_path):
@@ -356,8 +398,15 @@ def frame_mean(tmp_path):
     save_file({"unused": torch.zeros(1)}, str(folder / "model.safetensors"))
 
     def load(path, run_config):
-        return Labeller(kind="frame_mean_lock", model=torch.nn.Identity(), folder=path, window=3, tail=0,
-                        fields={"mean": ((3,), "float32")}, image_size=(16, 16))
+        return Labeller(
+            kind="frame_mean_lock",
+            model=torch.nn.Identity(),
+            folder=path,
+            window=3,
+            tail=0,
+            fields={"mean": ((3,), "float32")},
+            image_size=(16, 16),
+        )
 
     register_labeller("frame_mean_lock", load, lambda lab, frames, embs: {"mean": frames.float().mean((-1, -2))})
     data = tmp_path / "data"
@@ -371,17 +420,17 @@ def test_label_locks_each_sidecar_shard_so_disjoint_ranges_run_side_by_side(fram
 
     labeller, data = frame_mean
     lock = sidecar_shard_lock(data, "m", "shard-000000.tar")
-    holder = hold_lock(lock.folder, lock.path.name)   # another job is labelling shard 0
+    holder = hold_lock(lock.folder, lock.path.name)  # another job is labelling shard 0
     try:
         base = ["label", "--labeller", str(labeller), "--data", str(data), "--name", "m", "--no-progress"]
-        assert main([*base, "--shards", "1/2"]) == 0   # shards 2 and 3: not in the way
+        assert main([*base, "--shards", "1/2"]) == 0  # shards 2 and 3: not in the way
         assert [sidecar_done(data, "m", f"shard-{i:06d}.tar") for i in range(4)] == [False, False, True, True]
         capsys.readouterr()
-        assert main(base) == 2   # reaches shard 0: refused, one line naming the holder
+        assert main(base) == 2  # reaches shard 0: refused, one line naming the holder
         line = one_error_line(capsys.readouterr().err, "label")
         assert f"sidecar {lock.folder / 'shard-000000.tar'} is in use by another job (pid {holder.pid}" in line
     finally:
         kill(holder)
-    assert main(base) == 0   # the dead job's lock is taken over
+    assert main(base) == 0  # the dead job's lock is taken over
     assert all(sidecar_done(data, "m", f"shard-{i:06d}.tar") for i in range(4))
     assert not list(lock.folder.glob(".*.lock"))

@@ -15,8 +15,14 @@ from shards.writer import Episode, finalize_dataset, run_sharded_job
 def one_episode(i: int):
     n = 6
     frames = np.full((n, 16, 16, 3), 40 * i, np.uint8)
-    yield Episode(key=f"k{i}", frames={"front": frames}, fps=5.0, embodiment="arm",
-                  action=np.full((n, 2), i, np.float32), state=np.arange(n * 3, dtype=np.float32).reshape(n, 3))
+    yield Episode(
+        key=f"k{i}",
+        frames={"front": frames},
+        fps=5.0,
+        embodiment="arm",
+        action=np.full((n, 2), i, np.float32),
+        state=np.arange(n * 3, dtype=np.float32).reshape(n, 3),
+    )
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def _squares(n=48, size=32, seed=0):
     g = np.random.default_rng(seed)
     frames = np.full((n, 3, size, size), 40, np.uint8)
     for i, (y, x) in enumerate(g.integers(0, size - 6, (n, 2))):
-        frames[i, :, y:y + 6, x:x + 6] = 220
+        frames[i, :, y : y + 6, x : x + 6] = 220
     return torch.from_numpy(frames)
 
 
@@ -63,18 +63,58 @@ def test_decoder_on_a_pretrained_frozen_encoder_end_to_end(tmp_path, capsys):
     demos = _make(tmp_path / "demos", _demos, 4)
     video = _make(tmp_path / "video", _video, 4)
     ae = tmp_path / "ae"
-    assert main(["train", "autoencoder", "--data", str(video), "--out", str(ae), "--preset", "tiny",
-                 "model.encoder_channels=8,16", "train.max_steps=20", "train.ckpt_every=20", *TRAIN]) == 0
-    ae_weights = {k[len("encoder."):]: v for k, v in load_file(str(ae / "final" / "model.safetensors")).items()
-                  if k.startswith("encoder.")}
+    assert (
+        main(
+            [
+                "train",
+                "autoencoder",
+                "--data",
+                str(video),
+                "--out",
+                str(ae),
+                "--preset",
+                "tiny",
+                "model.encoder_channels=8,16",
+                "train.max_steps=20",
+                "train.ckpt_every=20",
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
+    ae_weights = {
+        k[len("encoder.") :]: v
+        for k, v in load_file(str(ae / "final" / "model.safetensors")).items()
+        if k.startswith("encoder.")
+    }
     assert ae_weights
 
     run = tmp_path / "dec"
-    assert main(["train", "decoder", "--data", str(demos), "--out", str(run), "--preset", "tiny",
-                 f"model.encoder_init={ae}", "model.freeze_encoder=true", "train.max_steps=6", "train.ckpt_every=6",
-                 "data.batch_size=4", "model.horizon=4", "model.n_obs_steps=1", *TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(demos),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                f"model.encoder_init={ae}",
+                "model.freeze_encoder=true",
+                "train.max_steps=6",
+                "train.ckpt_every=6",
+                "data.batch_size=4",
+                "model.horizon=4",
+                "model.n_obs_steps=1",
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     saved = load_file(str(run / "final" / "model.safetensors"))
-    for k, v in ae_weights.items():          # the stages are the autoencoder's, untouched by training
+    for k, v in ae_weights.items():  # the stages are the autoencoder's, untouched by training
         torch.testing.assert_close(saved[f"image_encoder.stages.{k}"], v, rtol=0, atol=0)
 
     # loading never reads the autoencoder's weights (its own weights follow): a corrupt file is not touched
@@ -90,8 +130,9 @@ def test_decoder_on_a_pretrained_frozen_encoder_end_to_end(tmp_path, capsys):
     assert decoder.config.freeze_encoder and decoder.config.encoder_channels == [8, 16]
     sample = next(iter(iter_samples(demos, split=False)))
     frames = sample.frames[None, :1]
-    chunk = decoder.predict_action_chunk(frames, torch.as_tensor(sample.state[:1]), [sample.meta.task],
-                                         generator=torch.Generator().manual_seed(0))
+    chunk = decoder.predict_action_chunk(
+        frames, torch.as_tensor(sample.state[:1]), [sample.meta.task], generator=torch.Generator().manual_seed(0)
+    )
     assert chunk.shape[1:] == (4, decoder.config.action_dim) and torch.isfinite(chunk).all()
 
     # cached features (wm label --labeller AE) equal what the decoder's frozen encoder computes
@@ -105,15 +146,33 @@ def test_decoder_on_a_pretrained_frozen_encoder_end_to_end(tmp_path, capsys):
 
     # training on the cached features: the same loss as running the frozen stages on the frames
     cached_run = tmp_path / "dec-cached"
-    args = ["train", "decoder", "--data", str(demos), "--preset", "tiny", f"model.encoder_init={ae}",
-            "model.freeze_encoder=true", "model.feature_key=autoencoder.features", "train.max_steps=4",
-            "train.ckpt_every=4", "data.batch_size=4", "model.horizon=4", "model.n_obs_steps=1", *TRAIN]
+    args = [
+        "train",
+        "decoder",
+        "--data",
+        str(demos),
+        "--preset",
+        "tiny",
+        f"model.encoder_init={ae}",
+        "model.freeze_encoder=true",
+        "model.feature_key=autoencoder.features",
+        "train.max_steps=4",
+        "train.ckpt_every=4",
+        "data.batch_size=4",
+        "model.horizon=4",
+        "model.n_obs_steps=1",
+        *TRAIN,
+    ]
     assert main([*args, "--out", str(cached_run)]) == 0
     from shards.stream import WindowStream, collate_windows
 
     model = ActionDecoder.from_pretrained(str(cached_run / "final"))
-    windows = list(itertools.islice(WindowStream(str(demos), window=model.config.window_length, mode="train",
-                                                 seed=0, labels=("autoencoder",)), 4))
+    windows = list(
+        itertools.islice(
+            WindowStream(str(demos), window=model.config.window_length, mode="train", seed=0, labels=("autoencoder",)),
+            4,
+        )
+    )
     batch = collate_windows(windows)
     assert batch["autoencoder.features"].shape[-1] == 16 * 16
     live = {k: v for k, v in batch.items() if k != "autoencoder.features"}
@@ -126,13 +185,47 @@ def test_decoder_on_a_pretrained_frozen_encoder_end_to_end(tmp_path, capsys):
     assert main([*args, "model.augment_shift=2", "--out", str(tmp_path / "no-aug")]) == 2
     assert "augment_shift" in capsys.readouterr().err
     other = tmp_path / "ae2"
-    assert main(["train", "autoencoder", "--data", str(video), "--out", str(other), "--preset", "tiny",
-                 "model.encoder_channels=8,16", "train.max_steps=2", "train.ckpt_every=2", "train.seed=1", *TRAIN]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "autoencoder",
+                "--data",
+                str(video),
+                "--out",
+                str(other),
+                "--preset",
+                "tiny",
+                "model.encoder_channels=8,16",
+                "train.max_steps=2",
+                "train.ckpt_every=2",
+                "train.seed=1",
+                *TRAIN,
+            ]
+        )
+        == 0
+    )
     args[args.index(f"model.encoder_init={ae}")] = f"model.encoder_init={other}"
     assert main([*args, "--out", str(tmp_path / "no-other")]) == 2
     assert "other weights" in capsys.readouterr().err
 
     # a folder that is not an autoencoder is refused by name, before training
-    assert main(["train", "decoder", "--data", str(demos), "--out", str(tmp_path / "no"), "--preset", "tiny",
-                 f"model.encoder_init={run}", "train.max_steps=1", *TRAIN]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(demos),
+                "--out",
+                str(tmp_path / "no"),
+                "--preset",
+                "tiny",
+                f"model.encoder_init={run}",
+                "train.max_steps=1",
+                *TRAIN,
+            ]
+        )
+        == 2
+    )
     assert "not a FrameAutoencoder" in capsys.readouterr().err

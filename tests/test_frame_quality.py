@@ -16,13 +16,13 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_psnr_and_ssim_match_closed_forms():
-    flat = lambda v: torch.full((1, 2, 3, 32, 32), v)   # noqa: E731
+    flat = lambda v: torch.full((1, 2, 3, 32, 32), v)  # noqa: E731
     # PSNR: an offset of 0.1 in [0, 1] is MSE 0.01 -> 20 dB; an exact prediction is capped
     psnr, ssim = psnr_ssim(unit(flat(0.6)), unit(flat(0.5)))
     assert psnr.item() == pytest.approx(20.0, abs=1e-4)
     # SSIM of two flat images a, b (no variance): (2ab + C1) / (a² + b² + C1), C1 = (0.01 * 1)²
-    c1 = 0.01 ** 2
-    assert ssim.item() == pytest.approx((2 * 0.6 * 0.5 + c1) / (0.6 ** 2 + 0.5 ** 2 + c1), abs=1e-5)
+    c1 = 0.01**2
+    assert ssim.item() == pytest.approx((2 * 0.6 * 0.5 + c1) / (0.6**2 + 0.5**2 + c1), abs=1e-5)
     x = torch.rand(2, 3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     psnr, ssim = psnr_ssim(unit(x), unit(x))
     assert torch.allclose(ssim, torch.ones(2)) and torch.allclose(psnr, torch.full((2,), MAX_PSNR))

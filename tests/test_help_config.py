@@ -34,8 +34,13 @@ def test_every_key_of_every_model_is_listed_with_type_and_its_preset_default():
         assert set(listed) == set(keys), (model, set(keys) ^ set(listed))
         assert any(k.startswith("model.") for k in listed)
     lines = {line.split()[0]: line.split() for line in config_help("worldmodel", "tiny").splitlines()[2:]}
-    tiny = resolve("worldmodel", get_model("worldmodel").config_cls, get_model("worldmodel").presets, preset="tiny",
-                   run_presets=get_model("worldmodel").run_presets)
+    tiny = resolve(
+        "worldmodel",
+        get_model("worldmodel").config_cls,
+        get_model("worldmodel").presets,
+        preset="tiny",
+        run_presets=get_model("worldmodel").run_presets,
+    )
     assert lines["optim.lr"] == ["optim.lr", "float", repr(tiny.optim.lr)]
     assert lines["train.max_steps"] == ["train.max_steps", "int", str(tiny.train.max_steps)]
     assert lines["init"][1:] == ["str", "|", "None", "null"]
@@ -43,10 +48,15 @@ def test_every_key_of_every_model_is_listed_with_type_and_its_preset_default():
 
 def test_help_config_needs_no_out_and_ends_quietly_into_head(capsys):
     # the one real process here: a closed pipe (`| head`) is only seen by a process writing into one
-    proc = subprocess.run(f"{sys.executable} -m wm_pipeline train decoder --help-config | head -3", shell=True,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        f"{sys.executable} -m wm_pipeline train decoder --help-config | head -3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.stderr == "" and len(proc.stdout.splitlines()) == 3 and "preset 'small'" in proc.stdout
-    with pytest.raises(SystemExit) as e:   # the same main() as `python -m wm_pipeline` (its __main__ raises SystemExit)
+    with pytest.raises(SystemExit) as e:  # the same main() as `python -m wm_pipeline` (its __main__ raises SystemExit)
         main(["train", "nosuch", "--help-config"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unknown model 'nosuch'" in err and "Traceback" not in err

@@ -17,7 +17,7 @@ def random_walk(b: int, t: int, size: int = 32, sq: int = 6, max_step: int = 2, 
     for i in range(b):
         pos = torch.randint(0, size - sq + 1, (2,), generator=g)
         for s in range(t):
-            frames[i, s, :, pos[0]: pos[0] + sq, pos[1]: pos[1] + sq] = 255
+            frames[i, s, :, pos[0] : pos[0] + sq, pos[1] : pos[1] + sq] = 255
             new = (pos + torch.randint(-max_step, max_step + 1, (2,), generator=g)).clamp(0, size - sq)
             action[i, s] = (new - pos).float()
             pos = new
@@ -26,15 +26,20 @@ def random_walk(b: int, t: int, size: int = 32, sq: int = 6, max_step: int = 2, 
 
 def stats_of(action: torch.Tensor) -> dict:
     # deliberately not zero-mean / unit-std: the model must undo the normalisation itself
-    return {"square": {"action": {"mean": (action.mean((0, 1)) + 0.5).tolist(),
-                                  "std": (action.std((0, 1)) * 2).tolist()}}}
+    return {
+        "square": {"action": {"mean": (action.mean((0, 1)) + 0.5).tolist(), "std": (action.std((0, 1)) * 2).tolist()}}
+    }
 
 
 def make_batch(frames, action, mask=None, embodiment="square"):
     b = frames.shape[0]
     mask = torch.ones(b, dtype=torch.bool) if mask is None else mask
-    return {"frames": frames, "action": action, "action_mask": mask,
-            "embodiment": [embodiment if m else "video" for m in mask.tolist()]}
+    return {
+        "frames": frames,
+        "action": action,
+        "action_mask": mask,
+        "embodiment": [embodiment if m else "video" for m in mask.tolist()],
+    }
 
 
 def tiny_idm(stats: dict, **kw) -> InverseDynamicsModel:
@@ -112,8 +117,10 @@ def test_idm_ignores_unlabelled_samples_exactly():
 
 def test_idm_normalisation_and_clear_errors():
     frames, action = random_walk(2, 4)
-    stats = {"square": {"action": {"mean": [1.0, -2.0], "std": [2.0, 0.0]}},
-             "video": {}}  # action-free embodiment: allowed, nothing to normalise
+    stats = {
+        "square": {"action": {"mean": [1.0, -2.0], "std": [2.0, 0.0]}},
+        "video": {},
+    }  # action-free embodiment: allowed, nothing to normalise
     model = tiny_idm(stats)
     model.eval()
     raw = model.predict_actions(frames)  # the only embodiment with actions is picked
@@ -136,8 +143,9 @@ def test_idm_accepts_numpy_stats_and_round_trips(tmp_path):
     np = pytest.importorskip("numpy")
     torch.manual_seed(0)
     frames, action = random_walk(2, 4)
-    stats = {"square": {"action": {"mean": np.array([0.5, -0.5], np.float32),
-                                   "std": np.array([1.5, 2.0], np.float32)}}}  # as embodiment_stats gives
+    stats = {
+        "square": {"action": {"mean": np.array([0.5, -0.5], np.float32), "std": np.array([1.5, 2.0], np.float32)}}
+    }  # as embodiment_stats gives
     model = tiny_idm(stats, conv3d_stem=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss, _ = model(make_batch(frames, action))

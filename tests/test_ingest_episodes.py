@@ -29,7 +29,7 @@ def wm_here(capsys, *args: str, check_rc: int) -> subprocess.CompletedProcess:
     capsys.readouterr()
     try:
         code = main(list(args))
-    except SystemExit as e:   # argparse errors, as `python -m wm_pipeline` ends with them
+    except SystemExit as e:  # argparse errors, as `python -m wm_pipeline` ends with them
         code = e.code
     out, err = capsys.readouterr()
     assert code == check_rc, out + err
@@ -60,8 +60,11 @@ def failures(out: Path) -> dict[str, str]:
 
 
 def episode(rng, t: int, a: int = 4, s: int = 7, size: int = 32) -> dict[str, np.ndarray]:
-    return {"frames": rng.integers(0, 255, (t, size, size, 3), dtype=np.uint8),
-            "action": rng.normal(size=(t, a)).astype(np.float32), "state": rng.normal(size=(t, s)).astype(np.float32)}
+    return {
+        "frames": rng.integers(0, 255, (t, size, size, 3), dtype=np.uint8),
+        "action": rng.normal(size=(t, a)).astype(np.float32),
+        "state": rng.normal(size=(t, s)).astype(np.float32),
+    }
 
 
 def test_npz_round_trip_is_bit_exact_and_bad_episodes_fail(tmp_path):
@@ -73,8 +76,13 @@ def test_npz_round_trip_is_bit_exact_and_bad_episodes_fail(tmp_path):
         ep = episode(rng, 10 + i)
         np.savez(src / f"ep{i}.npz", **ep, task="push-v3", instruction="push the puck", success=i != 1)
         good[str(src / f"ep{i}.npz")] = ep
-    np.savez(src / "wrist_cam.npz", wrist_image=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
-             actions=np.ones((6, 4), np.float32), fps=np.float64(20), embodiment="sawyer")
+    np.savez(
+        src / "wrist_cam.npz",
+        wrist_image=rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8),
+        actions=np.ones((6, 4), np.float32),
+        fps=np.float64(20),
+        embodiment="sawyer",
+    )
     ep = episode(rng, 10)
     np.savez(src / "x_len.npz", frames=ep["frames"], action=ep["action"][:9])
     nan = ep["action"].copy()
@@ -110,8 +118,15 @@ def test_npz_round_trip_is_bit_exact_and_bad_episodes_fail(tmp_path):
     assert manifest["embodiments"]["robot"]["action_dim"] == 4 and manifest["tasks"] == {"push-v3": 3}
 
 
-def write_robomimic(path: Path, rng, lengths: list[int], bad_demo: int | None = None, images: bool = True,
-                    lang: str | None = None, valid: tuple[int, ...] = ()) -> dict:
+def write_robomimic(
+    path: Path,
+    rng,
+    lengths: list[int],
+    bad_demo: int | None = None,
+    images: bool = True,
+    lang: str | None = None,
+    valid: tuple[int, ...] = (),
+) -> dict:
     """A file in robomimic's layout (robomimic/scripts/dataset_states_to_obs.py, split_train_val.py):
     data.attrs total / env_args; data/demo_N with actions, states, rewards, dones, obs/*, next_obs/* and
     attrs num_samples, model_file (and ep_meta, robosuite >= 1.5); mask/train, mask/valid (dtype 'S')."""
@@ -119,13 +134,25 @@ def write_robomimic(path: Path, rng, lengths: list[int], bad_demo: int | None = 
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         data.attrs["total"] = sum(lengths)
-        data.attrs["env_args"] = json.dumps({"env_name": "Lift", "type": 1, "env_version": "1.5.1", "env_kwargs": {
-            "control_freq": 20, "has_renderer": False, "camera_names": ["agentview", "robot0_eye_in_hand"]}})
+        data.attrs["env_args"] = json.dumps(
+            {
+                "env_name": "Lift",
+                "type": 1,
+                "env_version": "1.5.1",
+                "env_kwargs": {
+                    "control_freq": 20,
+                    "has_renderer": False,
+                    "camera_names": ["agentview", "robot0_eye_in_hand"],
+                },
+            }
+        )
         for i, t in enumerate(lengths):
             g = data.create_group(f"demo_{i}")
-            d = {"actions": rng.normal(size=(t, 7)).astype(np.float32),
-                 "robot0_eef_pos": rng.normal(size=(t, 3)).astype(np.float32),
-                 "robot0_gripper_qpos": rng.normal(size=(t, 2)).astype(np.float32)}
+            d = {
+                "actions": rng.normal(size=(t, 7)).astype(np.float32),
+                "robot0_eef_pos": rng.normal(size=(t, 3)).astype(np.float32),
+                "robot0_gripper_qpos": rng.normal(size=(t, 2)).astype(np.float32),
+            }
             if images:
                 d["agentview_image"] = rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)
                 d["robot0_eye_in_hand_image"] = rng.integers(0, 255, (t, 48, 64, 3), dtype=np.uint8)
@@ -153,8 +180,21 @@ def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path, capsys):
     demos = write_robomimic(tmp_path / "lift.hdf5", rng, [8, 9, 12], bad_demo=1)
     (tmp_path / "broken.hdf5").write_bytes(b"\x89HDF not really")
     out = tmp_path / "out"
-    wm("ingest", "episodes", str(tmp_path / "lift.hdf5"), str(tmp_path / "broken.hdf5"), "--format", "hdf5",
-       "--out", str(out), "--resolution", "32", "--workers", "1", check_rc=3)
+    wm(
+        "ingest",
+        "episodes",
+        str(tmp_path / "lift.hdf5"),
+        str(tmp_path / "broken.hdf5"),
+        "--format",
+        "hdf5",
+        "--out",
+        str(out),
+        "--resolution",
+        "32",
+        "--workers",
+        "1",
+        check_rc=3,
+    )
     reasons = failures(out)
     assert set(reasons) == {"lift.hdf5::demo_1", "broken.hdf5"}
     assert "action has 8 rows but the video has 9 frames" in reasons["lift.hdf5::demo_1"]
@@ -174,9 +214,23 @@ def test_hdf5_robomimic_round_trip_cameras_and_state_keys(tmp_path, capsys):
         assert meta["episode_index"] == int(name[-1])
 
     out2 = tmp_path / "out2"
-    wm_here(capsys, "ingest", "episodes", str(tmp_path / "lift.hdf5"), "--format", "hdf5", "--out", str(out2),
-            "--camera", "agentview", "--state-keys", "robot0_gripper_qpos,robot0_eef_pos", "--embodiment", "panda",
-            check_rc=3)
+    wm_here(
+        capsys,
+        "ingest",
+        "episodes",
+        str(tmp_path / "lift.hdf5"),
+        "--format",
+        "hdf5",
+        "--out",
+        str(out2),
+        "--camera",
+        "agentview",
+        "--state-keys",
+        "robot0_gripper_qpos,robot0_eef_pos",
+        "--embodiment",
+        "panda",
+        check_rc=3,
+    )
     m = by_source(read_samples(out2))[f"{tmp_path / 'lift.hdf5'}::demo_2"]
     meta = json.loads(m["meta.json"])
     d = demos["demo_2"]
@@ -191,29 +245,83 @@ def test_hdf5_filter_key_ep_meta_language_and_a_low_dim_file(tmp_path, capsys):
     demos = write_robomimic(tmp_path / "image.hdf5", rng, [6, 7, 8, 9, 6], lang="lift the cube", valid=(1, 3))
     write_robomimic(tmp_path / "low_dim.hdf5", rng, [6, 7], images=False, valid=(1,))
     out = tmp_path / "train"
-    proc = wm_here(capsys, "ingest", "episodes", str(tmp_path / "image.hdf5"), str(tmp_path / "low_dim.hdf5"),
-                   "--format", "hdf5", "--filter-key", "train", "--camera", "agentview", "--out", str(out),
-                   "--workers", "1", check_rc=3)
+    proc = wm_here(
+        capsys,
+        "ingest",
+        "episodes",
+        str(tmp_path / "image.hdf5"),
+        str(tmp_path / "low_dim.hdf5"),
+        "--format",
+        "hdf5",
+        "--filter-key",
+        "train",
+        "--camera",
+        "agentview",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        check_rc=3,
+    )
     assert "3 samples" in proc.stdout and "1 failure(s)" in proc.stdout
-    reason = failures(out)["low_dim.hdf5"]   # one row for the file, not one per demo
+    reason = failures(out)["low_dim.hdf5"]  # one row for the file, not one per demo
     assert reason.startswith("no image observations") and "low-dim file" in reason and "\n" not in reason
     samples = by_source(read_samples(out))
     assert sorted(Path(s).name for s in samples) == ["image.hdf5::demo_0", "image.hdf5::demo_2", "image.hdf5::demo_4"]
     for i in (0, 2, 4):
         meta = json.loads(samples[f"{tmp_path / 'image.hdf5'}::demo_{i}"]["meta.json"])
         assert (meta["instruction"], meta["task"], meta["cameras"]) == (f"lift the cube {i}", "Lift", ["agentview"])
-        assert npy(samples[f"{tmp_path / 'image.hdf5'}::demo_{i}"]["action.npy"]).tobytes() == \
-            demos[f"demo_{i}"]["actions"].tobytes()
+        assert (
+            npy(samples[f"{tmp_path / 'image.hdf5'}::demo_{i}"]["action.npy"]).tobytes()
+            == demos[f"demo_{i}"]["actions"].tobytes()
+        )
 
     out_valid = tmp_path / "valid"
-    wm_here(capsys, "ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "valid",
-            "--out", str(out_valid), "--workers", "1", check_rc=0)
+    wm_here(
+        capsys,
+        "ingest",
+        "episodes",
+        str(tmp_path / "image.hdf5"),
+        "--format",
+        "hdf5",
+        "--filter-key",
+        "valid",
+        "--out",
+        str(out_valid),
+        "--workers",
+        "1",
+        check_rc=0,
+    )
     assert sorted(json.loads(m["meta.json"])["episode_index"] for m in read_samples(out_valid).values()) == [1, 3]
 
     out_bad = tmp_path / "bad"
-    wm_here(capsys, "ingest", "episodes", str(tmp_path / "image.hdf5"), "--format", "hdf5", "--filter-key", "test",
-            "--out", str(out_bad), "--workers", "1", check_rc=3)
+    wm_here(
+        capsys,
+        "ingest",
+        "episodes",
+        str(tmp_path / "image.hdf5"),
+        "--format",
+        "hdf5",
+        "--filter-key",
+        "test",
+        "--out",
+        str(out_bad),
+        "--workers",
+        "1",
+        check_rc=3,
+    )
     assert failures(out_bad)["image.hdf5"] == "no filter key 'test': mask/ holds ['train', 'valid']"
-    proc = wm_here(capsys, "ingest", "episodes", str(tmp_path), "--format", "npz", "--filter-key", "train", "--out",
-                   str(tmp_path / "x"), check_rc=2)
+    proc = wm_here(
+        capsys,
+        "ingest",
+        "episodes",
+        str(tmp_path),
+        "--format",
+        "npz",
+        "--filter-key",
+        "train",
+        "--out",
+        str(tmp_path / "x"),
+        check_rc=2,
+    )
     assert "--filter-key" in proc.stderr and "hdf5" in proc.stderr

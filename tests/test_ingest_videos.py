@@ -19,7 +19,9 @@ import numpy as np
 from shards.format import read_manifest
 
 
-def write_video(path: Path, frames: np.ndarray, fps: float, codec: str = "libx264", options: dict | None = None) -> Path:
+def write_video(
+    path: Path, frames: np.ndarray, fps: float, codec: str = "libx264", options: dict | None = None
+) -> Path:
     """Encode uint8 [T, H, W, 3] frames with PyAV; the container follows the file suffix."""
     with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
@@ -66,8 +68,8 @@ def decode(data: bytes) -> tuple[np.ndarray, Fraction]:
 def test_clips_have_right_count_length_size_fps_and_content(tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
-    write_video(src / "a.mp4", gray_ramp(90, 64, 96, 2), 30)               # 3.0 s -> 3 clips
-    write_video(src / "sub" / "b.mkv", gray_ramp(60, 80, 64, 3), 25)       # 2.4 s -> 2 clips, tail dropped
+    write_video(src / "a.mp4", gray_ramp(90, 64, 96, 2), 30)  # 3.0 s -> 3 clips
+    write_video(src / "sub" / "b.mkv", gray_ramp(60, 80, 64, 3), 25)  # 2.4 s -> 2 clips, tail dropped
     write_video(src / "c.avi", gray_ramp(30, 40, 48, 8), 12, codec="mpeg4")  # 2.5 s -> 2 clips
     # geometry: landscape thirds red | green | blue; the square center crop keeps a bit of red and blue
     thirds = np.zeros((10, 64, 96, 3), np.uint8)
@@ -75,8 +77,23 @@ def test_clips_have_right_count_length_size_fps_and_content(tmp_path):
     write_video(tmp_path / "thirds.webm", thirds, 10, codec="libvpx-vp9")  # 1.0 s -> 1 clip
     (src / "notes.txt").write_text("not picked up by a folder walk")
     out = tmp_path / "out"
-    proc = wm("ingest", "videos", str(src), str(tmp_path / "*.webm"), "--out", str(out), "--resolution", "32",
-              "--fps", "10", "--clip-seconds", "1", "--workers", "1", check_rc=0)
+    proc = wm(
+        "ingest",
+        "videos",
+        str(src),
+        str(tmp_path / "*.webm"),
+        "--out",
+        str(out),
+        "--resolution",
+        "32",
+        "--fps",
+        "10",
+        "--clip-seconds",
+        "1",
+        "--workers",
+        "1",
+        check_rc=0,
+    )
     assert "8 samples, 80 frames" in proc.stdout
     samples = read_samples(out)
     by_source = {}
@@ -90,16 +107,20 @@ def test_clips_have_right_count_length_size_fps_and_content(tmp_path):
         level = frames.mean(axis=(1, 2, 3))
         start = meta["extra"]["clip_index"] * 10 / 10.0  # seconds
         times = start + np.arange(10) / 10.0
-        if meta["source"].endswith("a.mp4"):   # 30 fps: output frame at t shows source frame 30 t
+        if meta["source"].endswith("a.mp4"):  # 30 fps: output frame at t shows source frame 30 t
             np.testing.assert_allclose(level, np.round(times * 30) * 2, atol=3)
-        if meta["source"].endswith("b.mkv"):   # 25 fps: latest source frame at or before t
+        if meta["source"].endswith("b.mkv"):  # 25 fps: latest source frame at or before t
             np.testing.assert_allclose(level, np.floor(times * 25 + 1e-6) * 3, atol=3)
         if meta["source"].endswith("thirds.webm"):
             mid = frames[5, 16]
             assert mid[4, 0] > 200 and mid[16, 1] > 200 and mid[28, 2] > 200  # red | green | blue
             assert mid[4, 1] < 60 and mid[28, 0] < 60
     assert {k: sorted(v) for k, v in by_source.items()} == {
-        "a.mp4": [0, 1, 2], "b.mkv": [0, 1], "c.avi": [0, 1], "thirds.webm": [0]}
+        "a.mp4": [0, 1, 2],
+        "b.mkv": [0, 1],
+        "c.avi": [0, 1],
+        "thirds.webm": [0],
+    }
     assert not (out / "failures.jsonl").read_text()
 
 
@@ -109,8 +130,22 @@ def test_workers_1_and_2_give_identical_bytes(tmp_path):
     outs = []
     for workers in ("1", "2"):
         out = tmp_path / f"out{workers}"
-        wm("ingest", "videos", str(tmp_path / "v*.mp4"), "--out", str(out), "--resolution", "16",
-           "--clip-seconds", "0.5", "--samples-per-shard", "1", "--workers", workers, check_rc=0)
+        wm(
+            "ingest",
+            "videos",
+            str(tmp_path / "v*.mp4"),
+            "--out",
+            str(out),
+            "--resolution",
+            "16",
+            "--clip-seconds",
+            "0.5",
+            "--samples-per-shard",
+            "1",
+            "--workers",
+            workers,
+            check_rc=0,
+        )
         outs.append(out)
     names = sorted(p.name for p in outs[0].glob("shard-*.tar"))
     assert len(names) == 4
@@ -133,14 +168,18 @@ def test_bad_inputs_become_failure_rows(tmp_path):
         s.width = s.height = 32
         c.start_encoding()  # writes the header: a valid file that holds no frame
     (tmp_path / "notes.txt").write_text("hello")
-    bad = {"truncated.mp4": "not a readable media file", "truncated_faststart.mp4": "kept 2 clip",
-           "junk.mp4": "not a readable media file", "empty.mkv": "empty file",
-           "zero_frames.mp4": "no video stream", "notes.txt": "not a readable media file",
-           "missing.mp4": "no such file"}
+    bad = {
+        "truncated.mp4": "not a readable media file",
+        "truncated_faststart.mp4": "kept 2 clip",
+        "junk.mp4": "not a readable media file",
+        "empty.mkv": "empty file",
+        "zero_frames.mp4": "no video stream",
+        "notes.txt": "not a readable media file",
+        "missing.mp4": "no such file",
+    }
     out = tmp_path / "out"
     paths = [str(good)] + [str(tmp_path / n) for n in bad]
-    proc = wm("ingest", "videos", *paths, "--out", str(out), "--clip-seconds", "1", "--resolution", "16",
-              check_rc=3)
+    proc = wm("ingest", "videos", *paths, "--out", str(out), "--clip-seconds", "1", "--resolution", "16", check_rc=3)
     assert proc.stdout.strip().splitlines()[-1].endswith(f"7 failure(s) (see {out}/failures.jsonl)")
     rows = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     reasons = {Path(r["source"]).name: r["reason"] for r in rows}
@@ -156,15 +195,30 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     src.mkdir()
     for i in range(12):
         write_video(src / f"v{i:02d}.mp4", gray_ramp(30, 64, 64, 8), 15)
-    args = [str(src), "--resolution", "32", "--fps", "15", "--clip-seconds", "0.5", "--samples-per-shard", "1",
-            "--workers", "2"]
+    args = [
+        str(src),
+        "--resolution",
+        "32",
+        "--fps",
+        "15",
+        "--clip-seconds",
+        "0.5",
+        "--samples-per-shard",
+        "1",
+        "--workers",
+        "2",
+    ]
     ref = tmp_path / "ref"
     wm("ingest", "videos", *args, "--out", str(ref), check_rc=0)
 
     out = tmp_path / "out"
     # its own session, so that kill -9 reaches the spawned worker processes too
-    proc = subprocess.Popen([sys.executable, "-m", "wm_pipeline", "ingest", "videos", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wm_pipeline", "ingest", "videos", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while not list(out.glob("shard-*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)

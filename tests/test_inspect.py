@@ -21,8 +21,17 @@ def make_episodes(i: int):
     if i % 2:  # action-free clip
         return [Episode(key=f"clip{i}", frames={"cam": frames.copy()}, fps=10, embodiment="video")]
     rng = np.random.default_rng(i)
-    return [Episode(key=f"ep{i}", frames={"cam": frames.copy()}, fps=10, embodiment="sawyer", task=f"task{i % 4}",
-                    action=rng.normal(size=(t, 4)).astype(np.float32), state=rng.normal(size=(t, 3)).astype(np.float32))]
+    return [
+        Episode(
+            key=f"ep{i}",
+            frames={"cam": frames.copy()},
+            fps=10,
+            embodiment="sawyer",
+            task=f"task{i % 4}",
+            action=rng.normal(size=(t, 4)).astype(np.float32),
+            state=rng.normal(size=(t, 3)).astype(np.float32),
+        )
+    ]
 
 
 def wm(*args: str) -> subprocess.CompletedProcess:
@@ -57,14 +66,21 @@ def test_inspect_reports_counts_stats_failures_and_draws_a_sheet(tmp_path):
     for r, row in enumerate(sheet["rows"]):
         i = int(row["key"].removeprefix("ep").removeprefix("clip"))
         for c, t in enumerate(row["frames"]):
-            tile = image[r * 16:(r + 1) * 16, c * 24:(c + 1) * 24]
+            tile = image[r * 16 : (r + 1) * 16, c * 24 : (c + 1) * 24]
             assert abs(tile.mean() - (20 * i + 10 * t)) < 4, (row["key"], t, tile.mean())
 
     other = tmp_path / "sheet.png"
     proc = wm("inspect", str(data), "--sheet", str(other))
     assert proc.returncode == 0, proc.stderr
-    for text in ("samples 6", "sawyer", "video", "stats sawyer.action (4 dims)", "failures   1", "unreadable demo",
-                 str(other)):
+    for text in (
+        "samples 6",
+        "sawyer",
+        "video",
+        "stats sawyer.action (4 dims)",
+        "failures   1",
+        "unreadable demo",
+        str(other),
+    ):
         assert text in proc.stdout, text
     assert Image.open(other).size == (8 * 24, 4 * 16)  # defaults: 4 samples x 8 frames
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)   # 2 shared cores: one thread is ~25x faster than two fighting other jobs
+torch.set_num_threads(1)  # 2 shared cores: one thread is ~25x faster than two fighting other jobs
 
 from in_process import wm_here
 from shards.format import read_manifest
@@ -28,7 +28,7 @@ from shards.writer import Episode, run_sharded_job
 from wm_pipeline.cli.main import main
 from wm_pipeline.jobs.labelling import label_episodes, load_labeller, shard_range
 
-LENGTHS = [14, 9, 21, 3, 17, 12, 25, 10]   # frames; one shorter than the LAM's frame gap + 1 window
+LENGTHS = [14, 9, 21, 3, 17, 12, 25, 10]  # frames; one shorter than the LAM's frame gap + 1 window
 WM = [sys.executable, "-m", "wm_pipeline"]
 
 
@@ -40,14 +40,18 @@ def _episode(i: int, size: int = 32, camera: str = "front", fps: float = 10.0, n
     pos = np.clip(np.cumsum(np.vstack([[size // 2 - 3, size // 2 - 3], action[:-1]]), 0), 0, size - 6).astype(int)
     frames = np.full((n, size, size, 3), 30 + 20 * (i % 5), np.uint8)
     for t, (y, x) in enumerate(pos):
-        frames[t, y:y + 6, x:x + 6] = (230, 200, 40)
-    return [Episode(key=f"ep{i:02d}", frames={camera: frames}, fps=fps, embodiment="toybot", task=f"task{i % 2}",
-                    action=action)]
+        frames[t, y : y + 6, x : x + 6] = (230, 200, 40)
+    return [
+        Episode(
+            key=f"ep{i:02d}", frames={camera: frames}, fps=fps, embodiment="toybot", task=f"task{i % 2}", action=action
+        )
+    ]
 
 
 def _make(root: Path, make, n: int, per_shard: int = 1) -> Path:
-    result = run_sharded_job(root, list(range(n)), make, samples_per_shard=per_shard, workers=1,
-                             created_by="tests", desc="data")
+    result = run_sharded_job(
+        root, list(range(n)), make, samples_per_shard=per_shard, workers=1, created_by="tests", desc="data"
+    )
     assert result.exit_code == 0, result.failures
     return root
 
@@ -63,13 +67,29 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("label")
     data = _make(root / "data", _episode, len(LENGTHS))
     for model, extra in (("lam", ["model.frame_gap=2"]), ("idm", ["data.window=6"])):
-        code = main(["train", model, "--data", str(data), "--out", str(root / model), "--preset", "tiny",
-                     "train.max_steps=3", "train.ckpt_every=3", "train.progress=false", *extra])
+        code = main(
+            [
+                "train",
+                model,
+                "--data",
+                str(data),
+                "--out",
+                str(root / model),
+                "--preset",
+                "tiny",
+                "train.max_steps=3",
+                "train.ckpt_every=3",
+                "train.progress=false",
+                *extra,
+            ]
+        )
         assert code == 0
-    assert main(["label", "--labeller", str(root / "lam"), "--data", str(data), "--batch-size", "4",
-                 "--no-progress"]) == 0
-    assert main(["label", "--labeller", str(root / "idm"), "--data", str(data), "--batch-size", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(["label", "--labeller", str(root / "lam"), "--data", str(data), "--batch-size", "4", "--no-progress"]) == 0
+    )
+    assert (
+        main(["label", "--labeller", str(root / "idm"), "--data", str(data), "--batch-size", "4", "--no-progress"]) == 0
+    )
     return root, data
 
 
@@ -93,7 +113,7 @@ def test_sidecar_keys_equal_video_keys_and_lam_rows_are_the_models(setup):
             assert r["latent"].shape == (n, lab.model.config.action_dim) and r["latent"].dtype == np.float32
             assert r["codes"].shape == (n, lab.model.config.n_tokens) and r["codes"].dtype == np.int64
             assert r["valid"].tolist() == [True] * max(n - k, 0) + [False] * min(k, n)
-            if n > k:   # the whole episode in one pass: row t is the transition t -> t + k
+            if n > k:  # the whole episode in one pass: row t is the transition t -> t + k
                 ref = lab.model.encode_latent_actions(frames[key][None])
                 np.testing.assert_allclose(r["latent"][: n - k], ref["latent"][0].numpy(), atol=1e-5)
                 assert (r["codes"][: n - k] == ref["codes"][0].numpy()).all()
@@ -109,21 +129,32 @@ def test_idm_rows_come_from_windows_where_the_step_is_not_last(setup):
         n = frames.shape[0]
         assert r["pseudo_action"].shape == (n, 2) and r["valid"].tolist() == [True] * (n - 1) + [False]
         w = min(t, n)
-        windows = frames.unfold(0, w, 1).permute(0, 4, 1, 2, 3)       # every window [S, w, C, H, W]
-        pred = lab.model.predict_actions(windows, "toybot").numpy()     # [S, w, A]
-        for step in range(n - 1):   # some window holds the step at a non-last position with this output
+        windows = frames.unfold(0, w, 1).permute(0, 4, 1, 2, 3)  # every window [S, w, C, H, W]
+        pred = lab.model.predict_actions(windows, "toybot").numpy()  # [S, w, A]
+        for step in range(n - 1):  # some window holds the step at a non-last position with this output
             cands = [pred[s, step - s] for s in range(max(0, step - w + 2), min(step, n - w) + 1)]
             assert min(np.abs(c - r["pseudo_action"][step]).max() for c in cands) < 1e-4
 
 
 def test_kill_9_then_resume_gives_identical_sidecars(setup, capsys):
     root, data = setup
-    args = ["label", "--labeller", str(root / "lam"), "--data", str(data), "--name", "resumed", "--batch-size", "4",
-            "--no-progress"]
-    proc = subprocess.Popen([*WM, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "label",
+        "--labeller",
+        str(root / "lam"),
+        "--data",
+        str(data),
+        "--name",
+        "resumed",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [*WM, *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     out = sidecar_dir(data, "resumed")
-    deadline = time.time() + 600   # the first shard's own start-up: a minute or more on a loaded machine
+    deadline = time.time() + 600  # the first shard's own start-up: a minute or more on a loaded machine
     while not list(out.glob("*.stats.json")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -147,12 +178,29 @@ def test_shard_ranges_are_disjoint_and_cover(setup, tmp_path):
                 got = [s for i in range(parts) for r in range(world) for s in shard_range(n, (i, parts), r, world)]
                 assert sorted(got) == list(range(n))
                 firsts = [shard_range(n, (i, parts)) for i in range(parts)]
-                assert all(f == sorted(f) for f in firsts)   # contiguous ranges, in order
+                assert all(f == sorted(f) for f in firsts)  # contiguous ranges, in order
     root, data = setup
     out, seen = sidecar_dir(data, "parts"), set()
     for i in range(3):
-        assert main(["label", "--labeller", str(root / "lam"), "--data", str(data), "--name", "parts",
-                     "--shards", f"{i}/3", "--batch-size", "4", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "label",
+                    "--labeller",
+                    str(root / "lam"),
+                    "--data",
+                    str(data),
+                    "--name",
+                    "parts",
+                    "--shards",
+                    f"{i}/3",
+                    "--batch-size",
+                    "4",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         now = {p.name for p in out.glob("*.stats.json")}
         new = now - seen
         assert new and not (new & seen)
@@ -164,26 +212,53 @@ def test_shard_ranges_are_disjoint_and_cover(setup, tmp_path):
 
 def test_torchrun_ranks_take_their_own_shards(setup):
     root, data = setup
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "wm_pipeline",
-                        "label", "--labeller", str(root / "lam"), "--data", str(data), "--name", "ranks",
-                        "--batch-size", "4", "--no-progress"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "wm_pipeline",
+            "label",
+            "--labeller",
+            str(root / "lam"),
+            "--data",
+            str(data),
+            "--name",
+            "ranks",
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    for entry in read_manifest(data)["shards"]:   # every shard once, same bytes as one process
+    for entry in read_manifest(data)["shards"]:  # every shard once, same bytes as one process
         name = entry["name"]
         assert (sidecar_dir(data, "ranks") / name).read_bytes() == (sidecar_dir(data, "lam") / name).read_bytes()
     assert f"labelled {len(LENGTHS)} clips" in r.stderr
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"camera": "side"}, "trained on camera 'front' but"),
-    ({"size": 48}, "takes 32x32 frames (trained without resize) but"),
-    ({"fps": 25.0}, "trained on [10.0] fps video"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"camera": "side"}, "trained on camera 'front' but"),
+        ({"size": 48}, "takes 32x32 frames (trained without resize) but"),
+        ({"fps": 25.0}, "trained on [10.0] fps video"),
+    ],
+)
 def test_misfit_labeller_fails_before_any_work(setup, tmp_path, capsys, change, message):
     root, _ = setup
-    data = _make(tmp_path / "other", lambda i: _episode(i, change.get("size", 32), change.get("camera", "front"),
-                                                          change.get("fps", 10.0), n=8), 1)
+    data = _make(
+        tmp_path / "other",
+        lambda i: _episode(i, change.get("size", 32), change.get("camera", "front"), change.get("fps", 10.0), n=8),
+        1,
+    )
     r = _wm(capsys, "label", "--labeller", str(root / "lam"), "--data", str(data))
     assert r.returncode == 2 and message in r.stderr and str(data) in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (data / "labels").exists()
@@ -195,7 +270,7 @@ def test_undecodable_shard_is_recorded_and_skipped_by_the_stream(setup, tmp_path
     shutil.copytree(data, broken, ignore=shutil.ignore_patterns("labels"))
     tar = broken / "shard-000002.tar"
     raw = tar.read_bytes()
-    i = raw.index(b"front.mp4") + 1024           # inside the mp4: keep the tar readable, break the video
+    i = raw.index(b"front.mp4") + 1024  # inside the mp4: keep the tar readable, break the video
     tar.write_bytes(raw[:i] + bytes(len(raw) - i - 1024) + raw[-1024:])
     assert main(["label", "--labeller", str(root / "lam"), "--data", str(broken), "--no-progress"]) == 3
     stats = read_sidecar_stats(broken, "lam", "shard-000002.tar")
@@ -211,13 +286,14 @@ def test_stream_joins_sidecars_by_key(setup):
         for name in ("lam", "idm"):
             for key, r in read_sidecar(data, name, entry["name"]).items():
                 sidecars[(name, key)] = r
-    batches = torch.utils.data.DataLoader(WindowStream(data, window=3, mode="label", labels=["lam", "idm"]),
-                                          batch_size=4, collate_fn=collate_windows)
+    batches = torch.utils.data.DataLoader(
+        WindowStream(data, window=3, mode="label", labels=["lam", "idm"]), batch_size=4, collate_fn=collate_windows
+    )
     n = 0
     for batch in batches:
         for j, (key, start) in enumerate(zip(batch["key"], batch["start"].tolist())):
             for field, name in (("latent", "lam"), ("valid", "lam"), ("pseudo_action", "idm")):
-                want = sidecars[(name, key)][field][start: start + 3]
+                want = sidecars[(name, key)][field][start : start + 3]
                 assert np.array_equal(batch[f"{name}.{field}"][j].numpy(), want)
             n += 1
     assert n > len(LENGTHS)
@@ -227,13 +303,13 @@ def test_label_episodes_with_stride_labels_each_phase(setup):
     root, data = setup
     spec, lab = load_labeller(root / "lam")
     lab.stride = 2
-    frames = _episodes(data)["ep02"]                  # 21 frames
+    frames = _episodes(data)["ep02"]  # 21 frames
     r = label_episodes(spec, lab, [(frames, "toybot")], batch_size=3)[0]
     gap = lab.tail * 2
     assert r["valid"].tolist() == [True] * (21 - gap) + [False] * gap
     for p in (0, 1):
         ref = lab.model.encode_latent_actions(frames[p::2][None])["latent"][0].numpy()
-        np.testing.assert_allclose(r["latent"][p: 21 - gap: 2], ref, atol=1e-5)
+        np.testing.assert_allclose(r["latent"][p : 21 - gap : 2], ref, atol=1e-5)
 
 
 def test_a_registered_labeller_kind_runs_through_the_same_job(setup, tmp_path):
@@ -251,8 +327,15 @@ def test_a_registered_labeller_kind_runs_through_the_same_job(setup, tmp_path):
     save_file({"unused": torch.zeros(1)}, str(folder / "model.safetensors"))
 
     def load(path, run_config):
-        return Labeller(kind="frame_mean", model=torch.nn.Identity(), folder=path, window=5, tail=0,
-                        fields={"mean": ((3,), "float32")}, image_size=(32, 32))
+        return Labeller(
+            kind="frame_mean",
+            model=torch.nn.Identity(),
+            folder=path,
+            window=5,
+            tail=0,
+            fields={"mean": ((3,), "float32")},
+            image_size=(32, 32),
+        )
 
     register_labeller("frame_mean", load, lambda lab, frames, embs: {"mean": frames.float().mean((-1, -2))})
     assert main(["label", "--labeller", str(folder), "--data", str(data), "--no-progress"]) == 0

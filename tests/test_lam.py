@@ -24,7 +24,7 @@ def moving_squares(t: int = 4, size: int = 32, sq: int = 6) -> torch.Tensor:
         for s in range(t):
             y, x = c + vy * s, c + vx * s
             assert 0 <= min(y, x) and max(y, x) + sq <= size, "square leaves the frame"
-            frames[i, s, :, y: y + sq, x: x + sq] = 255
+            frames[i, s, :, y : y + sq, x : x + sq] = 255
     return frames
 
 
@@ -32,8 +32,9 @@ def tiny_config(**kw) -> LAMConfig:
     return dataclasses.replace(PRESETS["tiny"], dead_after=20, **kw)
 
 
-def train(model: LatentActionModel, frames: torch.Tensor, steps: int, target_ratio: float,
-          lr: float = 2e-3) -> dict[str, float]:
+def train(
+    model: LatentActionModel, frames: torch.Tensor, steps: int, target_ratio: float, lr: float = 2e-3
+) -> dict[str, float]:
     """Train until recon/copy < target_ratio (or `steps`); returns the last metrics."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for _ in range(steps):
@@ -104,8 +105,12 @@ def test_lam_never_reads_actions(bottleneck):
     torch.manual_seed(0)
     frames = moving_squares(t=3)
     b, t = frames.shape[:2]
-    batch = {"frames": frames, "action": torch.full((b, t, 4), float("nan")),
-             "action_mask": torch.ones(b, dtype=torch.bool), "embodiment": ["video"] * b}
+    batch = {
+        "frames": frames,
+        "action": torch.full((b, t, 4), float("nan")),
+        "action_mask": torch.ones(b, dtype=torch.bool),
+        "embodiment": ["video"] * b,
+    }
     model = LatentActionModel(tiny_config(bottleneck=bottleneck))
     loss, metrics = model(batch)
     loss.backward()
@@ -118,12 +123,10 @@ def test_lam_never_reads_actions(bottleneck):
     assert torch.isfinite(loss2)
 
 
-@pytest.mark.parametrize("estimator,ema_decay", [("straight_through", 0.99), ("straight_through", 0.0),
-                                                 ("nsvq", 0.0)])
+@pytest.mark.parametrize("estimator,ema_decay", [("straight_through", 0.99), ("straight_through", 0.0), ("nsvq", 0.0)])
 def test_dead_code_restart_revives_collapsed_codebook(estimator, ema_decay):
     torch.manual_seed(0)
-    vq = VectorQuantizer(num_codes=8, dim=4, ema_decay=ema_decay, dead_after=3, data_init=False,
-                         estimator=estimator)
+    vq = VectorQuantizer(num_codes=8, dim=4, ema_decay=ema_decay, dead_after=3, data_init=False, estimator=estimator)
     vq.train()
     with torch.no_grad():  # force collapse: one code at the data, seven far away
         vq.codebook.data.copy_(torch.full((8, 4), 100.0))
@@ -139,8 +142,7 @@ def test_dead_code_restart_revives_collapsed_codebook(estimator, ema_decay):
     assert after["perplexity"] > 4.0
 
     # control: without the restart the codebook stays collapsed
-    stuck = VectorQuantizer(num_codes=8, dim=4, ema_decay=ema_decay, dead_after=0, data_init=False,
-                            estimator=estimator)
+    stuck = VectorQuantizer(num_codes=8, dim=4, ema_decay=ema_decay, dead_after=0, data_init=False, estimator=estimator)
     with torch.no_grad():
         stuck.codebook.data.copy_(vq.codebook.data.new_full((8, 4), 100.0))
         stuck.codebook.data[0] = 0.0
@@ -211,8 +213,10 @@ def test_save_pretrained_round_trip(tmp_path):
         assert torch.equal(buf, dict(loaded.named_buffers())[name]), name
     a, b = model.encode_latent_actions(frames), loaded.encode_latent_actions(frames)
     assert torch.equal(a["latent"], b["latent"]) and torch.equal(a["codes"], b["codes"])
-    assert torch.equal(model.predict_next_frame(frames[:, 0], a["latent"][:, 0]),
-                       loaded.predict_next_frame(frames[:, 0], b["latent"][:, 0]))
+    assert torch.equal(
+        model.predict_next_frame(frames[:, 0], a["latent"][:, 0]),
+        loaded.predict_next_frame(frames[:, 0], b["latent"][:, 0]),
+    )
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert model({"frames": frames})[0].item() == loaded({"frames": frames})[0].item()

@@ -39,8 +39,12 @@ def project_imports(path: Path) -> list[tuple[int, str]]:
 def test_imports_only_go_downward(package):
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"no package {package}/"
-    upward = [f"{f.relative_to(ROOT)}:{line} imports {name}" for f in files
-              for line, name in project_imports(f) if name not in MAY_IMPORT[package]]
+    upward = [
+        f"{f.relative_to(ROOT)}:{line} imports {name}"
+        for f in files
+        for line, name in project_imports(f)
+        if name not in MAY_IMPORT[package]
+    ]
     assert not upward, "imports that go upward or sideways:\n" + "\n".join(upward)
 
 

@@ -18,9 +18,11 @@ def decoder():
 
 def lerobot_batch(step: int, b: int = 2) -> dict:
     g = torch.Generator().manual_seed(step)
-    return {"observation.images.front": torch.rand(b, 3, PX, PX, generator=g),
-            "observation.state": torch.randn(b, S, generator=g),
-            "task": [TASKS[i % 2] for i in range(b)]}
+    return {
+        "observation.images.front": torch.rand(b, 3, PX, PX, generator=g),
+        "observation.state": torch.randn(b, S, generator=g),
+        "task": [TASKS[i % 2] for i in range(b)],
+    }
 
 
 def as_frames(batch):
@@ -36,14 +38,16 @@ def test_select_action_runs_the_chunk_queue_and_matches_the_decoder(decoder):
     # the same calls by hand: chunk at t=0 from [f0, f0], chunk at t=3 from [f2, f3]
     g = torch.Generator().manual_seed(7)
     f = [as_frames(b) for b in batches]
-    first = decoder.predict_action_chunk(torch.stack([f[0]] * N_OBS, 1), batches[0]["observation.state"],
-                                         batches[0]["task"], generator=g)
-    second = decoder.predict_action_chunk(torch.stack([f[2], f[3]], 1), batches[3]["observation.state"],
-                                          batches[3]["task"], generator=g)
+    first = decoder.predict_action_chunk(
+        torch.stack([f[0]] * N_OBS, 1), batches[0]["observation.state"], batches[0]["task"], generator=g
+    )
+    second = decoder.predict_action_chunk(
+        torch.stack([f[2], f[3]], 1), batches[3]["observation.state"], batches[3]["task"], generator=g
+    )
     expected = [first[:, 0], first[:, 1], first[:, 2], second[:, 0], second[:, 1]]
     for got, want in zip(actions, expected):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
-    policy.reset()   # a new episode: the history and the queue start again
+    policy.reset()  # a new episode: the history and the queue start again
     assert policy.predict_action_chunk(batches[4]).shape == (2, H, decoder.config.action_dim)
     assert len(policy._frames) == N_OBS and torch.equal(policy._frames[0], policy._frames[1])
 

@@ -25,9 +25,18 @@ def _demo(i: int) -> list[Episode]:
     """Meta-World-shaped demos (sawyer: 4-dim actions, 39-dim states) at 16 px, so that `wm eval` can drive
     the decoder trained on them."""
     n, rng = 12, np.random.default_rng(i)
-    return [Episode(key=f"reach_{i:03d}", frames={"corner": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)},
-                    fps=10.0, embodiment="sawyer", task="reach-v3", action=rng.uniform(-1, 1, (n, 4)).astype(np.float32),
-                    state=rng.normal(size=(n, 39)).astype(np.float32), success=True)]
+    return [
+        Episode(
+            key=f"reach_{i:03d}",
+            frames={"corner": rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)},
+            fps=10.0,
+            embodiment="sawyer",
+            task="reach-v3",
+            action=rng.uniform(-1, 1, (n, 4)).astype(np.float32),
+            state=rng.normal(size=(n, 39)).astype(np.float32),
+            success=True,
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +45,30 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card")
     assert run_sharded_job(root / "demos", [0, 1, 2], _demo, samples_per_shard=3, workers=1, created_by="tests").ok
     out = root / "run"
-    assert main(["train", "decoder", "--data", str(root / "demos"), "--out", str(out), "--preset", "tiny",
-                 f"train.max_steps={STEPS}", f"train.ckpt_every={STEPS}", "train.log_every=1",
-                 f"train.eval_every={STEPS}", "train.eval_batches=1", "data.batch_size=2", "model.horizon=4",
-                 "model.n_obs_steps=1", "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(root / "demos"),
+                "--out",
+                str(out),
+                "--preset",
+                "tiny",
+                f"train.max_steps={STEPS}",
+                f"train.ckpt_every={STEPS}",
+                "train.log_every=1",
+                f"train.eval_every={STEPS}",
+                "train.eval_batches=1",
+                "data.batch_size=2",
+                "model.horizon=4",
+                "model.n_obs_steps=1",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -60,9 +89,9 @@ def test_training_writes_a_card_that_says_what_the_model_is(run, capsys):
     assert data["library_name"] == "wm-pipeline" and data["license"] == "apache-2.0"
     assert data["pipeline_tag"] == "robotics"
     assert {"robotics", "wm-pipeline", "decoder", "decoder-scratch"} <= set(data["tags"])
-    assert "model_hub_mixin" not in data["tags"]   # not the hub mixin's generic card
+    assert "model_hub_mixin" not in data["tags"]  # not the hub mixin's generic card
     text = card.text
-    assert mc.CARD_MARK in text and "unknown" not in text   # every fact of this run was found
+    assert mc.CARD_MARK in text and "unknown" not in text  # every fact of this run was found
     # the model: class, recipe, parameters
     model = ActionDecoder.from_pretrained(run / "final")
     assert "`decoders.decoder.ActionDecoder`" in text and "| recipe | `scratch` |" in text
@@ -83,7 +112,7 @@ def test_training_writes_a_card_that_says_what_the_model_is(run, capsys):
     assert f"| train loss (first logged) | 1 | {train[0]['loss']:.6g} |" in text
     assert f"| train loss (last logged) | {STEPS} | {train[-1]['loss']:.6g} |" in text
     assert f"| eval/loss | {STEPS} | {last_eval['eval/loss']:.6g} |" in text
-    assert "steps_per_s" not in text and "samples_per_s" not in text   # wall-clock, not the model's
+    assert "steps_per_s" not in text and "samples_per_s" not in text  # wall-clock, not the model's
     # not evaluated yet: the command that would
     assert "Not evaluated yet" in text and f"wm eval --policy {run} --tasks reach-v3" in text
     # how to load it: the snippet runs against the folder
@@ -116,36 +145,67 @@ def test_missing_facts_are_unknown_not_errors(run, tmp_path):
     assert f"| `{tmp_path / 'gone'}` | unknown (" in text and "no manifest" in text
     assert "## Metrics\n\nunknown: no run folder beside the weights." in text
     assert "| class | unknown (config.json unreadable" in text
-    assert "(tensor elements in model.safetensors)" in text   # counted from the file
+    assert "(tensor elements in model.safetensors)" in text  # counted from the file
 
 
 def test_wm_eval_records_the_success_rate_in_the_card(run, tmp_path):
     path = run / "final" / "README.md"
     before = ModelCard.load(path).text
     out = tmp_path / "eval"
-    assert main(["eval", "--policy", str(run), "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "3",
-                 "--resolution", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(run),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "1",
+                "--max-steps",
+                "3",
+                "--resolution",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     pc = results["tasks"]["reach-v3"]["aggregated"]["pc_success"]
     card = ModelCard.load(path)
     got = {r.metric_type: r for r in card.data.eval_results}
     assert got["pc_success"].metric_value == pc and got["pc_success"].dataset_config == "reach-v3"
-    assert got["pc_success"].dataset_args == {"episodes": 1, "seed": 0, "max_steps": 3, "resolution": 16,
-                                              "camera": "corner"}
+    assert got["pc_success"].dataset_args == {
+        "episodes": 1,
+        "seed": 0,
+        "max_steps": 3,
+        "resolution": 16,
+        "camera": "corner",
+    }
     assert got["mean_episode_length"].metric_value == results["tasks"]["reach-v3"]["mean_length"]
     assert got["pc_success"].source_url == (out / "results.json").resolve().as_uri()
     text = card.text
     assert f"| metaworld | `reach-v3` | {pc:.1f} % ({round(pc / 100)}/1) | 1 | 0 | 3 | 16 |" in text
     assert "Not evaluated yet" not in text
     # everything outside the evaluation section is as training wrote it
-    cut = lambda t: (t[:t.index(mc.EVAL_BEGIN)], t[t.index(mc.EVAL_END):])   # noqa: E731
+    cut = lambda t: (t[: t.index(mc.EVAL_BEGIN)], t[t.index(mc.EVAL_END) :])  # noqa: E731
     assert cut(text) == cut(before)
 
     # a second evaluation (written here) of reach-v3 and push-v3: reach-v3's row is replaced, push-v3 added
-    second = {"env": "metaworld", "seed": 7, "episodes_per_task": 4, "max_steps": 50, "resolution": 16,
-              "camera": "corner", "tasks": {
-                  "reach-v3": {"mean_length": 20.0, "aggregated": {"pc_success": 75.0, "avg_max_reward": 2.0}},
-                  "push-v3": {"mean_length": 50.0, "aggregated": {"pc_success": 25.0, "avg_max_reward": 1.0}}}}
+    second = {
+        "env": "metaworld",
+        "seed": 7,
+        "episodes_per_task": 4,
+        "max_steps": 50,
+        "resolution": 16,
+        "camera": "corner",
+        "tasks": {
+            "reach-v3": {"mean_length": 20.0, "aggregated": {"pc_success": 75.0, "avg_max_reward": 2.0}},
+            "push-v3": {"mean_length": 50.0, "aggregated": {"pc_success": 25.0, "avg_max_reward": 1.0}},
+        },
+    }
     (tmp_path / "second.json").write_text(json.dumps(second))
     assert mc.record_closed_loop_eval(run / "final", second, tmp_path / "second.json") == path
     card = ModelCard.load(path)
@@ -172,7 +232,7 @@ def test_someone_elses_readme_is_left_alone(run, tmp_path):
     assert mc.record_closed_loop_eval(tmp_path / "plain", results, tmp_path / "results.json") is not None
     card = ModelCard.load(tmp_path / "plain" / "README.md")
     assert mc.CARD_MARK in card.text and card.data.eval_results[0].metric_value == 100.0
-    assert "unknown: no run_config.yaml" in card.text   # a plain folder: no run to describe
+    assert "unknown: no run_config.yaml" in card.text  # a plain folder: no run to describe
 
 
 def test_data_locations_are_shown_without_credentials():

@@ -40,12 +40,21 @@ def _episode(i: int, robot: bool, n: int = 14) -> list[Episode]:
     pos = np.clip(np.cumsum(np.vstack([[SIZE // 2 - 3] * 2, move[:-1]]), 0), 0, SIZE - 6).astype(int)
     frames = np.full((n, SIZE, SIZE, 3), 30 + 20 * (i % 5), np.uint8)
     for t, (y, x) in enumerate(pos):
-        frames[t, y:y + 6, x:x + 6] = (230, 200, 40)
+        frames[t, y : y + 6, x : x + 6] = (230, 200, 40)
     action = np.concatenate([move, np.zeros((n, ACTION_DIM - 2), np.float32)], 1)
     if robot:
-        return [Episode(key=f"demo{i:02d}", frames={"corner": frames}, fps=10.0, embodiment=EMBODIMENT,
-                        task="reach-v3", action=action, state=rng.normal(size=(n, STATE_DIM)).astype(np.float32),
-                        success=True)]
+        return [
+            Episode(
+                key=f"demo{i:02d}",
+                frames={"corner": frames},
+                fps=10.0,
+                embodiment=EMBODIMENT,
+                task="reach-v3",
+                action=action,
+                state=rng.normal(size=(n, STATE_DIM)).astype(np.float32),
+                success=True,
+            )
+        ]
     return [Episode(key=f"clip{i:02d}", frames={"corner": frames}, fps=10.0, embodiment="video", task="reach-v3")]
 
 
@@ -58,8 +67,9 @@ def _video(i):
 
 
 def _make(root: Path, make, n: int) -> Path:
-    result = run_sharded_job(root, list(range(n)), make, samples_per_shard=2, workers=1, created_by="tests",
-                             desc="data")
+    result = run_sharded_job(
+        root, list(range(n)), make, samples_per_shard=2, workers=1, created_by="tests", desc="data"
+    )
     assert result.exit_code == 0, result.failures
     return root
 
@@ -76,7 +86,7 @@ def _tiny_world_model(seed=0) -> WorldModel:
     cfg = PRESETS["tiny"]
     cfg = type(cfg)(**{**cfg.__dict__, "embodiments": {EMBODIMENT: spec}, "tasks": ["reach-v3"]})
     model = WorldModel(cfg)
-    torch.nn.init.normal_(model.adapters[EMBODIMENT].action_out.weight, std=0.5)   # not a zero policy
+    torch.nn.init.normal_(model.adapters[EMBODIMENT].action_out.weight, std=0.5)  # not a zero policy
     return model
 
 
@@ -88,7 +98,7 @@ def test_world_model_policy_runs_closed_loop_in_metaworld(tmp_path):
     results = evaluate(policy, ["reach-v3"], episodes=1, seed=0, out_dir=tmp_path, resolution=SIZE, max_steps=10)
     assert results["overall"]["episodes"] == 1
     assert 1 <= results["overall"]["mean_length"] <= 10
-    assert results["latency"]["calls"] == -(-results["overall"]["mean_length"] // 4)   # one call per 4 actions
+    assert results["latency"]["calls"] == -(-results["overall"]["mean_length"] // 4)  # one call per 4 actions
     assert results["latency"]["median_ms"] > 0
     # actions are a function of the episode seed
     obs = {"image": np.zeros((SIZE, SIZE, 3), np.uint8), "state": np.zeros(STATE_DIM, np.float32), "task": "reach-v3"}
@@ -108,17 +118,74 @@ def test_world_model_policy_runs_closed_loop_in_metaworld(tmp_path):
 def test_wm_eval_dispatches_a_world_model_run(data, tmp_path, capsys):
     demos, _, _ = data
     run = tmp_path / "wm"
-    assert main(["train", "worldmodel", "--data", str(demos), "--out", str(run), "--preset", "tiny",
-                 "train.max_steps=2", "train.ckpt_every=2", "train.progress=false", "data.batch_size=2"]) == 0
-    assert json.loads((run / "final" / "config.json").read_text())["embodiments"][EMBODIMENT]["action_dim"] == ACTION_DIM
+    assert (
+        main(
+            [
+                "train",
+                "worldmodel",
+                "--data",
+                str(demos),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "train.max_steps=2",
+                "train.ckpt_every=2",
+                "train.progress=false",
+                "data.batch_size=2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        json.loads((run / "final" / "config.json").read_text())["embodiments"][EMBODIMENT]["action_dim"] == ACTION_DIM
+    )
     out = tmp_path / "eval"
-    assert main(["eval", "--policy", str(run), "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "6",
-                 "--resolution", str(SIZE), "--sampling-steps", "2", "--action-steps", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(run),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "1",
+                "--max-steps",
+                "6",
+                "--resolution",
+                str(SIZE),
+                "--sampling-steps",
+                "2",
+                "--action-steps",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["latency"]["calls"] == 2 and results["overall"]["mean_length"] == 6
     # the harness refuses a resolution the model was not trained at, before any rollout
-    assert main(["eval", "--policy", str(run), "--tasks", "reach-v3", "--episodes", "1", "--resolution", "64",
-                 "--out", str(tmp_path / "e2")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(run),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "1",
+                "--resolution",
+                "64",
+                "--out",
+                str(tmp_path / "e2"),
+            ]
+        )
+        == 2
+    )
     assert "32x32" in capsys.readouterr().err
 
 
@@ -127,9 +194,11 @@ def test_stream_mixes_labelled_and_unlabelled_folders(data, tmp_path):
     from shards.format import read_manifest
     from shards.sidecar import write_sidecar_shard
 
-    for shard in read_manifest(video)["shards"]:   # a hand-made sidecar on the video only
-        rows = {k: {"pseudo_action": np.full((14, ACTION_DIM), 7, np.float32), "valid": np.arange(14) < 13}
-                for k in shard["keys"]}
+    for shard in read_manifest(video)["shards"]:  # a hand-made sidecar on the video only
+        rows = {
+            k: {"pseudo_action": np.full((14, ACTION_DIM), 7, np.float32), "valid": np.arange(14) < 13}
+            for k in shard["keys"]
+        }
         write_sidecar_shard(video, "idm", shard["name"], rows)
     with pytest.raises(FormatError, match="no labels 'idm'"):
         WindowStream([demos, video], window=4, labels=["idm"])
@@ -159,22 +228,74 @@ def test_train_decoder_idm_bc_on_idm_pseudo_labels(data, tmp_path, capsys):
     import shutil
 
     shutil.copytree(video, video_copy, ignore=shutil.ignore_patterns("labels"))
-    refused = main(["train", "decoder", "--data", str(demos), "--data", str(video_copy), "--out",
-                    str(tmp_path / "no"), "--preset", "tiny", "policy=idm-bc"])
+    refused = main(
+        [
+            "train",
+            "decoder",
+            "--data",
+            str(demos),
+            "--data",
+            str(video_copy),
+            "--out",
+            str(tmp_path / "no"),
+            "--preset",
+            "tiny",
+            "policy=idm-bc",
+        ]
+    )
     assert refused == 2 and "wm label" in capsys.readouterr().err
     idm = tmp_path / "idm"
-    assert main(["train", "idm", "--data", str(demos), "--out", str(idm), "--preset", "tiny", "train.max_steps=3",
-                 "train.ckpt_every=3", "train.progress=false", "data.window=6", "data.batch_size=2"]) == 0
-    assert main(["label", "--labeller", str(idm), "--data", str(video_copy), "--batch-size", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "idm",
+                "--data",
+                str(demos),
+                "--out",
+                str(idm),
+                "--preset",
+                "tiny",
+                "train.max_steps=3",
+                "train.ckpt_every=3",
+                "train.progress=false",
+                "data.window=6",
+                "data.batch_size=2",
+            ]
+        )
+        == 0
+    )
+    assert main(["label", "--labeller", str(idm), "--data", str(video_copy), "--batch-size", "4", "--no-progress"]) == 0
     rows = read_sidecar(video_copy, "idm", "shard-000000.tar")
     assert rows and all(r["pseudo_action"].shape == (14, ACTION_DIM) for r in rows.values())
     run = tmp_path / "dec"
-    assert main(["train", "decoder", "--data", str(demos), "--data", str(video_copy), "--out", str(run),
-                 "--preset", "tiny", "policy=idm-bc", "train.max_steps=3", "train.ckpt_every=3",
-                 "train.progress=false", "data.batch_size=8", "data.shuffle_buffer=8", "model.horizon=4",
-                 "model.n_obs_steps=1", "train.log_every=1",
-                 "data.weights=0,1"]) == 0   # video only: every action target is an IDM pseudo-label
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(demos),
+                "--data",
+                str(video_copy),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "policy=idm-bc",
+                "train.max_steps=3",
+                "train.ckpt_every=3",
+                "train.progress=false",
+                "data.batch_size=8",
+                "data.shuffle_buffer=8",
+                "model.horizon=4",
+                "model.n_obs_steps=1",
+                "train.log_every=1",
+                "data.weights=0,1",
+            ]
+        )
+        == 0
+    )  # video only: every action target is an IDM pseudo-label
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [m for m in metrics if "loss" in m]
     assert train_rows and all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in train_rows)
@@ -183,10 +304,28 @@ def test_train_decoder_idm_bc_on_idm_pseudo_labels(data, tmp_path, capsys):
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert list(cfg["stats"]) == [EMBODIMENT]
     # another sidecar name (one IDM per K): --labels NAME, refused by name while it is missing
-    args = ["train", "decoder", "--data", str(demos), "--data", str(video_copy), "--preset", "tiny",
-            "policy=idm-bc", "--labels", "idm-k2", "train.max_steps=2", "train.ckpt_every=2",
-            "train.progress=false", "data.batch_size=8", "data.shuffle_buffer=8", "model.horizon=4",
-            "model.n_obs_steps=1", "train.log_every=1", "data.weights=0,1"]
+    args = [
+        "train",
+        "decoder",
+        "--data",
+        str(demos),
+        "--data",
+        str(video_copy),
+        "--preset",
+        "tiny",
+        "policy=idm-bc",
+        "--labels",
+        "idm-k2",
+        "train.max_steps=2",
+        "train.ckpt_every=2",
+        "train.progress=false",
+        "data.batch_size=8",
+        "data.shuffle_buffer=8",
+        "model.horizon=4",
+        "model.n_obs_steps=1",
+        "train.log_every=1",
+        "data.weights=0,1",
+    ]
     assert main([*args, "--out", str(tmp_path / "no2")]) == 2 and "--name idm-k2" in capsys.readouterr().err
     (video_copy / "labels" / "idm").rename(video_copy / "labels" / "idm-k2")
     assert main([*args, "--out", str(tmp_path / "dec2")]) == 0
@@ -207,18 +346,81 @@ def test_train_decoder_latent_on_world_model_latents(data, tmp_path, capsys):
     shutil.copytree(demos_src, demos, ignore=shutil.ignore_patterns("labels"))
     quiet = ["train.progress=false", "data.batch_size=2"]
     lam, wm, dec = tmp_path / "lam", tmp_path / "wm", tmp_path / "dec"
-    assert main(["train", "lam", "--data", str(demos), "--out", str(lam), "--preset", "tiny", "train.max_steps=2",
-                 "train.ckpt_every=2", *quiet]) == 0
-    assert main(["train", "worldmodel", "--data", str(demos), "--out", str(wm), "--preset", "tiny",
-                 "train.max_steps=2", "train.ckpt_every=2", *quiet]) == 0      # no latent actions yet
-    decoder_args = ["train", "decoder", "--data", str(demos), "--out", str(dec), "--preset", "tiny", "policy=latent",
-                    "train.max_steps=3", "train.ckpt_every=3", "model.horizon=4", *quiet]
+    assert (
+        main(
+            [
+                "train",
+                "lam",
+                "--data",
+                str(demos),
+                "--out",
+                str(lam),
+                "--preset",
+                "tiny",
+                "train.max_steps=2",
+                "train.ckpt_every=2",
+                *quiet,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "worldmodel",
+                "--data",
+                str(demos),
+                "--out",
+                str(wm),
+                "--preset",
+                "tiny",
+                "train.max_steps=2",
+                "train.ckpt_every=2",
+                *quiet,
+            ]
+        )
+        == 0
+    )  # no latent actions yet
+    decoder_args = [
+        "train",
+        "decoder",
+        "--data",
+        str(demos),
+        "--out",
+        str(dec),
+        "--preset",
+        "tiny",
+        "policy=latent",
+        "train.max_steps=3",
+        "train.ckpt_every=3",
+        "model.horizon=4",
+        *quiet,
+    ]
     assert main(decoder_args) == 2 and "--init RUN_WM" in capsys.readouterr().err
     assert main([*decoder_args, "--init", str(wm)]) == 2 and "without latent actions" in capsys.readouterr().err
     assert main(["label", "--labeller", str(lam), "--data", str(demos), "--no-progress"]) == 0
     shutil.rmtree(wm)
-    assert main(["train", "worldmodel", "--data", str(demos), "--labels", "lam", "--out", str(wm), "--preset",
-                 "tiny", "train.max_steps=2", "train.ckpt_every=2", *quiet]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "worldmodel",
+                "--data",
+                str(demos),
+                "--labels",
+                "lam",
+                "--out",
+                str(wm),
+                "--preset",
+                "tiny",
+                "train.max_steps=2",
+                "train.ckpt_every=2",
+                *quiet,
+            ]
+        )
+        == 0
+    )
     assert main([*decoder_args, "--init", str(wm)]) == 0
     cfg = json.loads((dec / "final" / "config.json").read_text())
     wm_cfg = json.loads((wm / "final" / "config.json").read_text())
@@ -227,21 +429,60 @@ def test_train_decoder_latent_on_world_model_latents(data, tmp_path, capsys):
 
     policy = load_policy(str(dec), env_info("metaworld", resolution=SIZE))
     assert isinstance(policy, DecoderPolicy) and isinstance(policy.latent_source, WorldModelLatentSource)
-    obs = {"image": np.full((SIZE, SIZE, 3), 90, np.uint8), "state": np.zeros(STATE_DIM, np.float32),
-           "task": "reach-v3"}
+    obs = {
+        "image": np.full((SIZE, SIZE, 3), 90, np.uint8),
+        "state": np.zeros(STATE_DIM, np.float32),
+        "task": "reach-v3",
+    }
     history = {"image": np.stack([obs["image"]] * cfg["n_obs_steps"]), "task": "reach-v3"}
     policy.reset(3)
     first = policy.latent_source(history)
     assert tuple(first.shape) == (4, cfg["latent_dim"])
     policy.reset(3)
-    assert torch.equal(first, policy.latent_source(history))     # the latent noise is reseeded per episode
+    assert torch.equal(first, policy.latent_source(history))  # the latent noise is reseeded per episode
     out = tmp_path / "eval"
-    assert main(["eval", "--policy", str(dec), "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "4",
-                 "--resolution", str(SIZE), "--action-steps", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(dec),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "1",
+                "--max-steps",
+                "4",
+                "--resolution",
+                str(SIZE),
+                "--action-steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["latency"]["calls"] == 2 and results["overall"]["mean_length"] == 4
     # the world model the decoder was trained with is gone: a clear error before any rollout
     shutil.rmtree(wm)
-    assert main(["eval", "--policy", str(dec), "--tasks", "reach-v3", "--episodes", "1", "--resolution", str(SIZE),
-                 "--out", str(tmp_path / "e2")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(dec),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "1",
+                "--resolution",
+                str(SIZE),
+                "--out",
+                str(tmp_path / "e2"),
+            ]
+        )
+        == 2
+    )
     assert "not there" in capsys.readouterr().err

@@ -20,21 +20,29 @@ from wm_pipeline.jobs import closed_loop_eval as ev
 from wm_pipeline.jobs.policy import ChunkedPolicy as ReexportedChunkedPolicy, RandomPolicy
 from wm_pipeline.training.few_shot import few_shot_keys
 
-STATS = {"sawyer": {"action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
-                    "state": {"mean": [0.0] * 39, "std": [1.0] * 39, "min": [-1.0] * 39, "max": [1.0] * 39}}}
+STATS = {
+    "sawyer": {
+        "action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0] * 4, "max": [1.0] * 4},
+        "state": {"mean": [0.0] * 39, "std": [1.0] * 39, "min": [-1.0] * 39, "max": [1.0] * 39},
+    }
+}
 
 
 def _decoder(**kw) -> ActionDecoder:
     torch.manual_seed(0)
-    cfg = DecoderConfig.from_preset("tiny", action_dim=4, state_dim=39, image_size=[64, 64],
-                                    tasks=["reach-v3"], stats=STATS, **kw)
+    cfg = DecoderConfig.from_preset(
+        "tiny", action_dim=4, state_dim=39, image_size=[64, 64], tasks=["reach-v3"], stats=STATS, **kw
+    )
     return ActionDecoder(cfg)
 
 
 def _obs(t: int, size: int = 64) -> dict:
     rng = np.random.default_rng(t)
-    return {"image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
-            "state": rng.normal(size=39).astype(np.float32), "task": "reach-v3"}
+    return {
+        "image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+        "state": rng.normal(size=39).astype(np.float32),
+        "task": "reach-v3",
+    }
 
 
 def _rollout(policy, seed: int, steps: int = 10) -> np.ndarray:
@@ -49,15 +57,15 @@ def test_chunked_policy_lives_in_decoders_and_is_reexported():
 @pytest.mark.parametrize("objective", ["fm", "meanflow"])
 def test_save_load_gives_identical_actions_for_a_seed(tmp_path, objective):
     decoder = _decoder(objective=objective)
-    with torch.no_grad():   # a zero-initialised output layer would make every chunk the same
+    with torch.no_grad():  # a zero-initialised output layer would make every chunk the same
         for p in decoder.velocity.action_out.parameters():
             p.normal_(0, 0.5)
     policy = DecoderPolicy(decoder)
-    assert policy.n_action_steps == 4 and policy.image_size == (64, 64)   # horizon 8 -> execute 4
+    assert policy.n_action_steps == 4 and policy.image_size == (64, 64)  # horizon 8 -> execute 4
     first = _rollout(policy, seed=3)
-    assert len(policy.latencies) == 3   # 10 steps at 4 actions per chunk
-    assert np.array_equal(first, _rollout(policy, seed=3))                # reseeded per episode
-    assert not np.allclose(first, _rollout(policy, seed=4))               # the noise depends on the seed
+    assert len(policy.latencies) == 3  # 10 steps at 4 actions per chunk
+    assert np.array_equal(first, _rollout(policy, seed=3))  # reseeded per episode
+    assert not np.allclose(first, _rollout(policy, seed=4))  # the noise depends on the seed
     decoder.save_pretrained(tmp_path / "dec")
     loaded = DecoderPolicy(ActionDecoder.from_pretrained(tmp_path / "dec"))
     assert np.array_equal(first, _rollout(loaded, seed=3))
@@ -67,17 +75,33 @@ def _demo(spec: tuple[str, int, bool | None]) -> list[Episode]:
     task, i, success = spec
     n = 12
     frames = np.full((n, 16, 16, 3), 10 * i, np.uint8)
-    return [Episode(key=f"{task}_{i:03d}", frames={"corner": frames}, fps=10.0, embodiment="sawyer",
-                    task=task, action=np.full((n, 4), i / 10, np.float32), state=np.zeros((n, 3), np.float32),
-                    success=success)]
+    return [
+        Episode(
+            key=f"{task}_{i:03d}",
+            frames={"corner": frames},
+            fps=10.0,
+            embodiment="sawyer",
+            task=task,
+            action=np.full((n, 4), i / 10, np.float32),
+            state=np.zeros((n, 3), np.float32),
+            success=success,
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory) -> Path:
     """reach: successes 0, 2, 3 (1 failed); push: 0 and 1 (2 unknown: counts as a demo)."""
     root = tmp_path_factory.mktemp("demos")
-    specs = [("reach", 0, True), ("reach", 1, False), ("push", 0, True), ("reach", 2, True),
-             ("push", 1, True), ("reach", 3, True), ("push", 2, None)]
+    specs = [
+        ("reach", 0, True),
+        ("reach", 1, False),
+        ("push", 0, True),
+        ("reach", 2, True),
+        ("push", 1, True),
+        ("reach", 3, True),
+        ("push", 2, None),
+    ]
     result = run_sharded_job(root, specs, _demo, samples_per_shard=3, workers=1, created_by="tests")
     assert result.ok
     return root
@@ -94,7 +118,7 @@ def test_first_k_successful_episodes_per_task(demos):
     seen = set()
     for _, w in zip(range(60), stream):
         seen.add(w["key"])
-    assert seen == keys[0]   # every chosen episode and no other (reach_001 failed, reach_003 is the 3rd)
+    assert seen == keys[0]  # every chosen episode and no other (reach_001 failed, reach_003 is the 3rd)
 
 
 def test_the_shared_training_stream_keeps_only_the_few_shot_demos(demos):
@@ -113,24 +137,76 @@ def test_the_shared_training_stream_keeps_only_the_few_shot_demos(demos):
 
 
 def test_train_decoder_few_shot_errors_name_task_and_dims(demos, tmp_path, capsys):
-    assert main(["train", "decoder", "--data", str(demos), "--out", str(tmp_path / "r"), "--preset", "tiny",
-                 "--episodes-per-task", "5"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(demos),
+                "--out",
+                str(tmp_path / "r"),
+                "--preset",
+                "tiny",
+                "--episodes-per-task",
+                "5",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "'reach' has 3" in err and "need 5" in err and "Traceback" not in err
-    assert main(["train", "decoder", "--data", str(demos), "--out", str(tmp_path / "r"), "--preset", "tiny",
-                 "model.action_dim=7"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(demos),
+                "--out",
+                str(tmp_path / "r"),
+                "--preset",
+                "tiny",
+                "model.action_dim=7",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "model.action_dim=7" in err and "action_dim=4" in err
-    assert main(["train", "decoder", "--data", str(demos), "--out", str(tmp_path / "r"), "--preset", "tiny",
-                 "policy=nope"]) == 2
+    assert (
+        main(
+            ["train", "decoder", "--data", str(demos), "--out", str(tmp_path / "r"), "--preset", "tiny", "policy=nope"]
+        )
+        == 2
+    )
     assert "scratch" in capsys.readouterr().err
 
 
 def test_train_decoder_fills_config_from_demos(demos, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "decoder", "--data", str(demos), "--out", str(run), "--preset", "tiny",
-                 "--episodes-per-task", "2", "train.max_steps=2", "train.ckpt_every=2", "data.batch_size=2",
-                 "model.horizon=4", "model.n_obs_steps=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "decoder",
+                "--data",
+                str(demos),
+                "--out",
+                str(run),
+                "--preset",
+                "tiny",
+                "--episodes-per-task",
+                "2",
+                "train.max_steps=2",
+                "train.ckpt_every=2",
+                "data.batch_size=2",
+                "model.horizon=4",
+                "model.n_obs_steps=1",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert (cfg["action_dim"], cfg["state_dim"], cfg["image_size"]) == (4, 3, [16, 16])
     assert cfg["tasks"] == ["push", "reach"] and "sawyer" in cfg["stats"]
@@ -150,8 +226,12 @@ def test_mismatching_policy_fails_before_any_rollout(tmp_path, capsys):
     big = _saved_decoder(tmp_path / "big", image_size=[96, 96])
     assert main(["eval", "--policy", big, *args]) == 2
     assert "96x96" in capsys.readouterr().err
-    stats7 = {"sawyer": {"action": {k: [v[0]] * 7 for k, v in STATS["sawyer"]["action"].items()},
-                         "state": STATS["sawyer"]["state"]}}
+    stats7 = {
+        "sawyer": {
+            "action": {k: [v[0]] * 7 for k, v in STATS["sawyer"]["action"].items()},
+            "state": STATS["sawyer"]["state"],
+        }
+    }
     wide = _saved_decoder(tmp_path / "wide", action_dim=7, stats=stats7)
     assert main(["eval", "--policy", wide, *args]) == 2
     assert "7-dim actions" in capsys.readouterr().err
@@ -172,8 +252,27 @@ EVAL = dict(tasks=["reach-v3"], episodes=16, seed=0, max_steps=80)
 @pytest.fixture(scope="session")
 def reach_demos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("reach") / "demos"
-    assert main(["collect", "metaworld", "--tasks", "reach-v3", "--episodes", "12", "--resolution", "64",
-                 "--seed", "0", "--max-steps", "100", "--out", str(root)]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "metaworld",
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "12",
+                "--resolution",
+                "64",
+                "--seed",
+                "0",
+                "--max-steps",
+                "100",
+                "--out",
+                str(root),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -187,11 +286,30 @@ def test_tiny_scratch_policy_beats_random_on_reach(reach_demos, tmp_path):
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         random_run = pool.submit(ev.evaluate, RandomPolicy(), out_dir=tmp_path / "random", **EVAL)
         run = tmp_path / "run"
-        assert main(["train", "decoder", "--data", str(reach_demos), "--out", str(run), "--preset", "tiny",
-                     "--episodes-per-task", "12", "policy=scratch", "model.n_obs_steps=1", "train.max_steps=800",
-                     "train.ckpt_every=800", "train.progress=false"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "decoder",
+                    "--data",
+                    str(reach_demos),
+                    "--out",
+                    str(run),
+                    "--preset",
+                    "tiny",
+                    "--episodes-per-task",
+                    "12",
+                    "policy=scratch",
+                    "model.n_obs_steps=1",
+                    "train.max_steps=800",
+                    "train.ckpt_every=800",
+                    "train.progress=false",
+                ]
+            )
+            == 0
+        )
         losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert losses[-1] < losses[0] / 5, losses   # it fits the demos
+        assert losses[-1] < losses[0] / 5, losses  # it fits the demos
         torch.set_num_threads(1)
         info = {**ev.env_info(), "action_steps": 4}
         trained = ev.evaluate(ev.load_policy(str(run), info), out_dir=tmp_path / "eval", **EVAL)

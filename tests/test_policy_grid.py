@@ -20,19 +20,65 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("grid") / "demos"
-    assert main(["collect", "metaworld", "--tasks", "reach-v3", "--episodes", "3", "--resolution", "32",
-                 "--seed", "0", "--max-steps", "100", "--out", str(root)]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "metaworld",
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "3",
+                "--resolution",
+                "32",
+                "--seed",
+                "0",
+                "--max-steps",
+                "100",
+                "--out",
+                str(root),
+            ]
+        )
+        == 0
+    )
     return root
 
 
 @pytest.mark.slow
 def test_policy_grid_trains_validates_evaluates_and_resumes(demos, tmp_path):
     out = tmp_path / "grid"
-    cmd = [sys.executable, str(ROOT / "scripts" / "policy_grid.py"), "--out", str(out), "--demos", str(demos),
-           "--val-demos", str(demos), "--tasks", "reach-v3", "--ks", "2", "--seeds", "0,1",
-           "--arm", "mf=policy=scratch model.objective=meanflow model.augment_shift=2 model.n_obs_steps=1",
-           "--steps", "200", "--ckpt-every", "100", "--eval-episodes", "2", "--val-episodes", "1",
-           "--max-steps", "15", "--resolution", "32", "--lanes", "2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "policy_grid.py"),
+        "--out",
+        str(out),
+        "--demos",
+        str(demos),
+        "--val-demos",
+        str(demos),
+        "--tasks",
+        "reach-v3",
+        "--ks",
+        "2",
+        "--seeds",
+        "0,1",
+        "--arm",
+        "mf=policy=scratch model.objective=meanflow model.augment_shift=2 model.n_obs_steps=1",
+        "--steps",
+        "200",
+        "--ckpt-every",
+        "100",
+        "--eval-episodes",
+        "2",
+        "--val-episodes",
+        "1",
+        "--max-steps",
+        "15",
+        "--resolution",
+        "32",
+        "--lanes",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
@@ -48,7 +94,7 @@ def test_policy_grid_trains_validates_evaluates_and_resumes(demos, tmp_path):
             assert (folder / "eval" / "results.json").is_file()
     table = (out / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| mf | 2 | 2 |"))
-    assert "±" in row and "s0 " in row and "s1 " in row                   # mean ± SE over the two seeds
+    assert "±" in row and "s0 " in row and "s1 " in row  # mean ± SE over the two seeds
     assert (out / "learning_curves.png").stat().st_size > 0 and (out / "success_vs_k.png").stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["table"]["mf-k2"]["runs"]) == 2 and len(results["curves"]["mf-k2"]) == 4
@@ -76,14 +122,67 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
     """An idm-bc arm: the grid trains the IDM of (K, seed) on those K demos, probes it on the validation
     demos, labels the action-free corpus under its own name and trains the decoder on demos + video."""
     video = tmp_path / "video"
-    assert main(["collect", "metaworld", "--tasks", "reach-v3", "--episodes", "4", "--resolution", "32",
-                 "--seed", "1000", "--max-steps", "40", "--drop-actions", "--out", str(video)]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "metaworld",
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "4",
+                "--resolution",
+                "32",
+                "--seed",
+                "1000",
+                "--max-steps",
+                "40",
+                "--drop-actions",
+                "--out",
+                str(video),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "grid"
-    cmd = [sys.executable, str(ROOT / "scripts" / "policy_grid.py"), "--out", str(out), "--demos", str(demos),
-           "--val-demos", str(demos), "--video", str(video), "--idm-steps", "30", "--tasks", "reach-v3",
-           "--ks", "2", "--seeds", "0", "--arm", "bc=policy=idm-bc model.objective=meanflow model.n_obs_steps=1",
-           "--steps", "40", "--ckpt-every", "40", "--eval-episodes", "1", "--val-episodes", "0",
-           "--max-steps", "10", "--resolution", "32", "--lanes", "1", "--stages", "train,report"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "policy_grid.py"),
+        "--out",
+        str(out),
+        "--demos",
+        str(demos),
+        "--val-demos",
+        str(demos),
+        "--video",
+        str(video),
+        "--idm-steps",
+        "30",
+        "--tasks",
+        "reach-v3",
+        "--ks",
+        "2",
+        "--seeds",
+        "0",
+        "--arm",
+        "bc=policy=idm-bc model.objective=meanflow model.n_obs_steps=1",
+        "--steps",
+        "40",
+        "--ckpt-every",
+        "40",
+        "--eval-episodes",
+        "1",
+        "--val-episodes",
+        "0",
+        "--max-steps",
+        "10",
+        "--resolution",
+        "32",
+        "--lanes",
+        "1",
+        "--stages",
+        "train,report",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     idm = out / "runs" / "idm-k2-s0"
@@ -95,7 +194,7 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     logged = (out / "logs" / "train-bc-k2-s0.log").read_text()
     assert f"--data {video} --labels idm-k2-s0" in logged
-    assert "| idm-k2-s0 |" in (out / "results.md").read_text()   # the IDM's probe R² in the table
+    assert "| idm-k2-s0 |" in (out / "results.md").read_text()  # the IDM's probe R² in the table
 
 
 @pytest.mark.slow
@@ -103,19 +202,64 @@ def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evalua
     """--per-task: runs/<job>/<task> trained on that task only (data.tasks), evaluated on it; the
     evaluations merge into the job's results.json, which the table reads as for one policy."""
     demos = tmp_path / "demos"
-    assert main(["collect", "metaworld", "--tasks", "reach-v3,button-press-v3", "--episodes", "1",
-                 "--resolution", "32", "--seed", "0", "--max-steps", "150", "--out", str(demos)]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "metaworld",
+                "--tasks",
+                "reach-v3,button-press-v3",
+                "--episodes",
+                "1",
+                "--resolution",
+                "32",
+                "--seed",
+                "0",
+                "--max-steps",
+                "150",
+                "--out",
+                str(demos),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "grid"
-    cmd = [sys.executable, str(ROOT / "scripts" / "policy_grid.py"), "--out", str(out), "--demos", str(demos),
-           "--tasks", "reach-v3,button-press-v3", "--ks", "1", "--seeds", "0", "--per-task",
-           "--arm", "mf=policy=scratch model.objective=meanflow model.n_obs_steps=1",
-           "--steps", "20", "--ckpt-every", "20", "--eval-episodes", "1", "--val-episodes", "0",
-           "--max-steps", "5", "--resolution", "32", "--lanes", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "policy_grid.py"),
+        "--out",
+        str(out),
+        "--demos",
+        str(demos),
+        "--tasks",
+        "reach-v3,button-press-v3",
+        "--ks",
+        "1",
+        "--seeds",
+        "0",
+        "--per-task",
+        "--arm",
+        "mf=policy=scratch model.objective=meanflow model.n_obs_steps=1",
+        "--steps",
+        "20",
+        "--ckpt-every",
+        "20",
+        "--eval-episodes",
+        "1",
+        "--val-episodes",
+        "0",
+        "--max-steps",
+        "5",
+        "--resolution",
+        "32",
+        "--lanes",
+        "1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for task in ("reach-v3", "button-press-v3"):
         config = json.loads((out / "runs" / "mf-k1-s0" / task / "final" / "config.json").read_text())
-        assert config["tasks"] == [task]                       # trained on that task's demos only
+        assert config["tasks"] == [task]  # trained on that task's demos only
     merged = json.loads((out / "evals" / "mf-k1-s0" / "results.json").read_text())
     assert sorted(merged["tasks"]) == ["button-press-v3", "reach-v3"] and merged["overall"]["episodes"] == 2
     row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| mf | 1 | 1 |"))

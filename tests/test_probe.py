@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)   # 2 shared cores: one thread is ~25x faster than two fighting other jobs
+torch.set_num_threads(1)  # 2 shared cores: one thread is ~25x faster than two fighting other jobs
 
 from shards.writer import Episode
 from test_label import _make
@@ -28,7 +28,7 @@ def _moving(i: int, n: int = 16, size: int = 32) -> list[Episode]:
     pos = np.clip(np.cumsum(np.vstack([rng.integers(8, 17, (1, 2)), action[:-1]]), 0), 0, size - 8).astype(int)
     frames = np.full((n, size, size, 3), 40, np.uint8)
     for t, (y, x) in enumerate(pos):
-        frames[t, y:y + 8, x:x + 8] = (230, 200, 40)
+        frames[t, y : y + 8, x : x + 8] = (230, 200, 40)
     return [Episode(key=f"ep{i:03d}", frames={"front": frames}, fps=10.0, embodiment="toybot", action=action)]
 
 
@@ -37,15 +37,52 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     train = _make(root / "train", _moving, 24, per_shard=8)
     held = _make(root / "held", lambda i: _moving(100 + i), 8, per_shard=8)
-    common = ["--preset", "tiny", "train.progress=false", "optim.lr=2e-3", "data.batch_size=16",
-              "data.windows_per_episode=4"]
+    common = [
+        "--preset",
+        "tiny",
+        "train.progress=false",
+        "optim.lr=2e-3",
+        "data.batch_size=16",
+        "data.windows_per_episode=4",
+    ]
     # the IDM trains in a second process meanwhile (one thread each: a second core is otherwise idle)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        idm = pool.submit(main, ["train", "idm", "--data", str(train), "--out", str(root / "idm"), *common,
-                                 "train.max_steps=150", "train.ckpt_every=150", "data.window=6", "ema.decay=0.9"])
-        assert main(["train", "lam", "--data", str(train), "--out", str(root / "lam"), *common,
-                     "train.max_steps=300", "train.ckpt_every=300", "data.window=3", "model.frame_gap=1",
-                     "model.dead_after=20", "ema.decay=0.9"]) == 0
+        idm = pool.submit(
+            main,
+            [
+                "train",
+                "idm",
+                "--data",
+                str(train),
+                "--out",
+                str(root / "idm"),
+                *common,
+                "train.max_steps=150",
+                "train.ckpt_every=150",
+                "data.window=6",
+                "ema.decay=0.9",
+            ],
+        )
+        assert (
+            main(
+                [
+                    "train",
+                    "lam",
+                    "--data",
+                    str(train),
+                    "--out",
+                    str(root / "lam"),
+                    *common,
+                    "train.max_steps=300",
+                    "train.ckpt_every=300",
+                    "data.window=3",
+                    "model.frame_gap=1",
+                    "model.dead_after=20",
+                    "ema.decay=0.9",
+                ]
+            )
+            == 0
+        )
         assert idm.result() == 0
     return root, held
 
@@ -93,6 +130,7 @@ def test_idm_probe_scores_pseudo_actions(runs, tmp_path, capsys):
 
 def test_probe_refuses_data_without_actions(runs, tmp_path):
     root, _ = runs
+
     def clip(i):
         ep = _moving(i)[0]
         return [Episode(key=ep.key, frames=ep.frames, fps=ep.fps, embodiment="video")]

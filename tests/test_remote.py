@@ -38,8 +38,11 @@ def _episode(i: int) -> list[Episode]:
     frames[..., 0] = (t * 9 % 256)[:, None, None]
     frames[:, 8:16, 8:16, 1] = 40 * i
     action = np.stack([t, np.full(n, i), np.sin(t), np.cos(t)], 1).astype(np.float32)
-    return [Episode(key=f"ep{i}", frames={"front": frames}, fps=10.0, embodiment="sawyer", task=f"task{i % 2}",
-                    action=action)]
+    return [
+        Episode(
+            key=f"ep{i}", frames={"front": frames}, fps=10.0, embodiment="sawyer", task=f"task{i % 2}", action=action
+        )
+    ]
 
 
 def _free_port() -> int:
@@ -52,8 +55,9 @@ def _free_port() -> int:
 def data(tmp_path_factory) -> Path:
     """5 real encoded episodes in 3 shards, with a sidecar 'lam' (per-frame rows) beside them."""
     root = tmp_path_factory.mktemp("remote") / "ds"
-    result = run_sharded_job(root, list(range(len(LENGTHS))), _episode, samples_per_shard=2, workers=1,
-                             created_by="tests", desc="remote")
+    result = run_sharded_job(
+        root, list(range(len(LENGTHS))), _episode, samples_per_shard=2, workers=1, created_by="tests", desc="remote"
+    )
     assert result.exit_code == 0, result.failures
     for entry in read_manifest(root)["shards"]:
         rows = {k: {"z": np.full((LENGTHS[int(k[2:])], 3), int(k[2:]), np.float32)} for k in entry["keys"]}
@@ -63,7 +67,7 @@ def data(tmp_path_factory) -> Path:
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):   # keep the test output clean
+    def log_message(self, *args):  # keep the test output clean
         pass
 
 
@@ -87,10 +91,15 @@ def s3(data):
     if not Path(server).exists():
         pytest.skip("moto_server not installed (pip install 'moto[server]')")
     port = _free_port()
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    proc = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -132,8 +141,10 @@ def _windows(where, **kw) -> list[tuple]:
 def test_locate_keeps_folders_local_and_names_urls(tmp_path):
     assert locate(str(tmp_path)) == tmp_path and locate(f"file://{tmp_path}") == tmp_path
     loc = locate("s3://bucket/ds/")
-    assert isinstance(loc, Location) and str(loc / "labels/lam" / "shard-000000.tar") == \
-        "s3://bucket/ds/labels/lam/shard-000000.tar"
+    assert (
+        isinstance(loc, Location)
+        and str(loc / "labels/lam" / "shard-000000.tar") == "s3://bucket/ds/labels/lam/shard-000000.tar"
+    )
     assert (loc / "shard-000001.tar").with_name("x.json").url == "s3://bucket/ds/x.json"
     pipe = locate("pipe:curl -sf https://h/ds/{}")
     assert str(pipe / "manifest.json") == "pipe:curl -sf https://h/ds/manifest.json"
@@ -148,7 +159,7 @@ def test_locate_keeps_folders_local_and_names_urls(tmp_path):
 
 def test_http_stream_yields_exactly_the_folders_windows(data, http_url):
     local = _windows(data, labels=("lam",))
-    assert len(local) > 10 and all(w[4] for w in local)          # labels joined
+    assert len(local) > 10 and all(w[4] for w in local)  # labels joined
     assert _windows(http_url, labels=("lam",)) == local
 
 
@@ -249,15 +260,22 @@ def test_missing_s3_object_is_one_line_naming_it(s3):
 
 # ---------------------------------------------------------------- the wm CLI
 
+
 def _wm(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "wm_pipeline", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "wm_pipeline", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
 
 def test_wm_inspect_verifies_a_dataset_over_http_and_s3(data, http_url, s3, tmp_path):
     import json
+
     for url in (http_url, s3[1]):
         proc = _wm("inspect", url, "--json", "--verify", "--sheet", str(tmp_path / "sheet.png"))
         assert proc.returncode == 0, proc.stderr
@@ -275,23 +293,72 @@ def test_wm_inspect_verifies_a_dataset_over_http_and_s3(data, http_url, s3, tmp_
 def lam(data, tmp_path_factory):
     """A LAM run trained (3 steps) on the local folder, and the sidecars it writes for that folder."""
     from wm_pipeline.cli.main import main
+
     root = tmp_path_factory.mktemp("lam")
-    assert main(["train", "lam", "--data", str(data), "--out", str(root / "run"), "--preset", "tiny",
-                 "train.max_steps=3", "train.ckpt_every=3", "train.progress=false", "model.frame_gap=2"]) == 0
-    assert main(["label", "--labeller", str(root / "run"), "--data", str(data), "--labels-out", str(root / "ref"),
-                 "--name", "lamx", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "lam",
+                "--data",
+                str(data),
+                "--out",
+                str(root / "run"),
+                "--preset",
+                "tiny",
+                "train.max_steps=3",
+                "train.ckpt_every=3",
+                "train.progress=false",
+                "model.frame_gap=2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "label",
+                "--labeller",
+                str(root / "run"),
+                "--data",
+                str(data),
+                "--labels-out",
+                str(root / "ref"),
+                "--name",
+                "lamx",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ref = {p.name: p.read_bytes() for p in sorted((root / "ref" / "labels" / "lamx").glob("shard-*.tar"))}
-    assert len(ref) == 3 and not (data / "labels" / "lamx").exists()    # --labels-out: nothing beside the data
+    assert len(ref) == 3 and not (data / "labels" / "lamx").exists()  # --labels-out: nothing beside the data
     return root / "run", ref
 
 
 def test_wm_label_reads_http_and_writes_its_sidecars_to_a_local_folder(http_url, lam, tmp_path):
     from wm_pipeline.cli.main import main
+
     run, ref = lam
-    assert main(["label", "--labeller", str(run), "--data", http_url, "--labels-out", str(tmp_path),
-                 "--name", "lamx", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "label",
+                "--labeller",
+                str(run),
+                "--data",
+                http_url,
+                "--labels-out",
+                str(tmp_path),
+                "--name",
+                "lamx",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = {p.name: p.read_bytes() for p in sorted((tmp_path / "labels" / "lamx").glob("shard-*.tar"))}
-    assert got == ref                                      # byte-identical to labelling the folder
+    assert got == ref  # byte-identical to labelling the folder
     # http cannot take the sidecars: refused before any work, one line
     proc = _wm("label", "--labeller", str(run), "--data", http_url, "--name", "lamx", "--no-progress")
     assert proc.returncode == 2 and "--labels-out" in proc.stderr and http_url in proc.stderr
@@ -299,6 +366,7 @@ def test_wm_label_reads_http_and_writes_its_sidecars_to_a_local_folder(http_url,
 
 def test_wm_label_reads_s3_and_writes_its_sidecars_beside_it_on_s3(s3, lam, data, tmp_path):
     from wm_pipeline.cli.main import main
+
     fs, url = s3
     run, ref = lam
     assert main(["label", "--labeller", str(run), "--data", url, "--name", "lamx", "--no-progress"]) == 0
@@ -306,6 +374,7 @@ def test_wm_label_reads_s3_and_writes_its_sidecars_beside_it_on_s3(s3, lam, data
     assert got == ref and fs.exists(f"{BUCKET}/ds/labels/lamx/labeller.json")
     # a rerun finds every shard complete on s3 and labels nothing
     from wm_pipeline.jobs.labelling import label_dataset
+
     assert label_dataset(str(run), url, "lamx", progress=False)["shards"] == 0
     # and the stream joins them from s3 as it does the same sidecars in a local copy of the dataset
     local = tmp_path / "ds"
@@ -319,12 +388,14 @@ def test_dataloader_workers_stream_from_s3(data, s3):
     """Two forked DataLoader workers, each opening its own S3 connections: the label pass over s3://
     still delivers every window exactly once, equal to the folder's."""
     from shards.stream import make_loader
+
     fs, url = s3
 
     def windows(where):
         loader = make_loader(WindowStream(where, window=4, stride=2, mode="label"), batch_size=3, num_workers=2)
-        return sorted((k, int(s), f.numpy().tobytes()) for b in loader
-                      for k, s, f in zip(b["key"], b["start"], b["frames"]))
+        return sorted(
+            (k, int(s), f.numpy().tobytes()) for b in loader for k, s, f in zip(b["key"], b["start"], b["frames"])
+        )
 
     assert windows(url) == windows(data)
 
@@ -333,6 +404,7 @@ def test_wm_probe_reads_a_url_and_scores_as_on_the_folder(data, http_url, lam, t
     import json
 
     from wm_pipeline.cli.main import main
+
     run, _ = lam
     scores = []
     for where, out in ((data, tmp_path / "local"), (http_url, tmp_path / "http")):

@@ -24,8 +24,17 @@ from wm_pipeline.training.trainer import build_optimizer
 from worldmodel.uwm import WorldModel
 
 STEP = 2
-ARGS = ("--preset", "tiny", "model.depth=1", "model.width=32", "model.encoder_channels=[8,16]", "train.ckpt_every=2",
-        "train.progress=false", "data.batch_size=2", "data.num_workers=0")
+ARGS = (
+    "--preset",
+    "tiny",
+    "model.depth=1",
+    "model.width=32",
+    "model.encoder_channels=[8,16]",
+    "train.ckpt_every=2",
+    "train.progress=false",
+    "data.batch_size=2",
+    "data.num_workers=0",
+)
 
 
 def wm_train(data, run, steps):
@@ -61,8 +70,13 @@ def saved_state(trained):
     """``{parameter name: {key: value}}`` of the checkpoint, naming index i by the i-th parameter of the
     trainer's optimizer (not by the names the checkpoint records: those are what is tested)."""
     model, optimizer = live(trained)
-    order = [name for group in optimizer.param_groups for p in group["params"]
-             for name, q in model.named_parameters() if q is p]
+    order = [
+        name
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for name, q in model.named_parameters()
+        if q is p
+    ]
     ckpt = checkpoint.step_dir(trained, STEP)
     meta = json.loads((ckpt / "optimizer.json").read_text())
     out = {name: dict(meta["scalars"].get(str(i), {})) for i, name in enumerate(order)}
@@ -74,7 +88,7 @@ def saved_state(trained):
 
 
 def old_name(name):
-    return name[len("net."):] if name.startswith("net.") else name
+    return name[len("net.") :] if name.startswith("net.") else name
 
 
 def to_pre_split(ckpt, keep_names=True):
@@ -84,18 +98,21 @@ def to_pre_split(ckpt, keep_names=True):
         save_file({old_name(k): v for k, v in weights.items()}, str(ckpt / file), metadata={"format": "pt"})
     meta = json.loads((ckpt / "optimizer.json").read_text())
     names = {int(i): n for i, n in meta["param_names"].items()}
-    own = [n for n in names.values() if n.startswith("net.") and n.count(".") == 1]   # sat on WorldModel itself
+    own = [n for n in names.values() if n.startswith("net.") and n.count(".") == 1]  # sat on WorldModel itself
     old_order = own + [n for n in names.values() if n not in own]
     group_of = {names[i]: g for g, group in enumerate(meta["param_groups"]) for i in group["params"]}
     new_index, counter = {}, 0
-    for g in range(len(meta["param_groups"])):   # torch numbers group 0's parameters first
+    for g in range(len(meta["param_groups"])):  # torch numbers group 0's parameters first
         for name in (n for n in old_order if group_of[n] == g):
             new_index[name], counter = counter, counter + 1
     index_of = {i: new_index[n] for i, n in names.items()}
-    assert index_of != {i: i for i in names}   # the old order differs: by index the state would not line up
+    assert index_of != {i: i for i in names}  # the old order differs: by index the state would not line up
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    save_file({f"state.{index_of[int(k.split('.')[1])]}.{k.split('.', 2)[2]}": v for k, v in tensors.items()},
-              str(ckpt / "optimizer.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {f"state.{index_of[int(k.split('.')[1])]}.{k.split('.', 2)[2]}": v for k, v in tensors.items()},
+        str(ckpt / "optimizer.safetensors"),
+        metadata={"format": "pt"},
+    )
     for group in meta["param_groups"]:
         group["params"] = sorted(index_of[i] for i in group["params"])
     meta["scalars"] = {str(index_of[int(i)]): v for i, v in meta["scalars"].items()}
@@ -110,8 +127,9 @@ def resumed_state(run):
     model, optimizer = live(run)
     ema = WorldModel(model.config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    checkpoint.load_checkpoint(checkpoint.step_dir(run, STEP), model=model, ema_model=ema, optimizer=optimizer,
-                               scheduler=scheduler)
+    checkpoint.load_checkpoint(
+        checkpoint.step_dir(run, STEP), model=model, ema_model=ema, optimizer=optimizer, scheduler=scheduler
+    )
     return {name: optimizer.state[p] for name, p in model.named_parameters()}
 
 
@@ -127,7 +145,7 @@ def test_a_pre_split_checkpoint_resumes_each_parameters_optimizer_state(trained,
     want = saved_state(trained)
     run = copy_run(trained, tmp_path)
     to_pre_split(checkpoint.step_dir(run, STEP))
-    assert_same_state(resumed_state(run), want)   # every parameter's moments and step, exactly
+    assert_same_state(resumed_state(run), want)  # every parameter's moments and step, exactly
 
     # the real trainer resumes it and continues as from the checkpoint in today's layout
     same = copy_run(trained, tmp_path / "same")
@@ -155,9 +173,11 @@ def test_a_checkpoint_without_names_resumes_by_index(trained, tmp_path):
     to_pre_split(ckpt, keep_names=False)
     with pytest.raises(ValueError) as e:
         resumed_state(run)
-    assert str(e.value) == (f"{ckpt / 'optimizer.safetensors'}: state.0.exp_avg [1, 1, 32] does not fit the "
-                            f"parameter 'tokenizer.embed.weight' [32, 3, 8, 8]; an older parameter order? train from "
-                            f"its weights: --init {ckpt}")
+    assert str(e.value) == (
+        f"{ckpt / 'optimizer.safetensors'}: state.0.exp_avg [1, 1, 32] does not fit the "
+        f"parameter 'tokenizer.embed.weight' [32, 3, 8, 8]; an older parameter order? train from "
+        f"its weights: --init {ckpt}"
+    )
 
 
 def test_a_name_that_matches_nothing_is_a_one_line_error(trained, data, tmp_path, capsys):
@@ -171,6 +191,8 @@ def test_a_name_that_matches_nothing_is_a_one_line_error(trained, data, tmp_path
     capsys.readouterr()
     assert wm_train(data, run, STEP + 1) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("wm train: error:")]
-    assert f"{ckpt}: cannot resume from it ({ckpt / 'optimizer.json'}: no saved state for the model's parameter " \
-           f"'{first.replace('video_head', 'final_video')}'" in line, line
+    assert (
+        f"{ckpt}: cannot resume from it ({ckpt / 'optimizer.json'}: no saved state for the model's parameter "
+        f"'{first.replace('video_head', 'final_video')}'" in line
+    ), line
     assert not checkpoint.step_dir(run, STEP + 1).exists()

@@ -26,16 +26,37 @@ STATS = {"sawyer": {"action": {"mean": [0.0] * 4, "std": [0.5] * 4, "min": [-1.0
 
 def _decoder() -> ActionDecoder:
     torch.manual_seed(0)
-    return ActionDecoder(DecoderConfig.from_preset("tiny", action_dim=4, state_dim=0, image_size=[16, 16],
-                                                   tasks=["reach-v3"], stats=STATS, encoder_channels=[8, 16],
-                                                   obs_dim=16))
+    return ActionDecoder(
+        DecoderConfig.from_preset(
+            "tiny",
+            action_dim=4,
+            state_dim=0,
+            image_size=[16, 16],
+            tasks=["reach-v3"],
+            stats=STATS,
+            encoder_channels=[8, 16],
+            obs_dim=16,
+        )
+    )
 
 
 def _world_model() -> WorldModel:
     torch.manual_seed(0)
-    return WorldModel(WorldModelConfig(image_size=16, patch_size=4, n_obs=1, n_future=1, action_horizon=4, width=32,
-                                       depth=1, heads=2, registers=1, encoder_channels=[8, 16],
-                                       embodiments={"sawyer": embodiment_spec(action_dim=4)}))
+    return WorldModel(
+        WorldModelConfig(
+            image_size=16,
+            patch_size=4,
+            n_obs=1,
+            n_future=1,
+            action_horizon=4,
+            width=32,
+            depth=1,
+            heads=2,
+            registers=1,
+            encoder_channels=[8, 16],
+            embodiments={"sawyer": embodiment_spec(action_dim=4)},
+        )
+    )
 
 
 def _save_the_old_way(model, folder):
@@ -52,20 +73,25 @@ def _metadata(path):
 
 
 def test_save_pretrained_names_the_class_and_format_version(tmp_path):
-    for model, name in ((_decoder(), "decoders.decoder.ActionDecoder"), (_world_model(), "worldmodel.uwm.WorldModel"),
-                        (InverseDynamicsModel(IDMConfig(action_dim=4, image_size=16, stats=STATS)),
-                         "latent_actions.idm.InverseDynamicsModel")):
+    for model, name in (
+        (_decoder(), "decoders.decoder.ActionDecoder"),
+        (_world_model(), "worldmodel.uwm.WorldModel"),
+        (
+            InverseDynamicsModel(IDMConfig(action_dim=4, image_size=16, stats=STATS)),
+            "latent_actions.idm.InverseDynamicsModel",
+        ),
+    ):
         folder = tmp_path / type(model).__name__
         model.save_pretrained(folder)
         config = json.loads((folder / "config.json").read_text())
-        version = type(model).FORMAT_VERSION   # 1, the world model's 2 (the network under net.)
+        version = type(model).FORMAT_VERSION  # 1, the world model's 2 (the network under net.)
         assert version == (2 if name.startswith("worldmodel") else 1)
         assert config[CLASS_KEY] == name and config[VERSION_KEY] == version
         assert saved_class(folder) == name and saved_version(folder) == version
         assert _metadata(folder / "model.safetensors") == {"format": "pt"}
-        again = type(model).from_pretrained(str(folder))   # the header keys are not config fields
+        again = type(model).from_pretrained(str(folder))  # the header keys are not config fields
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-        folder2 = tmp_path / (folder.name + "-again")   # saved again: the same config.json
+        folder2 = tmp_path / (folder.name + "-again")  # saved again: the same config.json
         again.save_pretrained(folder2)
         assert json.loads((folder2 / "config.json").read_text()) == config
 
@@ -100,7 +126,7 @@ def test_run_layout_resolves_run_final_and_unfinished_runs(tmp_path):
         _decoder_dir(str(run))
     with pytest.raises(UsageError, match="the run has no final/ model yet"):
         run_folder.weights_folder(run)
-    assert world_model_dir(str(run)) is None   # another model's run: the next loader's turn
+    assert world_model_dir(str(run)) is None  # another model's run: the next loader's turn
     final = run / run_folder.FINAL
     _decoder().save_pretrained(final)
     (final / run_folder.RUN_CONFIG).write_text(yaml.safe_dump({"model_name": "decoder", "data": {"stride": 2}}))

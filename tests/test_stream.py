@@ -41,9 +41,18 @@ def _robot_episode(i: int) -> list[Episode]:
     frames[..., 0] = (t * 9 % 256)[:, None, None]
     frames[:, 8:16, 8:16, 1] = 40 * i
     action = np.stack([t, np.full(n, i), np.sin(t), np.cos(t)], 1).astype(np.float32)
-    state = np.stack([t * 0.5, np.full(n, -i), t ** 2], 1).astype(np.float32)
-    return [Episode(key=f"ep{i}", frames={"front": frames, "wrist": 255 - frames}, fps=10.0,
-                    embodiment="sawyer", task=f"task{i % 2}", action=action, state=state)]
+    state = np.stack([t * 0.5, np.full(n, -i), t**2], 1).astype(np.float32)
+    return [
+        Episode(
+            key=f"ep{i}",
+            frames={"front": frames, "wrist": 255 - frames},
+            fps=10.0,
+            embodiment="sawyer",
+            task=f"task{i % 2}",
+            action=action,
+            state=state,
+        )
+    ]
 
 
 def _video_clip(i: int) -> list[Episode]:
@@ -54,8 +63,9 @@ def _video_clip(i: int) -> list[Episode]:
 def make_dataset(root: Path, kind: str = "robot", per_shard: int = 2) -> Path:
     """A small dataset: 'robot' (5 episodes with action/state, 3 shards) or 'video' (3 clips, no actions)."""
     make, n = (_robot_episode, len(LENGTHS)) if kind == "robot" else (_video_clip, 3)
-    result = run_sharded_job(root, list(range(n)), make, samples_per_shard=per_shard, workers=1,
-                             created_by="tests", desc=kind)
+    result = run_sharded_job(
+        root, list(range(n)), make, samples_per_shard=per_shard, workers=1, created_by="tests", desc=kind
+    )
     assert result.exit_code == 0, result.failures
     return root
 
@@ -78,7 +88,9 @@ def stored(root: Path) -> dict[str, dict]:
             out[raw["__key__"]] = {
                 "action": np.load(io.BytesIO(raw["action.npy"])) if "action.npy" in raw else None,
                 "state": np.load(io.BytesIO(raw["state.npy"])) if "state.npy" in raw else None,
-                "frames": decode_video(raw["front.mp4"], backend="pyav"), "shard": entry["name"]}
+                "frames": decode_video(raw["front.mp4"], backend="pyav"),
+                "shard": entry["name"],
+            }
     return out
 
 
@@ -124,7 +136,7 @@ def test_label_every_starts_a_window_at_every_kth_frame(robot):
     seen = [(w["key"], int(w["start"])) for w in stream]
     span = 3 * 2 + 1
     expected = [(f"ep{i}", s) for i, n in enumerate(LENGTHS) for s in range(0, n - span + 1, 3)]
-    assert seen == expected   # in data order, overlapping, none beyond an episode's end
+    assert seen == expected  # in data order, overlapping, none beyond an episode's end
     with pytest.raises(ValueError, match="label_every"):
         WindowStream(robot, window=4, mode="train", label_every=3)
 
@@ -163,8 +175,9 @@ def test_train_mode_is_infinite_and_mixes_sources_by_weight(robot, video):
     n_windows_one_pass = sum(len(label_starts(n, 4, 1)) for n in LENGTHS) + 3 * len(label_starts(12, 4, 1))
     only_robot = list(itertools.islice(WindowStream([robot, video], window=4, weights=[1, 0]), 60))
     assert {w["embodiment"] for w in only_robot} == {"sawyer"}
-    mixed = list(itertools.islice(WindowStream([robot, video], window=4, weights=[1, 1], seed=3),
-                                  2 * n_windows_one_pass))
+    mixed = list(
+        itertools.islice(WindowStream([robot, video], window=4, weights=[1, 1], seed=3), 2 * n_windows_one_pass)
+    )
     clips = [w for w in mixed if w["embodiment"] == "video"]
     assert 0.25 < len(clips) / len(mixed) < 0.75
     assert not any(w["action_mask"] for w in clips) and all(w["action"].abs().sum() == 0 for w in clips)
@@ -184,8 +197,10 @@ def test_sidecar_labels_join_by_key_and_are_cut_to_the_window(robot, tmp_path):
         rows = {}
         for key in entry["keys"]:
             n = LENGTHS[int(key[2:])]
-            rows[key] = {"code": np.arange(n, dtype=np.int64) + 1000 * int(key[2:]),
-                         "summary": np.array([int(key[2:]), n], np.float32)}
+            rows[key] = {
+                "code": np.arange(n, dtype=np.int64) + 1000 * int(key[2:]),
+                "summary": np.array([int(key[2:]), n], np.float32),
+            }
         stats = write_sidecar_shard(robot, "lam", entry["name"], rows)
         assert stats["samples"] == len(rows) and sidecar_done(robot, "lam", entry["name"])
     write_labeller_info(robot, "lam", {"checkpoint": "ckpt/step-1"})
@@ -220,6 +235,7 @@ def test_sidecar_labels_join_by_key_and_are_cut_to_the_window(robot, tmp_path):
 def _corrupt_copy(src: Path, dst: Path, key: str) -> Path:
     """Copy a dataset and truncate the videos of ``key`` inside its tar (manifest kept)."""
     import shutil
+
     shutil.copytree(src, dst)
     for tar_path in dst.glob("shard-*.tar"):
         with tarfile.open(tar_path) as tar:
@@ -259,6 +275,7 @@ def test_iter_samples_gives_whole_episodes(robot):
 
 def test_truncated_shard_is_a_clear_error_in_label_mode_and_skipped_in_train(robot, tmp_path, caplog):
     import shutil
+
     bad = tmp_path / "cut"
     shutil.copytree(robot, bad)
     tar = bad / "shard-000002.tar"

@@ -45,26 +45,40 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_label_pass_is_disjoint_and_complete_and_train_never_runs_dry(tmp_path):
-    label_dir = make_dataset(tmp_path / "label")                    # 5 episodes in 3 shards
-    train_dir = make_dataset(tmp_path / "train", per_shard=5)       # the same 5 episodes in 1 shard
+    label_dir = make_dataset(tmp_path / "label")  # 5 episodes in 3 shards
+    train_dir = make_dataset(tmp_path / "train", per_shard=5)  # the same 5 episodes in 1 shard
     script = tmp_path / "ddp_stream.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(label_dir), str(train_dir), str(out)],
-                          env=env, capture_output=True, text=True, timeout=180)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)
-               if (out / f"rank{r}.json").exists()]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(label_dir),
+            str(train_dir),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
     assert len(results) == 2, f"a rank wrote no output (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     assert [r["world"] for r in results] == [2, 2]
 
     per_rank = [{tuple(x) for x in r["label"]} for r in results]
     assert all(len(s) == len(r["label"]) for s, r in zip(per_rank, results))  # no repeats within a rank
-    assert not per_rank[0] & per_rank[1]                                     # disjoint across ranks
+    assert not per_rank[0] & per_rank[1]  # disjoint across ranks
     expected = {(f"ep{i}", s) for i, n in enumerate(LENGTHS) for s in label_starts(n, 8, 1)}
-    assert per_rank[0] | per_rank[1] == expected                             # complete
+    assert per_rank[0] | per_rank[1] == expected  # complete
     assert per_rank[0] and per_rank[1]
 
     for r in results:

@@ -14,9 +14,15 @@ from worldmodel.uwm import WorldModel, WorldModelConfig, embodiment_spec
 def vae_dir(tmp_path):
     """A tiny AutoencoderKL: 32 px -> 4 x 16 x 16 latents (two encoder blocks: one halving)."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=32)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
     path = tmp_path / "vae"
     vae.save_pretrained(path)
     return path
@@ -52,16 +58,32 @@ def test_vae_round_trip_shapes(vae_dir, tmp_path):
 
 
 def test_world_model_on_vae_latents_precomputed_or_on_the_fly(vae_dir, tmp_path):
-    cfg = WorldModelConfig(image_size=32, frame_space="vae", vae_path=str(vae_dir), patch_size=4, n_obs=1,
-                           n_future=1, action_horizon=4, width=32, depth=1, heads=2, registers=1,
-                           encoder_channels=[8, 16], embodiments={"toy": embodiment_spec(action_dim=2)})
+    cfg = WorldModelConfig(
+        image_size=32,
+        frame_space="vae",
+        vae_path=str(vae_dir),
+        patch_size=4,
+        n_obs=1,
+        n_future=1,
+        action_horizon=4,
+        width=32,
+        depth=1,
+        heads=2,
+        registers=1,
+        encoder_channels=[8, 16],
+        embodiments={"toy": embodiment_spec(action_dim=2)},
+    )
     model = WorldModel(cfg)
     assert (cfg.vae_latent_channels, cfg.vae_downsample) == (4, 2)  # read from the VAE
     assert model.num_tokens == 4 + (16 // 4) ** 2 + 1
     b = 2
     frames = torch.randint(0, 256, (b, cfg.window, 3, 32, 32), dtype=torch.uint8)
-    batch = {"frames": frames, "action": torch.randn(b, cfg.window, 2), "action_mask": torch.ones(b, dtype=torch.bool),
-             "embodiment": ["toy"] * b}
+    batch = {
+        "frames": frames,
+        "action": torch.randn(b, cfg.window, 2),
+        "action_mask": torch.ones(b, dtype=torch.bool),
+        "embodiment": ["toy"] * b,
+    }
     # a labelling pass stores latents of every frame; the model picks the future ones from the window
     latents = encode_frames(load_vae(vae_dir), frames.flatten(0, 1)).view(b, cfg.window, 4, 16, 16)
     on_the_fly, _ = model(batch, generator=torch.Generator().manual_seed(0))
@@ -78,8 +100,10 @@ def test_world_model_on_vae_latents_precomputed_or_on_the_fly(vae_dir, tmp_path)
     model.save_pretrained(tmp_path / "wm")
     assert not any("vae" in k or "decoder" in k for k in load_file(tmp_path / "wm" / "model.safetensors"))
     loaded = WorldModel.from_pretrained(tmp_path / "wm", strict=True)
-    assert torch.equal(loaded.sample_video(obs, steps=2, generator=torch.Generator().manual_seed(1)),
-                       model.sample_video(obs, steps=2, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(
+        loaded.sample_video(obs, steps=2, generator=torch.Generator().manual_seed(1)),
+        model.sample_video(obs, steps=2, generator=torch.Generator().manual_seed(1)),
+    )
 
     # latents only (no VAE folder): training needs them in the batch, sampling returns latents
     bare = WorldModel(WorldModelConfig(**{**cfg.__dict__, "vae_path": None}))

@@ -21,8 +21,15 @@ def data(tmp_path_factory):
 
 def toy_cfg(data, *overrides, preset="tiny", model="toy"):
     spec = get_model(model)
-    return resolve(model, spec.config_cls, spec.presets, preset=preset, data_paths=[str(data)],
-                   overrides=list(overrides), run_presets=spec.run_presets), spec
+    return resolve(
+        model,
+        spec.config_cls,
+        spec.presets,
+        preset=preset,
+        data_paths=[str(data)],
+        overrides=list(overrides),
+        run_presets=spec.run_presets,
+    ), spec
 
 
 def read_metrics(run):
@@ -30,8 +37,16 @@ def read_metrics(run):
 
 
 def test_tiny_model_overfits_real_shards(data, tmp_path):
-    cfg, spec = toy_cfg(data, "train.max_steps=160", "train.log_every=10", "train.ckpt_every=80",
-                        "optim.lr=3e-3", "train.eval_every=80", "train.eval_batches=2", "train.log_with=tensorboard")
+    cfg, spec = toy_cfg(
+        data,
+        "train.max_steps=160",
+        "train.log_every=10",
+        "train.ckpt_every=80",
+        "optim.lr=3e-3",
+        "train.eval_every=80",
+        "train.eval_batches=2",
+        "train.log_with=tensorboard",
+    )
     run = tmp_path / "run"
     result = train(cfg, spec, run)
     assert result.exit_code == exit_codes.OK and result.step == 160
@@ -46,8 +61,15 @@ def test_tiny_model_overfits_real_shards(data, tmp_path):
     assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [80, 160]
     ck = checkpoint.step_dir(run, 160)
     assert {p.name for p in ck.iterdir()} == {
-        "model.safetensors", "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-        "rng-rank00000.safetensors", "rng-rank00000.json", "trainer_state.json"}
+        "model.safetensors",
+        "ema.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "scheduler.json",
+        "rng-rank00000.safetensors",
+        "rng-rank00000.json",
+        "trainer_state.json",
+    }
     assert json.loads((ck / "trainer_state.json").read_text())["step"] == 160
     # final/ holds the EMA weights, loadable with from_pretrained, and they predict actions
     model = toy_models.ToyPolicy.from_pretrained(run / "final")
@@ -71,8 +93,14 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
 
 def test_nonfinite_loss_stops_with_step_and_keys(data, tmp_path, caplog):
     # an absurd learning rate blows the weights up after the first update: loss inf/NaN from step 2
-    cfg, spec = toy_cfg(data, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
-                        "train.nan_skip_steps=2", "train.max_steps=20")
+    cfg, spec = toy_cfg(
+        data,
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "optim.grad_clip=0",
+        "train.nan_skip_steps=2",
+        "train.max_steps=20",
+    )
     with caplog.at_level("WARNING"):
         result = train(cfg, spec, tmp_path / "run")
     assert result.exit_code == exit_codes.NONFINITE_LOSS == 4
@@ -85,10 +113,13 @@ def test_nonfinite_loss_stops_with_step_and_keys(data, tmp_path, caplog):
     assert not (tmp_path / "run" / "final").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.action_dim=7", "model.action_dim=7 but embodiment 'toybot' in the data has 3"),
-    ("model.image_size=[64,64]", "model.image_size=[64, 64] but the data gives [32, 32]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.action_dim=7", "model.action_dim=7 but embodiment 'toybot' in the data has 3"),
+        ("model.image_size=[64,64]", "model.image_size=[64, 64] but the data gives [32, 32]"),
+    ],
+)
 def test_model_data_mismatch_fails_before_first_step(data, tmp_path, override, message):
     cfg, spec = toy_cfg(data, override)
     with pytest.raises(ModelDataMismatch, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -97,8 +128,14 @@ def test_model_data_mismatch_fails_before_first_step(data, tmp_path, override, m
 
 
 def test_missing_batch_key_fails_on_first_batch(data, tmp_path):
-    register_model("toy-latent", toy_models.ToyConfig, toy_models.ToyPolicy, toy_models.PRESETS,
-                   prepare=toy_models.prepare, required_keys=("frames", "lam.latent"))
+    register_model(
+        "toy-latent",
+        toy_models.ToyConfig,
+        toy_models.ToyPolicy,
+        toy_models.PRESETS,
+        prepare=toy_models.prepare,
+        required_keys=("frames", "lam.latent"),
+    )
     cfg, spec = toy_cfg(data, model="toy-latent")
     with pytest.raises(ModelDataMismatch, match=r"needs batch key\(s\) \['lam.latent'\]"):
         train(cfg, spec, tmp_path / "run")
@@ -109,7 +146,7 @@ def test_grad_accumulation_and_rerun_with_more_steps(data, tmp_path):
     run = tmp_path / "run"
     cfg, spec = toy_cfg(data, "optim.grad_accum=2", "train.max_steps=25")
     assert train(cfg, spec, run).step == 25
-    cfg.train.max_steps = 30   # extending a finished run resumes from its last checkpoint
+    cfg.train.max_steps = 30  # extending a finished run resumes from its last checkpoint
     result = train(cfg, spec, run)
     assert result.resumed_from == 25 and result.step == 30
     assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [25, 30]
@@ -120,15 +157,23 @@ def test_grad_accumulation_and_rerun_with_more_steps(data, tmp_path):
 
 def test_init_warm_starts_from_a_finished_run(data, tmp_path):
     spec = get_model("toy")
-    register_model("toy-finetune", spec.config_cls, spec.model_cls, spec.presets, prepare=spec.prepare,
-                   required_keys=spec.required_keys, warm_start=True)
+    register_model(
+        "toy-finetune",
+        spec.config_cls,
+        spec.model_cls,
+        spec.presets,
+        prepare=spec.prepare,
+        required_keys=spec.required_keys,
+        warm_start=True,
+    )
     cfg, _ = toy_cfg(data, "train.max_steps=40", "optim.lr=3e-3")
     assert train(cfg, spec, tmp_path / "pre").exit_code == exit_codes.OK
     pretrained = load_file(str(tmp_path / "pre" / "final" / "model.safetensors"))
 
     # zero steps after warm start: the fine-tuned run starts from the pretrained weights exactly
-    cfg, ft = toy_cfg(data, "train.max_steps=1", "optim.lr=1e-12", "ema.decay=0", f"init={tmp_path / 'pre'}",
-                      model="toy-finetune")
+    cfg, ft = toy_cfg(
+        data, "train.max_steps=1", "optim.lr=1e-12", "ema.decay=0", f"init={tmp_path / 'pre'}", model="toy-finetune"
+    )
     assert train(cfg, ft, tmp_path / "ft").exit_code == exit_codes.OK
     tuned = load_file(str(tmp_path / "ft" / "final" / "model.safetensors"))
     for k in pretrained:
@@ -138,7 +183,7 @@ def test_init_warm_starts_from_a_finished_run(data, tmp_path):
     train(cfg, ft, tmp_path / "fresh")
     fresh = load_file(str(tmp_path / "fresh" / "final" / "model.safetensors"))
     assert any(not torch.allclose(fresh[k], pretrained[k]) for k in pretrained)
-    (tmp_path / "nothing").mkdir()   # a folder that does not exist is refused earlier (tests/test_clear_errors.py)
+    (tmp_path / "nothing").mkdir()  # a folder that does not exist is refused earlier (tests/test_clear_errors.py)
     cfg, _ = toy_cfg(data, "train.max_steps=1", f"init={tmp_path / 'nothing'}", model="toy-finetune")
     with pytest.raises(exit_codes.UsageError, match="no final/model.safetensors"):
         train(cfg, ft, tmp_path / "bad")

@@ -28,14 +28,21 @@ def can_compile():
         torch._dynamo.reset()
         out = torch.compile(lambda x: torch.sin(x) * 2 + 1)(torch.ones(3))
         assert torch.allclose(out, torch.sin(torch.ones(3)) * 2 + 1)
-    except Exception as e:   # noqa: BLE001 - whatever stops inductor here is the reason to skip
+    except Exception as e:  # noqa: BLE001 - whatever stops inductor here is the reason to skip
         pytest.skip(f"torch.compile cannot run on this machine: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
 
 def toy_cfg(data, *overrides):
     spec = get_model("toy")
-    return resolve("toy", spec.config_cls, spec.presets, preset="tiny", data_paths=[str(data)],
-                   overrides=list(overrides), run_presets=spec.run_presets), spec
+    return resolve(
+        "toy",
+        spec.config_cls,
+        spec.presets,
+        preset="tiny",
+        data_paths=[str(data)],
+        overrides=list(overrides),
+        run_presets=spec.run_presets,
+    ), spec
 
 
 def losses(run):
@@ -46,12 +53,18 @@ def losses(run):
 def saved_keys(run, step):
     ck = checkpoint.step_dir(run, step)
     return {name: sorted(load_file(str(ck / name))) for name in ("model.safetensors", "ema.safetensors")} | {
-        "final": sorted(load_file(str(run / "final" / "model.safetensors")))}
+        "final": sorted(load_file(str(run / "final" / "model.safetensors")))
+    }
 
 
 def test_compiled_run_learns_like_eager_and_saves_the_same_keys(data, tmp_path, can_compile):
-    common = ("train.max_steps=40", "train.ckpt_every=20", "train.log_every=10", "optim.lr=3e-3",
-              "train.progress=false")
+    common = (
+        "train.max_steps=40",
+        "train.ckpt_every=20",
+        "train.log_every=10",
+        "optim.lr=3e-3",
+        "train.progress=false",
+    )
     runs, graphs = {}, {}
     for name, flag in (("eager", "false"), ("compiled", "true")):
         cfg, spec = toy_cfg(data, *common, f"train.compile={flag}")
@@ -60,7 +73,7 @@ def test_compiled_run_learns_like_eager_and_saves_the_same_keys(data, tmp_path, 
         runs[name] = tmp_path / name
         assert train(cfg, spec, runs[name]).step == 40
         graphs[name] = counters["stats"]["unique_graphs"]
-    assert graphs["eager"] == 0 and 1 <= graphs["compiled"] <= 4, graphs   # compiled once, not per batch
+    assert graphs["eager"] == 0 and 1 <= graphs["compiled"] <= 4, graphs  # compiled once, not per batch
     eager, compiled = losses(runs["eager"]), losses(runs["compiled"])
     assert compiled[-1] < 0.75 * compiled[0], compiled
     # the same maths: the loss curves agree (inductor's kernels round differently, nothing more)
@@ -81,9 +94,12 @@ def first_steps(impl: str, steps: int = 4) -> list[torch.Tensor]:
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1, impl=impl))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        batch = {"frames": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8, generator=g),
-                 "action": torch.randn(4, 2, 3, generator=g), "state": torch.randn(4, 2, 2, generator=g),
-                 "action_mask": torch.ones(4, dtype=torch.bool)}
+        batch = {
+            "frames": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8, generator=g),
+            "action": torch.randn(4, 2, 3, generator=g),
+            "state": torch.randn(4, 2, 2, generator=g),
+            "action_mask": torch.ones(4, dtype=torch.bool),
+        }
         loss, _ = model(batch)
         loss.backward()
         optimizer.step()
@@ -95,9 +111,11 @@ def test_every_adamw_kernel_takes_the_same_steps():
     assert optimizer_impl("auto", torch.device("cuda")) == {"fused": True}
     assert optimizer_impl("auto", torch.device("cpu")) == {"foreach": True, "fused": False}
     reference = first_steps("for-loop")
-    start = [p.detach().clone() for p in toy_models.ToyPolicy(toy_models.ToyConfig(
-        action_dim=3, state_dim=2, image_size=[16, 16])).parameters()]
-    assert any(not torch.allclose(a, b) for a, b in zip(reference, start))   # the steps moved the weights
+    start = [
+        p.detach().clone()
+        for p in toy_models.ToyPolicy(toy_models.ToyConfig(action_dim=3, state_dim=2, image_size=[16, 16])).parameters()
+    ]
+    assert any(not torch.allclose(a, b) for a, b in zip(reference, start))  # the steps moved the weights
     for impl in ("foreach", "fused", "auto"):
         for a, b in zip(first_steps(impl), reference):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=impl)
@@ -125,11 +143,14 @@ def test_resume_may_change_the_kernel(data, tmp_path):
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.impl=fast", "'optim.impl': 'fast' is not one of"),
-    ("train.compile_mode=turbo", "'train.compile_mode': 'turbo' is not one of"),
-    ("train.compile=maybe", "'train.compile'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.impl=fast", "'optim.impl': 'fast' is not one of"),
+        ("train.compile_mode=turbo", "'train.compile_mode': 'turbo' is not one of"),
+        ("train.compile=maybe", "'train.compile'"),
+    ],
+)
 def test_bad_compile_and_kernel_values_are_one_line_errors(data, override, message):
     with pytest.raises(ConfigError, match=message):
         toy_cfg(data, override)

@@ -25,11 +25,31 @@ def data(tmp_path_factory):
 
 
 def torchrun(data, run, *overrides):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run), "--preset", "tiny",
-           "train.progress=false", "train.log_every=5", f"model.record_keys_to={run / 'seen'}", *overrides]
-    return subprocess.Popen(cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "wm_pipeline",
+        "train",
+        "toy",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "train.progress=false",
+        "train.log_every=5",
+        f"model.record_keys_to={run / 'seen'}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def seen(run, rank):
@@ -39,18 +59,19 @@ def seen(run, rank):
 
 def test_two_ranks_see_disjoint_data_and_stay_in_sync(data, tmp_path):
     run = tmp_path / "run"
-    proc = torchrun(data, run, "train.max_steps=20", "train.ckpt_every=10", "train.eval_every=10",
-                    "train.eval_batches=1")
+    proc = torchrun(
+        data, run, "train.max_steps=20", "train.ckpt_every=10", "train.eval_every=10", "train.eval_batches=1"
+    )
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     rows = [seen(run, 0), seen(run, 1)]
-    assert len(rows[0]) == len(rows[1]) == 20                 # every rank did every step
+    assert len(rows[0]) == len(rows[1]) == 20  # every rank did every step
     assert rows[0][0]["pid"] != rows[1][0]["pid"]
     episodes = [{k.split("@")[0] for r in rank_rows for k in r["keys"]} for rank_rows in rows]
     assert episodes[0] and episodes[1] and not episodes[0] & episodes[1], episodes
     # identical weights before every step: DDP averaged the gradients and both stepped alike
     assert [r["param_sum"] for r in rows[0]] == [r["param_sum"] for r in rows[1]]
-    assert len({r["param_sum"] for r in rows[0]}) == 20      # and they did change
+    assert len({r["param_sum"] for r in rows[0]}) == 20  # and they did change
     ck = checkpoint.step_dir(run, 20)
     assert (ck / "rng-rank00000.safetensors").is_file() and (ck / "rng-rank00001.safetensors").is_file()
     assert json.loads((ck / "trainer_state.json").read_text())["world_size"] == 2
@@ -58,7 +79,7 @@ def test_two_ranks_see_disjoint_data_and_stay_in_sync(data, tmp_path):
     assert out.count("step 20/20 |") == 1 and "samples/s" in out
     assert (run / "final" / "model.safetensors").is_file()
     evals = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [10, 20]   # eval of the EMA model, averaged over ranks
+    assert [r["step"] for r in evals] == [10, 20]  # eval of the EMA model, averaged over ranks
     final = load_file(str(ck / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in final.values())
 
@@ -70,7 +91,7 @@ def test_signal_to_one_rank_stops_all_and_resumes(data, tmp_path):
     while len(seen(run, 1)) < 3:
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
         time.sleep(0.05)
-    os.kill(seen(run, 1)[0]["pid"], signal.SIGUSR1)   # only rank 1 is told
+    os.kill(seen(run, 1)[0]["pid"], signal.SIGUSR1)  # only rank 1 is told
     out, _ = proc.communicate(timeout=120)
     # torchrun itself exits 1 when workers exit non-zero, and lists each worker's code
     assert proc.returncode == 1, out
@@ -78,7 +99,7 @@ def test_signal_to_one_rank_stops_all_and_resumes(data, tmp_path):
     found = checkpoint.complete_checkpoints(run)
     assert len(found) == 1, out
     step = found[0][0]
-    assert len(seen(run, 0)) == len(seen(run, 1)) == step   # both ranks stopped after the same step
+    assert len(seen(run, 0)) == len(seen(run, 1)) == step  # both ranks stopped after the same step
     assert "preempted by a signal on another rank" in out and "preempted by SIGUSR1" in out
     assert json.loads((run / "status.json").read_text())["state"] == "preempted"
 

@@ -23,10 +23,25 @@ def data(tmp_path_factory):
 
 
 def start(data, run, *overrides):
-    cmd = [sys.executable, "-m", "wm_pipeline", "train", "toy", "--data", str(data), "--out", str(run),
-           "--preset", "tiny", "train.progress=false", "train.log_every=10", *overrides]
-    return subprocess.Popen(cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "wm_pipeline",
+        "train",
+        "toy",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "train.progress=false",
+        "train.log_every=10",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, env=toy_models.plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc, timeout=60):
@@ -49,7 +64,7 @@ def weights(path):
 def test_resume_after_sigkill_matches_straight_run(data, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = (STEPS, "train.ckpt_every=20", "train.keep_last=10")
-    reference = start(data, straight, *args)   # runs beside the one we kill (saves wall time)
+    reference = start(data, straight, *args)  # runs beside the one we kill (saves wall time)
     proc = start(data, killed, *args)
     wait_for(lambda: checkpoint.latest_checkpoint(killed) is not None, proc)
     proc.send_signal(signal.SIGKILL)
@@ -70,8 +85,10 @@ def test_resume_after_sigkill_matches_straight_run(data, tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
     # an intermediate state matches too (the data segments after the resume point line up)
-    torch.testing.assert_close(weights(checkpoint.step_dir(straight, 100) / "model.safetensors"),
-                               weights(checkpoint.step_dir(killed, 100) / "model.safetensors"))
+    torch.testing.assert_close(
+        weights(checkpoint.step_dir(straight, 100) / "model.safetensors"),
+        weights(checkpoint.step_dir(killed, 100) / "model.safetensors"),
+    )
     # metrics.jsonl: rows the killed run logged after its checkpoint were replaced, not duplicated
     steps = [json.loads(r)["step"] for r in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(10, 121, 10))
@@ -84,7 +101,7 @@ def test_sigusr1_checkpoints_exits_75_and_rerun_finishes(data, tmp_path):
     wait_for(lambda: metrics.exists() and metrics.read_text().strip(), proc)
     proc.send_signal(signal.SIGUSR1)
     time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)   # a second signal while the checkpoint is being written
+    proc.send_signal(signal.SIGTERM)  # a second signal while the checkpoint is being written
     code, out = finish(proc)
     assert code == exit_codes.PREEMPTED == 75, out
     assert "preempted by SIGUSR1" in out

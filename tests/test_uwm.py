@@ -14,9 +14,22 @@ VARIANTS = ["uwm", "dust"]
 
 def toy_config(variant="uwm", **kw) -> WorldModelConfig:
     """16 px frames, 1 current + 1 future frame, 4-step chunks of a 2-dim action; window of 5 frames."""
-    base = dict(variant=variant, image_size=16, patch_size=4, n_obs=1, n_future=1, action_horizon=4, width=64,
-                depth=2, heads=2, registers=2, encoder_channels=[16, 32], action_steps=4, video_steps=4,
-                embodiments={"toy": embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}})})
+    base = dict(
+        variant=variant,
+        image_size=16,
+        patch_size=4,
+        n_obs=1,
+        n_future=1,
+        action_horizon=4,
+        width=64,
+        depth=2,
+        heads=2,
+        registers=2,
+        encoder_channels=[16, 32],
+        action_steps=4,
+        video_steps=4,
+        embodiments={"toy": embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}})},
+    )
     return WorldModelConfig(**{**base, **kw})
 
 
@@ -31,16 +44,25 @@ def action_dependent_batch(n: int, seed: int) -> dict:
     future[:, :, :8] = a[:, 0, None, None, None]
     future[:, :, 8:] = a[:, 1, None, None, None]
     frames[:, 4] = ((future + 1) * 127.5).round().to(torch.uint8)
-    return {"frames": frames, "action": a[:, None].expand(n, 5, 2).clone(), "action_mask": torch.ones(n, dtype=torch.bool),
-            "embodiment": ["toy"] * n, "task": [""] * n}
+    return {
+        "frames": frames,
+        "action": a[:, None].expand(n, 5, 2).clone(),
+        "action_mask": torch.ones(n, dtype=torch.bool),
+        "embodiment": ["toy"] * n,
+        "task": [""] * n,
+    }
 
 
 def random_batch(cfg: WorldModelConfig, n: int = 3, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     s, t = cfg.image_size, cfg.window
-    return {"frames": torch.randint(0, 256, (n, t, 3, s, s), generator=g, dtype=torch.uint8),
-            "action": torch.randn(n, t, 2, generator=g), "action_mask": torch.ones(n, dtype=torch.bool),
-            "embodiment": ["toy"] * n, "task": ["push"] * n}
+    return {
+        "frames": torch.randint(0, 256, (n, t, 3, s, s), generator=g, dtype=torch.uint8),
+        "action": torch.randn(n, t, 2, generator=g),
+        "action_mask": torch.ones(n, dtype=torch.bool),
+        "embodiment": ["toy"] * n,
+        "task": ["push"] * n,
+    }
 
 
 def subset(batch: dict, idx) -> dict:
@@ -49,8 +71,15 @@ def subset(batch: dict, idx) -> dict:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_mode_has_the_documented_shapes(variant):
-    cfg = toy_config(variant, n_obs=2, n_future=2, action_horizon=4, frame_gap=2, latent_action_dim=3,
-                     embodiments={"toy": embodiment_spec(action_dim=2, state_dim=5)})
+    cfg = toy_config(
+        variant,
+        n_obs=2,
+        n_future=2,
+        action_horizon=4,
+        frame_gap=2,
+        latent_action_dim=3,
+        embodiments={"toy": embodiment_spec(action_dim=2, state_dim=5)},
+    )
     model = WorldModel(cfg).eval()
     assert cfg.window == 2 + max(3, 4) and cfg.future_indices() == [3, 5]
     assert model.num_tokens == 4 + 2 * 16 + 2
@@ -103,7 +132,9 @@ def test_action_free_samples_contribute_exactly_zero_through_the_action_loss(var
 
     # with a latent-action sidecar, action-free samples train the "latent" embodiment instead
     model = WorldModel(dataclasses.replace(cfg, latent_action_dim=3))
-    out = model.losses({**free, "lam.latent": torch.randn(1, cfg.window, 3)}, generator=torch.Generator().manual_seed(0))
+    out = model.losses(
+        {**free, "lam.latent": torch.randn(1, cfg.window, 3)}, generator=torch.Generator().manual_seed(0)
+    )
     assert out["loss_action"] > 0 and out["action_fraction"].item() == 1.0
 
 
@@ -149,9 +180,17 @@ def test_bf16_autocast_trains_and_samples(variant):
     With robot state, as the Meta-World demos have it. Both losses must fall, and every mode must return
     float32 of the right shape."""
     torch.manual_seed(0)
-    spec = embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}, "state": {"mean": [0.0] * 3, "std": [1.0] * 3}})
-    cfg = toy_config(variant, p_marginal=0.0, video_target="residual", video_prediction="x0", video_context="last_frame",
-                     embodiments={"toy": spec})
+    spec = embodiment_spec(
+        {"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}, "state": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+    )
+    cfg = toy_config(
+        variant,
+        p_marginal=0.0,
+        video_target="residual",
+        video_prediction="x0",
+        video_context="last_frame",
+        embodiments={"toy": spec},
+    )
     model = WorldModel(cfg)
     batch = random_batch(cfg, n=8)
     batch.update(state=torch.randn(8, cfg.window, 3), state_mask=torch.ones(8, dtype=torch.bool))
@@ -161,10 +200,12 @@ def test_bf16_autocast_trains_and_samples(variant):
     obs, nxt = batch["frames"][:2, : cfg.n_obs], batch["frames"][:2, cfg.future_indices()]
     kw = {"state": batch["state"][:2, : cfg.n_obs]}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        samples = {"policy": model.sample_policy(obs, "toy", **kw),
-                   "inverse": model.sample_inverse_dynamics(obs, nxt, "toy"),
-                   "forward": model.sample_forward_dynamics(obs, batch["action"][:2, : cfg.action_horizon], "toy"),
-                   "video": model.sample_video(obs)}
+        samples = {
+            "policy": model.sample_policy(obs, "toy", **kw),
+            "inverse": model.sample_inverse_dynamics(obs, nxt, "toy"),
+            "forward": model.sample_forward_dynamics(obs, batch["action"][:2, : cfg.action_horizon], "toy"),
+            "video": model.sample_video(obs),
+        }
     for name, x in samples.items():
         assert x.dtype in (torch.float32, torch.uint8) and torch.isfinite(x.float()).all(), name
     assert samples["policy"].shape == (2, cfg.action_horizon, 2)
@@ -201,7 +242,9 @@ def test_p_inverse_pins_the_future_clean_and_leaves_it_unscored(variant):
 
 
 def test_without_state_the_model_reads_no_state():
-    spec = embodiment_spec({"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}, "state": {"mean": [0.0] * 3, "std": [1.0] * 3}})
+    spec = embodiment_spec(
+        {"action": {"mean": [0.0, 0.0], "std": [0.5, 0.5]}, "state": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+    )
     with_state = WorldModel(toy_config(embodiments={"toy": spec}))
     without = WorldModel(toy_config(embodiments={"toy": spec}, use_state=False))
     assert with_state.adapters["toy"].state_in is not None and with_state.config.embodiments["toy"]["state_dim"] == 3
@@ -209,14 +252,18 @@ def test_without_state_the_model_reads_no_state():
     obs = torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     s1, s2 = torch.randn(2, 1, 3), torch.randn(2, 1, 3)
-    with torch.no_grad():   # DiT's zero-initialised modulation and heads ignore the condition: perturb all
+    with torch.no_grad():  # DiT's zero-initialised modulation and heads ignore the condition: perturb all
         for model in (with_state, without):
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-    assert not torch.allclose(with_state.sample_policy(obs, "toy", state=s1, generator=g()),
-                              with_state.sample_policy(obs, "toy", state=s2, generator=g()))
-    torch.testing.assert_close(without.sample_policy(obs, "toy", state=s1, generator=g()),
-                               without.sample_policy(obs, "toy", state=s2, generator=g()))   # given anyway, not read
+    assert not torch.allclose(
+        with_state.sample_policy(obs, "toy", state=s1, generator=g()),
+        with_state.sample_policy(obs, "toy", state=s2, generator=g()),
+    )
+    torch.testing.assert_close(
+        without.sample_policy(obs, "toy", state=s1, generator=g()),
+        without.sample_policy(obs, "toy", state=s2, generator=g()),
+    )  # given anyway, not read
 
 
 def train(model: WorldModel, data: dict, steps: int, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> None:
@@ -262,7 +309,7 @@ def test_video_target_and_scale_set_where_sampling_starts(target, scale):
     pred = model.sample_forward_dynamics(obs, actions, "toy", generator=torch.Generator().manual_seed(0))
     last = obs.float() / 127.5 - 1
     centre = last if target == "residual" else torch.zeros_like(last)
-    noise = pred - centre      # clamped to [-1, 1] at the output: compare where the centre is mid-range
+    noise = pred - centre  # clamped to [-1, 1] at the output: compare where the centre is mid-range
     inside = (centre.abs() < 0.2).expand_as(noise)
     assert abs(noise[inside].mean().item()) < 0.03
     assert noise[inside].std().item() == pytest.approx(1 / scale, rel=0.15)
@@ -280,7 +327,7 @@ def test_x0_prediction_of_zero_residual_returns_the_last_frame_exactly(variant):
     obs = batch["frames"][:, :1]
     pred = model.sample_forward_dynamics(obs, batch["action"][:, :4], "toy", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(pred, (obs.float() / 127.5 - 1).expand_as(pred), atol=1e-5, rtol=0)
-    loss, metrics = model(batch)   # the video loss is the error of the clean target: finite and bounded
+    loss, metrics = model(batch)  # the video loss is the error of the clean target: finite and bounded
     assert 0 < metrics["loss_video"] < 10 and torch.isfinite(loss)
     with pytest.raises(ValueError, match="video_prediction"):
         toy_config(video_prediction="eps")
@@ -291,11 +338,11 @@ def test_x0_action_head_samples_its_output_and_learns(variant):
     """action_prediction="x0": the head's output is the clean chunk, so a head that outputs zero samples
     exactly the action mean whatever the noise; and the model still overfits a batch's actions."""
     cfg = toy_config(variant, action_prediction="x0", p_marginal=0.0)
-    model = WorldModel(cfg).eval()        # action_out starts at zero
+    model = WorldModel(cfg).eval()  # action_out starts at zero
     batch = random_batch(cfg, n=4, seed=4)
     obs = batch["frames"][:, :1]
     got = model.sample_policy(obs, "toy", generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-5, rtol=0)   # the toy embodiment's mean is 0
+    torch.testing.assert_close(got, torch.zeros_like(got), atol=1e-5, rtol=0)  # the toy embodiment's mean is 0
     torch.manual_seed(0)
     model = WorldModel(cfg)
     history = fit_one_batch(model, random_batch(cfg, n=8), 80)
@@ -315,12 +362,14 @@ def test_frame_context_shows_the_last_frame_to_the_video_tokens(variant):
         model = WorldModel(toy_config(variant, video_context=context)).eval()
         for p in model.obs_proj.parameters():
             torch.nn.init.zeros_(p)
-        for p in [*model.net.final_video.parameters(), *model.tokenizer.out.parameters()]:   # zero-initialised heads
+        for p in [*model.net.final_video.parameters(), *model.tokenizer.out.parameters()]:  # zero-initialised heads
             torch.nn.init.normal_(p, std=0.1)
         obs = torch.stack([torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 255.0)]).to(torch.uint8)
         act = torch.zeros(2, 4, 2)
-        out = [model.sample_forward_dynamics(obs[i : i + 1], act[:1], "toy", generator=torch.Generator().manual_seed(1))
-               for i in range(2)]
+        out = [
+            model.sample_forward_dynamics(obs[i : i + 1], act[:1], "toy", generator=torch.Generator().manual_seed(1))
+            for i in range(2)
+        ]
         preds[context] = (out[0] - out[1]).abs().max().item()
     assert preds["none"] < 1e-6
     assert preds["last_frame"] > 1e-3
@@ -342,7 +391,11 @@ def test_save_and_load_give_identical_samples(variant, tmp_path):
     a1, v1 = model.sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
     a2, v2 = loaded.sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
     assert torch.equal(a1, a2) and torch.equal(v1, v2)
-    a3, _ = WorldModel(cfg).eval().sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
+    a3, _ = (
+        WorldModel(cfg)
+        .eval()
+        .sample_joint(obs, "toy", task=["push", "reach"], generator=torch.Generator().manual_seed(3))
+    )
     assert not torch.equal(a1, a3)  # the comparison can fail: other weights give other samples
 
 
@@ -358,12 +411,17 @@ def test_a_folder_saved_before_the_network_split_loads(variant, tmp_path):
     cfg = toy_config(variant, video_context="last_frame", video_target="residual")
     torch.manual_seed(0)
     model = WorldModel(cfg).eval()
-    with torch.no_grad():   # non-zero heads, so a key that failed to load would show in the samples
+    with torch.no_grad():  # non-zero heads, so a key that failed to load would show in the samples
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     old = {k.removeprefix("net."): v.contiguous() for k, v in model.state_dict().items()}
-    assert {"null_action", "register_tokens", "context_embed.weight", "blocks.1.stream.adaln.weight"
-            if variant == "uwm" else "blocks.1.video.adaln.weight", "final_video.adaln.weight"} <= set(old)
+    assert {
+        "null_action",
+        "register_tokens",
+        "context_embed.weight",
+        "blocks.1.stream.adaln.weight" if variant == "uwm" else "blocks.1.video.adaln.weight",
+        "final_video.adaln.weight",
+    } <= set(old)
     model.save_pretrained(tmp_path / "final")
     config = json.loads((tmp_path / "final" / "config.json").read_text())
     assert config["_format_version"] == WorldModel.FORMAT_VERSION == 2
@@ -395,8 +453,11 @@ def test_task_conditioning_with_a_local_text_encoder(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     text_dir = tmp_path / "text"
     BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(text_dir)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(text_dir)
+    BertModel(
+        BertConfig(
+            vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    ).save_pretrained(text_dir)
     cfg = toy_config(text_encoder_path=str(text_dir))
     model = WorldModel(cfg)
     assert not any(k.startswith("_frozen") or "text_model" in k for k in model.state_dict())

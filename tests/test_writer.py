@@ -41,9 +41,19 @@ def moving_frames(n: int, h: int = 32, w: int = 32, phase: float = 0.0) -> np.nd
 
 def episode(i: int, n: int = 12, **kw) -> Episode:
     rng = np.random.default_rng(i)
-    args = dict(key=f"ep{i:03d}", frames={"corner": moving_frames(n, phase=i)}, fps=10.0, embodiment="sawyer",
-                task="reach-v3", instruction="reach the goal", action=rng.normal(size=(n, 4)).astype(np.float32),
-                state=rng.normal(size=(n, 6)).astype(np.float32), success=bool(i % 2), episode_index=i, seed=i)
+    args = dict(
+        key=f"ep{i:03d}",
+        frames={"corner": moving_frames(n, phase=i)},
+        fps=10.0,
+        embodiment="sawyer",
+        task="reach-v3",
+        instruction="reach the goal",
+        action=rng.normal(size=(n, 4)).astype(np.float32),
+        state=rng.normal(size=(n, 6)).astype(np.float32),
+        success=bool(i % 2),
+        episode_index=i,
+        seed=i,
+    )
     args.update(kw)
     return Episode(**args)
 
@@ -58,7 +68,7 @@ def mixed_episodes(i: int):
     if i == 3:
         raise RuntimeError("cannot open input 3")
     if i == 4:
-        yield episode(i, action=np.zeros((12, 3), np.float32))     # action dim conflict
+        yield episode(i, action=np.zeros((12, 3), np.float32))  # action dim conflict
         return
     if i == 6:
         yield episode(i, frames={"corner": moving_frames(12, 16, 16)})  # resolution conflict
@@ -76,11 +86,15 @@ def read_tar(path: Path) -> dict[str, bytes]:
 def decode(data: bytes) -> tuple[np.ndarray, list[int], list[bool]]:
     with av.open(io.BytesIO(data)) as c:
         frames = list(c.decode(video=0))
-    return (np.stack([f.to_ndarray(format="rgb24") for f in frames]), [f.pts for f in frames],
-            [f.key_frame for f in frames])
+    return (
+        np.stack([f.to_ndarray(format="rgb24") for f in frames]),
+        [f.pts for f in frames],
+        [f.key_frame for f in frames],
+    )
 
 
 # ---------------------------------------------------------------- encode
+
 
 def test_encode_is_deterministic_with_short_gop_and_rejects_odd_sizes():
     frames = moving_frames(20)
@@ -99,6 +113,7 @@ def test_encode_is_deterministic_with_short_gop_and_rejects_odd_sizes():
 
 # ---------------------------------------------------------------- round trip
 
+
 def test_round_trip_action_state_bit_exact_and_video_close(tmp_path):
     result = run_sharded_job(tmp_path, [0, 1, 2], good_episodes, samples_per_shard=2, workers=1, created_by="test")
     assert result.exit_code == 0 and result.ok and result.failures == []
@@ -110,13 +125,23 @@ def test_round_trip_action_state_bit_exact_and_video_close(tmp_path):
     for i in range(3):
         ep, key = episode(i), f"ep{i:03d}"
         assert sorted(n for n in members if n.startswith(key)) == [
-            f"{key}.action.npy", f"{key}.corner.mp4", f"{key}.meta.json", f"{key}.state.npy"]
+            f"{key}.action.npy",
+            f"{key}.corner.mp4",
+            f"{key}.meta.json",
+            f"{key}.state.npy",
+        ]
         action = np.load(io.BytesIO(members[f"{key}.action.npy"]))
         state = np.load(io.BytesIO(members[f"{key}.state.npy"]))
         assert action.dtype == np.float32 and np.array_equal(action, ep.action)
         assert np.array_equal(state, ep.state)
         meta = json.loads(members[f"{key}.meta.json"])
-        assert (meta["n_frames"], meta["height"], meta["width"], meta["action_dim"], meta["state_dim"]) == (12, 32, 32, 4, 6)
+        assert (meta["n_frames"], meta["height"], meta["width"], meta["action_dim"], meta["state_dim"]) == (
+            12,
+            32,
+            32,
+            4,
+            6,
+        )
         assert meta["success"] == bool(i % 2) and meta["source"] == str(i) and meta["cameras"] == ["corner"]
         frames, pts, _ = decode(members[f"{key}.corner.mp4"])
         assert frames.shape == (12, 32, 32, 3) and pts == list(range(12))
@@ -134,6 +159,7 @@ def test_round_trip_action_state_bit_exact_and_video_close(tmp_path):
 
 # ---------------------------------------------------------------- determinism
 
+
 def test_bytes_identical_for_one_and_two_workers(tmp_path):
     outs = []
     for workers in (1, 2):
@@ -150,6 +176,7 @@ def test_bytes_identical_for_one_and_two_workers(tmp_path):
 
 
 # ---------------------------------------------------------------- bad inputs
+
 
 def bad_episodes(case: str):
     n = 10
@@ -179,11 +206,21 @@ def bad_episodes(case: str):
 
 
 BAD = {
-    "zero_frames": "zero frames", "float_frames": "uint8", "gray_frames": "[T, H, W, 3]",
-    "camera_lengths": "cameras differ", "action_length": "action has 8 rows", "state_length": "state has 11 rows",
-    "action_nan": "NaN/inf (first at row 5)", "state_inf": "state holds NaN/inf", "action_dims": "action dim 7 differs",
-    "state_dims": "state dim 2 differs", "resolution": "resolution 16x24 differs", "odd_size": "even",
-    "bad_key": "keys may only", "duplicate": "duplicate key", "raises": "input file is truncated",
+    "zero_frames": "zero frames",
+    "float_frames": "uint8",
+    "gray_frames": "[T, H, W, 3]",
+    "camera_lengths": "cameras differ",
+    "action_length": "action has 8 rows",
+    "state_length": "state has 11 rows",
+    "action_nan": "NaN/inf (first at row 5)",
+    "state_inf": "state holds NaN/inf",
+    "action_dims": "action dim 7 differs",
+    "state_dims": "state dim 2 differs",
+    "resolution": "resolution 16x24 differs",
+    "odd_size": "even",
+    "bad_key": "keys may only",
+    "duplicate": "duplicate key",
+    "raises": "input file is truncated",
 }
 
 
@@ -237,8 +274,13 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     script.write_text(textwrap.dedent(JOB.format(tests=str(Path(__file__).parent))))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     env = {**os.environ, "DELAY": "0.4"}
-    proc = subprocess.Popen([sys.executable, str(script), str(killed)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(killed)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while len(list(killed.glob("*.stats.json"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -255,7 +297,9 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
     assert subprocess.run([sys.executable, str(script), str(killed)], env=env, cwd=ROOT).returncode == 0
     assert subprocess.run([sys.executable, str(script), str(clean)], env=env, cwd=ROOT).returncode == 0
     names = sorted(p.name for p in clean.iterdir())
-    assert sorted(p.name for p in killed.iterdir()) == names and len(names) == 19   # 8 tars + 8 stats, manifest, failures, README
+    assert (
+        sorted(p.name for p in killed.iterdir()) == names and len(names) == 19
+    )  # 8 tars + 8 stats, manifest, failures, README
     for name in names:
         if name.endswith(".tar"):
             a, b = read_tar(killed / name), read_tar(clean / name)

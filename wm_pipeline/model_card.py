@@ -48,8 +48,8 @@ LIBRARY = "wm-pipeline"
 CARD_MARK = "<!-- model card written by wm-pipeline (wm_pipeline.model_card) -->"
 EVAL_BEGIN = "<!-- closed-loop evaluation: this part is rewritten by `wm eval` -->"
 EVAL_END = "<!-- end of the closed-loop evaluation -->"
-HUB_GENERIC_TAG = "model_hub_mixin"   # huggingface_hub's generic save_pretrained card carries this tag
-LOCK = ".card.lock"   # held while `wm eval` updates the card (evals of one run side by side)
+HUB_GENERIC_TAG = "model_hub_mixin"  # huggingface_hub's generic save_pretrained card carries this tag
+LOCK = ".card.lock"  # held while `wm eval` updates the card (evals of one run side by side)
 LOCK_WAIT_S = 30.0
 UNKNOWN = "unknown"
 # metrics.jsonl fields that measure the machine, not the model (and differ between identical runs)
@@ -57,13 +57,16 @@ WALL_CLOCK = {"step", "time", "steps_per_s", "samples_per_s", "data_s"}
 TASK_TYPE = "robotics"
 SOURCE = "wm eval"
 # (results.json aggregated field, model-index metric type, metric name), in card order
-EVAL_METRICS = (("pc_success", "pc_success", "success rate (%)"),
-                ("avg_max_reward", "avg_max_reward", "mean of the episodes' max reward"),
-                ("mean_length", "mean_episode_length", "mean episode length (actions)"))
+EVAL_METRICS = (
+    ("pc_success", "pc_success", "success rate (%)"),
+    ("avg_max_reward", "avg_max_reward", "mean of the episodes' max reward"),
+    ("mean_length", "mean_episode_length", "mean episode length (actions)"),
+)
 SHOWN_TASKS = 20
 
 
 # ---------------------------------------------------------------- reading the run, never failing
+
 
 def _num(v: Any) -> str:
     """A number as the card writes it: 6 significant digits; ints with thousands separators."""
@@ -149,7 +152,7 @@ def _read_manifests(paths: Sequence[str]) -> list[tuple[str, dict[str, Any] | No
     for p in paths:
         try:
             out.append((p, read_manifest(p), ""))
-        except Exception as e:   # a card never fails the run: say why the data is unknown
+        except Exception as e:  # a card never fails the run: say why the data is unknown
             out.append((p, None, " ".join(str(e).split())[:200] or type(e).__name__))
     return out
 
@@ -167,6 +170,7 @@ def _count_stored(folder: Path) -> int | None:
 
 # ---------------------------------------------------------------- the sections
 
+
 def _kv_table(rows: Iterable[tuple[str, str]]) -> list[str]:
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 
@@ -181,20 +185,27 @@ def _model_section(config: dict, config_note: str, run_cfg: dict, model: Any, fo
         counted = f"{params:,}"
     else:
         stored = _count_stored(folder)
-        counted = f"{stored:,} (tensor elements in {WEIGHTS})" if stored is not None else f"{UNKNOWN} ({WEIGHTS} unreadable)"
+        counted = (
+            f"{stored:,} (tensor elements in {WEIGHTS})" if stored is not None else f"{UNKNOWN} ({WEIGHTS} unreadable)"
+        )
     name = run_cfg.get("model_name") or UNKNOWN
     recipe = recipe_of(run_cfg) if run_cfg else ""
     ema = run_cfg.get("ema") or {}
     init = run_cfg.get("init")
-    rows = [("class", _code(cls) if cls else f"{UNKNOWN} ({config_note or 'config.json names no _class'})"),
-            ("format version", str(version) if version is not None else f"{UNKNOWN} (config.json records none)"),
-            ("model", f"`wm train {name}`" if run_cfg else f"{UNKNOWN} (no run_config.yaml)"),
-            ("recipe", _code(recipe) if recipe else "- (the model's only one)"),
-            ("preset", _code(run_cfg["preset"]) if run_cfg.get("preset") else UNKNOWN),
-            ("parameters", counted),
-            ("initialised from", _code(init) if init else "nothing (trained from scratch)"),
-            ("weights", f"`{WEIGHTS}` + `{MODEL_CONFIG}`: the EMA of the trained weights"
-                        + (f" (decay {_num(ema['decay'])})" if "decay" in ema else ""))]
+    rows = [
+        ("class", _code(cls) if cls else f"{UNKNOWN} ({config_note or 'config.json names no _class'})"),
+        ("format version", str(version) if version is not None else f"{UNKNOWN} (config.json records none)"),
+        ("model", f"`wm train {name}`" if run_cfg else f"{UNKNOWN} (no run_config.yaml)"),
+        ("recipe", _code(recipe) if recipe else "- (the model's only one)"),
+        ("preset", _code(run_cfg["preset"]) if run_cfg.get("preset") else UNKNOWN),
+        ("parameters", counted),
+        ("initialised from", _code(init) if init else "nothing (trained from scratch)"),
+        (
+            "weights",
+            f"`{WEIGHTS}` + `{MODEL_CONFIG}`: the EMA of the trained weights"
+            + (f" (decay {_num(ema['decay'])})" if "decay" in ema else ""),
+        ),
+    ]
     return ["## Model", "", *_kv_table(rows), ""]
 
 
@@ -211,17 +222,23 @@ def _data_section(run_cfg: dict, manifests: list[tuple[str, dict | None, str]]) 
             continue
         totals = m.get("totals") or {}
         res = m.get("resolution")
-        out.append(f"| `{shown_location(path)}` | {_num(totals.get('samples', UNKNOWN))} | "
-                   f"{_num(totals.get('frames', UNKNOWN))} | {f'{res[0]}x{res[1]}' if res else UNKNOWN} | "
-                   f"{', '.join(m.get('cameras') or []) or '-'} |")
+        out.append(
+            f"| `{shown_location(path)}` | {_num(totals.get('samples', UNKNOWN))} | "
+            f"{_num(totals.get('frames', UNKNOWN))} | {f'{res[0]}x{res[1]}' if res else UNKNOWN} | "
+            f"{', '.join(m.get('cameras') or []) or '-'} |"
+        )
     out.append("")
     embodiments = [(name, path, e) for path, m, _ in manifests if m for name, e in sorted(m["embodiments"].items())]
     if embodiments:
-        out += ["| embodiment | data | episodes | frames | fps | action dim | state dim |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {name} | `{shown_location(path)}` | {_num(e.get('samples', 0))} | {_num(e.get('frames', 0))} | "
-                f"{_num(e.get('fps', 0))} | {e.get('action_dim', 0)} | {e.get('state_dim', 0)} |"
-                for name, path, e in embodiments]
+        out += [
+            "| embodiment | data | episodes | frames | fps | action dim | state dim |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {name} | `{shown_location(path)}` | {_num(e.get('samples', 0))} | {_num(e.get('frames', 0))} | "
+            f"{_num(e.get('fps', 0))} | {e.get('action_dim', 0)} | {e.get('state_dim', 0)} |"
+            for name, path, e in embodiments
+        ]
         out.append("")
     tasks: dict[str, int] = {}
     for _, m, _ in manifests:
@@ -235,8 +252,10 @@ def _data_section(run_cfg: dict, manifests: list[tuple[str, dict | None, str]]) 
     elif any(m for _, m, _ in manifests):
         out += ["Tasks: none named in the data.", ""]
     d = run_cfg.get("data") or {}
-    parts = [f"windows of {d.get('window', UNKNOWN)} frames (stride {d.get('stride', UNKNOWN)})",
-             f"camera {_code(d['camera']) if d.get('camera') else 'the first of the data'}"]
+    parts = [
+        f"windows of {d.get('window', UNKNOWN)} frames (stride {d.get('stride', UNKNOWN)})",
+        f"camera {_code(d['camera']) if d.get('camera') else 'the first of the data'}",
+    ]
     if d.get("resize"):
         parts.append(f"resized to {d['resize'][0]}x{d['resize'][1]}")
     if d.get("labels"):
@@ -261,8 +280,9 @@ def _short(v: Any) -> str:
     return "-" if v is None or v == "" else str(v)
 
 
-def _training_section(run_cfg: dict, config: dict, config_note: str, step: int | None, world_size: int | None,
-                      rows: list[dict]) -> list[str]:
+def _training_section(
+    run_cfg: dict, config: dict, config_note: str, step: int | None, world_size: int | None, rows: list[dict]
+) -> list[str]:
     out = ["## Training", ""]
     if run_cfg:
         d, o, t, e = (run_cfg.get(k) or {} for k in ("data", "optim", "train", "ema"))
@@ -271,17 +291,33 @@ def _training_section(run_cfg: dict, config: dict, config_note: str, step: int |
         accum = o.get("grad_accum", 1)
         ranks = f"{world_size} rank(s)" if world_size else "ranks: unknown"
         per_step = f" = {batch * accum * world_size} windows per step" if world_size and isinstance(batch, int) else ""
-        table = [("steps", f"{_num(done) if done is not None else UNKNOWN} (train.max_steps {_num(t.get('max_steps', UNKNOWN))})"),
-                 ("batch", f"{batch} windows per rank x {accum} accumulated x {ranks}{per_step}"),
-                 ("learning rate", f"{_num(o.get('lr', UNKNOWN))}, AdamW betas {o.get('betas', UNKNOWN)}, weight decay "
-                                   f"{_num(o.get('weight_decay', UNKNOWN))}"),
-                 ("schedule", f"linear warm-up {o.get('warmup_steps', UNKNOWN)} steps, cosine to "
-                              f"{_num(o.get('min_lr_ratio', UNKNOWN))} x lr; grad clip {_num(o.get('grad_clip', UNKNOWN))}"),
-                 ("EMA", f"decay {_num(e.get('decay', UNKNOWN))}" + (" with warm-up" if e.get("warmup") else "")),
-                 ("seed", str(t.get("seed", UNKNOWN))),
-                 ("precision", str(t.get("precision", UNKNOWN)))]
-        out += [*_kv_table(table), "", "The whole run config is `run_config.yaml` beside the weights "
-                "(`wm train ... --config run_config.yaml` trains it again).", ""]
+        table = [
+            (
+                "steps",
+                f"{_num(done) if done is not None else UNKNOWN} (train.max_steps {_num(t.get('max_steps', UNKNOWN))})",
+            ),
+            ("batch", f"{batch} windows per rank x {accum} accumulated x {ranks}{per_step}"),
+            (
+                "learning rate",
+                f"{_num(o.get('lr', UNKNOWN))}, AdamW betas {o.get('betas', UNKNOWN)}, weight decay "
+                f"{_num(o.get('weight_decay', UNKNOWN))}",
+            ),
+            (
+                "schedule",
+                f"linear warm-up {o.get('warmup_steps', UNKNOWN)} steps, cosine to "
+                f"{_num(o.get('min_lr_ratio', UNKNOWN))} x lr; grad clip {_num(o.get('grad_clip', UNKNOWN))}",
+            ),
+            ("EMA", f"decay {_num(e.get('decay', UNKNOWN))}" + (" with warm-up" if e.get("warmup") else "")),
+            ("seed", str(t.get("seed", UNKNOWN))),
+            ("precision", str(t.get("precision", UNKNOWN))),
+        ]
+        out += [
+            *_kv_table(table),
+            "",
+            "The whole run config is `run_config.yaml` beside the weights "
+            "(`wm train ... --config run_config.yaml` trains it again).",
+            "",
+        ]
     else:
         out += [f"{UNKNOWN}: no run_config.yaml beside the weights.", ""]
     fields = {k: v for k, v in sorted(config.items()) if not k.startswith("_")}
@@ -305,19 +341,30 @@ def _metrics_section(rows: list[dict], why: str) -> list[str]:
         first, last = train[0], train[-1]
         table.append(f"| train loss (first logged) | {first['step']} | {_num(first['loss'])} |")
         table.append(f"| train loss (last logged) | {last['step']} | {_num(last['loss'])} |")
-        table += [f"| train {k} | {last['step']} | {_num(v)} |" for k, v in sorted(last.items())
-                  if k not in WALL_CLOCK and k != "loss" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        table += [
+            f"| train {k} | {last['step']} | {_num(v)} |"
+            for k, v in sorted(last.items())
+            if k not in WALL_CLOCK and k != "loss" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
     if evals:
         last = evals[-1]
-        table += [f"| {k} | {last['step']} | {_num(v)} |" for k, v in sorted(last.items())
-                  if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        table += [
+            f"| {k} | {last['step']} | {_num(v)} |"
+            for k, v in sorted(last.items())
+            if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
     notes = []
     if not train:
         notes.append(f"train loss: {UNKNOWN} (no train row in metrics.jsonl)")
     if not evals:
         notes.append("eval: none logged (train.eval_every 0, or the run ended before the first eval)")
-    out += [f"From `{METRICS}` of the run ({len(rows)} rows; train rows are means over the `train.log_every` "
-            "steps before them, eval rows the EMA model on fixed batches).", "", *table, ""]
+    out += [
+        f"From `{METRICS}` of the run ({len(rows)} rows; train rows are means over the `train.log_every` "
+        "steps before them, eval rows the EMA model on fixed batches).",
+        "",
+        *table,
+        "",
+    ]
     return out + ([("; ".join(notes)).capitalize() + ".", ""] if notes else [])
 
 
@@ -332,7 +379,7 @@ def _run_of(location: str) -> str:
 
 
 def _eval_command(run: str, config: dict, tasks: list[str]) -> str:
-    size = config.get("image_size")   # [H, W] (decoder) or one side (world model)
+    size = config.get("image_size")  # [H, W] (decoder) or one side (world model)
     size = size[0] if isinstance(size, list) and len(size) == 2 and size[0] == size[1] else size
     res = f" --resolution {size}" if isinstance(size, int) and not isinstance(size, bool) else ""
     shown = ",".join(tasks[:3]) if tasks else "TASKS"
@@ -350,8 +397,10 @@ def _eval_section(results: list[EvalResult], policy: bool | None, command: str) 
     by_task: dict[tuple[str, str], dict[str, EvalResult]] = {}
     for r in results:
         by_task.setdefault((r.dataset_type, r.dataset_config or ""), {})[r.metric_type] = r
-    out += ["| env | task | success | episodes | seed | max steps | resolution | mean length | results |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "| env | task | success | episodes | seed | max steps | resolution | mean length | results |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     rates = []
     for (env, task), metrics in sorted(by_task.items()):
         any_r = next(iter(metrics.values()))
@@ -365,14 +414,19 @@ def _eval_section(results: list[EvalResult], policy: bool | None, command: str) 
         else:
             success = UNKNOWN
         length = metrics.get("mean_episode_length")
-        out.append(f"| {env} | `{task}` | {success} | {n if n is not None else UNKNOWN} | "
-                   f"{args.get('seed', UNKNOWN)} | {args.get('max_steps', UNKNOWN)} | {args.get('resolution', UNKNOWN)} | "
-                   f"{_num(length.metric_value) if length else UNKNOWN} | {any_r.source_url or UNKNOWN} |")
+        out.append(
+            f"| {env} | `{task}` | {success} | {n if n is not None else UNKNOWN} | "
+            f"{args.get('seed', UNKNOWN)} | {args.get('max_steps', UNKNOWN)} | {args.get('resolution', UNKNOWN)} | "
+            f"{_num(length.metric_value) if length else UNKNOWN} | {any_r.source_url or UNKNOWN} |"
+        )
     out.append("")
     if len(rates) > 1:
         out += [f"Mean success over the {len(rates)} tasks: {sum(rates) / len(rates):.1f} %.", ""]
-    out += ["Episode i of a task uses seed `seed + 100000 + i` (never a `wm collect --seed seed` demo layout); "
-            "the newest `wm eval` of a task replaces the older row.", ""]
+    out += [
+        "Episode i of a task uses seed `seed + 100000 + i` (never a `wm collect --seed seed` demo layout); "
+        "the newest `wm eval` of a task replaces the older row.",
+        "",
+    ]
     return out + [EVAL_END, ""]
 
 
@@ -381,21 +435,33 @@ def _use_section(cls: str | None, location: str, spec: Any, config: dict, tasks:
     out = ["## Use", ""]
     if cls and "." in cls:
         module, name = cls.rsplit(".", 1)
-        out += ["```python", f"from {module} import {name}", "",
-                f"model = {name}.from_pretrained({str(location)!r})   # {MODEL_CONFIG} + {WEIGHTS}, eval mode",
-                'print(f"{sum(p.numel() for p in model.parameters()):,} parameters")', "```", ""]
+        out += [
+            "```python",
+            f"from {module} import {name}",
+            "",
+            f"model = {name}.from_pretrained({str(location)!r})   # {MODEL_CONFIG} + {WEIGHTS}, eval mode",
+            'print(f"{sum(p.numel() for p in model.parameters()):,} parameters")',
+            "```",
+            "",
+        ]
     else:
         out += [f"Loading in Python: {UNKNOWN} (config.json names no class).", ""]
     commands = []
     if spec is None or spec.load_policy is not None:
         commands.append((_eval_command(run, config, tasks), "closed-loop success in the simulator"))
     if spec is not None and spec.labeller is not None:
-        commands += [(f"wm label --labeller {run} --data VIDEO_DATA", "label a corpus (sidecar shards)"),
-                     (f"wm probe --labeller {run} --data HELD_OUT_DATA", "score the labels against true actions")]
+        commands += [
+            (f"wm label --labeller {run} --data VIDEO_DATA", "label a corpus (sidecar shards)"),
+            (f"wm probe --labeller {run} --data HELD_OUT_DATA", "score the labels against true actions"),
+        ]
     name = getattr(spec, "name", None)
     if name == "worldmodel":
-        commands.append((f"wm worldmodel eval --model {run} --data HELD_OUT_DATA", "offline forward / inverse / video "
-                                                                                   "error on held-out episodes"))
+        commands.append(
+            (
+                f"wm worldmodel eval --model {run} --data HELD_OUT_DATA",
+                "offline forward / inverse / video error on held-out episodes",
+            )
+        )
     if name == "decoder":
         commands.append((f"wm probe --encoder {run} --data HELD_OUT_DATA", "what the image encoder places"))
     if commands:
@@ -407,19 +473,33 @@ def _use_section(cls: str | None, location: str, spec: Any, config: dict, tasks:
 
 # ---------------------------------------------------------------- the card
 
+
 def _card_data(run_cfg: dict, model_name: str, manifests: list) -> ModelCardData:
     """The front matter of a new card (``wm eval`` adds ``eval_results`` to it later)."""
     name = run_cfg.get("model_name")
     recipe = recipe_of(run_cfg) if run_cfg else ""
     tags = ["robotics", LIBRARY] + ([name] if name else []) + ([f"{name}-{recipe}"] if name and recipe else [])
     datasets = sorted({d for p, _, _ in manifests if (d := hub_dataset_id(p))})
-    return ModelCardData(library_name=LIBRARY, license=_license(), pipeline_tag=TASK_TYPE, tags=tags,
-                         datasets=datasets or None, model_name=model_name)
+    return ModelCardData(
+        library_name=LIBRARY,
+        license=_license(),
+        pipeline_tag=TASK_TYPE,
+        tags=tags,
+        datasets=datasets or None,
+        model_name=model_name,
+    )
 
 
-def model_card(folder: str | Path, *, run_dir: str | Path | None = None, location: str | Path | None = None,
-               spec: Any = None, model: Any = None, step: int | None = None,
-               world_size: int | None = None) -> ModelCard:
+def model_card(
+    folder: str | Path,
+    *,
+    run_dir: str | Path | None = None,
+    location: str | Path | None = None,
+    spec: Any = None,
+    model: Any = None,
+    step: int | None = None,
+    world_size: int | None = None,
+) -> ModelCard:
     """The card of the model folder ``folder`` (config.json + model.safetensors [+ run_config.yaml]).
 
     ``run_dir``: where ``metrics.jsonl`` is (default ``folder``'s parent when it is a run folder);
@@ -435,29 +515,44 @@ def model_card(folder: str | Path, *, run_dir: str | Path | None = None, locatio
     config, config_note = _read_json(folder / MODEL_CONFIG)
     try:
         run_cfg = run_config_of(folder)
-    except Exception as e:   # a garbled run_config.yaml: said in the card
+    except Exception as e:  # a garbled run_config.yaml: said in the card
         log.warning("%s: unreadable (%s); the model card says so", folder / "run_config.yaml", e)
         run_cfg = {}
     data = run_cfg.get("data") or {}
     manifests = _read_manifests([str(p) for p in data.get("paths") or []])
-    rows, why = read_metrics(Path(run_dir) / METRICS) if run_dir is not None else ([], "no run folder beside the weights")
+    rows, why = (
+        read_metrics(Path(run_dir) / METRICS) if run_dir is not None else ([], "no run folder beside the weights")
+    )
     location = str(location if location is not None else folder)
     run_name = Path(_run_of(location)).name or folder.name
-    cls = config.get("_class") or (f"{type(model).__module__}.{type(model).__qualname__}" if model is not None else None)
+    cls = config.get("_class") or (
+        f"{type(model).__module__}.{type(model).__qualname__}" if model is not None else None
+    )
     tasks = [t for t in config.get("tasks") or [] if isinstance(t, str)] or sorted(
-        {t for _, m, _ in manifests for t in ((m or {}).get("tasks") or {}) if t})
+        {t for _, m, _ in manifests for t in ((m or {}).get("tasks") or {}) if t}
+    )
     kind = run_cfg.get("model_name") or "model"
     recipe = recipe_of(run_cfg) if run_cfg else ""
-    made = (f"A {_code(kind)} model{f' (recipe {_code(recipe)})' if recipe else ''} trained by wm-pipeline "
-            f"{_version()} with `wm train`." if run_cfg else
-            f"A model saved with `save_pretrained`, outside a `wm train` run (card by wm-pipeline {_version()}).")
-    body = [CARD_MARK, "", f"# {kind} `{run_name}`", "", made, "",
-            *_model_section(config, config_note, run_cfg, model, folder),
-            *_data_section(run_cfg, manifests),
-            *_training_section(run_cfg, config, config_note, step, world_size, rows),
-            *_metrics_section(rows, why),
-            *_eval_section([], _is_policy(spec), _eval_command(_run_of(location), config, tasks)),
-            *_use_section(cls, location, spec, config, tasks)]
+    made = (
+        f"A {_code(kind)} model{f' (recipe {_code(recipe)})' if recipe else ''} trained by wm-pipeline "
+        f"{_version()} with `wm train`."
+        if run_cfg
+        else f"A model saved with `save_pretrained`, outside a `wm train` run (card by wm-pipeline {_version()})."
+    )
+    body = [
+        CARD_MARK,
+        "",
+        f"# {kind} `{run_name}`",
+        "",
+        made,
+        "",
+        *_model_section(config, config_note, run_cfg, model, folder),
+        *_data_section(run_cfg, manifests),
+        *_training_section(run_cfg, config, config_note, step, world_size, rows),
+        *_metrics_section(rows, why),
+        *_eval_section([], _is_policy(spec), _eval_command(_run_of(location), config, tasks)),
+        *_use_section(cls, location, spec, config, tasks),
+    ]
     return ModelCard(f"---\n{_card_data(run_cfg, run_name, manifests).to_yaml()}\n---\n" + "\n".join(body))
 
 
@@ -487,13 +582,18 @@ def write_model_card(folder: str | Path, **kw: Any) -> Path | None:
 
 # ---------------------------------------------------------------- `wm eval`
 
+
 def eval_results(results: dict[str, Any], results_path: str | Path) -> list[EvalResult]:
     """``results.json`` of ``wm eval`` as model-index results: per task its success rate (LeRobot's
     ``pc_success``), mean max reward and mean episode length, with the eval's settings as dataset args."""
     env = str(results.get("env") or UNKNOWN)
-    args = {"episodes": results.get("episodes_per_task"), "seed": results.get("seed"),
-            "max_steps": results.get("max_steps"), "resolution": results.get("resolution"),
-            "camera": results.get("camera")}
+    args = {
+        "episodes": results.get("episodes_per_task"),
+        "seed": results.get("seed"),
+        "max_steps": results.get("max_steps"),
+        "resolution": results.get("resolution"),
+        "camera": results.get("camera"),
+    }
     args = {k: v for k, v in args.items() if v is not None}
     url = Path(results_path).resolve().as_uri()
     out = []
@@ -503,10 +603,21 @@ def eval_results(results: dict[str, Any], results_path: str | Path) -> list[Eval
         agg["mean_length"] = r.get("mean_length")
         for field, metric, name in EVAL_METRICS:
             if isinstance(agg.get(field), (int, float)):
-                out.append(EvalResult(task_type=TASK_TYPE, task_name="closed-loop control", dataset_type=env,
-                                      dataset_name=f"{env} {task}", dataset_config=task, dataset_args=dict(args),
-                                      metric_type=metric, metric_name=name, metric_value=float(agg[field]),
-                                      source_name=SOURCE, source_url=url))
+                out.append(
+                    EvalResult(
+                        task_type=TASK_TYPE,
+                        task_name="closed-loop control",
+                        dataset_type=env,
+                        dataset_name=f"{env} {task}",
+                        dataset_config=task,
+                        dataset_args=dict(args),
+                        metric_type=metric,
+                        metric_name=name,
+                        metric_value=float(agg[field]),
+                        source_name=SOURCE,
+                        source_url=url,
+                    )
+                )
     return out
 
 
@@ -516,16 +627,18 @@ def merge_eval_results(old: list[EvalResult], new: list[EvalResult]) -> list[Eva
     fresh = {(r.dataset_type, r.dataset_config) for r in new}
     kept = [r for r in old if (r.dataset_type, r.dataset_config) not in fresh]
     order = {metric: i for i, (_, metric, _) in enumerate(EVAL_METRICS)}
-    return sorted(kept + new, key=lambda r: (r.dataset_type, r.dataset_config or "",
-                                             order.get(r.metric_type, len(order)), r.metric_type))
+    return sorted(
+        kept + new,
+        key=lambda r: (r.dataset_type, r.dataset_config or "", order.get(r.metric_type, len(order)), r.metric_type),
+    )
 
 
 def _replace_eval_section(text: str, section: list[str]) -> str | None:
     begin, end = text.find(EVAL_BEGIN), text.find(EVAL_END)
     if begin < 0 or end < begin:
         return None
-    inner = section[section.index(EVAL_BEGIN):section.index(EVAL_END) + 1]
-    return text[:begin] + "\n".join(inner) + text[end + len(EVAL_END):]
+    inner = section[section.index(EVAL_BEGIN) : section.index(EVAL_END) + 1]
+    return text[:begin] + "\n".join(inner) + text[end + len(EVAL_END) :]
 
 
 def _replaceable(path: Path) -> bool:
@@ -551,13 +664,13 @@ def record_closed_loop_eval(policy: str | Path, results: dict[str, Any], results
     try:
         folder = weights_folder(policy)
     except UsageError:
-        return None   # e.g. a plugin's policy spec that is no folder
+        return None  # e.g. a plugin's policy spec that is no folder
     path = folder / CARD
     try:
         with FolderLock(folder, LOCK, what=f"the model card {path}", wait=LOCK_WAIT_S):
             if _replaceable(path):
                 write_model_card(folder)
-            if not path.is_file():   # write_model_card said why
+            if not path.is_file():  # write_model_card said why
                 return None
             card = ModelCard.load(path)
             if CARD_MARK not in card.text:
@@ -566,19 +679,24 @@ def record_closed_loop_eval(policy: str | Path, results: dict[str, Any], results
             merged = merge_eval_results(card.data.eval_results or [], eval_results(results, results_path))
             text = _replace_eval_section(card.text, _eval_section(merged, True, ""))
             if text is None:
-                log.warning("%s: no closed-loop evaluation section (its marker comments were removed); "
-                            "not updated", path)
+                log.warning(
+                    "%s: no closed-loop evaluation section (its marker comments were removed); not updated", path
+                )
                 return None
             card.data.model_name = card.data.model_name or Path(_run_of(str(folder))).name
             card.data.eval_results = merged
             card.text = text
             _write_text(path, str(card))
-    except FolderBusy as e:   # another eval kept writing the card for LOCK_WAIT_S
+    except FolderBusy as e:  # another eval kept writing the card for LOCK_WAIT_S
         log.warning("%s; this evaluation is not recorded in the model card", e)
         return None
-    except Exception as e:   # a read-only folder, a card whose YAML someone broke, results of another shape
-        log.warning("%s: the evaluation could not be recorded in the model card (%s: %s)", path, type(e).__name__,
-                    " ".join(str(e).split())[:300])
+    except Exception as e:  # a read-only folder, a card whose YAML someone broke, results of another shape
+        log.warning(
+            "%s: the evaluation could not be recorded in the model card (%s: %s)",
+            path,
+            type(e).__name__,
+            " ".join(str(e).split())[:300],
+        )
         return None
     log.info("recorded the closed-loop evaluation in %s", path)
     return path
@@ -595,5 +713,17 @@ def _spec_of(folder: Path) -> Any:
         return None
 
 
-__all__ = ["CARD", "CARD_MARK", "EVAL_BEGIN", "EVAL_END", "model_card", "write_model_card", "eval_results",
-           "merge_eval_results", "record_closed_loop_eval", "read_metrics", "shown_location", "hub_dataset_id"]
+__all__ = [
+    "CARD",
+    "CARD_MARK",
+    "EVAL_BEGIN",
+    "EVAL_END",
+    "model_card",
+    "write_model_card",
+    "eval_results",
+    "merge_eval_results",
+    "record_closed_loop_eval",
+    "read_metrics",
+    "shown_location",
+    "hub_dataset_id",
+]

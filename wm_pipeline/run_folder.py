@@ -39,12 +39,33 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 RUN_CONFIG = "run_config.yaml"
-MODEL_CARD = "README.md"   # in a model folder: the model card (wm_pipeline.model_card)
-STEP_PREFIX = "step-"   # checkpoints/step-XXXXXXX (7 digits or more)
+MODEL_CARD = "README.md"  # in a model folder: the model card (wm_pipeline.model_card)
+STEP_PREFIX = "step-"  # checkpoints/step-XXXXXXX (7 digits or more)
 
-__all__ = ["CONFIG", "STATUS", "METRICS", "TENSORBOARD", "CHECKPOINTS", "FINAL", "RUN_CONFIG", "LOCK",
-           "MODEL_CONFIG", "MODEL_CARD", "WEIGHTS", "STEP_PREFIX", "step_name", "has_weights", "is_run", "read_yaml",
-           "run_config_of", "recipe_of", "trained_run_folder", "weights_folder", "model_folder", "plain_model_folder"]
+__all__ = [
+    "CONFIG",
+    "STATUS",
+    "METRICS",
+    "TENSORBOARD",
+    "CHECKPOINTS",
+    "FINAL",
+    "RUN_CONFIG",
+    "LOCK",
+    "MODEL_CONFIG",
+    "MODEL_CARD",
+    "WEIGHTS",
+    "STEP_PREFIX",
+    "step_name",
+    "has_weights",
+    "is_run",
+    "read_yaml",
+    "run_config_of",
+    "recipe_of",
+    "trained_run_folder",
+    "weights_folder",
+    "model_folder",
+    "plain_model_folder",
+]
 
 
 def step_name(step: int) -> str:
@@ -116,8 +137,7 @@ def plain_model_folder(spec: str | Path) -> Path | None:
     return run
 
 
-def model_folder(spec: str | Path, model_name: str, model_cls: type,
-                 legacy: Callable[[Path], bool]) -> Path | None:
+def model_folder(spec: str | Path, model_name: str, model_cls: type, legacy: Callable[[Path], bool]) -> Path | None:
     """The model folder of ``spec`` when it holds a ``model_name`` model: ``RUN/final`` of a ``wm train
     model_name`` run, or a save_pretrained folder whose config.json names ``model_cls`` (``_class``; a
     folder saved before the class was recorded: when ``legacy(folder)`` says so). None for any other

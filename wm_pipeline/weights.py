@@ -46,8 +46,11 @@ class UnreadableFile(UsageError):
 
     def __init__(self, path: str | Path, reason: str, context: str = ""):
         self.path, self.reason = Path(path), reason
-        super().__init__(f"{context}{path} is {reason}" if reason.startswith(("missing", "empty"))
-                         else f"{context}{path} is unreadable: {reason}")
+        super().__init__(
+            f"{context}{path} is {reason}"
+            if reason.startswith(("missing", "empty"))
+            else f"{context}{path} is unreadable: {reason}"
+        )
 
 
 def _one_line(text: object, limit: int = 200) -> str:
@@ -59,7 +62,7 @@ def _safetensors_reason(e: Exception) -> str:
     msg = str(e)
     for prefix in ("Error while deserializing header: ", "Error while deserializing: "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     return f"truncated or corrupt safetensors file ({_one_line(msg)})"
 
 
@@ -76,8 +79,9 @@ def _read_failed(path: Path, e: Exception, context: str) -> UnreadableFile:
     return UnreadableFile(path, _safetensors_reason(e), context)
 
 
-def load_safetensors(path: str | Path, *, context: str = "", device: str = "cpu",
-                     keep: bool = True) -> dict[str, torch.Tensor]:
+def load_safetensors(
+    path: str | Path, *, context: str = "", device: str = "cpu", keep: bool = True
+) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file (every one is read; ``keep=False`` drops them as it goes and
     returns an empty dict); ``UnreadableFile`` naming the file when it cannot be read."""
     path = Path(path)
@@ -123,7 +127,7 @@ def check_folder(folder: str | Path, required: Iterable[str] = (), *, context: s
     for name in required:
         _exists(folder / name, context)
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    for p in files:   # configs first: they are small, and a bad one explains everything after it
+    for p in files:  # configs first: they are small, and a bad one explains everything after it
         if p.suffix == ".json":
             check_json(p, context=context)
     for p in files:
@@ -158,8 +162,9 @@ def model_folders(folder: str | Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def loading(folders: Iterable[str | Path], *, required: Iterable[str] = (), what: str = "",
-            context: str = "") -> Iterator[None]:
+def loading(
+    folders: Iterable[str | Path], *, required: Iterable[str] = (), what: str = "", context: str = ""
+) -> Iterator[None]:
     """Run a call that loads the first of ``folders`` (and, through the model it builds, the others:
     see ``model_folders``) and turn a read failure into one line naming the file.
 
@@ -176,7 +181,7 @@ def loading(folders: Iterable[str | Path], *, required: Iterable[str] = (), what
         if not folders:
             raise
         for i, f in enumerate(folders):
-            check_folder(f, required if i == 0 else (), context=context)   # raises UnreadableFile
+            check_folder(f, required if i == 0 else (), context=context)  # raises UnreadableFile
         if isinstance(e, LOAD_ERRORS) or _is_state_dict_mismatch(e):
             kind = f"{what} " if what else ""
             raise UsageError(f"{context}cannot load {kind}{folders[0]}: {_one_line(e, 300)}") from None

@@ -101,9 +101,14 @@ class WorldModelConfig:
         if self.latent_action_dim and LATENT not in self.embodiments:
             self.embodiments = {**self.embodiments, LATENT: embodiment_spec(action_dim=self.latent_action_dim)}
         if not self.use_state:
-            self.embodiments = {name: {**spec, "state_dim": 0,
-                                       "stats": {k: v for k, v in (spec.get("stats") or {}).items() if k != "state"}}
-                                for name, spec in self.embodiments.items()}
+            self.embodiments = {
+                name: {
+                    **spec,
+                    "state_dim": 0,
+                    "stats": {k: v for k, v in (spec.get("stats") or {}).items() if k != "state"},
+                }
+                for name, spec in self.embodiments.items()
+            }
         for name, spec in self.embodiments.items():
             if "." in name or not spec.get("action_dim"):
                 raise ValueError(f"embodiment {name!r}: names have no dots and need action_dim > 0")
@@ -119,13 +124,34 @@ class WorldModelConfig:
 # Parameter counts without embodiment adapters (each adds ~2 x (A + 1) x width, plus state); tokens per sample.
 PRESETS = {
     # 32 px, 44 tokens per sample (8 action + 2 x 16 frame + 4 registers), 0.34 M parameters (dust: 0.49 M)
-    "tiny": WorldModelConfig(image_size=32, action_horizon=8, width=64, depth=2, heads=2, registers=4,
-                             encoder_channels=[16, 32, 64], action_steps=4, video_steps=4, video_target="residual",
-                             video_prediction="x0", video_context="last_frame"),
+    "tiny": WorldModelConfig(
+        image_size=32,
+        action_horizon=8,
+        width=64,
+        depth=2,
+        heads=2,
+        registers=4,
+        encoder_channels=[16, 32, 64],
+        action_steps=4,
+        video_steps=4,
+        video_target="residual",
+        video_prediction="x0",
+        video_context="last_frame",
+    ),
     # 64 px, 152 tokens (16 + 2 x 64 + 8), 6.9 M parameters (dust: 11.7 M); window 18
     "small": WorldModelConfig(video_target="residual", video_prediction="x0", video_context="last_frame"),
     # 128 px, 160 tokens (16 + 2 x 64 + 16), patch 16, 12 x 768: 146 M parameters (dust: 273 M)
-    "base": WorldModelConfig(image_size=128, patch_size=16, width=768, depth=12, heads=12, registers=16,
-                             encoder_channels=[64, 128, 256, 512], encoder_blocks=2, video_target="residual",
-                             video_prediction="x0", video_context="last_frame"),
+    "base": WorldModelConfig(
+        image_size=128,
+        patch_size=16,
+        width=768,
+        depth=12,
+        heads=12,
+        registers=16,
+        encoder_channels=[64, 128, 256, 512],
+        encoder_blocks=2,
+        video_target="residual",
+        video_prediction="x0",
+        video_context="last_frame",
+    ),
 }

@@ -28,8 +28,10 @@ def embodiment_spec(stats: dict | None = None, action_dim: int | None = None, st
         s = stats.get(key) or {}
         dim = len(s["mean"]) if dim is None and "mean" in s else (dim or 0)
         spec[f"{key}_dim"] = int(dim)
-        spec["stats"][key] = {"mean": [float(v) for v in s.get("mean", [0.0] * dim)],
-                              "std": [float(v) for v in s.get("std", [1.0] * dim)]}
+        spec["stats"][key] = {
+            "mean": [float(v) for v in s.get("mean", [0.0] * dim)],
+            "std": [float(v) for v in s.get("std", [1.0] * dim)],
+        }
     return spec
 
 
@@ -65,8 +67,10 @@ class EmbodimentAdapter(nn.Module):
             s = stats.get(key) or {}
             s = {"mean": s.get("mean") or [0.0] * dim, "std": s.get("std") or [1.0] * dim}
             if len(s["mean"]) != dim or len(s["std"]) != dim:
-                raise ValueError(f"embodiment {name!r}: {key} mean / std have {len(s['mean'])} / {len(s['std'])} "
-                                 f"entries, {key}_dim is {dim}")
+                raise ValueError(
+                    f"embodiment {name!r}: {key} mean / std have {len(s['mean'])} / {len(s['std'])} "
+                    f"entries, {key}_dim is {dim}"
+                )
             # nets.normalize's mean_std map, std floored (constant dims stay finite)
             mean, std = affine_params(s, "mean_std", where=f"embodiment {name!r} {key}", min_scale=MIN_STD)
             self.register_buffer(f"{key}_mean", mean.float(), persistent=False)

@@ -31,9 +31,20 @@ class VideoActionTransformer(nn.Module):
     else None. ``null_tokens`` are the learned action tokens of samples without an action stream.
     """
 
-    def __init__(self, *, width: int, depth: int, heads: int, mlp_ratio: float, action_tokens: int,
-                 video_tokens: int, registers: int, n_future: int, variant: str = "uwm",
-                 context: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        *,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        action_tokens: int,
+        video_tokens: int,
+        registers: int,
+        n_future: int,
+        variant: str = "uwm",
+        context: tuple[int, int] | None = None,
+    ):
         super().__init__()
         d = width
         self.n_action, self.n_video, self.n_future = action_tokens, video_tokens, n_future
@@ -43,7 +54,7 @@ class VideoActionTransformer(nn.Module):
         self.action_pos = nn.Parameter(torch.randn(1, action_tokens, d) * 0.02)
         self.video_pos = nn.Parameter(torch.randn(1, video_tokens, d) * 0.02)
         self.context_embed = None
-        if context is not None:   # same patch grid as the frame tokenizer, its own weights
+        if context is not None:  # same patch grid as the frame tokenizer, its own weights
             channels, patch = context
             self.context_embed = nn.Conv2d(channels, d, patch, patch)
         self.register_tokens = nn.Parameter(torch.randn(1, registers, d) * 0.02)
@@ -63,11 +74,18 @@ class VideoActionTransformer(nn.Module):
     def context_tokens(self, last: torch.Tensor) -> torch.Tensor:
         """The last observed frame in the denoised space ``[B, 1, c, h, w]`` -> tokens added to each future
         frame's ``[B, n_future * N, D]``."""
-        tok = self.context_embed(last[:, 0].to(self.context_embed.weight.dtype))   # [B, D, g, g]
+        tok = self.context_embed(last[:, 0].to(self.context_embed.weight.dtype))  # [B, D, g, g]
         return tok.flatten(2).transpose(1, 2).repeat(1, self.n_future, 1)
 
-    def forward(self, action_tokens: torch.Tensor, video_tokens: torch.Tensor, cond: torch.Tensor,
-                t_action: torch.Tensor, t_video: torch.Tensor, last: torch.Tensor | None = None):
+    def forward(
+        self,
+        action_tokens: torch.Tensor,
+        video_tokens: torch.Tensor,
+        cond: torch.Tensor,
+        t_action: torch.Tensor,
+        t_video: torch.Tensor,
+        last: torch.Tensor | None = None,
+    ):
         """``last``: the last observed frame in the denoised space, needed when built with ``context``."""
         b = action_tokens.shape[0]
         c = F.silu(cond + self.t_action(t_action) + self.t_video(t_video))

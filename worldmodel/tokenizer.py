@@ -78,8 +78,9 @@ def load_vae(path: str | Path):
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        raise ImportError(f"a VAE (frame_space=vae, the VAE labeller) needs diffusers: pip install 'wm-pipeline[vae]' "
-                          f"({e})") from None
+        raise ImportError(
+            f"a VAE (frame_space=vae, the VAE labeller) needs diffusers: pip install 'wm-pipeline[vae]' ({e})"
+        ) from None
 
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -65,12 +65,19 @@ from worldmodel.network import VideoActionTransformer
 from worldmodel.tokenizer import PatchTokenizer, decode_latents, encode_frames, frames_to_unit, load_vae, vae_downsample
 
 # callers import the config, presets and embodiment helpers from here too
-__all__ = ["LATENT", "PRESETS", "WorldModel", "WorldModelConfig", "embodiment_spec", "velocity_from_clean",
-           "clean_from_velocity"]
+__all__ = [
+    "LATENT",
+    "PRESETS",
+    "WorldModel",
+    "WorldModelConfig",
+    "embodiment_spec",
+    "velocity_from_clean",
+    "clean_from_velocity",
+]
 
 log = logging.getLogger(__name__)
 
-X0_MIN_T = 0.05   # video_prediction / action_prediction="x0": the velocity divides by t, floored here
+X0_MIN_T = 0.05  # video_prediction / action_prediction="x0": the velocity divides by t, floored here
 
 
 def _t_floor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -89,8 +96,10 @@ def clean_from_velocity(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> to
 
 
 # state-dict keys of folders saved before the network moved into ``WorldModel.net`` (format 0 / 1)
-NETWORK_RENAMES = [(r"(t_action|t_video|context_embed|blocks|final_action|final_video)\.(.*)", r"net.\1.\2"),
-                   (r"(null_action|action_pos|video_pos|register_tokens)", r"net.\1")]
+NETWORK_RENAMES = [
+    (r"(t_action|t_video|context_embed|blocks|final_action|final_video)\.(.*)", r"net.\1.\2"),
+    (r"(null_action|action_pos|video_pos|register_tokens)", r"net.\1"),
+]
 
 
 def _groups(names: list) -> dict[str, list[int]]:
@@ -122,7 +131,9 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
                 cfg.vae_downsample = cfg.vae_downsample or vae_downsample(vae)
             if not (cfg.vae_latent_channels and cfg.vae_downsample):
                 raise ValueError("frame_space='vae' needs vae_path, or vae_latent_channels and vae_downsample")
-            self.tokenizer = PatchTokenizer(cfg.vae_latent_channels, cfg.image_size // cfg.vae_downsample, cfg.patch_size, d)
+            self.tokenizer = PatchTokenizer(
+                cfg.vae_latent_channels, cfg.image_size // cfg.vae_downsample, cfg.patch_size, d
+            )
         else:
             self.tokenizer = PatchTokenizer(3, cfg.image_size, cfg.patch_size, d)
         n_video = cfg.n_future * self.tokenizer.tokens_per_frame
@@ -134,7 +145,9 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
             try:
                 from transformers import AutoModel, AutoTokenizer
             except ImportError as e:
-                raise ImportError(f"text_encoder_path needs transformers: pip install 'wm-pipeline[text]' ({e})") from None
+                raise ImportError(
+                    f"text_encoder_path needs transformers: pip install 'wm-pipeline[text]' ({e})"
+                ) from None
 
             text_model = AutoModel.from_pretrained(cfg.text_encoder_path).eval().requires_grad_(False)
             self._frozen["text"] = (AutoTokenizer.from_pretrained(cfg.text_encoder_path), text_model, {})
@@ -142,10 +155,18 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         else:
             self.task_embedding = nn.Embedding(len(cfg.tasks) + 1, d)  # index 0: unknown / no task
         self.net = VideoActionTransformer(
-            width=d, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, action_tokens=cfg.action_horizon,
-            video_tokens=n_video, registers=cfg.registers, n_future=cfg.n_future, variant=cfg.variant,
-            context=(self.tokenizer.channels, self.tokenizer.patch) if cfg.video_context == "last_frame" else None)
-        rename_on_load(self, NETWORK_RENAMES)   # format 1: the network's parameters sat on the model itself
+            width=d,
+            depth=cfg.depth,
+            heads=cfg.heads,
+            mlp_ratio=cfg.mlp_ratio,
+            action_tokens=cfg.action_horizon,
+            video_tokens=n_video,
+            registers=cfg.registers,
+            n_future=cfg.n_future,
+            variant=cfg.variant,
+            context=(self.tokenizer.channels, self.tokenizer.patch) if cfg.video_context == "last_frame" else None,
+        )
+        rename_on_load(self, NETWORK_RENAMES)  # format 1: the network's parameters sat on the model itself
         self.num_tokens = self.net.num_tokens
 
     # ----------------------------------------------------------------------------------- conditioning
@@ -171,8 +192,10 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         (without the timestep embeddings, so sampling computes it once)."""
         b, n = obs.shape[:2]
         if n != self.config.n_obs or obs.shape[-1] != self.config.image_size:
-            raise ValueError(f"expected current frames [B, {self.config.n_obs}, 3, {self.config.image_size}, "
-                             f"{self.config.image_size}], got {tuple(obs.shape)}")
+            raise ValueError(
+                f"expected current frames [B, {self.config.n_obs}, 3, {self.config.image_size}, "
+                f"{self.config.image_size}], got {tuple(obs.shape)}"
+            )
         cond = self.obs_proj(self.image_encoder(obs.flatten(0, 1)).view(b, -1))
         cond = cond + self._task_features(task, b, cond.device)
         if state is not None:
@@ -205,8 +228,10 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         ``video_context="last_frame"``). -> v_a ``[B, H, A_max]`` (zero outside each sample's dims), v_v."""
         cfg, b = self.config, z_a.shape[0]
         groups = _groups(names)
-        embedded = {name: self.adapters[name].action_in(z_a[idx, :, : self.adapters[name].action_dim])
-                    for name, idx in groups.items()}
+        embedded = {
+            name: self.adapters[name].action_in(z_a[idx, :, : self.adapters[name].action_dim])
+            for name, idx in groups.items()
+        }
         # under autocast the adapters give bf16: the null tokens take the same dtype before the scatter
         tok_a = self.net.null_tokens(b, next(iter(embedded.values())).dtype if embedded else None)
         for name, idx in groups.items():
@@ -219,7 +244,7 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         for name, idx in groups.items():
             adapter = self.adapters[name]
             v_a[idx, :, : adapter.action_dim] = adapter.action_out(h_a[idx]).float()
-        if cfg.action_prediction == "x0":   # v_a holds the clean chunk (zero outside each sample's dims)
+        if cfg.action_prediction == "x0":  # v_a holds the clean chunk (zero outside each sample's dims)
             v_a = velocity_from_clean(z_a, v_a, t_a)
         return v_a, v_v
 
@@ -229,8 +254,10 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         if self.config.frame_space == "pixels":
             return frames_to_unit(frames)
         if "vae" not in self._frozen:
-            raise ValueError(f"frame_space='vae' without a VAE: put precomputed latents under "
-                             f"{self.config.vae_latent_key!r} in the batch, or set vae_path")
+            raise ValueError(
+                f"frame_space='vae' without a VAE: put precomputed latents under "
+                f"{self.config.vae_latent_key!r} in the batch, or set vae_path"
+            )
         vae = self._frozen["vae"].to(frames.device)
         return encode_frames(vae, frames.flatten(0, 1)).view(*frames.shape[:2], *self.tokenizer_shape)
 
@@ -249,8 +276,10 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         for i, emb in enumerate(batch["embodiment"]):
             if mask is None or bool(mask[i]):
                 if emb not in self.adapters:
-                    raise ValueError(f"sample {i} has actions of embodiment {emb!r}, which the config does not "
-                                     f"know (known: {sorted(self.adapters)}); add it to config.embodiments")
+                    raise ValueError(
+                        f"sample {i} has actions of embodiment {emb!r}, which the config does not "
+                        f"know (known: {sorted(self.adapters)}); add it to config.embodiments"
+                    )
                 names.append(emb)
             else:
                 names.append(LATENT if latent is not None and LATENT in self.adapters else None)
@@ -263,7 +292,9 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
             chunk = src[idx, t0 : t0 + cfg.action_horizon].to(device).float().flatten(2)
             if chunk.shape[-1] < adapter.action_dim:
                 key = cfg.latent_action_key if name == LATENT else "action"
-                raise ValueError(f"batch[{key!r}] has {chunk.shape[-1]} dims, embodiment {name!r} needs {adapter.action_dim}")
+                raise ValueError(
+                    f"batch[{key!r}] has {chunk.shape[-1]} dims, embodiment {name!r} needs {adapter.action_dim}"
+                )
             x[idx, :, : adapter.action_dim] = adapter.normalize_action(chunk[..., : adapter.action_dim])
             dims[idx, : adapter.action_dim] = 1.0
         return x, names, dims
@@ -275,9 +306,11 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         frames = batch["frames"].to(device)
         b, t = frames.shape[:2]
         if t < cfg.window:
-            raise ValueError(f"batch frames have T={t}, the world model needs windows of {cfg.window} frames "
-                             f"(n_obs={cfg.n_obs}, n_future={cfg.n_future}, frame_gap={cfg.frame_gap}, "
-                             f"action_horizon={cfg.action_horizon})")
+            raise ValueError(
+                f"batch frames have T={t}, the world model needs windows of {cfg.window} frames "
+                f"(n_obs={cfg.n_obs}, n_future={cfg.n_future}, frame_gap={cfg.frame_gap}, "
+                f"action_horizon={cfg.action_horizon})"
+            )
         fut = cfg.future_indices()
         last = cfg.n_obs - 1
         if cfg.frame_space == "vae" and cfg.vae_latent_key in batch:
@@ -286,10 +319,13 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         else:
             if cfg.frame_space == "vae" and not self._frozen.get("warned"):
                 self._frozen["warned"] = True
-                log.warning("no %r in the batch: encoding future frames with the VAE at every step (slow); "
-                            "precompute the latents once with a labelling pass", cfg.vae_latent_key)
+                log.warning(
+                    "no %r in the batch: encoding future frames with the VAE at every step (slow); "
+                    "precompute the latents once with a labelling pass",
+                    cfg.vae_latent_key,
+                )
             need_last = cfg.video_target == "residual" or cfg.video_context != "none"
-            both = self._video_data(frames[:, [last, *fut] if need_last else fut])   # one VAE pass at most
+            both = self._video_data(frames[:, [last, *fut] if need_last else fut])  # one VAE pass at most
             base, x_v = (both[:, :1], both[:, 1:]) if need_last else (None, both)
         if cfg.video_target == "residual":
             x_v = x_v - base
@@ -297,8 +333,13 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         x_a, names, dims = self._action_data(batch, b, device)
         has_actions = torch.tensor([n is not None for n in names], device=device)
         state = batch.get("state")
-        cond = self._condition(frames[:, : cfg.n_obs], names, None if state is None else state[:, : cfg.n_obs].to(device),
-                               batch.get("state_mask"), batch.get("task"))
+        cond = self._condition(
+            frames[:, : cfg.n_obs],
+            names,
+            None if state is None else state[:, : cfg.n_obs].to(device),
+            batch.get("state_mask"),
+            batch.get("task"),
+        )
 
         def draw_t():
             return sample_uniform_time(b, p_noise=cfg.p_marginal, device=device, generator=generator)
@@ -313,7 +354,7 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         z_a, z_v = interpolate(x_a, e_a, t_a), interpolate(x_v, e_v, t_v)
         v_a, v_v = self._velocity(cond, t_a, t_v, z_a, z_v, names, base)
 
-        if cfg.action_prediction == "x0":   # the error of the predicted clean chunk, as for the video
+        if cfg.action_prediction == "x0":  # the error of the predicted clean chunk, as for the video
             sq_a = (clean_from_velocity(z_a, v_a, t_a) - x_a) ** 2
         else:
             sq_a = (v_a.float() - (e_a - x_a)) ** 2
@@ -325,15 +366,20 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
             err_v = ((clean_from_velocity(z_v, v_v, t_v) - x_v) ** 2).flatten(1).mean(1)
         else:
             err_v = ((v_v.float() - (e_v - x_v)) ** 2).flatten(1).mean(1)
-        scored = t_v > 0   # a clean (pinned) video input is the answer: nothing to learn there
+        scored = t_v > 0  # a clean (pinned) video input is the answer: nothing to learn there
         loss_v = torch.where(scored, err_v, torch.zeros_like(err_v)).sum() / scored.sum().clamp_min(1)
         loss = cfg.action_loss_weight * loss_a + cfg.video_loss_weight * loss_v
         # the batch-dependent parameters (adapters, null token) join the graph with weight 0 whether or not
         # this batch used them, so DDP needs no unused-parameter search
-        loss = loss + 0.0 * sum(p.sum() for p in [self.net.null_action, *self.adapters.parameters(),
-                                                  *self.net.final_action.parameters()])
-        return {"loss": loss, "loss_action": loss_a, "loss_video": loss_v,
-                "action_fraction": has_actions.float().mean()}
+        loss = loss + 0.0 * sum(
+            p.sum() for p in [self.net.null_action, *self.adapters.parameters(), *self.net.final_action.parameters()]
+        )
+        return {
+            "loss": loss,
+            "loss_action": loss_a,
+            "loss_video": loss_v,
+            "action_fraction": has_actions.float().mean(),
+        }
 
     def forward(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.losses(batch, generator)
@@ -341,8 +387,21 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
 
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def _sample(self, obs, embodiment, *, actions=None, next_frames=None, gen_actions=True, gen_video=True,
-                task=None, state=None, action_steps=None, video_steps=None, generator=None):
+    def _sample(
+        self,
+        obs,
+        embodiment,
+        *,
+        actions=None,
+        next_frames=None,
+        gen_actions=True,
+        gen_video=True,
+        task=None,
+        state=None,
+        action_steps=None,
+        video_steps=None,
+        generator=None,
+    ):
         """Shared sampler. A modality is generated (Euler 1 -> 0), given clean (t = 0), or left at full
         noise (t = 1). Returns (actions raw ``[B, H, A]`` or None, frames or None)."""
         cfg = self.config
@@ -363,7 +422,7 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         t_v = torch.ones(b, device=device)
         if actions is not None:
             x_a, t_a = adapter.normalize_action(actions.to(device).float()), torch.zeros_like(t_a)
-        base = None   # the last observed frame in the denoised space, where the target or the context needs it
+        base = None  # the last observed frame in the denoised space, where the target or the context needs it
         if cfg.video_context != "none" or gen_video or next_frames is not None:
             base = self._last_frame(obs)
         if next_frames is not None:
@@ -400,36 +459,67 @@ class WorldModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
         if "vae" not in self._frozen:
             return x_v  # latents; the caller decodes them
         vae = self._frozen["vae"].to(x_v.device)
-        return decode_latents(vae, x_v.flatten(0, 1)).view(*x_v.shape[:2], 3, self.config.image_size, self.config.image_size)
+        return decode_latents(vae, x_v.flatten(0, 1)).view(
+            *x_v.shape[:2], 3, self.config.image_size, self.config.image_size
+        )
 
     def sample_policy(self, obs_frames, embodiment: str, *, task=None, state=None, steps=None, generator=None):
         """Actions given current frames (video at full noise). obs_frames uint8 ``[B, n_obs, 3, S, S]``,
         state raw ``[B, n_obs, S]`` -> actions raw ``[B, H, A]``."""
-        return self._sample(obs_frames, embodiment, gen_video=False, task=task, state=state,
-                            action_steps=steps, generator=generator)[0]
+        return self._sample(
+            obs_frames, embodiment, gen_video=False, task=task, state=state, action_steps=steps, generator=generator
+        )[0]
 
-    def sample_forward_dynamics(self, obs_frames, actions, embodiment: str, *, task=None, state=None, steps=None,
-                                generator=None):
+    def sample_forward_dynamics(
+        self, obs_frames, actions, embodiment: str, *, task=None, state=None, steps=None, generator=None
+    ):
         """Future frames given current frames and actions raw ``[B, H, A]`` -> frames ``[B, n_future, 3, S, S]``."""
-        return self._sample(obs_frames, embodiment, actions=actions, gen_actions=False, task=task, state=state,
-                            video_steps=steps, generator=generator)[1]
+        return self._sample(
+            obs_frames,
+            embodiment,
+            actions=actions,
+            gen_actions=False,
+            task=task,
+            state=state,
+            video_steps=steps,
+            generator=generator,
+        )[1]
 
-    def sample_inverse_dynamics(self, obs_frames, next_frames, embodiment: str, *, task=None, state=None, steps=None,
-                                generator=None):
+    def sample_inverse_dynamics(
+        self, obs_frames, next_frames, embodiment: str, *, task=None, state=None, steps=None, generator=None
+    ):
         """Actions given current and future frames (uint8 ``[B, n_future, 3, S, S]``) -> actions raw ``[B, H, A]``."""
-        return self._sample(obs_frames, embodiment, next_frames=next_frames, gen_video=False, task=task, state=state,
-                            action_steps=steps, generator=generator)[0]
+        return self._sample(
+            obs_frames,
+            embodiment,
+            next_frames=next_frames,
+            gen_video=False,
+            task=task,
+            state=state,
+            action_steps=steps,
+            generator=generator,
+        )[0]
 
-    def sample_video(self, obs_frames, embodiment: str | None = None, *, task=None, state=None, steps=None,
-                     generator=None):
+    def sample_video(
+        self, obs_frames, embodiment: str | None = None, *, task=None, state=None, steps=None, generator=None
+    ):
         """Future frames, actions at full noise (embodiment None: null action tokens, as action-free video
         trains) -> frames ``[B, n_future, 3, S, S]``."""
-        return self._sample(obs_frames, embodiment, gen_actions=False, task=task, state=state,
-                            video_steps=steps, generator=generator)[1]
+        return self._sample(
+            obs_frames, embodiment, gen_actions=False, task=task, state=state, video_steps=steps, generator=generator
+        )[1]
 
-    def sample_joint(self, obs_frames, embodiment: str, *, task=None, state=None, action_steps=None,
-                     video_steps=None, generator=None):
+    def sample_joint(
+        self, obs_frames, embodiment: str, *, task=None, state=None, action_steps=None, video_steps=None, generator=None
+    ):
         """Actions and future frames together; each stream on its own step count (DUST's asynchronous
         sampling when ``video_steps > action_steps``) -> (actions ``[B, H, A]``, frames)."""
-        return self._sample(obs_frames, embodiment, task=task, state=state, action_steps=action_steps,
-                            video_steps=video_steps, generator=generator)
+        return self._sample(
+            obs_frames,
+            embodiment,
+            task=task,
+            state=state,
+            action_steps=action_steps,
+            video_steps=video_steps,
+            generator=generator,
+        )

@@ -19,7 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from wm_pipeline.cli import commands
 
-    parser = argparse.ArgumentParser(prog="wm", description="Video world models and latent actions, from video to robot control.")
+    parser = argparse.ArgumentParser(
+        prog="wm", description="Video world models and latent actions, from video to robot control."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"wm {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -64,29 +66,32 @@ def _main(argv: list[str], signals: PreemptionHandler | None) -> int:
     from shards.folder_lock import FolderBusy
     from shards.format import FormatError
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         code = int(args.run(args) or 0)
-        sys.stdout.flush()   # a closed pipe shows here, not at interpreter exit
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
-    except (exit_codes.UsageError, FormatError, FileNotFoundError, FolderBusy) as e:   # FolderBusy: --out in use
+    except (exit_codes.UsageError, FormatError, FileNotFoundError, FolderBusy) as e:  # FolderBusy: --out in use
         print(f"wm {args.command}: error: {e}", file=sys.stderr)
         return exit_codes.USAGE
-    except exit_codes.WriteFailed as e:   # disk full / I/O error while writing an output: names the path
+    except exit_codes.WriteFailed as e:  # disk full / I/O error while writing an output: names the path
         print(f"wm {args.command}: error: {e}", file=sys.stderr)
         return exit_codes.WRITE_FAILED
-    except BrokenPipeError:   # `wm inspect DIR | head`: the reader left; end quietly, as Unix tools do
+    except BrokenPipeError:  # `wm inspect DIR | head`: the reader left; end quietly, as Unix tools do
         return _stdout_closed()
     except KeyboardInterrupt:
         print(f"wm {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        writer = sys.modules.get("shards.writer")   # loaded by every job that writes shards (not by `wm --help`)
-        if writer is not None and isinstance(e, writer.DiskFull):   # ingest / collect on a full disk
+        writer = sys.modules.get("shards.writer")  # loaded by every job that writes shards (not by `wm --help`)
+        if writer is not None and isinstance(e, writer.DiskFull):  # ingest / collect on a full disk
             print(f"wm {args.command}: error: {e}", file=sys.stderr)
             return exit_codes.WRITE_FAILED
-        if isinstance(e, ImportError) and "pip install 'wm-pipeline[" in str(e):   # a feature whose extra is missing
+        if isinstance(e, ImportError) and "pip install 'wm-pipeline[" in str(e):  # a feature whose extra is missing
             print(f"wm {args.command}: error: {e}", file=sys.stderr)
             return exit_codes.USAGE
         raise

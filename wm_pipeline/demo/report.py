@@ -48,7 +48,9 @@ def plot_training_curves(runs_dir: Path, path: Path) -> list[str]:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, run in zip(axes.flat, runs):
         rows_ = _metrics(run)
-        keys = [k for k in ("loss", "loss_action", "loss_video", "recon_loss", "copy_loss") if any(k in r for r in rows_)]
+        keys = [
+            k for k in ("loss", "loss_action", "loss_video", "recon_loss", "copy_loss") if any(k in r for r in rows_)
+        ]
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows_ if k in r and r[k] is not None]
             if pts:
@@ -58,7 +60,7 @@ def plot_training_curves(runs_dir: Path, path: Path) -> list[str]:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(runs):]:
+    for ax in list(axes.flat)[len(runs) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -103,26 +105,37 @@ def write_report(out: Path, profile, stages) -> Path:
 
     add(f"# wm demo report: profile `{profile.name}`\n")
     total = sum(v.get("seconds", 0) for v in state.get("stages", {}).values())
-    add(f"Tasks: {', '.join(tasks)}. {profile.demos_per_task} demos per task (seeds {0}..), "
+    add(
+        f"Tasks: {', '.join(tasks)}. {profile.demos_per_task} demos per task (seeds {0}..), "
         f"{profile.video_per_task} action-free episodes per task, {profile.eval_episodes} evaluation episodes "
         f"per task and policy on unseen seeds (100000..), {profile.max_steps} steps at most, "
         f"{profile.resolution} px corner camera, `{profile.preset}` models"
-        + "".join(f", `{v}` {k}" for k, v in profile.presets.items()) + ".  ")
-    add(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; "
-        f"stages took {_fmt_seconds(total)} in all. Written {time.strftime('%Y-%m-%d %H:%M')}.\n")
+        + "".join(f", `{v}` {k}" for k, v in profile.presets.items())
+        + ".  "
+    )
+    add(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; "
+        f"stages took {_fmt_seconds(total)} in all. Written {time.strftime('%Y-%m-%d %H:%M')}.\n"
+    )
 
     # ---- closed-loop results
     results = {p: _read_json(evals / p / "results.json") for p in ["expert", *profile.policies]}
     results = {k: v for k, v in results.items() if v}
     if results:
         add("## Closed-loop success (final checkpoints)\n")
-        add("| policy | " + " | ".join(tasks) + " | overall | mean length | latency per chunk, median / p95 (ms) | training time |")
+        add(
+            "| policy | "
+            + " | ".join(tasks)
+            + " | overall | mean length | latency per chunk, median / p95 (ms) | training time |"
+        )
         add("|---" * (len(tasks) + 5) + "|")
         for policy, r in results.items():
             cells = [f"{r['tasks'][t]['success_rate']:.2f}" if t in r["tasks"] else "-" for t in tasks]
             train_time = state.get("stages", {}).get(f"train policy {policy}", {}).get("seconds")
-            add(f"| {policy} | " + " | ".join(cells) + f" | **{r['overall']['success_rate']:.2f}** | "
-                f"{r['overall']['mean_length']:.0f} | {_latency(r)} | {_fmt_seconds(train_time)} |")
+            add(
+                f"| {policy} | " + " | ".join(cells) + f" | **{r['overall']['success_rate']:.2f}** | "
+                f"{r['overall']['mean_length']:.0f} | {_latency(r)} | {_fmt_seconds(train_time)} |"
+            )
         plot_success(results, tasks, plots / "success.png")
         add("\n![success rate per task and policy](plots/success.png)\n")
         add("Rollout videos (first episodes of each task):\n")
@@ -186,8 +199,12 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     if isinstance(d, dict):
         for k, v in d.items():
-            flat.update(_flatten(v, f"{prefix}{k}." if not isinstance(v, (int, float, str, bool)) and v is not None
-                                 else f"{prefix}{k}"))
+            flat.update(
+                _flatten(
+                    v,
+                    f"{prefix}{k}." if not isinstance(v, (int, float, str, bool)) and v is not None else f"{prefix}{k}",
+                )
+            )
     elif isinstance(d, (int, float)) and not isinstance(d, bool):
         flat[prefix.rstrip(".")] = d
     return flat

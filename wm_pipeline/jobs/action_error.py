@@ -25,8 +25,15 @@ from wm_pipeline.weights import from_pretrained
 
 
 @torch.no_grad()
-def held_out_action_error(folder: str | Path, data_dir: str | Path, *, every: int = 4, batch_size: int = 32,
-                          seed: int = 0, backend: str = "auto") -> dict[str, float]:
+def held_out_action_error(
+    folder: str | Path,
+    data_dir: str | Path,
+    *,
+    every: int = 4,
+    batch_size: int = 32,
+    seed: int = 0,
+    backend: str = "auto",
+) -> dict[str, float]:
     """Score the decoder saved in ``folder`` (``config.json`` + ``model.safetensors``) on ``data_dir``."""
     from decoders.decoder import ActionDecoder
     from shards.stream import WindowStream, collate_windows
@@ -36,8 +43,14 @@ def held_out_action_error(folder: str | Path, data_dir: str | Path, *, every: in
         raise UsageError(f"validation data folder {data_dir} does not exist")
     model = from_pretrained(ActionDecoder, folder, what="decoder").eval()
     cfg = model.config
-    stream = WindowStream(str(data_dir), window=cfg.window_length, mode="label", label_every=every,
-                          resize=list(cfg.image_size), backend=backend)
+    stream = WindowStream(
+        str(data_dir),
+        window=cfg.window_length,
+        mode="label",
+        label_every=every,
+        resize=list(cfg.image_size),
+        backend=backend,
+    )
     generator = torch.Generator().manual_seed(seed)
     now = cfg.n_obs_steps - 1
     sq, first_sq, n, n_first = 0.0, 0.0, 0, 0
@@ -47,8 +60,13 @@ def held_out_action_error(folder: str | Path, data_dir: str | Path, *, every: in
         batch = collate_windows(windows)
         emb = model._embodiment_index(batch["embodiment"], len(windows))
         state = batch["state"][:, now] if cfg.state_dim else None
-        pred = model.predict_action_chunk(batch["frames"][:, : cfg.n_obs_steps], state, batch["task"],
-                                          generator=generator, embodiment=batch["embodiment"])
+        pred = model.predict_action_chunk(
+            batch["frames"][:, : cfg.n_obs_steps],
+            state,
+            batch["task"],
+            generator=generator,
+            embodiment=batch["embodiment"],
+        )
         true = batch["action"][:, now : now + cfg.horizon].float()
         err = (model.action_normalizer.normalize(pred, emb) - model.action_normalizer.normalize(true, emb)) ** 2
         sq += float(err.sum())

@@ -50,6 +50,7 @@ _LOADERS: list[PolicyLoader] = []
 
 # ---------------------------------------------------------------- policies
 
+
 def register_policy_loader(fn: PolicyLoader) -> PolicyLoader:
     """Add a loader ``fn(spec, env_info) -> Policy | None`` (None: not mine). Usable as a decorator.
 
@@ -67,8 +68,14 @@ def env_info(env: str = "metaworld", resolution: int = 64, camera: str = "corner
         raise UsageError(f"unknown --env {env!r}; available: {', '.join(ENVS)}")
     from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT, STATE_DIM
 
-    return {"env": env, "embodiment": EMBODIMENT, "action_dim": ACTION_DIM, "state_dim": STATE_DIM,
-            "image_size": (resolution, resolution), "camera": camera}
+    return {
+        "env": env,
+        "embodiment": EMBODIMENT,
+        "action_dim": ACTION_DIM,
+        "state_dim": STATE_DIM,
+        "image_size": (resolution, resolution),
+        "camera": camera,
+    }
 
 
 def load_policy(spec: str, info: dict[str, Any]) -> Policy:
@@ -85,8 +92,10 @@ def load_policy(spec: str, info: dict[str, Any]) -> Policy:
         if policy is not None:
             return policy
     where = "" if Path(spec).exists() else " (no such file or directory)"
-    raise UsageError(f"cannot load policy {spec!r}{where}: expected 'expert', 'random', or a run directory "
-                     f"a registered policy loader accepts ({len(loaders)} registered)")
+    raise UsageError(
+        f"cannot load policy {spec!r}{where}: expected 'expert', 'random', or a run directory "
+        f"a registered policy loader accepts ({len(loaders)} registered)"
+    )
 
 
 def policy_loaders() -> list[PolicyLoader]:
@@ -105,29 +114,36 @@ def check_compatible(policy: Policy, info: dict[str, Any]) -> None:
     name = type(policy).__name__
     embodiment = getattr(policy, "embodiment", None)
     if embodiment is not None and embodiment != info["embodiment"]:
-        raise UsageError(f"policy {name} acts for embodiment '{embodiment}' but {info['env']} is "
-                         f"'{info['embodiment']}'")
+        raise UsageError(
+            f"policy {name} acts for embodiment '{embodiment}' but {info['env']} is '{info['embodiment']}'"
+        )
     action_dim = getattr(policy, "action_dim", None)
     if action_dim is not None and int(action_dim) != info["action_dim"]:
-        raise UsageError(f"policy {name} outputs {action_dim}-dim actions but {info['env']} "
-                         f"({info['embodiment']}) takes {info['action_dim']}-dim actions")
+        raise UsageError(
+            f"policy {name} outputs {action_dim}-dim actions but {info['env']} "
+            f"({info['embodiment']}) takes {info['action_dim']}-dim actions"
+        )
     size = getattr(policy, "image_size", None)
     if size is not None:
         size = (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
         env_size = tuple(info["image_size"])
         if size != env_size:
-            raise UsageError(f"policy {name} expects {size[0]}x{size[1]} images but {info['env']} renders "
-                             f"{env_size[0]}x{env_size[1]} (set --resolution {size[0]})")
+            raise UsageError(
+                f"policy {name} expects {size[0]}x{size[1]} images but {info['env']} renders "
+                f"{env_size[0]}x{env_size[1]} (set --resolution {size[0]})"
+            )
 
 
-def check_policy_fits(spec: str, info: dict[str, Any], embodiments: list[str], state_dim: int, horizon: int,
-                      hint: str = "") -> None:
+def check_policy_fits(
+    spec: str, info: dict[str, Any], embodiments: list[str], state_dim: int, horizon: int, hint: str = ""
+) -> None:
     """Before any rollout: the environment's embodiment is one the policy knows, its state size is the one
     the policy reads (0: reads none), and ``info["action_steps"]`` fits the chunk horizon (UsageError)."""
     env = f"{info['env']} ({info['embodiment']})"
     if info["embodiment"] not in embodiments:
-        raise UsageError(f"policy {spec} acts for embodiment(s) {sorted(embodiments)} but {env} is "
-                         f"'{info['embodiment']}'{hint}")
+        raise UsageError(
+            f"policy {spec} acts for embodiment(s) {sorted(embodiments)} but {env} is '{info['embodiment']}'{hint}"
+        )
     if state_dim and state_dim != info.get("state_dim", state_dim):
         raise UsageError(f"policy {spec} reads {state_dim}-dim states but {env} gives {info['state_dim']}-dim states")
     steps = info.get("action_steps")
@@ -136,6 +152,7 @@ def check_policy_fits(spec: str, info: dict[str, Any], embodiments: list[str], s
 
 
 # ---------------------------------------------------------------- rollouts
+
 
 def eval_seed(seed: int, episode: int) -> int:
     """Seed of evaluation episode ``episode`` (never one of ``wm collect --seed seed``'s demo seeds)."""
@@ -148,10 +165,10 @@ class EpisodeResult:
     episode: int
     seed: int
     success: bool
-    length: int                     # actions taken
-    video: str | None = None        # path relative to the results folder
-    sum_reward: float = 0.0         # Meta-World's dense reward summed over the actions taken
-    max_reward: float = 0.0         # ... and its largest value (LeRobot's eval_info fields)
+    length: int  # actions taken
+    video: str | None = None  # path relative to the results folder
+    sum_reward: float = 0.0  # Meta-World's dense reward summed over the actions taken
+    max_reward: float = 0.0  # ... and its largest value (LeRobot's eval_info fields)
 
 
 @dataclasses.dataclass
@@ -174,8 +191,10 @@ def run_episode(env, policy: Policy, seed: int, record: bool = False) -> Rollout
     while not (success or done):
         action = np.asarray(policy.act(obs), dtype=np.float32).reshape(-1)
         if action.shape != (env.action_dim,) or not np.isfinite(action).all():
-            raise ValueError(f"policy {type(policy).__name__} returned action {action.tolist()} "
-                             f"(expected {env.action_dim} finite numbers)")
+            raise ValueError(
+                f"policy {type(policy).__name__} returned action {action.tolist()} "
+                f"(expected {env.action_dim} finite numbers)"
+            )
         obs, reward, done, info = env.step(action)
         success, steps = info["success"], info["steps"]
         rewards.append(float(reward))
@@ -192,7 +211,7 @@ def run_episodes_batched(envs: list, policy: Policy, seeds: list[int], record: b
     batched = hasattr(policy, "act_batch")
     copies = None if batched else [copy.deepcopy(policy) for _ in envs]
     results: dict[int, Rollout] = {}
-    running: dict[int, dict[str, Any]] = {}     # env slot -> {"episode", "obs", "rewards", "frames", "success", ...}
+    running: dict[int, dict[str, Any]] = {}  # env slot -> {"episode", "obs", "rewards", "frames", "success", ...}
     pending = iter(range(len(seeds)))
 
     def start(slot: int) -> None:
@@ -205,7 +224,7 @@ def run_episodes_batched(envs: list, policy: Policy, seeds: list[int], record: b
         if batched:
             try:
                 policy.reset_slot(slot, seeds[i])
-            except ValueError as e:   # a policy that cannot run episodes side by side says why
+            except ValueError as e:  # a policy that cannot run episodes side by side says why
                 raise UsageError(f"--num-envs {len(envs)}: {e}") from None
         else:
             reset_policy(copies[slot], seeds[i])
@@ -216,22 +235,28 @@ def run_episodes_batched(envs: list, policy: Policy, seeds: list[int], record: b
     while running:
         slots = sorted(running)
         observations = [running[k]["obs"] for k in slots]
-        actions = (policy.act_batch(observations, slots) if batched
-                   else [copies[k].act(o) for k, o in zip(slots, observations)])
+        actions = (
+            policy.act_batch(observations, slots)
+            if batched
+            else [copies[k].act(o) for k, o in zip(slots, observations)]
+        )
         for slot, action in zip(slots, actions):
             env, ep = envs[slot], running[slot]
             action = np.asarray(action, dtype=np.float32).reshape(-1)
             if action.shape != (env.action_dim,) or not np.isfinite(action).all():
-                raise ValueError(f"policy {type(policy).__name__} returned action {action.tolist()} "
-                                 f"(expected {env.action_dim} finite numbers)")
+                raise ValueError(
+                    f"policy {type(policy).__name__} returned action {action.tolist()} "
+                    f"(expected {env.action_dim} finite numbers)"
+                )
             obs, reward, done, info = env.step(action)
             ep["obs"] = obs
             ep["rewards"].append(float(reward))
             if record:
                 ep["frames"].append(env.render_video())
             if info["success"] or done:
-                results[ep["episode"]] = Rollout(bool(info["success"]), int(info["steps"]), ep["rewards"],
-                                                 np.stack(ep["frames"]) if record else None)
+                results[ep["episode"]] = Rollout(
+                    bool(info["success"]), int(info["steps"]), ep["rewards"], np.stack(ep["frames"]) if record else None
+                )
                 start(slot)
     if copies is not None and hasattr(policy, "latencies"):
         for c in copies:
@@ -243,29 +268,56 @@ def _latency_summary(seconds: list[float]) -> dict[str, float] | None:
     if not seconds:
         return None
     ms = np.asarray(seconds) * 1e3
-    return {"calls": len(ms), "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
-            "mean_ms": float(ms.mean())}
+    return {
+        "calls": len(ms),
+        "median_ms": float(np.median(ms)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "mean_ms": float(ms.mean()),
+    }
 
 
 def _aggregated(rows: list[EpisodeResult], seconds: float) -> dict[str, Any]:
     """LeRobot's aggregated eval_info fields over ``rows``: ``pc_success`` (percent), ``avg_sum_reward``,
     ``avg_max_reward``, ``n_episodes``, ``eval_s`` (wall seconds), ``eval_ep_s`` (seconds per episode)."""
-    return {"avg_sum_reward": float(np.mean([r.sum_reward for r in rows])),
-            "avg_max_reward": float(np.mean([r.max_reward for r in rows])),
-            "pc_success": float(np.mean([r.success for r in rows]) * 100), "n_episodes": len(rows),
-            "eval_s": round(seconds, 3), "eval_ep_s": round(seconds / len(rows), 3),
-            "video_paths": [r.video for r in rows if r.video]}
+    return {
+        "avg_sum_reward": float(np.mean([r.sum_reward for r in rows])),
+        "avg_max_reward": float(np.mean([r.max_reward for r in rows])),
+        "pc_success": float(np.mean([r.success for r in rows]) * 100),
+        "n_episodes": len(rows),
+        "eval_s": round(seconds, 3),
+        "eval_ep_s": round(seconds / len(rows), 3),
+        "video_paths": [r.video for r in rows if r.video],
+    }
 
 
 def _per_episode(rows: list[EpisodeResult]) -> list[dict[str, Any]]:
     """LeRobot's per-episode eval_info rows (``episode_ix`` counts within the task)."""
-    return [{"episode_ix": r.episode, "sum_reward": r.sum_reward, "max_reward": r.max_reward,
-             "success": r.success, "seed": r.seed} for r in rows]
+    return [
+        {
+            "episode_ix": r.episode,
+            "sum_reward": r.sum_reward,
+            "max_reward": r.max_reward,
+            "success": r.success,
+            "seed": r.seed,
+        }
+        for r in rows
+    ]
 
 
-def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir: str | Path | None = None,
-             video: bool = False, resolution: int = 64, camera: str = "corner", max_steps: int = 200,
-             policy_name: str = "", video_size: int | None = 256, num_envs: int = 1) -> dict[str, Any]:
+def evaluate(
+    policy: Policy,
+    tasks: list[str],
+    episodes: int,
+    seed: int,
+    out_dir: str | Path | None = None,
+    video: bool = False,
+    resolution: int = 64,
+    camera: str = "corner",
+    max_steps: int = 200,
+    policy_name: str = "",
+    video_size: int | None = 256,
+    num_envs: int = 1,
+) -> dict[str, Any]:
     """Run ``episodes`` seeded episodes per task; returns (and writes ``results.json``) the results.
 
     ``video_size``: pixel size of the rollout videos (rendered apart from the policy's ``resolution``
@@ -294,8 +346,17 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
     started = time.perf_counter()
     bar = tqdm(total=len(tasks) * episodes, desc="eval", unit="episode")
     for task in tasks:
-        envs = [MetaWorldEnv(task, seed=seed, resolution=resolution, camera=camera, max_steps=max_steps,
-                             video_size=video_size if video else None) for _ in range(min(num_envs, episodes))]
+        envs = [
+            MetaWorldEnv(
+                task,
+                seed=seed,
+                resolution=resolution,
+                camera=camera,
+                max_steps=max_steps,
+                video_size=video_size if video else None,
+            )
+            for _ in range(min(num_envs, episodes))
+        ]
         env = envs[0]
         try:
             fps = env.fps
@@ -307,8 +368,15 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
             for i in range(episodes):
                 s = seeds[i]
                 ep = batch[i] if batch is not None else run_episode(env, policy, s, record=video)
-                row = EpisodeResult(task, i, s, ep.success, ep.length, sum_reward=float(np.sum(ep.rewards)),
-                                    max_reward=float(np.max(ep.rewards)))
+                row = EpisodeResult(
+                    task,
+                    i,
+                    s,
+                    ep.success,
+                    ep.length,
+                    sum_reward=float(np.sum(ep.rewards)),
+                    max_reward=float(np.max(ep.rewards)),
+                )
                 if video:
                     row.video = f"videos/{task}_{i:04d}.mp4"
                     (out / "videos").mkdir(exist_ok=True)
@@ -338,15 +406,19 @@ def evaluate(policy: Policy, tasks: list[str], episodes: int, seed: int, out_dir
         "seed": seed,
         "seed_scheme": f"episode i of every task uses seed {seed} + {EVAL_SEED_OFFSET} + i",
         "episodes_per_task": episodes,
-        "resolution": resolution, "camera": camera, "max_steps": max_steps, "fps": fps,
-        "video_size": (video_size or resolution) if video else None, "num_envs": num_envs,
+        "resolution": resolution,
+        "camera": camera,
+        "max_steps": max_steps,
+        "fps": fps,
+        "video_size": (video_size or resolution) if video else None,
+        "num_envs": num_envs,
         "tasks": per_task,
         "overall": {
             "episodes": len(rows),
             "successes": sum(r.success for r in rows),
             "success_rate": sum(r.success for r in rows) / len(rows),
             "mean_length": float(np.mean([r.length for r in rows])),
-            **_aggregated(rows, time.perf_counter() - started),   # LeRobot's eval_info "overall" fields
+            **_aggregated(rows, time.perf_counter() - started),  # LeRobot's eval_info "overall" fields
         },
         "latency": _latency_summary(latencies[n_latencies_before:]) if latencies is not None else None,
         "episodes": [dataclasses.asdict(r) for r in rows],

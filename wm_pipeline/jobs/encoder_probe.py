@@ -52,8 +52,9 @@ def parse_targets(text: str | None) -> dict[str, tuple[int, int]]:
 
 def _features(model, frames: torch.Tensor, batch_size: int) -> np.ndarray:
     with torch.inference_mode():
-        return torch.cat([model.image_encoder(frames[i : i + batch_size])
-                          for i in range(0, len(frames), batch_size)]).numpy()
+        return torch.cat(
+            [model.image_encoder(frames[i : i + batch_size]) for i in range(0, len(frames), batch_size)]
+        ).numpy()
 
 
 def _ridge_fit_score(x_fit, y_fit, x_test, y_test, ridge: float) -> list:
@@ -89,11 +90,20 @@ def _episodes(data_dir, size, every: int, max_episodes: int | None, backend: str
     return torch.cat(frames), np.concatenate(states), tasks, np.array(episodes)
 
 
-def encoder_probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None,
-                  targets: dict[str, tuple[int, int]] | None = None, every: int = 2,
-                  max_episodes: int | None = None, folds: int = 5, batch_size: int = 64,
-                  seed: int = 0, ridge: float = 10.0, fit_dir: str | Path | None = None,
-                  backend: str = "auto") -> dict[str, Any]:
+def encoder_probe(
+    run: str,
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    targets: dict[str, tuple[int, int]] | None = None,
+    every: int = 2,
+    max_episodes: int | None = None,
+    folds: int = 5,
+    batch_size: int = 64,
+    seed: int = 0,
+    ridge: float = 10.0,
+    fit_dir: str | Path | None = None,
+    backend: str = "auto",
+) -> dict[str, Any]:
     """Probe the image encoder of the decoder ``run`` (RUN, RUN/final or a saved folder) on ``data_dir``:
     fitted on ``fit_dir`` when given (e.g. the policy's training demos) and scored on ``data_dir``,
     else cross-validated by episode on ``data_dir`` alone."""
@@ -130,9 +140,16 @@ def encoder_probe(run: str, data_dir: str | Path, out_dir: str | Path | None = N
         return y
 
     frames_t, state, tasks, groups = sets[0]
-    result: dict[str, Any] = {"decoder": str(run), "data": str(dirs[0]), "frames": int(len(frames_t)),
-                              "fit_data": None if fit_dir is None else str(dirs[1]), "ridge": ridge,
-                              "episodes": int(len(set(groups.tolist()))), "tasks": names, "targets": {}}
+    result: dict[str, Any] = {
+        "decoder": str(run),
+        "data": str(dirs[0]),
+        "frames": int(len(frames_t)),
+        "fit_data": None if fit_dir is None else str(dirs[1]),
+        "ridge": ridge,
+        "episodes": int(len(set(groups.tolist()))),
+        "tasks": names,
+        "targets": {},
+    }
     for label, model in (("trained", trained), ("untrained", untrained)):
         feats = [_features(model, f, batch_size) for f, _, _, _ in sets]
         parts = [task_parts(t) for _, _, t, _ in sets]
@@ -154,10 +171,13 @@ def encoder_probe(run: str, data_dir: str | Path, out_dir: str | Path | None = N
 def format_table(result: dict[str, Any]) -> str:
     def fmt(v):
         return "  n/a" if v is None else f"{v:5.3f}"
+
     fit = f"fitted on {result['fit_data']}" if result.get("fit_data") else "cross-validated by episode"
-    lines = [f"encoder probe: {result['decoder']} on {result['data']} "
-             f"({result['episodes']} episodes, {result['frames']} frames, R² within task, {fit})",
-             f"{'target':<12} {'trained':>8} {'untrained':>10}"]
+    lines = [
+        f"encoder probe: {result['decoder']} on {result['data']} "
+        f"({result['episodes']} episodes, {result['frames']} frames, R² within task, {fit})",
+        f"{'target':<12} {'trained':>8} {'untrained':>10}",
+    ]
     for name, row in result["targets"].items():
         lines.append(f"{name:<12} {fmt(row['trained']['r2']):>8} {fmt(row['untrained']['r2']):>10}")
     return "\n".join(lines)

@@ -21,8 +21,9 @@ def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, t
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     if pred.shape != target.shape or pred.ndim != 5:
-        raise ValueError(f"expected two [B, F, C, H, W] tensors of one shape, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"expected two [B, F, C, H, W] tensors of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     b, f = pred.shape[:2]
     # float64: SSIM's local variances are differences of means, which float32 rounds visibly on flat regions
     x = ((pred.double().clamp(-1, 1) + 1) / 2).flatten(0, 1)

@@ -60,25 +60,24 @@ from wm_pipeline.weights import loading, model_folders, read_json
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Labeller:
     """A loaded labeller and what it needs from the data (see the module docstring)."""
 
     kind: str
     model: torch.nn.Module
-    folder: Path                       # the weights folder (RUN/final)
-    window: int                        # frames per window
-    tail: int                          # trailing window positions without an output
-    fields: dict[str, tuple[tuple[int, ...], str]]   # field -> (per-row shape, numpy dtype)
-    image_size: tuple[int, int]        # (H, W) the model takes
-    resize: bool = False               # the training run resized frames: do the same here
+    folder: Path  # the weights folder (RUN/final)
+    window: int  # frames per window
+    tail: int  # trailing window positions without an output
+    fields: dict[str, tuple[tuple[int, ...], str]]  # field -> (per-row shape, numpy dtype)
+    image_size: tuple[int, int]  # (H, W) the model takes
+    resize: bool = False  # the training run resized frames: do the same here
     stride: int = 1
-    hop: int | None = None             # window starts apart; None: window - tail (no overlap beyond tail)
-    camera: str | None = None          # None: the data's first camera
-    fps: list[float] = field(default_factory=list)   # fps of the training data (temporal models)
-    embodiments: list[str] = field(default_factory=list)   # those it can label; [] = any
-    config: dict[str, Any] = field(default_factory=dict)   # recorded in labeller.json
+    hop: int | None = None  # window starts apart; None: window - tail (no overlap beyond tail)
+    camera: str | None = None  # None: the data's first camera
+    fps: list[float] = field(default_factory=list)  # fps of the training data (temporal models)
+    embodiments: list[str] = field(default_factory=list)  # those it can label; [] = any
+    config: dict[str, Any] = field(default_factory=dict)  # recorded in labeller.json
     run_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,12 +89,16 @@ class LabellerKind:
     detect: Callable[[Path], bool] | None = None
 
 
-_KINDS: dict[str, LabellerKind] = {}   # plugins' kinds (register_labeller); the built-in ones are in the registry
+_KINDS: dict[str, LabellerKind] = {}  # plugins' kinds (register_labeller); the built-in ones are in the registry
 
 
-def register_labeller(kind: str, load_fn: Callable[[Path, dict], Labeller],
-                      label_fn: Callable[[Labeller, torch.Tensor, list[str]], dict[str, torch.Tensor]], *,
-                      detect: Callable[[Path], bool] | None = None) -> LabellerKind:
+def register_labeller(
+    kind: str,
+    load_fn: Callable[[Path, dict], Labeller],
+    label_fn: Callable[[Labeller, torch.Tensor, list[str]], dict[str, torch.Tensor]],
+    *,
+    detect: Callable[[Path], bool] | None = None,
+) -> LabellerKind:
     """Make ``kind`` usable by ``wm label`` / ``wm probe`` (a plugin's; see the module docstring)."""
     _KINDS[kind] = LabellerKind(kind, load_fn, label_fn, detect)
     return _KINDS[kind]
@@ -106,9 +109,12 @@ def _kinds() -> dict[str, LabellerKind]:
     built-in table first), the built-in kinds that are not trained models, then the plugins'."""
     from wm_pipeline.training.registry import builtin_labellers, specs
 
-    extra = builtin_labellers()   # reads the built-in table
-    kinds = {s.name: LabellerKind(s.name, s.labeller.load, s.labeller.label, s.labeller.detect)
-             for s in specs() if s.labeller is not None}
+    extra = builtin_labellers()  # reads the built-in table
+    kinds = {
+        s.name: LabellerKind(s.name, s.labeller.load, s.labeller.label, s.labeller.detect)
+        for s in specs()
+        if s.labeller is not None
+    }
     return {**kinds, **{k.kind: k for k in extra}, **_KINDS}
 
 
@@ -136,7 +142,7 @@ def load_labeller(run: str | Path) -> tuple[LabellerKind, Labeller]:
     kinds = _kinds()
     kind = run_config.get("model_name") if run_config.get("model_name") in kinds else config.get("labeller_kind")
     if kind is None:
-        kind = _kind_of_class(config.get(CLASS_KEY))   # folders saved before _class: by detect below
+        kind = _kind_of_class(config.get(CLASS_KEY))  # folders saved before _class: by detect below
     if kind is None:
         kind = next((k for k, spec in kinds.items() if spec.detect is not None and spec.detect(folder)), None)
     if kind not in kinds:
@@ -150,6 +156,7 @@ def load_labeller(run: str | Path) -> tuple[LabellerKind, Labeller]:
 
 
 # ---------------------------------------------------------------- fitting the data
+
 
 def training_fps(run_config: dict) -> list[float]:
     """fps of the run's training data (from its manifests, when still readable), for the frame-gap check."""
@@ -177,17 +184,22 @@ def check_fits(lab: Labeller, data_dir: Path, info: FolderInfo | dict, run: str)
         h, w = info.resolution
         th, tw = lab.image_size
         if lab.resize and h * tw != w * th:
-            raise UsageError(f"labeller {run} takes {th}x{tw} frames (resized from its data) but {data_dir} is "
-                             f"{h}x{w}: the aspect ratios differ")
+            raise UsageError(
+                f"labeller {run} takes {th}x{tw} frames (resized from its data) but {data_dir} is "
+                f"{h}x{w}: the aspect ratios differ"
+            )
         if not lab.resize and (h, w) != (th, tw):
-            raise UsageError(f"labeller {run} takes {th}x{tw} frames (trained without resize) but {data_dir} is "
-                             f"{h}x{w}")
+            raise UsageError(
+                f"labeller {run} takes {th}x{tw} frames (trained without resize) but {data_dir} is {h}x{w}"
+            )
     mine = info.fps()
     if lab.fps and mine and any(abs(a - b) > 0.01 * b for a in mine for b in lab.fps):
         gap = lab.stride * max(lab.tail, 1)
-        raise UsageError(f"labeller {run} was trained on {lab.fps} fps video (frame gap {gap} frames = "
-                         f"{1000 * gap / lab.fps[0]:.1f} ms) but {data_dir} is {mine} fps: the same frame gap "
-                         f"would span another time interval")
+        raise UsageError(
+            f"labeller {run} was trained on {lab.fps} fps video (frame gap {gap} frames = "
+            f"{1000 * gap / lab.fps[0]:.1f} ms) but {data_dir} is {mine} fps: the same frame gap "
+            f"would span another time interval"
+        )
     if lab.embodiments and len(lab.embodiments) > 1:
         unknown = sorted(set(info.embodiments) - set(lab.embodiments))
         if unknown:
@@ -215,6 +227,7 @@ def parse_part(text: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- windows -> rows
 
+
 def _starts(m: int, window: int, tail: int, hop: int | None) -> tuple[int, list[int]]:
     """(window length, starts) tiling a sequence of m frames so that rows 0..m-1-tail are covered."""
     t = min(window, m)
@@ -227,26 +240,27 @@ def _starts(m: int, window: int, tail: int, hop: int | None) -> tuple[int, list[
     return t, starts
 
 
-def label_episodes(spec: LabellerKind, lab: Labeller, episodes: list[tuple[torch.Tensor, str]],
-                   batch_size: int) -> list[dict[str, np.ndarray]]:
+def label_episodes(
+    spec: LabellerKind, lab: Labeller, episodes: list[tuple[torch.Tensor, str]], batch_size: int
+) -> list[dict[str, np.ndarray]]:
     """Label whole episodes: ``[(frames uint8 [n, C, H, W], embodiment)]`` -> one row dict per episode
     (``{field: [n, ...], "valid": bool [n]}``). Windows of equal length are batched together."""
     rows = []
-    jobs: dict[int, list[tuple]] = {}        # window length -> [(episode, phase rows, start)]
+    jobs: dict[int, list[tuple]] = {}  # window length -> [(episode, phase rows, start)]
     for e, (frames, _) in enumerate(episodes):
         n = frames.shape[0]
         r = {f: np.zeros((n, *shape), dtype) for f, (shape, dtype) in lab.fields.items()}
         r[VALID] = np.zeros(n, bool)
-        r["_best"] = np.full(n, np.inf)       # distance of the chosen window position from its centre
+        r["_best"] = np.full(n, np.inf)  # distance of the chosen window position from its centre
         rows.append(r)
         for p in range(min(lab.stride, n)):
             idx = np.arange(p, n, lab.stride)
             t, starts = _starts(len(idx), lab.window, lab.tail, lab.hop)
             for s in starts:
-                jobs.setdefault(t, []).append((e, idx[s: s + t]))
+                jobs.setdefault(t, []).append((e, idx[s : s + t]))
     for t, items in sorted(jobs.items()):
         for b in range(0, len(items), batch_size):
-            chunk = items[b: b + batch_size]
+            chunk = items[b : b + batch_size]
             frames = torch.stack([episodes[e][0][torch.from_numpy(idx)] for e, idx in chunk])
             out = spec.label(lab, frames, [episodes[e][1] for e, _ in chunk])
             out = {f: v.detach().cpu().numpy() for f, v in out.items()}
@@ -254,7 +268,7 @@ def label_episodes(spec: LabellerKind, lab: Labeller, episodes: list[tuple[torch
             dist = np.abs(np.arange(t - lab.tail) - centre)
             for j, (e, idx) in enumerate(chunk):
                 r, where = rows[e], idx[: t - lab.tail]
-                better = dist < r["_best"][where]    # strict: ties keep the earlier window
+                better = dist < r["_best"][where]  # strict: ties keep the earlier window
                 sel = where[better]
                 r["_best"][sel] = dist[better]
                 r[VALID][sel] = True
@@ -266,6 +280,7 @@ def label_episodes(spec: LabellerKind, lab: Labeller, episodes: list[tuple[torch
 
 
 # ---------------------------------------------------------------- the job
+
 
 def _prefetch(items: Iterable, size: int = 4) -> Iterator:
     """Run ``items`` in a thread, ``size`` ahead: decoding overlaps the model's forward passes."""
@@ -295,27 +310,41 @@ def code_version() -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         from importlib.metadata import version
+
         out["package"] = version("wm-pipeline")
     except Exception:
         out["package"] = None
     try:
-        out["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, timeout=10).stdout.strip() or None
+        out["git_commit"] = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
 
 
-
-
 def labeller_info(lab: Labeller, run: str, camera: str, batch_size: int) -> dict[str, Any]:
-    return {"kind": lab.kind, "run": str(Path(run).resolve()), "checkpoint": str(lab.folder.resolve()),
-            "checkpoint_sha256": file_sha256(lab.folder / WEIGHTS), "config": lab.config,
-            "run_config": lab.run_config, "camera": camera, "image_size": list(lab.image_size),
-            "window": lab.window, "stride": lab.stride, "tail": lab.tail, "hop": lab.hop, "batch_size": batch_size,
-            "fields": {f: {"shape": ["n_frames", *s], "dtype": d} for f, (s, d) in lab.fields.items()},
-            "rows": f"row t labels frame t (transitions t -> t + {lab.tail * lab.stride}); 'valid' marks labelled rows",
-            "code_version": code_version()}
+    return {
+        "kind": lab.kind,
+        "run": str(Path(run).resolve()),
+        "checkpoint": str(lab.folder.resolve()),
+        "checkpoint_sha256": file_sha256(lab.folder / WEIGHTS),
+        "config": lab.config,
+        "run_config": lab.run_config,
+        "camera": camera,
+        "image_size": list(lab.image_size),
+        "window": lab.window,
+        "stride": lab.stride,
+        "tail": lab.tail,
+        "hop": lab.hop,
+        "batch_size": batch_size,
+        "fields": {f: {"shape": ["n_frames", *s], "dtype": d} for f, (s, d) in lab.fields.items()},
+        "rows": f"row t labels frame t (transitions t -> t + {lab.tail * lab.stride}); 'valid' marks labelled rows",
+        "code_version": code_version(),
+    }
 
 
 def _ensure_info(data_dir, name: str, info: dict[str, Any], write: bool = True) -> None:
@@ -330,19 +359,36 @@ def _ensure_info(data_dir, name: str, info: dict[str, Any], write: bool = True) 
         except json.JSONDecodeError:
             old = {}
         if old.get("checkpoint_sha256") not in (None, info["checkpoint_sha256"]):
-            raise UsageError(f"{path}: these labels were made by another checkpoint ({old.get('checkpoint')}); "
-                             f"use another --name or delete {path.parent}")
+            raise UsageError(
+                f"{path}: these labels were made by another checkpoint ({old.get('checkpoint')}); "
+                f"use another --name or delete {path.parent}"
+            )
         if old.get("checkpoint_sha256") == info["checkpoint_sha256"]:
-            if old.get("batch_size") != info["batch_size"]:   # float sums differ in the last bits
-                log.warning("%s: earlier shards were labelled with --batch-size %s, now %s: rows may differ in "
-                            "the last bits between shards", path, old.get("batch_size"), info["batch_size"])
+            if old.get("batch_size") != info["batch_size"]:  # float sums differ in the last bits
+                log.warning(
+                    "%s: earlier shards were labelled with --batch-size %s, now %s: rows may differ in "
+                    "the last bits between shards",
+                    path,
+                    old.get("batch_size"),
+                    info["batch_size"],
+                )
             return
     if write:
         write_labeller_info(data_dir, name, info)
 
 
-def label_shard(spec: LabellerKind, lab: Labeller, data_dir, shard: int, name: str, camera: str,
-                batch_size: int, backend: str, bar=None, out=None) -> dict[str, Any]:
+def label_shard(
+    spec: LabellerKind,
+    lab: Labeller,
+    data_dir,
+    shard: int,
+    name: str,
+    camera: str,
+    batch_size: int,
+    backend: str,
+    bar=None,
+    out=None,
+) -> dict[str, Any]:
     """Label one video shard into its sidecar (under ``out``, default ``data_dir``); each malformed,
     undecodable or missing sample becomes a failure row naming shard, key and member, and the others
     are labelled. Returns the sidecar's stats."""
@@ -356,32 +402,45 @@ def label_shard(spec: LabellerKind, lab: Labeller, data_dir, shard: int, name: s
     try:
         # record mode: every key of the manifest comes back once, labelled-to-be or with its error
         # (malformed, undecodable, or lost in a damaged tar); one bad sample costs that sample only
-        for s in _prefetch(iter_shard_samples(data_dir, shard, camera=camera, resize=size, backend=backend,
-                                              errors="record")):
+        for s in _prefetch(
+            iter_shard_samples(data_dir, shard, camera=camera, resize=size, backend=backend, errors="record")
+        ):
             if s.error is not None:
                 failures.append({"key": s.key, "reason": s.error})
             elif lab.embodiments and s.meta.embodiment not in lab.embodiments and len(lab.embodiments) > 1:
                 failures.append({"key": s.key, "reason": f"embodiment {s.meta.embodiment!r} unknown to the labeller"})
             else:
                 samples.append(s)
-    except (FormatError, OSError) as e:   # the shard file itself could not be read
+    except (FormatError, OSError) as e:  # the shard file itself could not be read
         broken = str(e)
         log.warning("%s: %s", entry["name"], broken)
     seen = {s.key for s in samples} | {f["key"] for f in failures}
-    failures += [{"key": k, "reason": f"not read: {broken or 'the shard ended before it'}"}
-                 for k in entry["keys"] if k not in seen]
+    failures += [
+        {"key": k, "reason": f"not read: {broken or 'the shard ended before it'}"}
+        for k in entry["keys"]
+        if k not in seen
+    ]
     for f in failures:
         log.warning("%s: not labelled: %s", entry["name"], f["reason"])
     labelled = label_episodes(spec, lab, [(s.frames, s.meta.embodiment) for s in samples], batch_size)
     rows = {s.key: r for s, r in zip(samples, labelled)}
     if bar is not None:
         bar.update(len(entry["keys"]))
-    return write_sidecar_shard(data_dir if out is None else out, name, entry["name"], rows, failures,
-                               video=data_dir)
+    return write_sidecar_shard(data_dir if out is None else out, name, entry["name"], rows, failures, video=data_dir)
 
 
-def label_shards(spec: LabellerKind, lab: Labeller, data_dir, shards: list[int], name: str, camera: str,
-                 batch_size: int, backend: str, bar=None, out=None) -> int:
+def label_shards(
+    spec: LabellerKind,
+    lab: Labeller,
+    data_dir,
+    shards: list[int],
+    name: str,
+    camera: str,
+    batch_size: int,
+    backend: str,
+    bar=None,
+    out=None,
+) -> int:
     """Label video shards ``shards`` into sidecar ``name``, each under its own lock
     (``shards.sidecar.sidecar_shard_lock``; ``FolderBusy`` naming the holder when another job is
     writing it); a shard that another job completed in the meantime is skipped. Returns the number of
@@ -393,20 +452,30 @@ def label_shards(spec: LabellerKind, lab: Labeller, data_dir, shards: list[int],
     out = data_dir if out is None else out
     failures = 0
     for i in shards:
-        with sidecar_shard_lock(out, name, entries[i]["name"]):   # no lock on object stores (docs/STREAMING.md)
+        with sidecar_shard_lock(out, name, entries[i]["name"]):  # no lock on object stores (docs/STREAMING.md)
             if sidecar_complete(out, name, entries[i]["name"]):
                 log.info("%s: labelled by another job meanwhile; skipped", entries[i]["name"])
                 if bar is not None:
                     bar.update(len(entries[i]["keys"]))
                 continue
-            failures += len(label_shard(spec, lab, data_dir, i, name, camera, batch_size, backend, bar,
-                                        out)["failures"])
+            failures += len(
+                label_shard(spec, lab, data_dir, i, name, camera, batch_size, backend, bar, out)["failures"]
+            )
     return failures
 
 
-def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part: tuple[int, int] = (0, 1),
-                  batch_size: int = 16, backend: str = "auto", rank: int = 0, world: int = 1,
-                  progress: bool = True, labels_out: str | Path | None = None) -> dict[str, Any]:
+def label_dataset(
+    run: str,
+    data_dir: str | Path,
+    name: str | None = None,
+    part: tuple[int, int] = (0, 1),
+    batch_size: int = 16,
+    backend: str = "auto",
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    labels_out: str | Path | None = None,
+) -> dict[str, Any]:
     """Label this process's shards of ``data_dir`` (a folder or a URL, ``shards.location``) with ``run``
     into ``labels_out/labels/NAME`` (default: beside the data); returns counts for the summary."""
     from tqdm import tqdm
@@ -422,14 +491,16 @@ def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part:
         raise UsageError(f"data folder {data_dir} does not exist")
     out = locate(labels_out) if labels_out is not None else data_dir
     if isinstance(out, Location) and (out.is_pipe or out.protocol in ("http", "https")):
-        raise UsageError(f"{out}: sidecars cannot be written to a {out.protocol}: location; pass --labels-out DIR "
-                         f"(a folder, or an s3:// / gs:// URL)")
-    manifest = read_manifest(data_dir)   # a URL without one: a one-line error naming it
+        raise UsageError(
+            f"{out}: sidecars cannot be written to a {out.protocol}: location; pass --labels-out DIR "
+            f"(a folder, or an s3:// / gs:// URL)"
+        )
+    manifest = read_manifest(data_dir)  # a URL without one: a one-line error naming it
     spec, lab = load_labeller(run)
     camera = check_fits(lab, data_dir, FolderInfo(str(data_dir), manifest), run)
     name = name or lab.kind
     info = labeller_info(lab, run, camera, batch_size)
-    if rank == 0:   # each task of a Slurm array is a rank 0: they take turns on labeller.json
+    if rank == 0:  # each task of a Slurm array is a rank 0: they take turns on labeller.json
         with labeller_info_lock(out, name):
             _ensure_info(out, name, info)
     else:
@@ -438,12 +509,29 @@ def label_dataset(run: str, data_dir: str | Path, name: str | None = None, part:
     # a shard is redone unless complete without failures: a rerun retries the samples that failed
     todo = [i for i in mine if not sidecar_complete(out, name, manifest["shards"][i]["name"])]
     keys = sum(len(manifest["shards"][i]["keys"]) for i in todo)
-    log.info("labelling %d of %d shards (%d already done) of %s with %s '%s' -> %s/labels/%s", len(todo), len(mine),
-             len(mine) - len(todo), data_dir, lab.kind, run, out, name)
-    with torch.inference_mode(), tqdm(total=keys, unit="clip", desc=f"label {name}", disable=not progress,
-                                      dynamic_ncols=True) as bar:
+    log.info(
+        "labelling %d of %d shards (%d already done) of %s with %s '%s' -> %s/labels/%s",
+        len(todo),
+        len(mine),
+        len(mine) - len(todo),
+        data_dir,
+        lab.kind,
+        run,
+        out,
+        name,
+    )
+    with (
+        torch.inference_mode(),
+        tqdm(total=keys, unit="clip", desc=f"label {name}", disable=not progress, dynamic_ncols=True) as bar,
+    ):
         failures = label_shards(spec, lab, data_dir, todo, name, camera, batch_size, backend, bar, out)
     # every key of a shard is labelled or a failure row (write_sidecar_shard checks), so this counts
     # the clips actually labelled, not the ones attempted
-    return {"shards": len(todo), "skipped": len(mine) - len(todo), "clips": keys - failures, "failures": failures,
-            "name": name, "out": str(out)}
+    return {
+        "shards": len(todo),
+        "skipped": len(mine) - len(todo),
+        "clips": keys - failures,
+        "failures": failures,
+        "name": name,
+        "out": str(out),
+    }

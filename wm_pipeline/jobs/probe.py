@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- statistics
 
+
 def r2_per_dim(pred: np.ndarray, true: np.ndarray) -> list[float | None]:
     """R² of each column ([N, A]); None for a constant column (R² undefined)."""
     sst = ((true - true.mean(0)) ** 2).sum(0)
@@ -61,7 +62,7 @@ def linear_probe(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 
         a = np.hstack([(x[tr] - mu) / sd, np.ones((tr.sum(), 1))])
         b = np.hstack([(x[te] - mu) / sd, np.ones((te.sum(), 1))])
         reg = ridge * np.eye(a.shape[1])
-        reg[-1, -1] = 0.0   # the intercept is not shrunk
+        reg[-1, -1] = 0.0  # the intercept is not shrunk
         w = np.linalg.solve(a.T @ a + reg, a.T @ y[tr])
         pred[te] = b @ w
     return r2_per_dim(pred, y.astype(np.float64))
@@ -72,33 +73,53 @@ def code_usage(codes: np.ndarray, num_codes: int) -> dict[str, Any]:
     counts = np.bincount(codes.ravel(), minlength=num_codes).astype(np.float64)
     p = counts / max(counts.sum(), 1)
     nz = p[p > 0]
-    return {"perplexity": float(np.exp(-(nz * np.log(nz)).sum())), "num_codes": num_codes,
-            "codes_used": int((counts > 0).sum()), "dead_codes": int((counts == 0).sum()),
-            "distinct_tuples": int(len({tuple(c) for c in codes.tolist()})), "n_tokens": int(codes.shape[1])}
+    return {
+        "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+        "num_codes": num_codes,
+        "codes_used": int((counts > 0).sum()),
+        "dead_codes": int((counts == 0).sum()),
+        "distinct_tuples": int(len({tuple(c) for c in codes.tolist()})),
+        "n_tokens": int(codes.shape[1]),
+    }
 
 
 # ---------------------------------------------------------------- the probe
 
+
 def _held_out(lab, data_dir) -> bool:
     from shards.location import identity
+
     trained = [identity(p) for p in (lab.run_config.get("data") or {}).get("paths") or []]
     return identity(data_dir) not in trained
 
 
-def probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
-          max_episodes: int | None = None, folds: int = 5, backend: str = "auto") -> dict[str, Any]:
+def probe(
+    run: str,
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_episodes: int | None = None,
+    folds: int = 5,
+    backend: str = "auto",
+) -> dict[str, Any]:
     from shards.dataset_info import FolderInfo
     from shards.location import locate, missing_folder
     from shards.stream import iter_samples
 
-    data_dir = locate(data_dir)   # a folder or a URL (shards.location)
+    data_dir = locate(data_dir)  # a folder or a URL (shards.location)
     if missing_folder(data_dir):
         raise UsageError(f"data folder {data_dir} does not exist")
     spec, lab = load_labeller(run)
     camera = check_fits(lab, data_dir, FolderInfo.read(data_dir), run)
     samples = []
-    for s in iter_samples(data_dir, camera=camera, resize=tuple(lab.image_size) if lab.resize else None,
-                          backend=backend, errors="record", split=False):
+    for s in iter_samples(
+        data_dir,
+        camera=camera,
+        resize=tuple(lab.image_size) if lab.resize else None,
+        backend=backend,
+        errors="record",
+        split=False,
+    ):
         if s.error is None and s.action is not None:
             samples.append(s)
         if max_episodes and len(samples) >= max_episodes:
@@ -110,8 +131,13 @@ def probe(run: str, data_dir: str | Path, out_dir: str | Path | None = None, bat
         log.warning("%s is part of the labeller's training data: these numbers are not held out", data_dir)
     with torch.inference_mode():
         rows = label_episodes(spec, lab, [(s.frames, s.meta.embodiment) for s in samples], batch_size)
-        result: dict[str, Any] = {"kind": lab.kind, "labeller": str(run), "data": str(data_dir),
-                                  "held_out": held_out, "episodes": len(samples)}
+        result: dict[str, Any] = {
+            "kind": lab.kind,
+            "labeller": str(run),
+            "data": str(data_dir),
+            "held_out": held_out,
+            "episodes": len(samples),
+        }
         if lab.kind == "lam":
             result.update(_probe_lam(lab, samples, rows, folds, batch_size))
         elif lab.kind == "idm":
@@ -138,7 +164,7 @@ def _transitions(lab, samples, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray
         for row in np.flatnonzero(r[VALID]):
             ep.append(e)
             t.append(row)
-            y.append(s.action[row: row + gap].mean(0))
+            y.append(s.action[row : row + gap].mean(0))
     return np.array(ep), np.array(t), np.array(y, np.float64), np.concatenate([r["latent"][r[VALID]] for r in rows])
 
 
@@ -156,13 +182,17 @@ def _probe_lam(lab, samples, rows, folds: int, batch_size: int) -> dict[str, Any
     fresh = label_episodes(_LamOnly(untrained), lab, [(s.frames, s.meta.embodiment) for s in samples], batch_size)
     r2_untrained = linear_probe(np.concatenate([r["latent"][r[VALID]] for r in fresh]).astype(np.float64), y, ep, folds)
     out: dict[str, Any] = {
-        "transitions": int(len(ep)), "frame_gap": lab.tail * lab.stride,
+        "transitions": int(len(ep)),
+        "frame_gap": lab.tail * lab.stride,
         "probe_r2": {"latent": r2, "random_latent": r2_noise, "untrained_lam": r2_untrained},
-        "probe_r2_mean": {"latent": mean_r2(r2), "random_latent": mean_r2(r2_noise),
-                          "untrained_lam": mean_r2(r2_untrained)}}
+        "probe_r2_mean": {
+            "latent": mean_r2(r2),
+            "random_latent": mean_r2(r2_noise),
+            "untrained_lam": mean_r2(r2_untrained),
+        },
+    }
     if "codes" in rows[0]:
-        out["codes"] = code_usage(np.concatenate([r["codes"][r[VALID]] for r in rows]),
-                                  lab.model.config.num_codes)
+        out["codes"] = code_usage(np.concatenate([r["codes"][r[VALID]] for r in rows]), lab.model.config.num_codes)
     out["next_frame"] = _next_frame_errors(lab, samples, rows, ep, t, batch_size)
     return out
 
@@ -204,28 +234,42 @@ def _probe_idm(samples, rows) -> dict[str, Any]:
     pred = np.concatenate([r["pseudo_action"][r[VALID]] for r in rows]).astype(np.float64)
     r2 = r2_per_dim(pred, true)
     mse = ((pred - true) ** 2).mean(0).tolist()
-    return {"steps": int(len(true)), "idm_r2": r2, "idm_r2_mean": mean_r2(r2), "idm_mse": mse,
-            "idm_mse_mean": float(np.mean(mse)), "action_std": true.std(0).tolist()}
+    return {
+        "steps": int(len(true)),
+        "idm_r2": r2,
+        "idm_r2_mean": mean_r2(r2),
+        "idm_mse": mse,
+        "idm_mse_mean": float(np.mean(mse)),
+        "action_std": true.std(0).tolist(),
+    }
 
 
 # ---------------------------------------------------------------- pictures and the table
 
+
 def _plot_lam(lab, samples, rows, path: Path, n: int = 6) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     gap = lab.tail * lab.stride
     ep, t, _, latents = _transitions(lab, samples, rows)
-    motion = np.array([float((samples[e].frames[i].float() - samples[e].frames[i + gap].float()).abs().mean())
-                       for e, i in zip(ep, t)])
+    motion = np.array(
+        [float((samples[e].frames[i].float() - samples[e].frames[i + gap].float()).abs().mean()) for e, i in zip(ep, t)]
+    )
     pick = np.argsort(-motion)[:n]
     fig, axes = plt.subplots(len(pick), 3, figsize=(6, 2 * len(pick)), squeeze=False)
     for row, j in enumerate(pick):
         e, i = ep[j], t[j]
-        pred = lab.model.predict_next_frame(samples[e].frames[i][None], torch.from_numpy(latents[j:j + 1]))[0]
-        for col, (img, title) in enumerate(((samples[e].frames[i], "frame t"), (pred, f"predicted t+{gap}"),
-                                            (samples[e].frames[i + gap], f"true t+{gap}"))):
+        pred = lab.model.predict_next_frame(samples[e].frames[i][None], torch.from_numpy(latents[j : j + 1]))[0]
+        for col, (img, title) in enumerate(
+            (
+                (samples[e].frames[i], "frame t"),
+                (pred, f"predicted t+{gap}"),
+                (samples[e].frames[i + gap], f"true t+{gap}"),
+            )
+        ):
             axes[row, col].imshow(img.permute(1, 2, 0).numpy())
             axes[row, col].set_axis_off()
             axes[row, col].set_title(f"{title}" + (f"\n{samples[e].key}@{i}" if col == 0 else ""), fontsize=7)
@@ -236,6 +280,7 @@ def _plot_lam(lab, samples, rows, path: Path, n: int = 6) -> None:
 
 def _plot_idm(samples, rows, path: Path, n: int = 3) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -258,24 +303,34 @@ def _fmt(v) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    lines = [f"{result['kind']} labeller {result['labeller']} on {result['data']} "
-             f"({result['episodes']} episodes{'' if result['held_out'] else ', NOT held out'})"]
+    lines = [
+        f"{result['kind']} labeller {result['labeller']} on {result['data']} "
+        f"({result['episodes']} episodes{'' if result['held_out'] else ', NOT held out'})"
+    ]
     if result["kind"] == "lam":
         pr, m = result["probe_r2"], result["probe_r2_mean"]
-        lines.append(f"{'linear probe R2 (latent -> mean action over gap ' + str(result['frame_gap']) + ')':<58}"
-                     f"{'mean':>7}  per dim")
+        lines.append(
+            f"{'linear probe R2 (latent -> mean action over gap ' + str(result['frame_gap']) + ')':<58}"
+            f"{'mean':>7}  per dim"
+        )
         for name in ("latent", "untrained_lam", "random_latent"):
             lines.append(f"  {name:<56}{_fmt(m[name]):>7}  {' '.join(_fmt(v) for v in pr[name])}")
         nf = result["next_frame"]
-        lines.append(f"next-frame MSE (pixels in [0,1]): LAM {nf['mse_lam']:.5f} | copy frame t {nf['mse_copy']:.5f} | "
-                     f"shuffled latents {nf['mse_shuffled_latent']:.5f} | LAM/copy {nf['lam_over_copy']:.3f}")
+        lines.append(
+            f"next-frame MSE (pixels in [0,1]): LAM {nf['mse_lam']:.5f} | copy frame t {nf['mse_copy']:.5f} | "
+            f"shuffled latents {nf['mse_shuffled_latent']:.5f} | LAM/copy {nf['lam_over_copy']:.3f}"
+        )
         if "codes" in result:
             c = result["codes"]
-            lines.append(f"VQ codes: perplexity {c['perplexity']:.2f} of {c['num_codes']} | used {c['codes_used']} | "
-                         f"dead {c['dead_codes']} | distinct tuples of {c['n_tokens']} tokens {c['distinct_tuples']}")
+            lines.append(
+                f"VQ codes: perplexity {c['perplexity']:.2f} of {c['num_codes']} | used {c['codes_used']} | "
+                f"dead {c['dead_codes']} | distinct tuples of {c['n_tokens']} tokens {c['distinct_tuples']}"
+            )
     else:
         lines.append(f"{'IDM pseudo-actions vs true':<30}{'mean':>8}  per dim")
         lines.append(f"  {'R2':<28}{_fmt(result['idm_r2_mean']):>8}  {' '.join(_fmt(v) for v in result['idm_r2'])}")
-        lines.append(f"  {'MSE (raw units)':<28}{result['idm_mse_mean']:>8.4f}  "
-                     f"{' '.join(f'{v:.4f}' for v in result['idm_mse'])}")
+        lines.append(
+            f"  {'MSE (raw units)':<28}{result['idm_mse_mean']:>8.4f}  "
+            f"{' '.join(f'{v:.4f}' for v in result['idm_mse'])}"
+        )
     return "\n".join(lines)

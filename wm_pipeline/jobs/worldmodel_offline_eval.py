@@ -66,23 +66,31 @@ def load_world_model(run: str | Path):
         raise UsageError(f"{run}: no world model (final/config.json + model.safetensors); has training finished?")
     config = read_json(folder / MODEL_CONFIG)
     named = config.get(CLASS_KEY) if isinstance(config, dict) else None
-    legacy = isinstance(config, dict) and "action_horizon" in config and "variant" in config   # saved before _class
+    legacy = isinstance(config, dict) and "action_horizon" in config and "variant" in config  # saved before _class
     if named != class_name(WorldModel) if named is not None else not legacy:
         raise UsageError(f"{folder}: config.json is not a world model's")
     model = from_pretrained(WorldModel, folder, what="world model", strict=True).eval()
     return model, run_config_of(folder)
 
 
-def _windows(model, run_config: dict, data_dir: Path, max_windows: int, batch_size: int, backend: str,
-             every: int | None = None):
+def _windows(
+    model, run_config: dict, data_dir: Path, max_windows: int, batch_size: int, backend: str, every: int | None = None
+):
     """Batches of held-out windows with real actions, in data order (``max_windows`` 0: all); ``every``:
     a window at every ``every``-th frame of each episode instead of the non-overlapping tiling."""
     from shards.stream import WindowStream, collate_windows
 
     cfg, data = model.config, run_config.get("data") or {}
-    stream = WindowStream(str(data_dir), window=cfg.window, stride=int(data.get("stride") or 1),
-                          camera=data.get("camera"), resize=data.get("resize"), backend=backend, mode="label",
-                          label_every=every)
+    stream = WindowStream(
+        str(data_dir),
+        window=cfg.window,
+        stride=int(data.get("stride") or 1),
+        camera=data.get("camera"),
+        resize=data.get("resize"),
+        backend=backend,
+        mode="label",
+        label_every=every,
+    )
     taken, pending = 0, []
     for w in stream:
         if not w["action_mask"] or w["embodiment"] not in model.adapters:
@@ -107,31 +115,49 @@ def _r2(true: np.ndarray, pred: np.ndarray) -> tuple[float, list[float]]:
 
 
 @torch.no_grad()
-def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | Path | None = None, *,
-                         max_windows: int = 64, batch_size: int = 16, steps: int | None = None, seed: int = 0,
-                         examples: int = 4, backend: str = "auto", every: int | None = None) -> dict[str, Any]:
+def evaluate_world_model(
+    run: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    max_windows: int = 64,
+    batch_size: int = 16,
+    steps: int | None = None,
+    seed: int = 0,
+    examples: int = 4,
+    backend: str = "auto",
+    every: int | None = None,
+) -> dict[str, Any]:
     """Score ``run`` on ``data_dir`` (see the module docstring); writes the artefacts to ``out_dir``
     (default ``RUN/eval``) and returns the metrics."""
     from shards.location import locate, missing_folder
     from wm_pipeline.jobs.frame_quality import psnr_ssim
     from worldmodel.tokenizer import frames_to_unit
 
-    data_dir = locate(data_dir)   # a folder or a URL (shards.location)
+    data_dir = locate(data_dir)  # a folder or a URL (shards.location)
     if missing_folder(data_dir):
         raise UsageError(f"data folder {data_dir} does not exist")
     model, run_config = load_world_model(run)
     cfg = model.config
-    if cfg.frame_space == "vae" and not cfg.vae_path:   # from_pretrained loaded the VAE when the path is set
-        raise UsageError(f"{run}: a VAE-latent model needs its VAE (model.vae_path) to score frames; "
-                         f"this one was trained from latents alone")
+    if cfg.frame_space == "vae" and not cfg.vae_path:  # from_pretrained loaded the VAE when the path is set
+        raise UsageError(
+            f"{run}: a VAE-latent model needs its VAE (model.vae_path) to score frames; "
+            f"this one was trained from latents alone"
+        )
     out_dir = Path(out_dir) if out_dir else Path(run) / "eval"
     gen = torch.Generator().manual_seed(seed)
-    gen_mean = torch.Generator().manual_seed(seed + 1)   # the one-step action calls: the other draws stay put
+    gen_mean = torch.Generator().manual_seed(seed + 1)  # the one-step action calls: the other draws stay put
     t0, fut, h = cfg.n_obs - 1, cfg.future_indices(), cfg.action_horizon
-    sums = {"forward_dynamics_mse": 0.0, "forward_dynamics_mean_mse": 0.0, "copy_last_frame_mse": 0.0,
-            "video_mse": 0.0, "video_mean_mse": 0.0}
-    actions: dict[str, list[np.ndarray]] = {k: [] for k in ("true", "inverse", "no_future", "policy", "inverse_mean",
-                                                            "no_future_mean", "policy_mean")}
+    sums = {
+        "forward_dynamics_mse": 0.0,
+        "forward_dynamics_mean_mse": 0.0,
+        "copy_last_frame_mse": 0.0,
+        "video_mse": 0.0,
+        "video_mean_mse": 0.0,
+    }
+    actions: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("true", "inverse", "no_future", "policy", "inverse_mean", "no_future_mean", "policy_mean")
+    }
     shown: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     n = 0
     for batch in _windows(model, run_config, data_dir, max_windows, batch_size, backend, every):
@@ -140,7 +166,7 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             adapter = model.adapters[emb]
             frames = batch["frames"][idx]
             obs, true_next = frames[:, : cfg.n_obs], frames[:, fut]
-            act = batch["action"][idx, t0: t0 + h, : adapter.action_dim]
+            act = batch["action"][idx, t0 : t0 + h, : adapter.action_dim]
             kw = {"task": [batch["task"][i] for i in idx], "generator": gen}
             if adapter.state_dim and bool(batch["state_mask"][idx].all()):
                 kw["state"] = batch["state"][idx, : cfg.n_obs, : adapter.state_dim]
@@ -151,8 +177,13 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             video_mean = model.sample_video(obs, None, steps=1, **kw)
             copy = frames_to_unit(obs[:, -1:]).expand_as(target)
             m = len(idx)
-            for name, x in (("forward_dynamics", pred), ("copy_last_frame", copy), ("video", video),
-                            ("forward_dynamics_mean", pred_mean), ("video_mean", video_mean)):
+            for name, x in (
+                ("forward_dynamics", pred),
+                ("copy_last_frame", copy),
+                ("video", video),
+                ("forward_dynamics_mean", pred_mean),
+                ("video_mean", video_mean),
+            ):
                 psnr, ssim = psnr_ssim(x, target)
                 sums[f"{name}_psnr"] = sums.get(f"{name}_psnr", 0.0) + float(psnr.sum())
                 sums[f"{name}_ssim"] = sums.get(f"{name}_ssim", 0.0) + float(ssim.sum())
@@ -162,7 +193,7 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             sums["forward_dynamics_mean_mse"] += float(((pred_mean - target) ** 2).mean()) * m
             sums["video_mean_mse"] += float(((video_mean - target) ** 2).mean()) * m
             actions["inverse"].append(model.sample_inverse_dynamics(obs, true_next, emb, steps=steps, **kw).numpy())
-            still = obs[:, -1:].expand_as(true_next)   # the last current frame, repeated: no future information
+            still = obs[:, -1:].expand_as(true_next)  # the last current frame, repeated: no future information
             actions["no_future"].append(model.sample_inverse_dynamics(obs, still, emb, steps=steps, **kw).numpy())
             actions["policy"].append(model.sample_policy(obs, emb, steps=steps, **kw).numpy())
             one = {**kw, "generator": gen_mean, "steps": 1}
@@ -174,41 +205,72 @@ def evaluate_world_model(run: str | Path, data_dir: str | Path, out_dir: str | P
             for j in range(min(m, examples - len(shown))):
                 shown.append((obs[j], pred[j], true_next[j]))
     if n == 0:
-        raise UsageError(f"{data_dir}: no windows of {cfg.window} frames with actions of the model's embodiments "
-                         f"{sorted(k for k in model.adapters if k != 'latent')}")
+        raise UsageError(
+            f"{data_dir}: no windows of {cfg.window} frames with actions of the model's embodiments "
+            f"{sorted(k for k in model.adapters if k != 'latent')}"
+        )
     dims = min(a.shape[-1] for a in actions["true"])
     flat = {k: np.concatenate([a[..., :dims] for a in v]).reshape(-1, dims) for k, v in actions.items()}
     inv_r2, inv_dims = _r2(flat["true"], flat["inverse"])
     pol_r2, pol_dims = _r2(flat["true"], flat["policy"])
     still_r2, still_dims = _r2(flat["true"], flat["no_future"])
     metrics = {k: v / n for k, v in sums.items()}
-    metrics.update({
-        "forward_dynamics_vs_copy": metrics["forward_dynamics_mse"] / max(metrics["copy_last_frame_mse"], 1e-12),
-        "forward_dynamics_mean_vs_copy": metrics["forward_dynamics_mean_mse"] / max(metrics["copy_last_frame_mse"], 1e-12),
-        "inverse_dynamics_r2": inv_r2, "inverse_dynamics_r2_per_dim": inv_dims,
-        "inverse_dynamics_mse": float(((flat["true"] - flat["inverse"]) ** 2).mean()),
-        "inverse_dynamics_no_future_r2": still_r2, "inverse_dynamics_no_future_r2_per_dim": still_dims,
-        "policy_r2": pol_r2, "policy_r2_per_dim": pol_dims,
-        "policy_mse": float(((flat["true"] - flat["policy"]) ** 2).mean()),
-        "inverse_dynamics_mean_r2": _r2(flat["true"], flat["inverse_mean"])[0],
-        "inverse_dynamics_no_future_mean_r2": _r2(flat["true"], flat["no_future_mean"])[0],
-        "policy_mean_r2": _r2(flat["true"], flat["policy_mean"])[0],
-        "windows": n, "window_every": every, "variant": cfg.variant, "trained_as": recipe_of(run_config) or "uwm",
-        "frame_space": cfg.frame_space, "sampling_steps": steps or {"action": cfg.action_steps, "video": cfg.video_steps},
-        "seed": seed, "data": str(data_dir), "model": str(run),
-    })
+    metrics.update(
+        {
+            "forward_dynamics_vs_copy": metrics["forward_dynamics_mse"] / max(metrics["copy_last_frame_mse"], 1e-12),
+            "forward_dynamics_mean_vs_copy": metrics["forward_dynamics_mean_mse"]
+            / max(metrics["copy_last_frame_mse"], 1e-12),
+            "inverse_dynamics_r2": inv_r2,
+            "inverse_dynamics_r2_per_dim": inv_dims,
+            "inverse_dynamics_mse": float(((flat["true"] - flat["inverse"]) ** 2).mean()),
+            "inverse_dynamics_no_future_r2": still_r2,
+            "inverse_dynamics_no_future_r2_per_dim": still_dims,
+            "policy_r2": pol_r2,
+            "policy_r2_per_dim": pol_dims,
+            "policy_mse": float(((flat["true"] - flat["policy"]) ** 2).mean()),
+            "inverse_dynamics_mean_r2": _r2(flat["true"], flat["inverse_mean"])[0],
+            "inverse_dynamics_no_future_mean_r2": _r2(flat["true"], flat["no_future_mean"])[0],
+            "policy_mean_r2": _r2(flat["true"], flat["policy_mean"])[0],
+            "windows": n,
+            "window_every": every,
+            "variant": cfg.variant,
+            "trained_as": recipe_of(run_config) or "uwm",
+            "frame_space": cfg.frame_space,
+            "sampling_steps": steps or {"action": cfg.action_steps, "video": cfg.video_steps},
+            "seed": seed,
+            "data": str(data_dir),
+            "model": str(run),
+        }
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_grid(shown, out_dir, fps=2.0)
-    log.info("world model eval on %d windows: PSNR / SSIM forward dynamics %.2f dB / %.3f, copy-last %.2f dB / %.3f",
-             n, metrics["forward_dynamics_psnr"], metrics["forward_dynamics_ssim"], metrics["copy_last_frame_psnr"],
-             metrics["copy_last_frame_ssim"])
-    log.info("world model eval on %d windows: forward dynamics %.4g (mean forecast %.4g) vs copy-last %.4g, video %.4g, "
-             "inverse R² %.3f (%.3f without future frames), policy R² %.3f (MSE %.4g); mean chunks: inverse R² %.3f "
-             "(%.3f without future frames), policy R² %.3f -> %s", n,
-             metrics["forward_dynamics_mse"], metrics["forward_dynamics_mean_mse"], metrics["copy_last_frame_mse"],
-             metrics["video_mse"], inv_r2, still_r2, pol_r2, metrics["policy_mse"], metrics["inverse_dynamics_mean_r2"],
-             metrics["inverse_dynamics_no_future_mean_r2"], metrics["policy_mean_r2"], out_dir)
+    log.info(
+        "world model eval on %d windows: PSNR / SSIM forward dynamics %.2f dB / %.3f, copy-last %.2f dB / %.3f",
+        n,
+        metrics["forward_dynamics_psnr"],
+        metrics["forward_dynamics_ssim"],
+        metrics["copy_last_frame_psnr"],
+        metrics["copy_last_frame_ssim"],
+    )
+    log.info(
+        "world model eval on %d windows: forward dynamics %.4g (mean forecast %.4g) vs copy-last %.4g, video %.4g, "
+        "inverse R² %.3f (%.3f without future frames), policy R² %.3f (MSE %.4g); mean chunks: inverse R² %.3f "
+        "(%.3f without future frames), policy R² %.3f -> %s",
+        n,
+        metrics["forward_dynamics_mse"],
+        metrics["forward_dynamics_mean_mse"],
+        metrics["copy_last_frame_mse"],
+        metrics["video_mse"],
+        inv_r2,
+        still_r2,
+        pol_r2,
+        metrics["policy_mse"],
+        metrics["inverse_dynamics_mean_r2"],
+        metrics["inverse_dynamics_no_future_mean_r2"],
+        metrics["policy_mean_r2"],
+        out_dir,
+    )
     return metrics
 
 
@@ -232,7 +294,7 @@ def write_grid(shown: list, out_dir: Path, fps: float = 2.0, gap: int = 2) -> No
     for obs, pred, true in shown:
         parts = [_uint8(obs), _uint8(pred), _uint8(true)]
         s = parts[0].shape[1]
-        pad = np.full((s, gap * 3, 3), 255, np.uint8)   # white bars between the three groups
+        pad = np.full((s, gap * 3, 3), 255, np.uint8)  # white bars between the three groups
         row = []
         for k, p in enumerate(parts):
             row.extend([*p] + ([pad] if k < 2 else []))
@@ -243,6 +305,6 @@ def write_grid(shown: list, out_dir: Path, fps: float = 2.0, gap: int = 2) -> No
     sep = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
     grid = np.concatenate([x for r in rows for x in (r, sep)][:-1])
     Image.fromarray(grid).save(out_dir / "grid.png")
-    video = np.concatenate(clips, axis=1)   # examples stacked vertically, [T, H*k, W', 3]
-    video = video[:, : video.shape[1] // 2 * 2, : video.shape[2] // 2 * 2]   # H.264 needs even sizes
+    video = np.concatenate(clips, axis=1)  # examples stacked vertically, [T, H*k, W', 3]
+    video = video[:, : video.shape[1] // 2 * 2, : video.shape[2] // 2 * 2]  # H.264 needs even sizes
     (out_dir / "grid.mp4").write_bytes(encode_video(np.ascontiguousarray(video), fps))

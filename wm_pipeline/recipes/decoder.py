@@ -56,10 +56,11 @@ POLICIES = ("scratch", "latent", "uwm", "idm-bc")
 NOT_READY = {
     "uwm": "is the world model fine-tuned on actions: train it with `wm train worldmodel --init RUN`",
 }
-IDM_LABELS = "idm"   # the sidecar idm-bc reads: labels/idm, fields pseudo_action [n, A] and valid [n]
+IDM_LABELS = "idm"  # the sidecar idm-bc reads: labels/idm, fields pseudo_action [n, A] and valid [n]
 
 
 # ---------------------------------------------------------------- registration
+
 
 def prepare(cfg, info: DatasetInfo):
     """The run config with ``model`` (a DecoderConfig) filled from the data (a new config; ``cfg`` is not
@@ -70,14 +71,14 @@ def prepare(cfg, info: DatasetInfo):
     if policy in NOT_READY:
         raise UsageError(f"policy={policy} {NOT_READY[policy]}")
     m, paths = cfg.model, list(cfg.data.paths)
-    robots = info.robots()   # embodiment -> its dims and stats, from the first data dir that has it
+    robots = info.robots()  # embodiment -> its dims and stats, from the first data dir that has it
     if not robots:
         raise ModelDataMismatch(f"no episodes with actions in {paths}: the decoder learns from demos")
     dims = {(e.action_dim, e.state_dim) for e in robots.values()}
     if len(dims) > 1:
         listed = ", ".join(f"{n} (action {e.action_dim}, state {e.state_dim})" for n, e in robots.items())
         raise ModelDataMismatch(f"a decoder acts for one robot layout, but the demos mix {listed}")
-    (action_dim, state_dim), = dims
+    ((action_dim, state_dim),) = dims
     for key, mine, data in (("action_dim", m.action_dim, action_dim), ("state_dim", m.state_dim, state_dim)):
         if mine and mine != data:
             raise ModelDataMismatch(f"model.{key}={mine} but the demos in {paths} have {key}={data}")
@@ -87,8 +88,9 @@ def prepare(cfg, info: DatasetInfo):
     elif len(sizes) == 1:
         size = sizes.pop()
     else:
-        raise ModelDataMismatch(f"the data folders {paths} have different resolutions {sorted(sizes)}: "
-                                f"set data.resize=H,W")
+        raise ModelDataMismatch(
+            f"the data folders {paths} have different resolutions {sorted(sizes)}: set data.resize=H,W"
+        )
     stats = {name: e.stats_f32() for name, e in robots.items()}
     if cfg.data.episodes_per_task or cfg.data.tasks:
         _, counts = few_shot_keys(paths, cfg.data.episodes_per_task, cfg.data.tasks)
@@ -96,8 +98,14 @@ def prepare(cfg, info: DatasetInfo):
     else:
         tasks = info.tasks()
     # a config given back with --config keeps its vocabulary (embedding rows)
-    m = replace(m, action_dim=action_dim, state_dim=state_dim, image_size=[int(v) for v in size], stats=stats,
-                tasks=m.tasks or tasks)
+    m = replace(
+        m,
+        action_dim=action_dim,
+        state_dim=state_dim,
+        image_size=[int(v) for v in size],
+        stats=stats,
+        tasks=m.tasks or tasks,
+    )
     if m.encoder_init:
         m = _prepare_encoder_init(m)
     labels = list(cfg.data.labels)
@@ -119,8 +127,12 @@ def _prepare_encoder_init(m: DecoderConfig) -> DecoderConfig:
     folder, ae = encoder_init(m.encoder_init, m.image_size, m.image_channels)
     channels = [int(c) for c in ae["encoder_channels"]]
     if channels != list(m.encoder_channels):
-        log.info("encoder_init %s: encoder_channels %s (the autoencoder's) instead of %s", folder, channels,
-                 list(m.encoder_channels))
+        log.info(
+            "encoder_init %s: encoder_channels %s (the autoencoder's) instead of %s",
+            folder,
+            channels,
+            list(m.encoder_channels),
+        )
     return replace(m, encoder_init=folder, encoder_channels=channels)
 
 
@@ -131,18 +143,24 @@ def _prepare_cached_features(m: DecoderConfig, paths: list[str], labels: list[st
 
     name = m.feature_key.split(".")[0]
     if not m.encoder_init or not m.freeze_encoder:
-        raise UsageError(f"model.feature_key={m.feature_key} reads cached features of a frozen pretrained encoder: "
-                         f"set model.encoder_init=RUN_AE and model.freeze_encoder=true")
+        raise UsageError(
+            f"model.feature_key={m.feature_key} reads cached features of a frozen pretrained encoder: "
+            f"set model.encoder_init=RUN_AE and model.freeze_encoder=true"
+        )
     missing = [p for p in paths if not has_sidecar(p, name)]
     if missing:
-        raise UsageError(f"model.feature_key={m.feature_key}: no '{name}' labels in {missing}; run "
-                         f"`wm label --labeller {m.encoder_init} --data DIR` first")
+        raise UsageError(
+            f"model.feature_key={m.feature_key}: no '{name}' labels in {missing}; run "
+            f"`wm label --labeller {m.encoder_init} --data DIR` first"
+        )
     want = file_sha256(Path(m.encoder_init) / WEIGHTS)
     for p in paths:
         made_by = _sidecar_checkpoint(p, name)
         if made_by is not None and made_by[1] != want:
-            raise UsageError(f"model.feature_key={m.feature_key}: the '{name}' labels in {p} were made by "
-                             f"{made_by[0]}, not by model.encoder_init={m.encoder_init} (other weights)")
+            raise UsageError(
+                f"model.feature_key={m.feature_key}: the '{name}' labels in {p} were made by "
+                f"{made_by[0]}, not by model.encoder_init={m.encoder_init} (other weights)"
+            )
     return labels if name in labels else [*labels, name]
 
 
@@ -166,35 +184,49 @@ def _prepare_latent(cfg, m: DecoderConfig, paths: list[str]) -> tuple[DecoderCon
     from wm_pipeline.recipes.worldmodel_policy import world_model_dir
 
     if not cfg.init:
-        raise UsageError("policy=latent needs --init RUN_WM: a world model pretrained with LAM latent actions "
-                         "(`wm train worldmodel --labels lam`), which predicts the latent chunk in closed loop")
+        raise UsageError(
+            "policy=latent needs --init RUN_WM: a world model pretrained with LAM latent actions "
+            "(`wm train worldmodel --labels lam`), which predicts the latent chunk in closed loop"
+        )
     folder = world_model_dir(str(cfg.init))
     if folder is None:
-        raise UsageError(f"policy=latent: --init {cfg.init} is not a world-model run (need `wm train worldmodel` "
-                         f"output with final/)")
+        raise UsageError(
+            f"policy=latent: --init {cfg.init} is not a world-model run (need `wm train worldmodel` output with final/)"
+        )
     wm = read_json(folder / MODEL_CONFIG, context=f"policy=latent: --init {cfg.init}: ")
     latent_dim = int(wm.get("latent_action_dim") or 0)
     if not latent_dim:
-        raise UsageError(f"policy=latent: the world model {folder} was trained without latent actions; "
-                         f"pretrain it with `wm train worldmodel --labels lam`")
+        raise UsageError(
+            f"policy=latent: the world model {folder} was trained without latent actions; "
+            f"pretrain it with `wm train worldmodel --labels lam`"
+        )
     key = wm["latent_action_key"]
     name = key.split(".")[0]
     missing = [p for p in paths if not has_sidecar(p, name)]
     if missing:
-        raise UsageError(f"policy=latent: no '{name}' labels in {missing} (the world model's latent actions); "
-                         f"run `wm label --labeller RUN_LAM --data DIR` on the demos first")
+        raise UsageError(
+            f"policy=latent: no '{name}' labels in {missing} (the world model's latent actions); "
+            f"run `wm label --labeller RUN_LAM --data DIR` on the demos first"
+        )
     if list(m.image_size) != [wm["image_size"]] * 2:
-        raise ModelDataMismatch(f"policy=latent: the demos are {m.image_size[0]}x{m.image_size[1]} px but the "
-                                f"world model {folder} sees {wm['image_size']} px frames")
+        raise ModelDataMismatch(
+            f"policy=latent: the demos are {m.image_size[0]}x{m.image_size[1]} px but the "
+            f"world model {folder} sees {wm['image_size']} px frames"
+        )
     n_obs_steps = m.n_obs_steps
     if n_obs_steps < wm["n_obs"]:
         log.info("policy=latent: n_obs_steps %d -> %d (the world model's context)", n_obs_steps, wm["n_obs"])
         n_obs_steps = int(wm["n_obs"])
-    m = replace(m, n_obs_steps=n_obs_steps, latent_dim=latent_dim, latent_key=key, latent_model=str(folder.resolve()),
-                latent_horizon=min(m.latent_horizon or m.horizon, int(wm["action_horizon"])))
+    m = replace(
+        m,
+        n_obs_steps=n_obs_steps,
+        latent_dim=latent_dim,
+        latent_key=key,
+        latent_model=str(folder.resolve()),
+        latent_horizon=min(m.latent_horizon or m.horizon, int(wm["action_horizon"])),
+    )
     labels = list(cfg.data.labels) if name in cfg.data.labels else [*cfg.data.labels, name]
-    log.info("policy=latent: latent chunk [%d, %d] from %s (labels '%s')", m.latent_horizon, latent_dim,
-             folder, name)
+    log.info("policy=latent: latent chunk [%d, %d] from %s (labels '%s')", m.latent_horizon, latent_dim, folder, name)
     return m, labels
 
 
@@ -213,8 +245,10 @@ def _prepare_idm_bc(cfg, paths: list[str], robots: dict) -> list[str]:
         raise UsageError(f"policy=idm-bc labels video as one robot, but the demos have embodiments {sorted(robots)}")
     name = idm_labels_name(cfg)
     if not any(has_sidecar(p, name) for p in paths):
-        raise UsageError(f"policy=idm-bc: no IDM pseudo-labels ({name}/) in any of {paths}; run "
-                         f"`wm label --labeller RUN_IDM --data VIDEO --name {name}` first")
+        raise UsageError(
+            f"policy=idm-bc: no IDM pseudo-labels ({name}/) in any of {paths}; run "
+            f"`wm label --labeller RUN_IDM --data VIDEO --name {name}` first"
+        )
     return [name]
 
 
@@ -229,7 +263,7 @@ def idm_targets(batch: dict, embodiment: str, action_dim: int, name: str = IDM_L
     pseudo, present = batch[key].float(), batch[label_key(name, PRESENT)].bool()
     if pseudo.shape[-1] != action_dim:
         raise ValueError(f"IDM pseudo-actions have {pseudo.shape[-1]} dims, the demos {action_dim}")
-    valid = batch[label_key(name, VALID)].bool().flatten(1).all(1)   # a tail row without label: skip window
+    valid = batch[label_key(name, VALID)].bool().flatten(1).all(1)  # a tail row without label: skip window
     use = present & valid & ~batch[ACTION_MASK].bool()
     if use.any():
         batch[ACTION] = torch.where(use[:, None, None], pseudo, batch[ACTION])
@@ -250,11 +284,18 @@ def build_stream(cfg, seed: int):
 
 
 RUN_PRESETS = {
-    "tiny": {"data": {"batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 32},
-             "optim": {"lr": 1e-3, "warmup_steps": 20}, "train": {"max_steps": 300, "ckpt_every": 300}},
-    "small": {"data": {"batch_size": 32, "num_workers": 1, "windows_per_episode": 8, "shuffle_buffer": 128},
-              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"max_steps": 2000, "eval_every": 0}},
+    "tiny": {
+        "data": {"batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 32},
+        "optim": {"lr": 1e-3, "warmup_steps": 20},
+        "train": {"max_steps": 300, "ckpt_every": 300},
+    },
+    "small": {
+        "data": {"batch_size": 32, "num_workers": 1, "windows_per_episode": 8, "shuffle_buffer": 128},
+        "optim": {"lr": 5e-4, "warmup_steps": 100},
+        "train": {"max_steps": 2000, "eval_every": 0},
+    },
 }
+
 
 def reads_init(cfg) -> bool:
     """policy=latent reads ``--init``: the world model that predicts the latents."""
@@ -262,6 +303,7 @@ def reads_init(cfg) -> bool:
 
 
 # ---------------------------------------------------------------- evaluation
+
 
 def _is_legacy_decoder_config(folder: Path) -> bool:
     """A decoder folder saved before config.json named its class: a decoder config has ``horizon``."""
@@ -290,9 +332,14 @@ def load_decoder_policy(spec: str, info: dict[str, Any]):
     cfg = decoder.config
     check_policy_fits(spec, info, list(cfg.stats), cfg.state_dim, cfg.horizon)
     latent_source = _latent_source(spec, cfg) if cfg.latent_dim else None
-    return DecoderPolicy(decoder, n_action_steps=info.get("action_steps"),
-                         temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"),
-                         embodiment=info["embodiment"], latent_source=latent_source)
+    return DecoderPolicy(
+        decoder,
+        n_action_steps=info.get("action_steps"),
+        temporal_ensemble=info.get("temporal_ensemble"),
+        n_steps=info.get("sampling_steps"),
+        embodiment=info["embodiment"],
+        latent_source=latent_source,
+    )
 
 
 def _latent_source(spec: str, cfg):
@@ -303,13 +350,16 @@ def _latent_source(spec: str, cfg):
 
     folder = world_model_dir(cfg.latent_model) if cfg.latent_model else None
     if folder is None:
-        raise UsageError(f"policy {spec} is conditioned on latent actions from the world model "
-                         f"'{cfg.latent_model}', which is not there (moved or deleted?)")
-    model = from_pretrained(WorldModel, folder, what="the latent-action world model",
-                            context=f"policy {spec}: ")
+        raise UsageError(
+            f"policy {spec} is conditioned on latent actions from the world model "
+            f"'{cfg.latent_model}', which is not there (moved or deleted?)"
+        )
+    model = from_pretrained(WorldModel, folder, what="the latent-action world model", context=f"policy {spec}: ")
     dim = int(model.config.latent_action_dim)
     if dim != cfg.latent_dim or model.config.n_obs > cfg.n_obs_steps:
-        raise UsageError(f"policy {spec} expects {cfg.latent_dim}-dim latents from {cfg.n_obs_steps} frames but the "
-                         f"world model {folder} gives {dim}-dim latents from {model.config.n_obs} frames")
+        raise UsageError(
+            f"policy {spec} expects {cfg.latent_dim}-dim latents from {cfg.n_obs_steps} frames but the "
+            f"world model {folder} gives {dim}-dim latents from {model.config.n_obs} frames"
+        )
     log.info("latent actions from world model %s (chunk [%d, %d])", folder, cfg.latent_horizon or cfg.horizon, dim)
     return WorldModelLatentSource(model, horizon=cfg.latent_horizon or cfg.horizon)

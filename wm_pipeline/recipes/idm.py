@@ -30,12 +30,15 @@ def prepare(cfg, info: DatasetInfo):
         raise ModelDataMismatch(f"no episodes with actions in {paths}: the IDM learns from labelled demos")
     dims = {e.action_dim for e in robots.values()}
     if len(dims) > 1:
-        raise ModelDataMismatch(f"the IDM predicts one action size, but the demos mix {sorted(dims)} "
-                                f"({', '.join(f'{n}: {e.action_dim}' for n, e in robots.items())})")
+        raise ModelDataMismatch(
+            f"the IDM predicts one action size, but the demos mix {sorted(dims)} "
+            f"({', '.join(f'{n}: {e.action_dim}' for n, e in robots.items())})"
+        )
     stats = {name: e.stats_f32(["action"]) for name, e in robots.items()}
     if cfg.data.window < 2:
-        raise ModelDataMismatch(f"data.window={cfg.data.window}: the IDM needs windows of >= 2 frames (an action "
-                                f"shows in the next frame)")
+        raise ModelDataMismatch(
+            f"data.window={cfg.data.window}: the IDM needs windows of >= 2 frames (an action shows in the next frame)"
+        )
     if cfg.data.window > m.max_frames:
         raise ModelDataMismatch(f"data.window={cfg.data.window} exceeds model.max_frames={m.max_frames}")
     # the new model config checks the stats against action_dim (IDMConfig.__post_init__)
@@ -45,13 +48,16 @@ def prepare(cfg, info: DatasetInfo):
 
 RUN_PRESETS = {
     "tiny": {"data": {"window": 4, "batch_size": 8}},
-    "small": {"data": {"window": 8, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
-              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"eval_every": 0}},
+    "small": {
+        "data": {"window": 8, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
+        "optim": {"lr": 5e-4, "warmup_steps": 100},
+        "train": {"eval_every": 0},
+    },
 }
 
 
-
 # ---------------------------------------------------------------- labeller kind "idm" (wm label / wm probe)
+
 
 def load_labeller(folder, run_config: dict):
     """RUN/final -> a Labeller writing ``pseudo_action`` [n, A] in raw action units."""
@@ -64,11 +70,23 @@ def load_labeller(folder, run_config: dict):
     window = min(int(data.get("window") or 8), cfg.max_frames)
     robots = sorted(e for e, f in cfg.stats.items() if isinstance(f, dict) and "action" in f)
     # windows overlap by half: every step is read near a window's centre, never as the last frame
-    return Labeller(kind="idm", model=model, folder=folder, window=window, tail=1,
-                    hop=max(1, (window - 1) // 2), fields={"pseudo_action": ((cfg.action_dim,), "float32")},
-                    image_size=(cfg.image_size, cfg.image_size), resize=bool(data.get("resize")),
-                    stride=int(data.get("stride") or 1), camera=data.get("camera"), fps=training_fps(run_config),
-                    embodiments=robots, config=dataclasses.asdict(cfg), run_config=run_config)
+    return Labeller(
+        kind="idm",
+        model=model,
+        folder=folder,
+        window=window,
+        tail=1,
+        hop=max(1, (window - 1) // 2),
+        fields={"pseudo_action": ((cfg.action_dim,), "float32")},
+        image_size=(cfg.image_size, cfg.image_size),
+        resize=bool(data.get("resize")),
+        stride=int(data.get("stride") or 1),
+        camera=data.get("camera"),
+        fps=training_fps(run_config),
+        embodiments=robots,
+        config=dataclasses.asdict(cfg),
+        run_config=run_config,
+    )
 
 
 def label_windows(lab, frames, embodiments):

@@ -39,8 +39,10 @@ def image_size_from_data(cfg, info: DatasetInfo, patch_size: int) -> int:
     if size[0] != size[1]:
         raise ModelDataMismatch(f"{where} is not square; this model needs square frames: set data.resize=S,S")
     if size[0] % patch_size:
-        raise ModelDataMismatch(f"{where}: {size[0]} px is not a multiple of the model's patch size {patch_size}; "
-                                f"set data.resize=S,S with S a multiple of {patch_size}")
+        raise ModelDataMismatch(
+            f"{where}: {size[0]} px is not a multiple of the model's patch size {patch_size}; "
+            f"set data.resize=S,S with S a multiple of {patch_size}"
+        )
     return int(size[0])
 
 
@@ -62,8 +64,10 @@ def prepare(cfg, info: DatasetInfo):
     image_size = image_size_from_data(cfg, info, m.patch_size)
     camera = camera_from_data(cfg, info)
     if cfg.data.window <= m.frame_gap:
-        raise ModelDataMismatch(f"data.window={cfg.data.window} holds no transition at model.frame_gap={m.frame_gap}: "
-                                f"use data.window >= {m.frame_gap + 1}")
+        raise ModelDataMismatch(
+            f"data.window={cfg.data.window} holds no transition at model.frame_gap={m.frame_gap}: "
+            f"use data.window >= {m.frame_gap + 1}"
+        )
     fps = info.fps()
     if fps:
         gap = m.frame_gap * cfg.data.stride
@@ -73,13 +77,16 @@ def prepare(cfg, info: DatasetInfo):
 
 RUN_PRESETS = {
     "tiny": {"data": {"window": 3, "batch_size": 8}},
-    "small": {"data": {"window": 6, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
-              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"eval_every": 0}},
+    "small": {
+        "data": {"window": 6, "batch_size": 16, "windows_per_episode": 8, "shuffle_buffer": 128},
+        "optim": {"lr": 5e-4, "warmup_steps": 100},
+        "train": {"eval_every": 0},
+    },
 }
 
 
-
 # ---------------------------------------------------------------- labeller kind "lam" (wm label / wm probe)
+
 
 def load_labeller(folder, run_config: dict):
     """RUN/final -> a Labeller writing ``latent`` [n, n_tokens * latent_dim] (+ ``codes`` [n, n_tokens] for VQ)."""
@@ -95,10 +102,21 @@ def load_labeller(folder, run_config: dict):
         fields["codes"] = ((cfg.n_tokens,), "int64")
     # each pair (t, t+k) is encoded on its own, so the window only sets how many pairs share a
     # frame embedding: 16 transitions per window whatever the training window was
-    return Labeller(kind="lam", model=model, folder=folder, window=k + 16, tail=k, fields=fields,
-                    image_size=(cfg.image_size, cfg.image_size), resize=bool(data.get("resize")),
-                    stride=int(data.get("stride") or 1), camera=data.get("camera"), fps=training_fps(run_config),
-                    config=dataclasses.asdict(cfg), run_config=run_config)
+    return Labeller(
+        kind="lam",
+        model=model,
+        folder=folder,
+        window=k + 16,
+        tail=k,
+        fields=fields,
+        image_size=(cfg.image_size, cfg.image_size),
+        resize=bool(data.get("resize")),
+        stride=int(data.get("stride") or 1),
+        camera=data.get("camera"),
+        fps=training_fps(run_config),
+        config=dataclasses.asdict(cfg),
+        run_config=run_config,
+    )
 
 
 def label_windows(lab, frames, embodiments):

@@ -47,7 +47,7 @@ from worldmodel.uwm import WorldModelConfig, embodiment_spec
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("", "uwm", "no-future")   # what the run trains: the world model, or the no-future control
+POLICIES = ("", "uwm", "no-future")  # what the run trains: the world model, or the no-future control
 
 
 def _embodiments(info: DatasetInfo) -> dict[str, dict]:
@@ -63,7 +63,8 @@ def _embodiments(info: DatasetInfo) -> dict[str, dict]:
             if (old["action_dim"], old["state_dim"]) != (spec["action_dim"], spec["state_dim"]):
                 raise ModelDataMismatch(
                     f"embodiment {e.name!r} has action/state dims {old['action_dim']}/{old['state_dim']} in {where} "
-                    f"but {spec['action_dim']}/{spec['state_dim']} in {e.path}")
+                    f"but {spec['action_dim']}/{spec['state_dim']} in {e.path}"
+                )
             continue
         found[e.name] = (spec, e.path)
     return {name: spec for name, (spec, _) in found.items()}
@@ -81,20 +82,29 @@ def _labels(cfg, image_size: int, patch_size: int) -> dict:
         info = json.loads(info_path.read_text())
         fields = info.get("fields") or {}
         if "latent" not in fields:
-            log.warning("labels '%s' have no 'latent' field (%s): streamed but not read by the world model",
-                        name, sorted(fields))
+            log.warning(
+                "labels '%s' have no 'latent' field (%s): streamed but not read by the world model",
+                name,
+                sorted(fields),
+            )
             continue
         shape = fields["latent"]["shape"][1:]
         if info.get("kind") == "vae":
             c, h, _ = (int(v) for v in shape)
             downsample = image_size // h
             vae = info.get("checkpoint")
-            fields_of.update(frame_space="vae", vae_latent_key=f"{name}.latent", vae_latent_channels=c,
-                             vae_downsample=downsample,
-                             vae_path=vae if vae and (Path(vae) / MODEL_CONFIG).is_file() else None)
+            fields_of.update(
+                frame_space="vae",
+                vae_latent_key=f"{name}.latent",
+                vae_latent_channels=c,
+                vae_downsample=downsample,
+                vae_path=vae if vae and (Path(vae) / MODEL_CONFIG).is_file() else None,
+            )
             if downsample * h != image_size or image_size // downsample % patch_size:
-                raise ModelDataMismatch(f"labels '{name}': {h}x{h} latents of {image_size} px frames do not fit "
-                                        f"model.patch_size={patch_size}")
+                raise ModelDataMismatch(
+                    f"labels '{name}': {h}x{h} latents of {image_size} px frames do not fit "
+                    f"model.patch_size={patch_size}"
+                )
         else:
             if len(shape) != 1:
                 raise ModelDataMismatch(f"labels '{name}': latent actions must be [n_frames, D], got {shape}")
@@ -117,13 +127,22 @@ def prepare(cfg, info: DatasetInfo):
     changes = dict(image_size=image_size, embodiments=embodiments, tasks=info.tasks(), **labels)
     if cfg.recipe == "no-future":
         changes["video_loss_weight"] = 0.0
-    m = replace(m, **changes)   # WorldModelConfig.__post_init__ adds the "latent" embodiment and checks the specs
+    m = replace(m, **changes)  # WorldModelConfig.__post_init__ adds the "latent" embodiment and checks the specs
     if not [k for k in m.embodiments if k != "latent"]:
-        log.warning("no episodes with actions in %s: the world model learns video only (no policy modes)",
-                    cfg.data.paths)
-    log.info("world model %s: %d px, window %d frames (%d current, chunk %d, future at %s), embodiments %s%s",
-             m.variant, m.image_size, m.window, m.n_obs, m.action_horizon, m.future_indices(), sorted(m.embodiments),
-             ", future frames hidden (no-future control)" if cfg.recipe == "no-future" else "")
+        log.warning(
+            "no episodes with actions in %s: the world model learns video only (no policy modes)", cfg.data.paths
+        )
+    log.info(
+        "world model %s: %d px, window %d frames (%d current, chunk %d, future at %s), embodiments %s%s",
+        m.variant,
+        m.image_size,
+        m.window,
+        m.n_obs,
+        m.action_horizon,
+        m.future_indices(),
+        sorted(m.embodiments),
+        ", future frames hidden (no-future control)" if cfg.recipe == "no-future" else "",
+    )
     return replace(cfg, model=m, data=replace(cfg.data, camera=camera, window=m.window))
 
 
@@ -132,11 +151,11 @@ def hide_future(batch: dict, config: WorldModelConfig) -> dict:
     (and VAE latents likewise), so no future information reaches the model."""
     t0 = config.n_obs - 1
     frames = batch[FRAMES].clone()
-    frames[:, t0 + 1:] = frames[:, t0: t0 + 1]
+    frames[:, t0 + 1 :] = frames[:, t0 : t0 + 1]
     batch[FRAMES] = frames
     if config.vae_latent_key in batch:
         lat = batch[config.vae_latent_key].clone()
-        lat[:, t0 + 1:] = lat[:, t0: t0 + 1]
+        lat[:, t0 + 1 :] = lat[:, t0 : t0 + 1]
         batch[config.vae_latent_key] = lat
     return batch
 
@@ -150,8 +169,14 @@ def build_stream(cfg, seed: int):
 
 
 RUN_PRESETS = {
-    "tiny": {"data": {"batch_size": 8, "windows_per_episode": 4, "shuffle_buffer": 16},
-             "optim": {"lr": 2e-3, "warmup_steps": 10}, "train": {"max_steps": 60}},
-    "small": {"data": {"batch_size": 8, "windows_per_episode": 8, "shuffle_buffer": 128, "num_workers": 1},
-              "optim": {"lr": 5e-4, "warmup_steps": 100}, "train": {"max_steps": 1000, "eval_every": 0}},
+    "tiny": {
+        "data": {"batch_size": 8, "windows_per_episode": 4, "shuffle_buffer": 16},
+        "optim": {"lr": 2e-3, "warmup_steps": 10},
+        "train": {"max_steps": 60},
+    },
+    "small": {
+        "data": {"batch_size": 8, "windows_per_episode": 8, "shuffle_buffer": 128, "num_workers": 1},
+        "optim": {"lr": 5e-4, "warmup_steps": 100},
+        "train": {"max_steps": 1000, "eval_every": 0},
+    },
 }

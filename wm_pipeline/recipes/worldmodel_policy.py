@@ -63,5 +63,10 @@ def load_world_model_policy(spec: str, info: dict[str, Any]):
     spec_of = cfg.embodiments.get(info["embodiment"]) or {}
     check_policy_fits(spec, info, robots, int(spec_of.get("state_dim") or 0), cfg.action_horizon, hint)
     log.info("world model %s in policy mode (%s, horizon %d)", folder, info["embodiment"], cfg.action_horizon)
-    return WorldModelPolicy(model, embodiment=info["embodiment"], n_action_steps=info.get("action_steps"),
-                            temporal_ensemble=info.get("temporal_ensemble"), n_steps=info.get("sampling_steps"))
+    return WorldModelPolicy(
+        model,
+        embodiment=info["embodiment"],
+        n_action_steps=info.get("action_steps"),
+        temporal_ensemble=info.get("temporal_ensemble"),
+        n_steps=info.get("sampling_steps"),
+    )

@@ -35,7 +35,7 @@ logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)
 EMBODIMENT = "sawyer"
 ACTION_DIM = 4
 STATE_DIM = 39
-MAX_PATH_LENGTH = 500          # Meta-World raises past this many steps in one episode
+MAX_PATH_LENGTH = 500  # Meta-World raises past this many steps in one episode
 FLIPPED_CAMERAS = frozenset({"corner", "corner2", "corner3", "corner4"})
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 
@@ -142,8 +142,11 @@ def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
     if cls is None:
         words = task.rsplit("-v", 1)[0].split("-")
         version = "V" + task.rsplit("-v", 1)[1]
-        candidates = {n[len("Sawyer"):-len(version + "Policy")].lower(): n for n in dir(policies)
-                      if n.startswith("Sawyer") and n.endswith(version + "Policy")}
+        candidates = {
+            n[len("Sawyer") : -len(version + "Policy")].lower(): n
+            for n in dir(policies)
+            if n.startswith("Sawyer") and n.endswith(version + "Policy")
+        }
         key = "".join(words)
         name = candidates.get(key)
         if name is None:  # e.g. "peg insert side" vs "PegInsertionSide": match word prefixes in order
@@ -175,8 +178,15 @@ class MetaWorldEnv:
     state_dim = STATE_DIM
     embodiment = EMBODIMENT
 
-    def __init__(self, task: str, seed: int = 0, resolution: int = 64, camera: str = "corner",
-                 max_steps: int = 200, video_size: int | None = None):
+    def __init__(
+        self,
+        task: str,
+        seed: int = 0,
+        resolution: int = 64,
+        camera: str = "corner",
+        max_steps: int = 200,
+        video_size: int | None = None,
+    ):
         check_task(task)
         if camera not in CAMERAS:
             raise UsageError(f"unknown Meta-World camera {camera!r}; valid cameras: {', '.join(CAMERAS)}")
@@ -185,7 +195,9 @@ class MetaWorldEnv:
         if video_size is not None and (video_size <= 0 or video_size % 2):
             raise UsageError(f"--video-size must be a positive even number (H.264 needs it), got {video_size}")
         if not 0 < max_steps <= MAX_PATH_LENGTH:
-            raise UsageError(f"--max-steps must be in 1..{MAX_PATH_LENGTH} (Meta-World's episode limit), got {max_steps}")
+            raise UsageError(
+                f"--max-steps must be in 1..{MAX_PATH_LENGTH} (Meta-World's episode limit), got {max_steps}"
+            )
         os.environ.setdefault("MUJOCO_GL", "egl")
         os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
         import gymnasium as gym
@@ -194,16 +206,24 @@ class MetaWorldEnv:
         self.task, self.seed, self.camera, self.max_steps = task, seed, camera, max_steps
         self.resolution = resolution
         self.image_size = (resolution, resolution)
-        self._env = gym.make("Meta-World/MT1", env_name=task, seed=seed, render_mode="rgb_array",
-                             camera_name=camera, width=resolution, height=resolution,
-                             terminate_on_success=False, max_episode_steps=MAX_PATH_LENGTH,
-                             disable_env_checker=True)
+        self._env = gym.make(
+            "Meta-World/MT1",
+            env_name=task,
+            seed=seed,
+            render_mode="rgb_array",
+            camera_name=camera,
+            width=resolution,
+            height=resolution,
+            terminate_on_success=False,
+            max_episode_steps=MAX_PATH_LENGTH,
+            disable_env_checker=True,
+        )
         self._sim = self._env.unwrapped
         # Stop MT1's wrapper from replacing the layout with one of its 50 fixed tasks on reset,
         # and let the simulator draw the layout from its own (reseeded) generator instead.
         selector = self._task_selector()
         selector.sample_tasks_on_reset = False
-        self._sim.set_task(selector.tasks[0])   # the task's fixed settings; the layout comes from reset
+        self._sim.set_task(selector.tasks[0])  # the task's fixed settings; the layout comes from reset
         self._sim._freeze_rand_vec = False
         self._sim.seeded_rand_vec = True
         # Must happen before the first render creates the GL context and its buffers.
@@ -217,7 +237,7 @@ class MetaWorldEnv:
         self._scene_ready = False
         self._steps = 0
         self._success = False
-        self.render_seconds: list[float] = []   # wall time of each render, for benchmarks
+        self.render_seconds: list[float] = []  # wall time of each render, for benchmarks
 
     @property
     def fps(self) -> float:

@@ -69,10 +69,9 @@ from wm_pipeline.weights import UnreadableFile, check_json, check_safetensors, l
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
-DAMAGED = ".damaged"   # suffix of a checkpoint folder set aside by resume_checkpoint
+DAMAGED = ".damaged"  # suffix of a checkpoint folder set aside by resume_checkpoint
 # every file load_checkpoint reads (besides the per-rank RNG pair, optional: the world size may change)
-FILES = (WEIGHTS, "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-         TRAINER_STATE)
+FILES = (WEIGHTS, "ema.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", TRAINER_STATE)
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{7,}})$")
 
 
@@ -97,6 +96,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- optimizer / RNG <-> files
+
 
 def parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str] | None:
     """The name in ``model`` (``named_parameters``) of each parameter index of ``optimizer.state_dict()``;
@@ -141,8 +141,9 @@ def _optimizer_from_files(directory: Path, optimizer: torch.optim.Optimizer, mod
     groups = meta["param_groups"]
     saved_names = meta.get("param_names")
     if names is not None and saved_names is not None:
-        state, groups = _by_name(directory, state, groups, {int(i): n for i, n in saved_names.items()},
-                                 template, model, names)
+        state, groups = _by_name(
+            directory, state, groups, {int(i): n for i, n in saved_names.items()}, template, model, names
+        )
     if names is not None:
         _check_shapes(directory, state, model, names, by_index=saved_names is None)
     # JSON turned tuples (AdamW betas) into lists; give them back the live optimizer's types.
@@ -157,18 +158,26 @@ def _optimizer_from_files(directory: Path, optimizer: torch.optim.Optimizer, mod
     return {"state": state, "param_groups": groups}
 
 
-def _by_name(directory: Path, state: dict[int, dict], groups: list[dict], saved_names: dict[int, str],
-             template: dict, model: torch.nn.Module, names: dict[int, str]) -> tuple[dict, list[dict]]:
+def _by_name(
+    directory: Path,
+    state: dict[int, dict],
+    groups: list[dict],
+    saved_names: dict[int, str],
+    template: dict,
+    model: torch.nn.Module,
+    names: dict[int, str],
+) -> tuple[dict, list[dict]]:
     """The saved ``state`` / ``groups`` re-indexed for the live optimizer (``template``, its parameter
     ``names``): each live parameter gets the state saved under its name, old names renamed by the model's
     rules (``current_names``); group hyperparameters by position. A name without a partner is a ValueError."""
     where = directory / "optimizer.json"
-    renamed = current_names(model, {name: index for index, name in saved_names.items()})   # name now -> saved index
+    renamed = current_names(model, {name: index for index, name in saved_names.items()})  # name now -> saved index
     if len(renamed) != len(saved_names):
         raise ValueError(f"{where}: two saved parameters have the same name after the model's renames")
     if len(groups) != len(template["param_groups"]):
-        raise ValueError(f"{where}: {len(groups)} parameter groups saved, the optimizer has "
-                         f"{len(template['param_groups'])}")
+        raise ValueError(
+            f"{where}: {len(groups)} parameter groups saved, the optimizer has {len(template['param_groups'])}"
+        )
     saved_group = {index: g for g, group in enumerate(groups) for index in group["params"]}
     new_state: dict[int, dict] = {}
     new_groups, used = [], set()
@@ -176,11 +185,15 @@ def _by_name(directory: Path, state: dict[int, dict], groups: list[dict], saved_
         for index in live["params"]:
             saved = renamed.get(names[index])
             if saved is None:
-                raise ValueError(f"{where}: no saved state for the model's parameter '{names[index]}' "
-                                 f"({len(saved_names)} parameters saved)")
+                raise ValueError(
+                    f"{where}: no saved state for the model's parameter '{names[index]}' "
+                    f"({len(saved_names)} parameters saved)"
+                )
             if saved_group.get(saved) != g:
-                raise ValueError(f"{where}: the parameter '{names[index]}' was saved in parameter group "
-                                 f"{saved_group.get(saved)}, the optimizer has it in group {g}")
+                raise ValueError(
+                    f"{where}: the parameter '{names[index]}' was saved in parameter group "
+                    f"{saved_group.get(saved)}, the optimizer has it in group {g}"
+                )
             used.add(saved)
             if saved in state:
                 new_state[index] = state[saved]
@@ -189,13 +202,16 @@ def _by_name(directory: Path, state: dict[int, dict], groups: list[dict], saved_
     if unused:
         index, now = unused[0]
         also = f" (renamed '{now}')" if now != saved_names[index] else ""
-        raise ValueError(f"{where}: the saved parameter '{saved_names[index]}'{also} is not a parameter of the "
-                         f"model ({len(unused)} unmatched)")
+        raise ValueError(
+            f"{where}: the saved parameter '{saved_names[index]}'{also} is not a parameter of the "
+            f"model ({len(unused)} unmatched)"
+        )
     return new_state, new_groups
 
 
-def _check_shapes(directory: Path, state: dict[int, dict], model: torch.nn.Module, names: dict[int, str],
-                  by_index: bool) -> None:
+def _check_shapes(
+    directory: Path, state: dict[int, dict], model: torch.nn.Module, names: dict[int, str], by_index: bool
+) -> None:
     """Every per-parameter tensor of ``state`` (AdamW's moments) has its parameter's shape: a checkpoint
     saved by index only under an older parameter order fails here, at resume, not at the first step."""
     params = dict(model.named_parameters())
@@ -204,8 +220,10 @@ def _check_shapes(directory: Path, state: dict[int, dict], model: torch.nn.Modul
         for key, value in entry.items() if p is not None else ():
             if torch.is_tensor(value) and value.ndim > 0 and value.shape != p.shape:
                 hint = f"; an older parameter order? train from its weights: --init {directory}" if by_index else ""
-                raise ValueError(f"{directory / 'optimizer.safetensors'}: state.{index}.{key} {list(value.shape)} "
-                                 f"does not fit the parameter '{names[index]}' {list(p.shape)}{hint}")
+                raise ValueError(
+                    f"{directory / 'optimizer.safetensors'}: state.{index}.{key} {list(value.shape)} "
+                    f"does not fit the parameter '{names[index]}' {list(p.shape)}{hint}"
+                )
 
 
 def _rng_to_files(directory: Path, rank: int) -> None:
@@ -218,9 +236,10 @@ def _rng_to_files(directory: Path, rank: int) -> None:
         save_file(tensors, str(path), metadata=dict(WEIGHTS_METADATA))
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    _write_json(directory / f"rng-rank{rank:05d}.json", {
-        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-        "python": [version, list(internal), gauss_next]})
+    _write_json(
+        directory / f"rng-rank{rank:05d}.json",
+        {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), gauss_next]},
+    )
 
 
 def _rng_from_files(directory: Path, rank: int) -> bool:
@@ -251,10 +270,10 @@ def _write_error(path: Path, e: BaseException) -> WriteFailed:
         return e
     if isinstance(e, OSError):
         where, reason = e.filename or path, e.strerror or str(e)
-    else:   # SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    else:  # SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
         where, reason = path, str(e)
         for prefix in ("Error while serializing: ", "I/O error: "):
-            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
     return WriteFailed(f"cannot write {where}: {' '.join(str(reason).split())}")
 
 
@@ -282,9 +301,19 @@ def _fsync_tree(directory: Path) -> None:
 
 # ---------------------------------------------------------------- save / load
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, ema_model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
-                    rank: int = 0, keep_last: int = 3) -> Path:
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    rank: int = 0,
+    keep_last: int = 3,
+) -> Path:
     """Write the checkpoint of ``step`` atomically (collective: call on every rank).
 
     ``model`` is the unwrapped live model; ``trainer_state`` is JSON (it gets ``step`` added). A write
@@ -306,9 +335,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
                 shutil.rmtree(tmp, ignore_errors=True)
             newest = latest_checkpoint(run_dir)
             kept = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
-            raise WriteFailed(f"{error or 'writing the checkpoint failed on another rank (its log names the file)'} "
-                              f"(checkpoint of step {step}); removed the partial {tmp}; {kept}: make room and rerun "
-                              f"to resume") from None
+            raise WriteFailed(
+                f"{error or 'writing the checkpoint failed on another rank (its log names the file)'} "
+                f"(checkpoint of step {step}); removed the partial {tmp}; {kept}: make room and rerun "
+                f"to resume"
+            ) from None
 
     def start() -> None:
         if tmp.exists():
@@ -326,10 +357,10 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
         _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
         with _writing(tmp):
             _fsync_tree(tmp)
-            if final.exists():   # a checkpoint of this step from an earlier attempt
+            if final.exists():  # a checkpoint of this step from an earlier attempt
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_tree(final.parent)   # make the rename itself durable
+            _fsync_tree(final.parent)  # make the rename itself durable
         prune(run_dir, keep_last)
         log.info("checkpoint step %d -> %s", step, final)
 
@@ -339,8 +370,15 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: torch.nn.Module, e
     return final
 
 
-def load_checkpoint(path: str | Path, *, model: torch.nn.Module, ema_model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+) -> dict[str, Any]:
     """Restore everything saved by ``save_checkpoint`` into live objects; returns trainer_state.
 
     A file that cannot be read is an ``UnreadableFile`` naming it; weights that read but do not fit
@@ -364,7 +402,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         load_model(model, str(path), strict=True)
     except SafetensorError:
-        check_safetensors(path)   # raises UnreadableFile with the reason
+        check_safetensors(path)  # raises UnreadableFile with the reason
         raise
 
 
@@ -391,10 +429,13 @@ def verify_checkpoint(path: str | Path, rank: int = 0) -> list[UnreadableFile]:
         if not isinstance(state, dict) or "step" not in state or "ema" not in state:
             problems.append(UnreadableFile(state_file, "not a trainer state (no 'step' or 'ema' entry)"))
         elif m and int(state["step"]) != int(m.group(1)):
-            problems.append(UnreadableFile(state_file, f"inconsistent: it says step {state['step']}, its folder "
-                                                       f"step {int(m.group(1))}"))
+            problems.append(
+                UnreadableFile(
+                    state_file, f"inconsistent: it says step {state['step']}, its folder step {int(m.group(1))}"
+                )
+            )
     rng = [path / f"rng-rank{rank:05d}.safetensors", path / f"rng-rank{rank:05d}.json"]
-    if any(p.exists() for p in rng):   # neither: a checkpoint of a smaller world, load_checkpoint says so
+    if any(p.exists() for p in rng):  # neither: a checkpoint of a smaller world, load_checkpoint says so
         for p in rng:
             check(p)
     return problems
@@ -413,18 +454,26 @@ def resume_checkpoint(run_dir: str | Path, rank: int = 0) -> tuple[Path | None, 
         problems = verify_checkpoint(path, rank)
         if not any_rank(bool(problems)):
             if skipped:
-                log.warning("resuming from %s, the newest intact checkpoint (skipped: %s)", path,
-                            ", ".join(p.name for p in skipped))
+                log.warning(
+                    "resuming from %s, the newest intact checkpoint (skipped: %s)",
+                    path,
+                    ", ".join(p.name for p in skipped),
+                )
             return path, skipped
-        log.warning("checkpoint %s is damaged, skipping it: %s", path,
-                    "; ".join(str(p) for p in problems) or "a file of another rank is unreadable (its log names it)")
+        log.warning(
+            "checkpoint %s is damaged, skipping it: %s",
+            path,
+            "; ".join(str(p) for p in problems) or "a file of another rank is unreadable (its log names it)",
+        )
         skipped.append(path)
         reasons += [f"{p.path}: {p.reason.split(' (')[0]}" for p in problems] or [f"{path}: damaged on another rank"]
     if not found:
         return None, []
     root = Path(run_dir) / CHECKPOINTS
-    raise UsageError(f"cannot resume: none of the {len(found)} checkpoint(s) in {root} is intact ({'; '.join(reasons)}); "
-                     f"restore them, or move {root} away to start the run from scratch")
+    raise UsageError(
+        f"cannot resume: none of the {len(found)} checkpoint(s) in {root} is intact ({'; '.join(reasons)}); "
+        f"restore them, or move {root} away to start the run from scratch"
+    )
 
 
 def set_aside(damaged: list[Path]) -> None:
@@ -436,7 +485,9 @@ def set_aside(damaged: list[Path]) -> None:
         try:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(path, target)
-            log.warning("set the damaged checkpoint %s aside as %s (delete it when no longer needed)", path, target.name)
+            log.warning(
+                "set the damaged checkpoint %s aside as %s (delete it when no longer needed)", path, target.name
+            )
         except OSError as e:
             log.warning("could not set the damaged checkpoint %s aside (%s)", path, e)
 
@@ -462,8 +513,9 @@ def init_weights_file(init: str | Path) -> Path:
     for candidate in (init / FINAL / WEIGHTS, init / WEIGHTS):
         if candidate.exists():
             return candidate
-    raise UsageError(f"--init {init}: no final/model.safetensors or model.safetensors there "
-                     f"(is it a finished run folder?)")
+    raise UsageError(
+        f"--init {init}: no final/model.safetensors or model.safetensors there (is it a finished run folder?)"
+    )
 
 
 def load_init_weights(model: torch.nn.Module, init: str | Path) -> None:
@@ -475,15 +527,22 @@ def load_init_weights(model: torch.nn.Module, init: str | Path) -> None:
     this model.
     """
     path = init_weights_file(init)
-    source = current_names(model, load_safetensors(path, context=f"--init {init}: "))   # older layouts' names
+    source = current_names(model, load_safetensors(path, context=f"--init {init}: "))  # older layouts' names
     own = model.state_dict()
     matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     if not matched:
-        raise UsageError(f"--init {init}: none of its {len(source)} tensors fit this model; is it a run of "
-                         f"the same model and preset?")
+        raise UsageError(
+            f"--init {init}: none of its {len(source)} tensors fit this model; is it a run of "
+            f"the same model and preset?"
+        )
     model.load_state_dict(matched, strict=False)
     fresh = sorted(k for k in own if k not in matched)
     unused = sorted(k for k in source if k not in matched)
-    log.info("initialised %d/%d tensors from %s; fresh: %s; unused: %s", len(matched), len(own), path,
-             ", ".join(fresh[:8]) + (" ..." if len(fresh) > 8 else "") or "none",
-             ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "") or "none")
+    log.info(
+        "initialised %d/%d tensors from %s; fresh: %s; unused: %s",
+        len(matched),
+        len(own),
+        path,
+        ", ".join(fresh[:8]) + (" ..." if len(fresh) > 8 else "") or "none",
+        ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "") or "none",
+    )

@@ -39,72 +39,72 @@ class ConfigError(UsageError):
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)   # dataset folders (``--data``), each with manifest.json
-    window: int = 8                                   # frames per training window
-    stride: int = 1                                   # frame step inside a window
-    camera: str | None = None                         # None: the dataset's first camera
-    resize: list[int] | None = None                   # [H, W]; None keeps the stored resolution
-    backend: str = "auto"                             # video decoder: auto | torchcodec | decord | pyav
-    batch_size: int = 8                               # windows per rank per micro-batch
-    num_workers: int = 2                              # DataLoader workers per rank
-    labels: list[str] = field(default_factory=list)   # labeller sidecars to join (labels/<name>/)
-    weights: list[float] | None = None                # sampling weight per data path (None: by size)
-    windows_per_episode: int = 4                      # windows cut from one decoded episode
-    shuffle_buffer: int = 64                          # windows mixed before batching
-    episodes_per_task: int = 0                        # few-shot: first K successful action episodes per task (0: all)
-    tasks: list[str] = field(default_factory=list)    # only these tasks' samples (empty: all); one policy per task
+    paths: list[str] = field(default_factory=list)  # dataset folders (``--data``), each with manifest.json
+    window: int = 8  # frames per training window
+    stride: int = 1  # frame step inside a window
+    camera: str | None = None  # None: the dataset's first camera
+    resize: list[int] | None = None  # [H, W]; None keeps the stored resolution
+    backend: str = "auto"  # video decoder: auto | torchcodec | decord | pyav
+    batch_size: int = 8  # windows per rank per micro-batch
+    num_workers: int = 2  # DataLoader workers per rank
+    labels: list[str] = field(default_factory=list)  # labeller sidecars to join (labels/<name>/)
+    weights: list[float] | None = None  # sampling weight per data path (None: by size)
+    windows_per_episode: int = 4  # windows cut from one decoded episode
+    shuffle_buffer: int = 64  # windows mixed before batching
+    episodes_per_task: int = 0  # few-shot: first K successful action episodes per task (0: all)
+    tasks: list[str] = field(default_factory=list)  # only these tasks' samples (empty: all); one policy per task
 
 
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    weight_decay: float = 0.01                        # applied to matrices / conv kernels only
+    weight_decay: float = 0.01  # applied to matrices / conv kernels only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 500                           # linear 0 -> lr, then cosine
-    min_lr_ratio: float = 0.1                         # cosine floor as a fraction of lr
-    grad_clip: float = 1.0                            # max global grad norm; 0 disables
-    grad_accum: int = 1                               # micro-batches per optimizer step
-    impl: str = "auto"                                # AdamW kernel: auto (fused on CUDA, foreach otherwise) |
-                                                      # fused | foreach | for-loop (the same maths)
+    warmup_steps: int = 500  # linear 0 -> lr, then cosine
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+    impl: str = "auto"  # AdamW kernel: auto (fused on CUDA, foreach otherwise) |
+    # fused | foreach | for-loop (the same maths)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 10_000                           # optimizer steps
+    max_steps: int = 10_000  # optimizer steps
     log_every: int = 50
     ckpt_every: int = 1000
-    keep_last: int = 3                                # checkpoints kept on disk
-    eval_every: int = 1000                            # 0 disables the periodic eval
-    eval_batches: int = 4                             # fixed batches the EMA model is scored on
+    keep_last: int = 3  # checkpoints kept on disk
+    eval_every: int = 1000  # 0 disables the periodic eval
+    eval_batches: int = 4  # fixed batches the EMA model is scored on
     seed: int = 0
-    nan_skip_steps: int = 0                           # bad (non-finite) steps skipped before stopping
-    precision: str = "auto"                           # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])   # tensorboard, wandb
+    nan_skip_steps: int = 0  # bad (non-finite) steps skipped before stopping
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb
     wandb_project: str = "wm-pipeline"
-    progress: bool = True                             # tqdm bar on rank 0
-    compile: bool = False                             # torch.compile the training forward + loss (EMA/eval eager)
-    compile_mode: str = "default"                     # default | reduce-overhead | max-autotune |
-                                                      # max-autotune-no-cudagraphs (torch.compile's mode)
+    progress: bool = True  # tqdm bar on rank 0
+    compile: bool = False  # torch.compile the training forward + loss (EMA/eval eager)
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune |
+    # max-autotune-no-cudagraphs (torch.compile's mode)
 
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.999                              # 0: the EMA model is a copy of the weights
-    warmup: bool = True                               # decay_t = min(decay, (1+t)/(10+t))
+    decay: float = 0.999  # 0: the EMA model is a copy of the weights
+    warmup: bool = True  # decay_t = min(decay, (1+t)/(10+t))
 
 
 @dataclass
 class RunConfig:
     model_name: str = ""
     preset: str = "small"
-    recipe: str = ""                                  # how the model is trained (decoder: scratch|latent|uwm|idm-bc;
-                                                      # worldmodel: uwm|no-future); ``policy=`` is the old name
-    init: str | None = None                           # a run folder to start from (``--init``), read by the model's prepare
+    recipe: str = ""  # how the model is trained (decoder: scratch|latent|uwm|idm-bc;
+    # worldmodel: uwm|no-future); ``policy=`` is the old name
+    init: str | None = None  # a run folder to start from (``--init``), read by the model's prepare
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    model: Any = None                                 # the registered model's config dataclass
+    model: Any = None  # the registered model's config dataclass
 
     @property
     def policy(self) -> str:
@@ -122,11 +122,10 @@ RENAMED: dict[type, dict[str, str]] = {RunConfig: {"policy": "recipe"}}
 
 # Run-level presets per model size; a registration may refine them (ModelSpec.run_presets).
 RUN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {   # unit tests: seconds on a shared CPU
+    "tiny": {  # unit tests: seconds on a shared CPU
         "data": {"window": 2, "batch_size": 4, "num_workers": 0, "windows_per_episode": 2, "shuffle_buffer": 8},
         "optim": {"lr": 1e-3, "warmup_steps": 5, "weight_decay": 0.0},
-        "train": {"max_steps": 50, "log_every": 10, "ckpt_every": 25, "eval_every": 0, "keep_last": 2,
-                  "log_with": []},
+        "train": {"max_steps": 50, "log_every": 10, "ckpt_every": 25, "eval_every": 0, "keep_last": 2, "log_with": []},
         "ema": {"decay": 0.99},
     },
     "small": {  # a CPU demo: minutes
@@ -135,7 +134,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"max_steps": 2000, "log_every": 25, "ckpt_every": 500, "eval_every": 500},
         "ema": {"decay": 0.995},
     },
-    "base": {   # one or more GPUs
+    "base": {  # one or more GPUs
         "data": {"window": 8, "batch_size": 32, "num_workers": 8},
         "optim": {"lr": 3e-4, "warmup_steps": 1000},
         "train": {"max_steps": 100_000, "log_every": 50, "ckpt_every": 2000, "eval_every": 2000},
@@ -151,13 +150,13 @@ LOGGERS = ("tensorboard", "wandb")
 
 # ---------------------------------------------------------------- typed updates
 
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _fail(key: str, source: str, tp: Any, value: Any) -> typing.NoReturn:
-    raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, "
-                      f"got {type(value).__name__} {value!r}")
+    raise ConfigError(f"config key '{key}' ({source}): expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -171,7 +170,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        if len(options) == 1:   # Optional[X]: X's own, more precise message
+        if len(options) == 1:  # Optional[X]: X's own, more precise message
             return _coerce(value, options[0], key, source)
         for arg in options:
             try:
@@ -191,7 +190,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return update(tp(), value, source, prefix=key)
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str) and source == "command line":
-            value = [yaml.safe_load(v) for v in value.split(",") if v]   # data.resize=64,64
+            value = [yaml.safe_load(v) for v in value.split(",") if v]  # data.resize=64,64
         if not isinstance(value, (list, tuple)):
             _fail(key, source, tp, value)
         if origin is tuple and args and args[-1] is not Ellipsis:
@@ -239,8 +238,11 @@ def _hints(cls: type) -> dict[str, Any]:
 def _unknown_key(key: str, valid: list[str], prefix: str, source: str) -> typing.NoReturn:
     full = f"{prefix}.{key}" if prefix else key
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else \
-        f" (valid keys: {', '.join(valid)})"
+    hint = (
+        f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)"
+        if close
+        else f" (valid keys: {', '.join(valid)})"
+    )
     raise ConfigError(f"unknown config key '{full}' ({source}){hint}")
 
 
@@ -267,6 +269,7 @@ def update(obj: Any, values: dict[str, Any], source: str, prefix: str = "") -> A
 
 # ---------------------------------------------------------------- sources
 
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -274,8 +277,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not a text (UTF-8 YAML) file: byte 0x{e.object[e.start]:02x} at offset "
-                          f"{e.start} (a binary file?)") from None
+        raise ConfigError(
+            f"{path}: not a text (UTF-8 YAML) file: byte 0x{e.object[e.start]:02x} at offset {e.start} (a binary file?)"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
@@ -327,8 +331,11 @@ def _raw_strings(obj: Any, values: dict[str, Any]) -> dict[str, Any]:
             sub = getattr(obj, key, None) if dataclasses.is_dataclass(obj) else None
             out[key] = _raw_strings(sub, v)
         elif isinstance(v, _RawText):
-            wants_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
-                                      and str in typing.get_args(tp) and v.value is not None)
+            wants_str = tp is str or (
+                typing.get_origin(tp) in (typing.Union, types.UnionType)
+                and str in typing.get_args(tp)
+                and v.value is not None
+            )
             out[key] = v.text if wants_str else v.value
         else:
             out[key] = v
@@ -357,20 +364,34 @@ def dump_yaml(cfg: RunConfig, path: str | Path) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Value checks that types alone cannot express."""
+
     def positive(key: str, value: float, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):
             raise ConfigError(f"config key '{key}': must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
     d, o, t = cfg.data, cfg.optim, cfg.train
-    for key, value in [("data.window", d.window), ("data.stride", d.stride), ("data.batch_size", d.batch_size),
-                       ("data.windows_per_episode", d.windows_per_episode), ("optim.lr", o.lr),
-                       ("optim.grad_accum", o.grad_accum), ("train.max_steps", t.max_steps),
-                       ("train.log_every", t.log_every), ("train.ckpt_every", t.ckpt_every),
-                       ("train.keep_last", t.keep_last)]:
+    for key, value in [
+        ("data.window", d.window),
+        ("data.stride", d.stride),
+        ("data.batch_size", d.batch_size),
+        ("data.windows_per_episode", d.windows_per_episode),
+        ("optim.lr", o.lr),
+        ("optim.grad_accum", o.grad_accum),
+        ("train.max_steps", t.max_steps),
+        ("train.log_every", t.log_every),
+        ("train.ckpt_every", t.ckpt_every),
+        ("train.keep_last", t.keep_last),
+    ]:
         positive(key, value)
-    for key, value in [("data.num_workers", d.num_workers), ("data.episodes_per_task", d.episodes_per_task),
-                       ("optim.weight_decay", o.weight_decay),
-                       ("optim.warmup_steps", o.warmup_steps), ("optim.grad_clip", o.grad_clip),
-                       ("train.eval_every", t.eval_every), ("train.nan_skip_steps", t.nan_skip_steps)]:
+    for key, value in [
+        ("data.num_workers", d.num_workers),
+        ("data.episodes_per_task", d.episodes_per_task),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.warmup_steps", o.warmup_steps),
+        ("optim.grad_clip", o.grad_clip),
+        ("train.eval_every", t.eval_every),
+        ("train.nan_skip_steps", t.nan_skip_steps),
+    ]:
         positive(key, value, allow_zero=True)
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"config key 'optim.betas': expected two values in [0, 1), got {o.betas}")
@@ -399,10 +420,17 @@ def _choose(name: str, choices: list[str], what: str) -> None:
         raise ConfigError(f"unknown {what} '{name}'{hint}; choose from {', '.join(choices)}")
 
 
-def resolve(model_name: str, model_config_cls: type, model_presets: dict[str, Any], *,
-            preset: str | None = None, config_file: str | Path | None = None,
-            overrides: list[str] = (), data_paths: list[str] | None = None,
-            run_presets: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+def resolve(
+    model_name: str,
+    model_config_cls: type,
+    model_presets: dict[str, Any],
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] = (),
+    data_paths: list[str] | None = None,
+    run_presets: dict[str, dict[str, Any]] | None = None,
+) -> RunConfig:
     """Build the run config of ``model_name``: defaults < preset < YAML file < overrides.
 
     ``preset`` (``--preset``) beats a ``preset:`` key in the file; ``data_paths`` (``--data``)

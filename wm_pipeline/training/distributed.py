@@ -45,8 +45,10 @@ def make_accelerator(precision: str = "auto"):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(precision))
     expected = launched_world_size()
     if accelerator.num_processes != expected:
-        raise UsageError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
-                         f"{expected} (WORLD_SIZE); launch with torchrun --nproc_per_node N -m wm_pipeline train ...")
+        raise UsageError(
+            f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
+            f"{expected} (WORLD_SIZE); launch with torchrun --nproc_per_node N -m wm_pipeline train ..."
+        )
     return accelerator
 
 

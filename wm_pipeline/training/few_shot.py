@@ -23,7 +23,7 @@ def _episode_index(data_dir: str) -> tuple[tuple[str, str, bool, bool | None], .
     from shards.location import locate
     from shards.stream import read_tar_samples
 
-    root = locate(data_dir)   # a folder or a URL (shards.location)
+    root = locate(data_dir)  # a folder or a URL (shards.location)
     rows = []
     for shard in read_manifest(root)["shards"]:
         path = root / shard["name"]
@@ -47,7 +47,7 @@ def few_shot_keys(paths: list[str], k: int, tasks=()) -> tuple[list[set[str]], d
     chosen: dict[str, list[tuple[int, str]]] = {}
     available: dict[str, int] = {}
     action_free: list[set[str]] = [set() for _ in paths]
-    present: set[str] = set()   # tasks with any sample
+    present: set[str] = set()  # tasks with any sample
     for i, path in enumerate(paths):
         for key, task, has_action, success in _episode_index(identity(path)):
             if wanted and task not in wanted:
@@ -68,8 +68,10 @@ def few_shot_keys(paths: list[str], k: int, tasks=()) -> tuple[list[set[str]], d
     short = {t: n for t, n in available.items() if n < k}
     if short:
         listed = ", ".join(f"'{t}' has {n}" for t, n in sorted(short.items()))
-        raise UsageError(f"--episodes-per-task {k}: not enough successful demos with actions in {paths}: "
-                         f"{listed} (need {k} per task)")
+        raise UsageError(
+            f"--episodes-per-task {k}: not enough successful demos with actions in {paths}: "
+            f"{listed} (need {k} per task)"
+        )
     keys = [set(free) for free in action_free]
     for picks in chosen.values():
         for i, key in picks:

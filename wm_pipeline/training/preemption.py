@@ -21,7 +21,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:   # the annotation only: torch is imported where it is used
+if TYPE_CHECKING:  # the annotation only: torch is imported where it is used
     import torch
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,9 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class PreemptionHandler:
     def __init__(self, signals: tuple[int, ...] = SIGNALS):
         self.signals = signals
-        self.received: str | None = None   # name of the first signal seen
-        self.count = 0                     # signals seen in total (repeats are queued, not acted on)
-        self.stopping = False              # set by the trainer once the ranks agreed to stop
+        self.received: str | None = None  # name of the first signal seen
+        self.count = 0  # signals seen in total (repeats are queued, not acted on)
+        self.stopping = False  # set by the trainer once the ranks agreed to stop
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:

@@ -59,9 +59,9 @@ class ModelDataMismatch(UsageError):
 class LabellerFace:
     """How ``wm label`` / ``wm probe`` label with a trained model (see wm_pipeline.jobs.labelling)."""
 
-    load: Callable[[Path, dict], Any]                       # (RUN/final, run config) -> Labeller
+    load: Callable[[Path, dict], Any]  # (RUN/final, run config) -> Labeller
     label: Callable[[Any, Any, list[str]], dict[str, Any]]  # (labeller, frames, embodiments) -> fields
-    detect: Callable[[Path], bool] | None = None            # recognises a folder of this kind
+    detect: Callable[[Path], bool] | None = None  # recognises a folder of this kind
 
 
 @dataclass
@@ -75,11 +75,11 @@ class ModelSpec:
     run_presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     required_keys: tuple[str, ...] = ()
     evaluate: Callable[..., dict[str, float]] | None = None
-    warm_start: bool = False    # `--init RUN` loads RUN's weights into the new model (fine-tuning)
+    warm_start: bool = False  # `--init RUN` loads RUN's weights into the new model (fine-tuning)
     # cfg -> does this recipe read `--init` in `prepare` (e.g. decoder policy=latent: the world model)?
     reads_init: Callable[[Any], bool] | None = None
-    labeller: LabellerFace | None = None                    # `wm label --labeller RUN`
-    load_policy: Callable[[str, dict], Any] | None = None   # `wm eval --policy RUN`
+    labeller: LabellerFace | None = None  # `wm label --labeller RUN`
+    load_policy: Callable[[str, dict], Any] | None = None  # `wm eval --policy RUN`
 
     def stream(self, cfg: Any, seed: int) -> Iterable[dict]:
         return (self.build_stream or default_stream)(cfg, seed=seed)
@@ -91,33 +91,57 @@ _builtin_labellers: tuple = ()
 _builtin_loaded = False
 
 
-def register_model(name: str, config_cls: type, model_cls: type, presets: dict[str, Any], *,
-                   prepare: Callable[[Any, list[dict]], None] | None = None,
-                   build_stream: Callable[..., Iterable[dict]] | None = None,
-                   run_presets: dict[str, dict[str, Any]] | None = None,
-                   required_keys: Iterable[str] = (),
-                   evaluate: Callable[..., dict[str, float]] | None = None,
-                   warm_start: bool = False, reads_init: Callable[[Any], bool] | None = None,
-                   labeller: LabellerFace | None = None,
-                   load_policy: Callable[[str, dict], Any] | None = None) -> ModelSpec:
+def register_model(
+    name: str,
+    config_cls: type,
+    model_cls: type,
+    presets: dict[str, Any],
+    *,
+    prepare: Callable[[Any, list[dict]], None] | None = None,
+    build_stream: Callable[..., Iterable[dict]] | None = None,
+    run_presets: dict[str, dict[str, Any]] | None = None,
+    required_keys: Iterable[str] = (),
+    evaluate: Callable[..., dict[str, float]] | None = None,
+    warm_start: bool = False,
+    reads_init: Callable[[Any], bool] | None = None,
+    labeller: LabellerFace | None = None,
+    load_policy: Callable[[str, dict], Any] | None = None,
+) -> ModelSpec:
     """Register ``name`` (a plugin's model); registering the same classes again (a re-import) replaces it."""
-    spec = ModelSpec(name, config_cls, model_cls, dict(presets), prepare, build_stream,
-                     dict(run_presets or {}), tuple(required_keys), evaluate, warm_start, reads_init,
-                     labeller, load_policy)
+    spec = ModelSpec(
+        name,
+        config_cls,
+        model_cls,
+        dict(presets),
+        prepare,
+        build_stream,
+        dict(run_presets or {}),
+        tuple(required_keys),
+        evaluate,
+        warm_start,
+        reads_init,
+        labeller,
+        load_policy,
+    )
     return add(spec)
 
 
 def add(spec: ModelSpec) -> ModelSpec:
     """Put ``spec`` in the registry (checked: its presets are its config class; a name is taken once)."""
     old = _REGISTRY.get(spec.name)
-    if old is not None and (old.model_cls.__qualname__, old.model_cls.__module__) != \
-            (spec.model_cls.__qualname__, spec.model_cls.__module__):
-        raise ValueError(f"model name '{spec.name}' is already registered to {old.model_cls.__module__}."
-                         f"{old.model_cls.__qualname__}")
+    if old is not None and (old.model_cls.__qualname__, old.model_cls.__module__) != (
+        spec.model_cls.__qualname__,
+        spec.model_cls.__module__,
+    ):
+        raise ValueError(
+            f"model name '{spec.name}' is already registered to {old.model_cls.__module__}.{old.model_cls.__qualname__}"
+        )
     for preset, config in spec.presets.items():
         if not isinstance(config, spec.config_cls):
-            raise TypeError(f"preset '{preset}' of model '{spec.name}' is a {type(config).__name__}, "
-                            f"not a {spec.config_cls.__name__}")
+            raise TypeError(
+                f"preset '{preset}' of model '{spec.name}' is a {type(config).__name__}, "
+                f"not a {spec.config_cls.__name__}"
+            )
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -153,9 +177,9 @@ def builtin() -> list[ModelSpec]:
             _builtin_error = f"{type(e).__name__}: {e}"
             log.warning("%s failed to import (%s); its models are unavailable", BUILTIN_MODULE, _builtin_error)
             return []
-        plugins = list(_REGISTRY.values())   # registered before the table was read
+        plugins = list(_REGISTRY.values())  # registered before the table was read
         _REGISTRY.clear()
-        for spec in [*table.MODELS, *plugins]:   # built-ins first, in table order
+        for spec in [*table.MODELS, *plugins]:  # built-ins first, in table order
             add(spec)
         _builtin_labellers = tuple(table.LABELLERS)
         _builtin_loaded = True
@@ -200,6 +224,7 @@ def _import_plugin(plugin: str) -> None:
 
 # ---------------------------------------------------------------- default data stream
 
+
 def default_stream(cfg: Any, seed: int, **stream_kw: Any) -> Iterable[dict]:
     """Batches of training windows (see docs/CONTRACTS.md, shards.stream) for one rank, restricted to the
     few-shot subset when ``data.episodes_per_task`` is set and to ``data.tasks`` when given
@@ -217,16 +242,36 @@ def default_stream(cfg: Any, seed: int, **stream_kw: Any) -> Iterable[dict]:
     keys = None
     if d.episodes_per_task or d.tasks:
         keys, counts = few_shot_keys(list(d.paths), d.episodes_per_task, d.tasks)
-        log.info("training on %s demos per task for %s", d.episodes_per_task or "all",
-                 ", ".join(f"{t} ({n})" for t, n in sorted(counts.items())))
-    dataset = WindowStream(list(d.paths), window=d.window, stride=d.stride,
-                           camera=d.camera, resize=tuple(d.resize) if d.resize else None, backend=d.backend,
-                           mode="train", labels=tuple(d.labels), windows_per_episode=d.windows_per_episode,
-                           shuffle_buffer=d.shuffle_buffer, seed=seed, keys=keys, **_weights_kw(d), **stream_kw)
+        log.info(
+            "training on %s demos per task for %s",
+            d.episodes_per_task or "all",
+            ", ".join(f"{t} ({n})" for t, n in sorted(counts.items())),
+        )
+    dataset = WindowStream(
+        list(d.paths),
+        window=d.window,
+        stride=d.stride,
+        camera=d.camera,
+        resize=tuple(d.resize) if d.resize else None,
+        backend=d.backend,
+        mode="train",
+        labels=tuple(d.labels),
+        windows_per_episode=d.windows_per_episode,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=seed,
+        keys=keys,
+        **_weights_kw(d),
+        **stream_kw,
+    )
     return torch.utils.data.DataLoader(
-        dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_windows,
-        persistent_workers=False, generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=2 if d.num_workers else None)
+        dataset,
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        collate_fn=collate_windows,
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+        prefetch_factor=2 if d.num_workers else None,
+    )
 
 
 def _weights_kw(d: Any) -> dict[str, Any]:

@@ -81,19 +81,20 @@ class TrainResult:
     exit_code: int
     step: int
     run_dir: Path
-    resumed_from: int | None = None      # step of the checkpoint this run started from
-    loop_seconds: float = 0.0            # wall time of the steps after the first 5 of this process,
-                                         # logging/eval/checkpoints between them included
-    loop_steps: int = 0                  # steps in loop_seconds
+    resumed_from: int | None = None  # step of the checkpoint this run started from
+    loop_seconds: float = 0.0  # wall time of the steps after the first 5 of this process,
+    # logging/eval/checkpoints between them included
+    loop_steps: int = 0  # steps in loop_seconds
 
 
 # ---------------------------------------------------------------- pieces
+
 
 def read_manifests(paths: list[str]) -> list[dict]:
     if not paths:
         raise UsageError("no training data: pass --data DIR (a dataset folder with manifest.json)")
     for p in paths:
-        if missing_folder(p):   # a URL (s3://, http://, pipe:) is checked by reading its manifest
+        if missing_folder(p):  # a URL (s3://, http://, pipe:) is checked by reading its manifest
             raise UsageError(f"data folder {p} does not exist")
     return [read_manifest(p) for p in paths]
 
@@ -111,12 +112,13 @@ def fill_from_data(cfg: config_mod.RunConfig, spec: ModelSpec, info: DatasetInfo
     if spec.prepare is None:
         return cfg
     work = copy.deepcopy(cfg)
-    filled = spec.prepare(work, info)   # raises ModelDataMismatch when model and data disagree
+    filled = spec.prepare(work, info)  # raises ModelDataMismatch when model and data disagree
     return config_mod.validate(work if filled is None else filled)
 
 
-def build_optimizer(model: torch.nn.Module, o: config_mod.OptimConfig,
-                    device: torch.device | str | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, o: config_mod.OptimConfig, device: torch.device | str | None = None
+) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices and kernels only (not biases, norms, embeddings' scales).
     ``o.impl`` picks the kernel (``optimizer_impl``) for ``device``, where the model will train
     (default: where its parameters are now)."""
@@ -125,8 +127,9 @@ def build_optimizer(model: torch.nn.Module, o: config_mod.OptimConfig,
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas),
-                             **optimizer_impl(o.impl, device))
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), **optimizer_impl(o.impl, device)
+    )
 
 
 def optimizer_impl(impl: str, device: torch.device) -> dict[str, bool]:
@@ -135,8 +138,11 @@ def optimizer_impl(impl: str, device: torch.device) -> dict[str, bool]:
     ``for-loop`` (per parameter) compute the same update."""
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
-    return {"fused": {"fused": True}, "foreach": {"foreach": True, "fused": False},
-            "for-loop": {"foreach": False, "fused": False}}[impl]
+    return {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True, "fused": False},
+        "for-loop": {"foreach": False, "fused": False},
+    }[impl]
 
 
 def compile_model(model: torch.nn.Module, t: config_mod.TrainConfig) -> torch.nn.Module:
@@ -159,8 +165,9 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: config_mod.RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = functools.partial(lr_factor, warmup=cfg.optim.warmup_steps, total=cfg.train.max_steps,
-                           floor=cfg.optim.min_lr_ratio)
+    fn = functools.partial(
+        lr_factor, warmup=cfg.optim.warmup_steps, total=cfg.train.max_steps, floor=cfg.optim.min_lr_ratio
+    )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
@@ -181,7 +188,7 @@ class MetricSink:
 
     def __init__(self, run_dir: Path, cfg: config_mod.RunConfig, start_step: int):
         self.path = run_dir / METRICS
-        if self.path.exists():   # drop rows a killed run wrote after its last checkpoint
+        if self.path.exists():  # drop rows a killed run wrote after its last checkpoint
             rows = [r for r in self.path.read_text().splitlines() if r.strip()]
             kept = [r for r in rows if json.loads(r).get("step", 0) <= start_step]
             self.path.write_text("".join(r + "\n" for r in kept))
@@ -189,15 +196,23 @@ class MetricSink:
         self.tb = self.wandb = None
         if "tensorboard" in cfg.train.log_with:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=start_step + 1 if start_step else None)
         if "wandb" in cfg.train.log_with:
             try:
                 import wandb
             except ImportError:
-                raise UsageError("train.log_with includes wandb but wandb is not installed "
-                                 "(pip install 'wm-pipeline[wandb]')") from None
-            self.wandb = wandb.init(project=cfg.train.wandb_project, name=run_dir.name, dir=str(run_dir),
-                                    config=config_mod.to_dict(cfg), resume="allow", id=run_dir.name)
+                raise UsageError(
+                    "train.log_with includes wandb but wandb is not installed (pip install 'wm-pipeline[wandb]')"
+                ) from None
+            self.wandb = wandb.init(
+                project=cfg.train.wandb_project,
+                name=run_dir.name,
+                dir=str(run_dir),
+                config=config_mod.to_dict(cfg),
+                resume="allow",
+                id=run_dir.name,
+            )
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         try:
@@ -306,7 +321,7 @@ def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
         changes = config_mod.diff(old, new)
         if changes:
             log.warning("config differs from the previous run in %s: %s", run_dir, "; ".join(changes))
-    tmp = path.with_name(path.name + ".tmp")   # replaced atomically: a full disk leaves the old one whole
+    tmp = path.with_name(path.name + ".tmp")  # replaced atomically: a full disk leaves the old one whole
     try:
         tmp.write_text(yaml.safe_dump(new, sort_keys=False))
         os.replace(tmp, path)
@@ -315,8 +330,13 @@ def _write_config(run_dir: Path, cfg: config_mod.RunConfig) -> None:
         raise WriteFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunConfig, step: int | None = None,
-                 world_size: int | None = None) -> Path:
+def export_final(
+    run_dir: Path,
+    ema_model: torch.nn.Module,
+    cfg: config_mod.RunConfig,
+    step: int | None = None,
+    world_size: int | None = None,
+) -> Path:
     """RUN/final/: the EMA model via save_pretrained (+ the run config and the model card, README.md:
     wm_pipeline.model_card), atomically replaced. A failed write removes ``final.tmp`` and raises
     ``WriteFailed`` (the last checkpoint still has the weights: rerunning exports them)."""
@@ -327,13 +347,16 @@ def export_final(run_dir: Path, ema_model: torch.nn.Module, cfg: config_mod.RunC
     try:
         ema_model.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
-        model_card.write_model_card(tmp, run_dir=run_dir, location=final, model=ema_model, step=step,
-                                    world_size=world_size)   # a fact it cannot read is "unknown", never an error
+        model_card.write_model_card(
+            tmp, run_dir=run_dir, location=final, model=ema_model, step=step, world_size=world_size
+        )  # a fact it cannot read is "unknown", never an error
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = " ".join(str(getattr(e, "strerror", None) or e).split())
-        raise WriteFailed(f"cannot write {getattr(e, 'filename', None) or tmp}: {reason}; removed {tmp}; the last "
-                          f"checkpoint holds the weights: make room and rerun to export them") from None
+        raise WriteFailed(
+            f"cannot write {getattr(e, 'filename', None) or tmp}: {reason}; removed {tmp}; the last "
+            f"checkpoint holds the weights: make room and rerun to export them"
+        ) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     log.info("exported EMA model -> %s", final)
@@ -352,7 +375,7 @@ def lock_run_dir(run_dir: Path, main: bool, device: torch.device, locks: context
             locks.enter_context(take_lock(FolderLock(run_dir, what=f"run folder {run_dir}")))
         except FolderBusy as e:
             refused = e
-        except DiskFull as e:   # not even room for the lock file
+        except DiskFull as e:  # not even room for the lock file
             refused = WriteFailed(str(e))
     busy, disk = agree([isinstance(refused, FolderBusy), isinstance(refused, WriteFailed)], device)
     if refused is not None:
@@ -374,8 +397,10 @@ def check_init_used(cfg: config_mod.RunConfig, spec: ModelSpec) -> None:
     if cfg.init is None or spec.warm_start or (spec.reads_init is not None and spec.reads_init(cfg)):
         return
     recipe = f"model '{spec.name}'" + (f" with policy={cfg.recipe}" if cfg.recipe else "")
-    raise UsageError(f"--init {cfg.init}: {recipe} does not use it (nothing would be loaded from it); "
-                     f"drop --init, or pick the policy that starts from it")
+    raise UsageError(
+        f"--init {cfg.init}: {recipe} does not use it (nothing would be loaded from it); "
+        f"drop --init, or pick the policy that starts from it"
+    )
 
 
 # exceptions a model's constructor raises for config values it cannot build (sizes of 0, bad ratios)
@@ -387,70 +412,84 @@ def build_model(cfg: config_mod.RunConfig, spec: ModelSpec) -> torch.nn.Module:
     before anything is written to the run folder, naming the model.* values that look suspicious."""
     try:
         with weights.loading(weights.config_folders(cfg.model), what="a folder the model config points at:"):
-            return spec.model_cls(cfg.model)   # may load frozen parts (a VAE, a text encoder) from disk
+            return spec.model_cls(cfg.model)  # may load frozen parts (a VAE, a text encoder) from disk
     except UsageError:
         raise
     except _BAD_CONFIG_ERRORS as e:
         log.debug("building model '%s' failed", spec.name, exc_info=True)
-        preset = spec.presets.get(cfg.preset)   # values <= 0 the user set (not the preset's own zeros)
-        suspicious = [f"model.{f.name}={getattr(cfg.model, f.name)}" for f in dataclasses.fields(cfg.model)
-                      if type(getattr(cfg.model, f.name)) in (int, float) and getattr(cfg.model, f.name) <= 0
-                      and getattr(preset, f.name, None) != getattr(cfg.model, f.name)]
+        preset = spec.presets.get(cfg.preset)  # values <= 0 the user set (not the preset's own zeros)
+        suspicious = [
+            f"model.{f.name}={getattr(cfg.model, f.name)}"
+            for f in dataclasses.fields(cfg.model)
+            if type(getattr(cfg.model, f.name)) in (int, float)
+            and getattr(cfg.model, f.name) <= 0
+            and getattr(preset, f.name, None) != getattr(cfg.model, f.name)
+        ]
         hint = f" (check {', '.join(suspicious)})" if suspicious else ""
         first = " ".join(str(e).split())[:300] or type(e).__name__
-        raise UsageError(f"model '{spec.name}' cannot be built from this config: {type(e).__name__}: {first}"
-                         f"{hint}") from None
+        raise UsageError(
+            f"model '{spec.name}' cannot be built from this config: {type(e).__name__}: {first}{hint}"
+        ) from None
 
 
 # ---------------------------------------------------------------- the loop
 
+
 class _Run:
     """State of one training process; ``train`` drives it."""
 
-    def __init__(self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
-                 status: _Status):
+    def __init__(
+        self, cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack, status: _Status
+    ):
         self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
         # Everything the user can get wrong is checked before anything is written to RUN: the data, the
         # model/data fit, --init, and that the model builds from the config.
         info = read_dataset_info(cfg.data.paths)
         check_init_exists(cfg)
-        self.cfg = cfg = fill_from_data(cfg, spec, info)   # data-dependent model fields; ModelDataMismatch
-        check_init_used(cfg, spec)   # after prepare: it settles the recipe (e.g. the default policy)
+        self.cfg = cfg = fill_from_data(cfg, spec, info)  # data-dependent model fields; ModelDataMismatch
+        check_init_used(cfg, spec)  # after prepare: it settles the recipe (e.g. the default policy)
         self.acc = make_accelerator(cfg.train.precision)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
         seed = cfg.train.seed
-        set_seed(derive_seed(seed, "init"))   # identical initial weights on every rank
+        set_seed(derive_seed(seed, "init"))  # identical initial weights on every rank
         model = build_model(cfg, spec)
-        lock_run_dir(run_dir, self.main, self.acc.device, locks)   # before anything is written there
+        lock_run_dir(run_dir, self.main, self.acc.device, locks)  # before anything is written there
         run_dir.mkdir(parents=True, exist_ok=True)
         done = checkpoint.complete_checkpoints(run_dir)
-        status.active, status.step = self.main, done[-1][0] if done else 0   # from here on, any end is recorded
+        status.active, status.step = self.main, done[-1][0] if done else 0  # from here on, any end is recorded
         if self.main:
             checkpoint.remove_partial(run_dir)
         if spec.warm_start and cfg.init and checkpoint.latest_checkpoint(run_dir) is None:
-            checkpoint.load_init_weights(model, cfg.init)   # fine-tuning; a resume loads its own weights
+            checkpoint.load_init_weights(model, cfg.init)  # fine-tuning; a resume loads its own weights
         self.ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
         optimizer = build_optimizer(model, cfg.optim, self.acc.device)
         self.scheduler = build_scheduler(optimizer, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        compile_model(self.model, cfg.train)   # training forward + loss; eval runs the EMA model eagerly
+        compile_model(self.model, cfg.train)  # training forward + loss; eval runs the EMA model eagerly
         self.ema.model.to(self.acc.device)
-        set_seed(derive_seed(seed, "rank", self.rank))   # model-internal noise differs per rank
+        set_seed(derive_seed(seed, "rank", self.rank))  # model-internal noise differs per rank
         self.step, self.resumed_from, self.bad_steps = 0, None, 0
         # the newest checkpoint whose files all read back on every rank; damaged newer ones are skipped
         latest, damaged = checkpoint.resume_checkpoint(run_dir, self.rank)
         if latest is not None:
             try:
-                state = checkpoint.load_checkpoint(latest, model=self.acc.unwrap_model(self.model),
-                                                   ema_model=self.ema.model, optimizer=self.optimizer,
-                                                   scheduler=self.scheduler, rank=self.rank)
-            except UsageError:   # an unreadable file (named): not a config change
+                state = checkpoint.load_checkpoint(
+                    latest,
+                    model=self.acc.unwrap_model(self.model),
+                    ema_model=self.ema.model,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    rank=self.rank,
+                )
+            except UsageError:  # an unreadable file (named): not a config change
                 raise
-            except (RuntimeError, KeyError, ValueError, OSError) as e:   # read fine, does not fit the model
+            except (RuntimeError, KeyError, ValueError, OSError) as e:  # read fine, does not fit the model
                 first = " ".join(str(e).split())[:300] or type(e).__name__
-                raise UsageError(f"{latest}: cannot resume from it ({first}); did the model config change? "
-                                 f"use a new --out, or the settings in {run_dir / CONFIG}") from None
+                raise UsageError(
+                    f"{latest}: cannot resume from it ({first}); did the model config change? "
+                    f"use a new --out, or the settings in {run_dir / CONFIG}"
+                ) from None
             self.step = self.resumed_from = int(state["step"])
             self.bad_steps = int(state.get("bad_steps", 0))
             self.ema.load_state(state["ema"])
@@ -458,7 +497,7 @@ class _Run:
             if self.main:
                 checkpoint.set_aside(damaged)
         status.step = self.step
-        if self.main:   # after a successful resume: a refused config must not replace the good one
+        if self.main:  # after a successful resume: a refused config must not replace the good one
             _write_config(run_dir, cfg)
         self.eval_batches: list[dict] | None = None
 
@@ -471,8 +510,10 @@ class _Run:
     def check_first_batch(self, batch: dict) -> None:
         missing = [k for k in self.spec.required_keys if k not in batch]
         if missing:
-            raise ModelDataMismatch(f"model '{self.spec.name}' needs batch key(s) {missing} that the data "
-                                    f"{self.cfg.data.paths} does not provide (it has {sorted(batch)})")
+            raise ModelDataMismatch(
+                f"model '{self.spec.name}' needs batch key(s) {missing} that the data "
+                f"{self.cfg.data.paths} does not provide (it has {sorted(batch)})"
+            )
 
     # -- one optimizer step
 
@@ -506,11 +547,14 @@ class _Run:
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
-            msg = (f"non-finite loss at step {self.step + 1} (loss {out['loss']}, grad_norm "
-                   f"{out.get('grad_norm')}) on batch keys {keys}")
+            msg = (
+                f"non-finite loss at step {self.step + 1} (loss {out['loss']}, grad_norm "
+                f"{out.get('grad_norm')}) on batch keys {keys}"
+            )
             if self.bad_steps > self.cfg.train.nan_skip_steps:
-                raise NonFiniteLoss(msg + f"; {self.bad_steps} bad step(s) > train.nan_skip_steps="
-                                    f"{self.cfg.train.nan_skip_steps}")
+                raise NonFiniteLoss(
+                    msg + f"; {self.bad_steps} bad step(s) > train.nan_skip_steps={self.cfg.train.nan_skip_steps}"
+                )
             log.warning("%s: skipped (%d of %d allowed)", msg, self.bad_steps, self.cfg.train.nan_skip_steps)
             return True, stop, out
         self.optimizer.step()
@@ -565,24 +609,41 @@ class _Run:
 
     def _save(self) -> None:
         checkpoint.save_checkpoint(
-            self.run_dir, self.step, model=self.acc.unwrap_model(self.model), ema_model=self.ema.model,
-            optimizer=self.optimizer, scheduler=self.scheduler, rank=self.rank, keep_last=self.cfg.train.keep_last,
-            trainer_state={"bad_steps": self.bad_steps, "ema": self.ema.state(), "world_size": self.world,
-                           "data": {"seed": self.cfg.train.seed, "segment_start": self.step},
-                           "model_name": self.spec.name})
+            self.run_dir,
+            self.step,
+            model=self.acc.unwrap_model(self.model),
+            ema_model=self.ema.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            rank=self.rank,
+            keep_last=self.cfg.train.keep_last,
+            trainer_state={
+                "bad_steps": self.bad_steps,
+                "ema": self.ema.state(),
+                "world_size": self.world,
+                "data": {"seed": self.cfg.train.seed, "segment_start": self.step},
+                "model_name": self.spec.name,
+            },
+        )
 
 
 def _log_line(step: int, total: int, m: dict[str, float], eta_s: float) -> str:
-    extra = " | ".join(f"{k} {v:.4g}" for k, v in m.items()
-                       if k not in ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "data_s"))
+    extra = " | ".join(
+        f"{k} {v:.4g}"
+        for k, v in m.items()
+        if k not in ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "data_s")
+    )
     eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, eta_s)))
     gn = f" | grad_norm {m['grad_norm']:.3g}" if "grad_norm" in m else ""
-    return (f"step {step}/{total} | loss {m['loss']:.4g} | lr {m['lr']:.3g}{gn} | {m['steps_per_s']:.2f} step/s"
-            f" | {m['samples_per_s']:.1f} samples/s | eta {eta}" + (f" | {extra}" if extra else ""))
+    return (
+        f"step {step}/{total} | loss {m['loss']:.4g} | lr {m['lr']:.3g}{gn} | {m['steps_per_s']:.2f} step/s"
+        f" | {m['samples_per_s']:.1f} samples/s | eta {eta}" + (f" | {extra}" if extra else "")
+    )
 
 
-def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path,
-          signals: PreemptionHandler | None = None) -> TrainResult:
+def train(
+    cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path, signals: PreemptionHandler | None = None
+) -> TrainResult:
     """Train ``spec``'s model with ``cfg`` into ``run_dir``, resuming from its latest checkpoint.
 
     Holds ``run_dir/.lock`` (rank 0) for the whole run: ``FolderBusy`` when another job trains there.
@@ -603,7 +664,7 @@ def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path,
             except BaseException as e:
                 disk = isinstance(e, OSError) and e.errno in DISK_FULL and not isinstance(e, WriteFailed)
                 error = _disk_error(e, run_dir) if disk else e
-                if isinstance(e, WriteFailed) and "free there" not in str(e):   # metrics, config, status, final
+                if isinstance(e, WriteFailed) and "free there" not in str(e):  # metrics, config, status, final
                     error, disk = WriteFailed(f"{e} ({_free(run_dir)} free there): make room and rerun"), True
                 status.fail(error)
                 if disk:
@@ -614,9 +675,11 @@ def train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: str | Path,
 
 
 def _disk_error(e: OSError, run_dir: Path) -> WriteFailed:
-    log.debug("the disk refused a write", exc_info=e)   # `wm -v train`: where it happened
-    return WriteFailed(f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e} "
-                       f"({_free(run_dir)} free there): make room and rerun")
+    log.debug("the disk refused a write", exc_info=e)  # `wm -v train`: where it happened
+    return WriteFailed(
+        f"cannot write {e.filename or f'in {run_dir}'}: {e.strerror or e} "
+        f"({_free(run_dir)} free there): make room and rerun"
+    )
 
 
 def _free(run_dir: Path) -> str:
@@ -626,10 +689,16 @@ def _free(run_dir: Path) -> str:
     return megabytes(free) if free is not None else "unknown"
 
 
-def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: contextlib.ExitStack,
-           status: _Status, signals: PreemptionHandler) -> TrainResult:
+def _train(
+    cfg: config_mod.RunConfig,
+    spec: ModelSpec,
+    run_dir: Path,
+    locks: contextlib.ExitStack,
+    status: _Status,
+    signals: PreemptionHandler,
+) -> TrainResult:
     run = _Run(cfg, spec, run_dir, locks, status)
-    cfg = run.cfg   # filled from the data
+    cfg = run.cfg  # filled from the data
     t = cfg.train
     result = TrainResult(exit_codes.OK, run.step, run_dir, run.resumed_from)
     if run.step >= t.max_steps:
@@ -640,14 +709,21 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
         return result
     sink = MetricSink(run_dir, cfg, run.step) if run.main else None
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * run.world
-    bar = tqdm(total=t.max_steps, initial=run.step, desc=f"train {spec.name}", unit="step", dynamic_ncols=True,
-               disable=not (run.main and t.progress), mininterval=1.0)
+    bar = tqdm(
+        total=t.max_steps,
+        initial=run.step,
+        desc=f"train {spec.name}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (run.main and t.progress),
+        mininterval=1.0,
+    )
     window: dict[str, float] = {}
     n_window, t_window, t_warm, warm_step = 0, time.perf_counter(), None, None
     data = run.data(run.step)
     state, code = "running", exit_codes.OK
     status.write(state, run.step, code)
-    with contextlib.nullcontext():   # `signals` is installed since train() began and uninstalled when it ends
+    with contextlib.nullcontext():  # `signals` is installed since train() began and uninstalled when it ends
         try:
             while run.step < t.max_steps:
                 bad, stop, m = run.train_step(data, signals.local_flag)
@@ -664,34 +740,40 @@ def _train(cfg: config_mod.RunConfig, spec: ModelSpec, run_dir: Path, locks: con
                     if run.step % t.log_every == 0 and n_window:
                         dt = time.perf_counter() - t_window
                         logged = {k: v / n_window for k, v in window.items()}
-                        logged.update(lr=run.scheduler.get_last_lr()[0], steps_per_s=n_window / dt,
-                                      samples_per_s=n_window * samples_per_step / dt)
+                        logged.update(
+                            lr=run.scheduler.get_last_lr()[0],
+                            steps_per_s=n_window / dt,
+                            samples_per_s=n_window * samples_per_step / dt,
+                        )
                         if run.main:
-                            log.info(_log_line(run.step, t.max_steps, logged,
-                                               (t.max_steps - run.step) * dt / n_window))
+                            log.info(_log_line(run.step, t.max_steps, logged, (t.max_steps - run.step) * dt / n_window))
                             sink.write(run.step, logged)
                         window, n_window, t_window = {}, 0, time.perf_counter()
                     if t.eval_every and run.step % t.eval_every == 0:
                         metrics = run.evaluate()
                         if run.main:
-                            log.info("eval step %d: %s", run.step,
-                                     ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                            log.info(
+                                "eval step %d: %s", run.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+                            )
                             sink.write(run.step, metrics)
                     if run.step % t.ckpt_every == 0 or run.step == t.max_steps:
                         run.save()
                         if run.step < t.max_steps and not stop:
-                            data = run.data(run.step)   # new segment: resume replays it exactly
+                            data = run.data(run.step)  # new segment: resume replays it exactly
                 if stop:
                     signals.stopping = True
                     if checkpoint.latest_checkpoint(run_dir) != checkpoint.step_dir(run_dir, run.step):
                         run.save()
-                    log.warning("preempted by %s at step %d: checkpoint written, exiting %d; rerun the same "
-                                "command to resume", signals.received or "a signal on another rank", run.step,
-                                exit_codes.PREEMPTED)
+                    log.warning(
+                        "preempted by %s at step %d: checkpoint written, exiting %d; rerun the same command to resume",
+                        signals.received or "a signal on another rank",
+                        run.step,
+                        exit_codes.PREEMPTED,
+                    )
                     state, code = "preempted", exit_codes.PREEMPTED
                     break
             else:
-                if t_warm is not None:   # steps 6..N, without the final checkpoint and export
+                if t_warm is not None:  # steps 6..N, without the final checkpoint and export
                     result.loop_seconds, result.loop_steps = t_step_end - t_warm, run.step - warm_step
                 if run.main:
                     export_final(run_dir, run.ema.model, cfg, step=run.step, world_size=run.world)

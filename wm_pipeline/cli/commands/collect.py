@@ -52,11 +52,13 @@ class EpisodeSpec:
     def __str__(self) -> str:
         noise = f":action_noise={self.action_noise:g}" if self.action_noise else ""
         noise += f":noise_hold={self.noise_hold}" if self.action_noise and self.noise_hold != 1 else ""
-        return (f"metaworld:{self.task}:episode={self.episode}:seed={self.seed}:res={self.resolution}:"
-                f"camera={self.camera}:max_steps={self.max_steps}:actions={int(self.actions)}{noise}")
+        return (
+            f"metaworld:{self.task}:episode={self.episode}:seed={self.seed}:res={self.resolution}:"
+            f"camera={self.camera}:max_steps={self.max_steps}:actions={int(self.actions)}{noise}"
+        )
 
 
-_ENV_CACHE: dict[tuple, object] = {}   # one live env per process: making one + its GL context takes ~2 s
+_ENV_CACHE: dict[tuple, object] = {}  # one live env per process: making one + its GL context takes ~2 s
 
 
 def _env_for(spec: EpisodeSpec):
@@ -65,8 +67,9 @@ def _env_for(spec: EpisodeSpec):
     key = (spec.task, spec.resolution, spec.camera, spec.max_steps)
     if key not in _ENV_CACHE:
         _close_envs()
-        _ENV_CACHE[key] = MetaWorldEnv(spec.task, seed=spec.seed, resolution=spec.resolution,
-                                       camera=spec.camera, max_steps=spec.max_steps)
+        _ENV_CACHE[key] = MetaWorldEnv(
+            spec.task, seed=spec.seed, resolution=spec.resolution, camera=spec.camera, max_steps=spec.max_steps
+        )
     return _ENV_CACHE[key]
 
 
@@ -82,8 +85,9 @@ def _close_envs() -> None:
 atexit.register(_close_envs)
 
 
-def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS,
-            action_noise: float = 0.0, noise_hold: int = 1) -> dict[str, np.ndarray | bool]:
+def rollout(
+    env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS, action_noise: float = 0.0, noise_hold: int = 1
+) -> dict[str, np.ndarray | bool]:
     """One scripted-expert episode: frames uint8 [T, H, W, 3], action float32 [T, 4], state float32
     [T, 39] (frame/state t were observed before action t), success (reached at any step).
     ``action_noise`` > 0 executes (and records) expert action + N(0, action_noise²), clipped to
@@ -110,9 +114,13 @@ def rollout(env, seed: int, extra_steps: int = EXTRA_STEPS_AFTER_SUCCESS,
             first_success = info["steps"]
         if first_success is not None and info["steps"] >= first_success + extra_steps:
             break
-    return {"frames": np.stack(frames), "action": np.stack(actions).astype(np.float32),
-            "state": np.stack(states).astype(np.float32), "success": first_success is not None,
-            "first_success_step": first_success}
+    return {
+        "frames": np.stack(frames),
+        "action": np.stack(actions).astype(np.float32),
+        "state": np.stack(states).astype(np.float32),
+        "success": first_success is not None,
+        "first_success_step": first_success,
+    }
 
 
 def make_episodes(spec: EpisodeSpec):
@@ -124,13 +132,25 @@ def make_episodes(spec: EpisodeSpec):
     r = rollout(env, spec.seed, action_noise=spec.action_noise, noise_hold=spec.noise_hold)
     log.debug("%s: %d steps, success=%s", spec, len(r["action"]), r["success"])
     yield Episode(
-        key=f"{spec.task}_{spec.episode:06d}", frames={spec.camera: r["frames"]}, fps=env.fps,
-        embodiment=EMBODIMENT, task=spec.task, instruction=instruction(spec.task), source=str(spec),
-        action=r["action"] if spec.actions else None, state=r["state"] if spec.actions else None,
-        success=r["success"], episode_index=spec.episode, seed=spec.seed,
-        extra={"simulator": "metaworld",
-               "policy": _behaviour(spec), "first_success_step": r["first_success_step"],
-               "max_steps": spec.max_steps})
+        key=f"{spec.task}_{spec.episode:06d}",
+        frames={spec.camera: r["frames"]},
+        fps=env.fps,
+        embodiment=EMBODIMENT,
+        task=spec.task,
+        instruction=instruction(spec.task),
+        source=str(spec),
+        action=r["action"] if spec.actions else None,
+        state=r["state"] if spec.actions else None,
+        success=r["success"],
+        episode_index=spec.episode,
+        seed=spec.seed,
+        extra={
+            "simulator": "metaworld",
+            "policy": _behaviour(spec),
+            "first_success_step": r["first_success_step"],
+            "max_steps": spec.max_steps,
+        },
+    )
 
 
 def _behaviour(spec: EpisodeSpec) -> str:
@@ -142,13 +162,19 @@ def _behaviour(spec: EpisodeSpec) -> str:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("collect", help="record scripted demonstrations in a simulator as shards",
-                              description="Record scripted-expert episodes in a simulator as a shard dataset.")
+    p = subparsers.add_parser(
+        "collect",
+        help="record scripted demonstrations in a simulator as shards",
+        description="Record scripted-expert episodes in a simulator as a shard dataset.",
+    )
     sims = p.add_subparsers(dest="simulator", metavar="SIMULATOR", required=True)
-    mw = sims.add_parser("metaworld", help="Meta-World scripted experts (Sawyer arm, 50 tasks)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         description="Scripted-expert rollouts of Meta-World tasks, written as shards "
-                                     "(episode i of a task uses seed --seed + i).")
+    mw = sims.add_parser(
+        "metaworld",
+        help="Meta-World scripted experts (Sawyer arm, 50 tasks)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Scripted-expert rollouts of Meta-World tasks, written as shards "
+        "(episode i of a task uses seed --seed + i).",
+    )
     mw.add_argument("--tasks", required=True, help="comma-separated task names (e.g. reach-v3,push-v3) or 'all'")
     mw.add_argument("--episodes", type=int, required=True, help="episodes per task")
     mw.add_argument("--out", required=True, help="dataset folder (created; a rerun resumes)")
@@ -156,13 +182,19 @@ def add_parser(subparsers) -> None:
     mw.add_argument("--resolution", type=int, default=64, help="rendered image size (square, even)")
     mw.add_argument("--camera", default="corner", help="camera name")
     mw.add_argument("--max-steps", type=int, default=200, help="actions per episode at most")
-    mw.add_argument("--drop-actions", action="store_true",
-                    help="write video only (no action/state): an action-free corpus")
-    mw.add_argument("--action-noise", type=float, default=0.0,
-                    help="std of Gaussian noise added to every expert action (a more varied behaviour "
-                         "policy for action-free corpora; 0 = the expert as is)")
-    mw.add_argument("--noise-hold", type=int, default=1,
-                    help="steps each draw of --action-noise lasts (1: a new draw every step)")
+    mw.add_argument(
+        "--drop-actions", action="store_true", help="write video only (no action/state): an action-free corpus"
+    )
+    mw.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        help="std of Gaussian noise added to every expert action (a more varied behaviour "
+        "policy for action-free corpora; 0 = the expert as is)",
+    )
+    mw.add_argument(
+        "--noise-hold", type=int, default=1, help="steps each draw of --action-noise lasts (1: a new draw every step)"
+    )
     mw.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     mw.add_argument("--samples-per-shard", type=int, default=16, help="episodes per shard")
     mw.set_defaults(run=run)
@@ -182,20 +214,46 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.max_steps <= MAX_PATH_LENGTH:
         raise exit_codes.UsageError(f"--max-steps must be in 1..{MAX_PATH_LENGTH}, got {args.max_steps}")
     if not 0 <= args.action_noise <= 2:
-        raise exit_codes.UsageError(f"--action-noise must be in 0..2 (actions live in [-1, 1]), got {args.action_noise}")
+        raise exit_codes.UsageError(
+            f"--action-noise must be in 0..2 (actions live in [-1, 1]), got {args.action_noise}"
+        )
     if args.noise_hold < 1:
         raise exit_codes.UsageError(f"--noise-hold must be >= 1 (steps per noise draw), got {args.noise_hold}")
-    specs = [EpisodeSpec(task, i, args.seed + i, args.resolution, args.camera, args.max_steps, not args.drop_actions,
-                         args.action_noise, args.noise_hold)
-             for task in tasks for i in range(args.episodes)]
+    specs = [
+        EpisodeSpec(
+            task,
+            i,
+            args.seed + i,
+            args.resolution,
+            args.camera,
+            args.max_steps,
+            not args.drop_actions,
+            args.action_noise,
+            args.noise_hold,
+        )
+        for task in tasks
+        for i in range(args.episodes)
+    ]
     try:
-        result = run_sharded_job(args.out, specs, make_episodes, samples_per_shard=args.samples_per_shard,
-                                 workers=args.workers, created_by="wm collect metaworld", desc="collect")
-    finally:   # also on a full disk (exit 74): an env left to the interpreter's exit prints EGL tracebacks
+        result = run_sharded_job(
+            args.out,
+            specs,
+            make_episodes,
+            samples_per_shard=args.samples_per_shard,
+            workers=args.workers,
+            created_by="wm collect metaworld",
+            desc="collect",
+        )
+    finally:  # also on a full disk (exit 74): an env left to the interpreter's exit prints EGL tracebacks
         _close_envs()
     m = result.manifest
-    log.info("collected %d episodes (%d successful), %d frames -> %s", m["totals"]["samples"],
-             sum(_success_flags(args.out, m)), m["totals"]["frames"], args.out)
+    log.info(
+        "collected %d episodes (%d successful), %d frames -> %s",
+        m["totals"]["samples"],
+        sum(_success_flags(args.out, m)),
+        m["totals"]["frames"],
+        args.out,
+    )
     return result.exit_code
 
 

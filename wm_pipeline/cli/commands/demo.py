@@ -7,11 +7,13 @@ import argparse
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="run every stage of the pipeline on Meta-World and write a report (resumes when rerun)",
+        "demo",
+        help="run every stage of the pipeline on Meta-World and write a report (resumes when rerun)",
         description="Collect -> latent-action model -> label -> world model -> decoders -> closed-loop "
-                    "evaluation -> DIR/report.md. Rerunning resumes at the first unfinished stage. "
-                    "'quick' is a smoke run of a few minutes on 2 CPU cores; 'default' is the configuration "
-                    "whose numbers are in docs/RESULTS.md.")
+        "evaluation -> DIR/report.md. Rerunning resumes at the first unfinished stage. "
+        "'quick' is a smoke run of a few minutes on 2 CPU cores; 'default' is the configuration "
+        "whose numbers are in docs/RESULTS.md.",
+    )
     p.add_argument("--profile", default="default", choices=["quick", "default"], help="size of the run")
     p.add_argument("--out", default="demo", help="output folder (data, runs, evals, report.md)")
     p.add_argument("--tasks", help="comma-separated Meta-World tasks (default: the profile's)")

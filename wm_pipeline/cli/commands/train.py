@@ -30,27 +30,49 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train a registered model (resumes automatically)",
+        "train",
+        help="train a registered model (resumes automatically)",
         usage="wm train MODEL --data DIR [--data DIR2 ...] --out RUN [--config FILE] [--preset NAME] "
-              "[--init RUN] [--episodes-per-task K] [--labels NAME ...] [--plugin MODULE] [key=value ...]",
+        "[--init RUN] [--episodes-per-task K] [--labels NAME ...] [--plugin MODULE] [key=value ...]",
         description="Train a registered model. Overrides are key=value pairs, e.g. optim.lr=3e-4 data.window=8; "
-                    "precedence: defaults < --preset < --config < key=value. See docs/TRAINING.md.")
+        "precedence: defaults < --preset < --config < key=value. See docs/TRAINING.md.",
+    )
     p.add_argument("model", help="registered model name (e.g. lam, idm, worldmodel, decoder)")
     p.add_argument("--data", action="append", default=[], metavar="DIR", help="dataset folder (repeatable)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder: config, checkpoints, logs, final/")
     p.add_argument("--config", metavar="FILE", help="YAML run config (e.g. a previous RUN/config.yaml)")
     p.add_argument("--preset", metavar="NAME", help="size preset: tiny, small (default) or base")
-    p.add_argument("--init", metavar="RUN", help="run folder to start from (sets 'init'; e.g. a world model or LAM "
-                                                 "run for `wm train decoder`)")
-    p.add_argument("--episodes-per-task", type=int, metavar="K",
-                   help="few-shot: train on the first K successful episodes per task (sets data.episodes_per_task)")
-    p.add_argument("--labels", action="append", default=[], metavar="NAME",
-                   help="label sidecar to join (labels/NAME/ in every --data folder; repeatable; sets data.labels)")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="module or .py file that registers models (also $WM_PLUGINS, comma-separated)")
-    p.add_argument("--help-config", action=_HelpConfig,
-                   help="list every config key of MODEL with its type and default (of --preset, given before it), "
-                        "then exit: wm train MODEL [--preset NAME] --help-config")
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="run folder to start from (sets 'init'; e.g. a world model or LAM run for `wm train decoder`)",
+    )
+    p.add_argument(
+        "--episodes-per-task",
+        type=int,
+        metavar="K",
+        help="few-shot: train on the first K successful episodes per task (sets data.episodes_per_task)",
+    )
+    p.add_argument(
+        "--labels",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="label sidecar to join (labels/NAME/ in every --data folder; repeatable; sets data.labels)",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module or .py file that registers models (also $WM_PLUGINS, comma-separated)",
+    )
+    p.add_argument(
+        "--help-config",
+        action=_HelpConfig,
+        help="list every config key of MODEL with its type and default (of --preset, given before it), "
+        "then exit: wm train MODEL [--preset NAME] --help-config",
+    )
     p.set_defaults(run=run, overrides=[])
     # key=value overrides may sit anywhere after the model name, between options; argparse cannot
     # mix a variable-length positional with options, so they are collected from the leftovers.
@@ -58,7 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     def parse_known_args(args=None, namespace=None):
         ns, rest = parse_known(args, namespace)
-        ns.overrides = list(getattr(ns, "overrides", []) or []) + [a for a in rest if "=" in a and not a.startswith("-")]
+        ns.overrides = list(getattr(ns, "overrides", []) or []) + [
+            a for a in rest if "=" in a and not a.startswith("-")
+        ]
         return ns, [a for a in rest if not ("=" in a and not a.startswith("-"))]
 
     p.parse_known_args = parse_known_args
@@ -81,7 +105,7 @@ class _HelpConfig(argparse.Action):
             parser.error(str(e))
         try:
             print(text, flush=True)
-        except BrokenPipeError:   # `wm train MODEL --help-config | head`
+        except BrokenPipeError:  # `wm train MODEL --help-config | head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             parser.exit(exit_codes.BROKEN_PIPE)
         parser.exit(0)
@@ -126,9 +150,11 @@ def config_help(model: str, preset: str | None = None, plugins: list[str] = ()) 
     walk(cfg, "")
     rows = [r for r in rows if r[0] != "model_name"]
     w_key, w_type = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    head = (f"wm train {model}: config keys, types and defaults (preset {cfg.preset!r}; set them with key=value "
-            f"or --config FILE; {RunConfig.__name__} in wm_pipeline/training/config.py, "
-            f"model.* in {spec.config_cls.__module__}.{spec.config_cls.__name__})")
+    head = (
+        f"wm train {model}: config keys, types and defaults (preset {cfg.preset!r}; set them with key=value "
+        f"or --config FILE; {RunConfig.__name__} in wm_pipeline/training/config.py, "
+        f"model.* in {spec.config_cls.__module__}.{spec.config_cls.__name__})"
+    )
     lines = [head, f"{'key':<{w_key}}  {'type':<{w_type}}  default"]
     lines += [f"{k:<{w_key}}  {t:<{w_type}}  {d}" for k, t, d in rows]
     return "\n".join(lines)
@@ -154,34 +180,43 @@ def _run(args: argparse.Namespace, signals) -> int:
 
     torchrun = distributed.launched_world_size() > 1
     if torchrun and int(os.environ.get("RANK", "0")) > 0:
-        logging.getLogger().setLevel(logging.WARNING)   # one copy of the log lines: rank 0's
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the log lines: rank 0's
     try:
         if "=" in args.model:
             raise exit_codes.UsageError(f"expected a model name before overrides, got {args.model!r}")
         load_plugins(args.plugin)
         spec = get_model(args.model)
-        overrides = list(args.overrides)   # the flags are shorthands for overrides: they beat --config
+        overrides = list(args.overrides)  # the flags are shorthands for overrides: they beat --config
         if args.init is not None:
             overrides.append(f"init={args.init}")
         if args.episodes_per_task is not None:
             overrides.append(f"data.episodes_per_task={args.episodes_per_task}")
         if args.labels:
             overrides.append(f"data.labels={','.join(args.labels)}")
-        cfg = resolve(args.model, spec.config_cls, spec.presets, preset=args.preset, config_file=args.config,
-                      overrides=overrides, data_paths=args.data, run_presets=spec.run_presets)
+        cfg = resolve(
+            args.model,
+            spec.config_cls,
+            spec.presets,
+            preset=args.preset,
+            config_file=args.config,
+            overrides=overrides,
+            data_paths=args.data,
+            run_presets=spec.run_presets,
+        )
         code = train(cfg, spec, args.out, signals).exit_code
-    except (exit_codes.UsageError, FolderBusy) as e:   # FolderBusy: another job trains in --out
+    except (exit_codes.UsageError, FolderBusy) as e:  # FolderBusy: another job trains in --out
         if not torchrun:
-            raise   # wm_pipeline.cli.main prints it as one line, exit 2
+            raise  # wm_pipeline.cli.main prints it as one line, exit 2
         print(f"wm train: error: {e}", file=sys.stderr)
         code = exit_codes.USAGE
-    except exit_codes.WriteFailed as e:   # e.g. a checkpoint on a full disk
+    except exit_codes.WriteFailed as e:  # e.g. a checkpoint on a full disk
         if not torchrun:
-            raise   # wm_pipeline.cli.main prints it as one line, exit 74
+            raise  # wm_pipeline.cli.main prints it as one line, exit 74
         print(f"wm train: error: {e}", file=sys.stderr)
         code = exit_codes.WRITE_FAILED
     except Exception as e:
         from shards.format import FormatError
+
         if not (torchrun and isinstance(e, FormatError)):
             raise
         print(f"wm train: error: {e}", file=sys.stderr)

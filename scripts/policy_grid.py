@@ -35,6 +35,8 @@ Layout under ``--out`` (every stage is skipped when its output is there, so a re
     runs/idm-k<K>-s<seed>/                    the IDM of idm-bc arms (probe/ beside it: wm probe output)
     val/<arm>-k<K>-s<seed>/step-<N>/          policy/ (that checkpoint's EMA weights), action_error.json,
                                               eval/results.json (closed loop on validation seeds)
+    val/<arm>-k<K>-s<seed>/<task>/step-<N>/   with --per-task: the same per task's policy, on that task's
+                                              validation demos and episodes (merged per step one level up)
     evals/<arm>-k<K>-s<seed>/results.json     the final checkpoint on the evaluation seeds
     results.md, results.json                  the table (per task: mean over seeds +- standard error)
     learning_curves.png, success_vs_k.png     validation curves per arm; final success against K
@@ -282,7 +284,9 @@ def train_cmd(args, job: Job, run_dir: Path, extra: list[str]) -> list[str]:
 def do_per_task_job(args, job: Job, stages: set[str]) -> None:
     """``--per-task``: one policy per task (``data.tasks=TASK``, ``--steps`` each) under runs/<job>/<task>,
     each evaluated on its own task; the evaluations merge into evals/<job>/results.json, so the table
-    reads as for one policy. No checkpoint validation (the validation demos mix the tasks)."""
+    reads as for one policy. Each checkpoint is validated on its own task's validation demos and
+    episodes (val/<job>/<task>/step-N), merged per step into val/<job>/step-N (action error weighted by
+    windows, validation success over all the episodes) for the learning curves."""
     logs, evals = args.out / "logs", args.out / "evals" / job.name
     tasks = args.tasks.split(",")
     for task in tasks:
@@ -299,6 +303,10 @@ def do_per_task_job(args, job: Job, stages: set[str]) -> None:
                 eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals / task, tasks=task),
                 logs / f"eval-{name}.log",
             )
+        if "val" in stages:
+            validate(args, run_dir, args.out / "val" / job.name / task, f"val-{name}", task)
+    if "val" in stages:
+        merge_per_task_val(args.out / "val" / job.name, tasks)
     parts = {
         t: json.loads((evals / t / "results.json").read_text()) for t in tasks if (evals / t / "results.json").is_file()
     }
@@ -336,18 +344,52 @@ def do_job(args, job: Job, stages: set[str]) -> None:
     if "eval" in stages and not (evals / "results.json").is_file():
         run(eval_cmd(args, run_dir, args.eval_episodes, args.eval_seed, evals), logs / f"eval-{job.name}.log")
     if "val" in stages:
-        from wm_pipeline.jobs.action_error import held_out_action_error
+        validate(args, run_dir, args.out / "val" / job.name, f"val-{job.name}")
 
-        for _step, policy in checkpoint_policies(run_dir, args.out / "val" / job.name):
-            folder = policy.parent
-            if args.val_demos and not (folder / "action_error.json").is_file():
-                metrics = held_out_action_error(policy, args.val_demos)
-                (folder / "action_error.json").write_text(json.dumps(metrics, indent=1) + "\n")
-            if args.val_episodes and not (folder / "eval" / "results.json").is_file():
-                run(
-                    eval_cmd(args, policy, args.val_episodes, args.val_seed, folder / "eval"),
-                    logs / f"val-{job.name}.log",
-                )
+
+def validate(args, run_dir: Path, val_dir: Path, log_name: str, task: str | None = None) -> None:
+    """Every checkpoint of ``run_dir`` scored on the validation data (of ``task`` only, when given):
+    val_dir/step-N/action_error.json and, with --val-episodes, step-N/eval/results.json."""
+    from wm_pipeline.jobs.action_error import held_out_action_error
+
+    for _step, policy in checkpoint_policies(run_dir, val_dir):
+        folder = policy.parent
+        if args.val_demos and not (folder / "action_error.json").is_file():
+            metrics = held_out_action_error(policy, args.val_demos, tasks=[task] if task else ())
+            (folder / "action_error.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        if args.val_episodes and not (folder / "eval" / "results.json").is_file():
+            run(
+                eval_cmd(args, policy, args.val_episodes, args.val_seed, folder / "eval", tasks=task),
+                args.out / "logs" / f"{log_name}.log",
+            )
+
+
+def merge_per_task_val(val_dir: Path, tasks: list[str]) -> None:
+    """--per-task: each step that every task's policy validated, merged into val_dir/step-N (what
+    collect() reads for one policy): the action errors weighted by windows, the validation episodes
+    pooled."""
+    steps = [{f.name for f in (val_dir / t).glob("step-*")} if (val_dir / t).is_dir() else set() for t in tasks]
+    for step in sorted(set.intersection(*steps)) if steps else []:
+        parts = [val_dir / t / step for t in tasks]
+        out = val_dir / step
+        errors = [
+            json.loads((p / "action_error.json").read_text()) for p in parts if (p / "action_error.json").is_file()
+        ]
+        if len(errors) == len(parts) and not (out / "action_error.json").is_file():
+            windows = sum(e["windows"] for e in errors)
+            merged = {k: sum(e[k] * e["windows"] for e in errors) / windows for k in ("action_mse", "first_action_mse")}
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "action_error.json").write_text(json.dumps({**merged, "windows": windows}, indent=1) + "\n")
+        evals = [p / "eval" / "results.json" for p in parts]
+        if all(e.is_file() for e in evals) and not (out / "eval" / "results.json").is_file():
+            overall = [json.loads(e.read_text())["overall"] for e in evals]
+            done, total = sum(o["successes"] for o in overall), sum(o["episodes"] for o in overall)
+            (out / "eval").mkdir(parents=True, exist_ok=True)
+            summary = {
+                "per_task": True,
+                "overall": {"episodes": total, "successes": done, "success_rate": done / total},
+            }
+            (out / "eval" / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- report

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from wm_pipeline.cli.main import main
+from wm_pipeline.exit_codes import UsageError
 from wm_pipeline.jobs.action_error import held_out_action_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +201,8 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
 @pytest.mark.slow
 def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evaluations(tmp_path):
     """--per-task: runs/<job>/<task> trained on that task only (data.tasks), evaluated on it; the
-    evaluations merge into the job's results.json, which the table reads as for one policy."""
+    evaluations merge into the job's results.json, which the table reads as for one policy. Each
+    checkpoint is validated on its own task's demos, merged per step for the learning curves."""
     demos = tmp_path / "demos"
     assert (
         main(
@@ -231,6 +233,8 @@ def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evalua
         str(out),
         "--demos",
         str(demos),
+        "--val-demos",
+        str(demos),
         "--tasks",
         "reach-v3,button-press-v3",
         "--ks",
@@ -247,7 +251,7 @@ def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evalua
         "--eval-episodes",
         "1",
         "--val-episodes",
-        "0",
+        "1",
         "--max-steps",
         "5",
         "--resolution",
@@ -257,10 +261,24 @@ def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evalua
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for task in ("reach-v3", "button-press-v3"):
+    tasks = ("reach-v3", "button-press-v3")
+    for task in tasks:
         config = json.loads((out / "runs" / "mf-k1-s0" / task / "final" / "config.json").read_text())
         assert config["tasks"] == [task]  # trained on that task's demos only
     merged = json.loads((out / "evals" / "mf-k1-s0" / "results.json").read_text())
     assert sorted(merged["tasks"]) == ["button-press-v3", "reach-v3"] and merged["overall"]["episodes"] == 2
     row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| mf | 1 | 1 |"))
     assert "one policy per task" in (out / "results.md").read_text() and "s0 " in row
+
+    # Validation per task: each policy on its own task's windows; the merged step pools them all.
+    val = out / "val" / "mf-k1-s0"
+    windows = {t: json.loads((val / t / "step-0000020" / "action_error.json").read_text())["windows"] for t in tasks}
+    assert all(n > 0 for n in windows.values())
+    policy = val / "reach-v3" / "step-0000020" / "policy"
+    assert held_out_action_error(policy, demos)["windows"] == sum(windows.values())  # unfiltered: both tasks
+    merged = json.loads((val / "step-0000020" / "action_error.json").read_text())
+    assert merged["windows"] == sum(windows.values())
+    assert json.loads((val / "step-0000020" / "eval" / "results.json").read_text())["overall"]["episodes"] == 2
+    assert len(json.loads((out / "results.json").read_text())["curves"]["mf-k1"]) == 1
+    with pytest.raises(UsageError, match="door-open-v3"):
+        held_out_action_error(policy, demos, tasks=["door-open-v3"])

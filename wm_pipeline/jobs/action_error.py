@@ -1,13 +1,15 @@
 """Held-out action error of a trained decoder: how far its chunks are from a demo's real actions.
 
     metrics = held_out_action_error("runs/dec/final", "data/valdemos", every=4)
+    metrics = held_out_action_error("runs/dec/final", "data/valdemos", tasks=["door-open-v3"])
 
 Windows come from ``shards.stream.WindowStream`` in label mode (one ordered, exact pass: two calls see
 the same windows), one at every ``every``-th frame of each episode with real actions. The decoder
 predicts each window's chunk from its observation frames, state and task with its own sampler and a
 seeded generator; the error is the mean squared error in the decoder's NORMALISED action units (so
 every action dim counts alike), over every (window, chunk step, dim), and ``first_action_mse`` is the
-same for the first action of the chunk (the one a receding-horizon policy executes first).
+same for the first action of the chunk (the one a receding-horizon policy executes first). ``tasks``
+keeps the episodes of those tasks only (a policy trained on one task is scored on that task).
 
 This is the learning-curve companion of closed-loop success (scripts/policy_grid.py): it costs a few
 seconds where an evaluation in the simulator costs minutes, and it needs validation demos that were
@@ -16,6 +18,7 @@ used neither for training nor for evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,8 +36,10 @@ def held_out_action_error(
     batch_size: int = 32,
     seed: int = 0,
     backend: str = "auto",
+    tasks: Sequence[str] = (),
 ) -> dict[str, float]:
-    """Score the decoder saved in ``folder`` (``config.json`` + ``model.safetensors``) on ``data_dir``."""
+    """Score the decoder saved in ``folder`` (``config.json`` + ``model.safetensors``) on ``data_dir``
+    (on the episodes of ``tasks`` only, when given)."""
     from decoders.decoder import ActionDecoder
     from shards.stream import WindowStream, collate_windows
 
@@ -78,6 +83,8 @@ def held_out_action_error(
     for w in stream:
         if not w["action_mask"] or w["embodiment"] not in model.embodiments:
             continue
+        if tasks and w["task"] not in tasks:
+            continue
         pending.append(w)
         if len(pending) == batch_size:
             score(pending)
@@ -85,6 +92,7 @@ def held_out_action_error(
     if pending:
         score(pending)
     if not n:
-        raise UsageError(f"{data_dir}: no windows with actions of the decoder's robot {model.embodiments}")
+        which = f" of tasks {list(tasks)}" if tasks else ""
+        raise UsageError(f"{data_dir}: no windows with actions{which} of the decoder's robot {model.embodiments}")
     windows = n // (cfg.horizon * cfg.action_dim)
     return {"action_mse": sq / n, "first_action_mse": first_sq / n_first, "windows": windows}

@@ -319,14 +319,7 @@ def do_per_task_job(args, job: Job, stages: set[str]) -> None:
             "episodes": [e for t in tasks for e in parts[t].get("episodes", [])],
             "wall_seconds": sum(p.get("wall_seconds", 0) for p in parts.values()),
         }
-        done = sum(r["successes"] for r in merged["tasks"].values())
-        total = sum(r["episodes"] for r in merged["tasks"].values())
-        merged["overall"] = {
-            **parts[tasks[0]]["overall"],
-            "episodes": total,
-            "successes": done,
-            "success_rate": done / total,
-        }
+        merged["overall"] = {**parts[tasks[0]]["overall"], **pooled(merged["tasks"].values())}
         merged.pop("latency", None)
         (evals / "results.json").write_text(json.dumps(merged, indent=1) + "\n")
 
@@ -364,6 +357,13 @@ def validate(args, run_dir: Path, val_dir: Path, log_name: str, task: str | None
             )
 
 
+def pooled(counts) -> dict:
+    """Episodes and successes summed over evaluations (``{"episodes", "successes", ...}`` each)."""
+    counts = list(counts)
+    done, total = sum(c["successes"] for c in counts), sum(c["episodes"] for c in counts)
+    return {"episodes": total, "successes": done, "success_rate": done / total}
+
+
 def merge_per_task_val(val_dir: Path, tasks: list[str]) -> None:
     """--per-task: each step that every task's policy validated, merged into val_dir/step-N (what
     collect() reads for one policy): the action errors weighted by windows, the validation episodes
@@ -382,13 +382,8 @@ def merge_per_task_val(val_dir: Path, tasks: list[str]) -> None:
             (out / "action_error.json").write_text(json.dumps({**merged, "windows": windows}, indent=1) + "\n")
         evals = [p / "eval" / "results.json" for p in parts]
         if all(e.is_file() for e in evals) and not (out / "eval" / "results.json").is_file():
-            overall = [json.loads(e.read_text())["overall"] for e in evals]
-            done, total = sum(o["successes"] for o in overall), sum(o["episodes"] for o in overall)
             (out / "eval").mkdir(parents=True, exist_ok=True)
-            summary = {
-                "per_task": True,
-                "overall": {"episodes": total, "successes": done, "success_rate": done / total},
-            }
+            summary = {"per_task": True, "overall": pooled(json.loads(e.read_text())["overall"] for e in evals)}
             (out / "eval" / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 

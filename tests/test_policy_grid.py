@@ -18,6 +18,16 @@ from wm_pipeline.jobs.action_error import held_out_action_error
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def grid_cmd(out: Path, demos: Path, arm: str, **flags) -> list[str]:
+    """``scripts/policy_grid.py`` at 32 px on ``demos``: ``flags`` are its options (``ks=2`` ->
+    ``--ks 2``; ``per_task=True`` -> ``--per-task``)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "policy_grid.py"), "--out", str(out), "--demos", str(demos)]
+    cmd += ["--arm", arm, "--resolution", "32"]
+    for key, value in flags.items():
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return cmd
+
+
 @pytest.fixture(scope="module")
 def demos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("grid") / "demos"
@@ -48,38 +58,21 @@ def demos(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_policy_grid_trains_validates_evaluates_and_resumes(demos, tmp_path):
     out = tmp_path / "grid"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "policy_grid.py"),
-        "--out",
-        str(out),
-        "--demos",
-        str(demos),
-        "--val-demos",
-        str(demos),
-        "--tasks",
-        "reach-v3",
-        "--ks",
-        "2",
-        "--seeds",
-        "0,1",
-        "--arm",
+    cmd = grid_cmd(
+        out,
+        demos,
         "mf=policy=scratch model.objective=meanflow model.augment_shift=2 model.n_obs_steps=1",
-        "--steps",
-        "200",
-        "--ckpt-every",
-        "100",
-        "--eval-episodes",
-        "2",
-        "--val-episodes",
-        "1",
-        "--max-steps",
-        "15",
-        "--resolution",
-        "32",
-        "--lanes",
-        "2",
-    ]
+        val_demos=demos,
+        tasks="reach-v3",
+        ks=2,
+        seeds="0,1",
+        steps=200,
+        ckpt_every=100,
+        eval_episodes=2,
+        val_episodes=1,
+        max_steps=15,
+        lanes=2,
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
@@ -146,44 +139,24 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
         == 0
     )
     out = tmp_path / "grid"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "policy_grid.py"),
-        "--out",
-        str(out),
-        "--demos",
-        str(demos),
-        "--val-demos",
-        str(demos),
-        "--video",
-        str(video),
-        "--idm-steps",
-        "30",
-        "--tasks",
-        "reach-v3",
-        "--ks",
-        "2",
-        "--seeds",
-        "0",
-        "--arm",
+    cmd = grid_cmd(
+        out,
+        demos,
         "bc=policy=idm-bc model.objective=meanflow model.n_obs_steps=1",
-        "--steps",
-        "40",
-        "--ckpt-every",
-        "40",
-        "--eval-episodes",
-        "1",
-        "--val-episodes",
-        "0",
-        "--max-steps",
-        "10",
-        "--resolution",
-        "32",
-        "--lanes",
-        "1",
-        "--stages",
-        "train,report",
-    ]
+        val_demos=demos,
+        video=video,
+        idm_steps=30,
+        tasks="reach-v3",
+        ks=2,
+        seeds=0,
+        steps=40,
+        ckpt_every=40,
+        eval_episodes=1,
+        val_episodes=0,
+        max_steps=10,
+        lanes=1,
+        stages="train,report",
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     idm = out / "runs" / "idm-k2-s0"
@@ -226,39 +199,22 @@ def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evalua
         == 0
     )
     out = tmp_path / "grid"
-    cmd = [
-        sys.executable,
-        str(ROOT / "scripts" / "policy_grid.py"),
-        "--out",
-        str(out),
-        "--demos",
-        str(demos),
-        "--val-demos",
-        str(demos),
-        "--tasks",
-        "reach-v3,button-press-v3",
-        "--ks",
-        "1",
-        "--seeds",
-        "0",
-        "--per-task",
-        "--arm",
+    cmd = grid_cmd(
+        out,
+        demos,
         "mf=policy=scratch model.objective=meanflow model.n_obs_steps=1",
-        "--steps",
-        "20",
-        "--ckpt-every",
-        "20",
-        "--eval-episodes",
-        "1",
-        "--val-episodes",
-        "1",
-        "--max-steps",
-        "5",
-        "--resolution",
-        "32",
-        "--lanes",
-        "1",
-    ]
+        val_demos=demos,
+        tasks="reach-v3,button-press-v3",
+        ks=1,
+        seeds=0,
+        per_task=True,
+        steps=20,
+        ckpt_every=20,
+        eval_episodes=1,
+        val_episodes=1,
+        max_steps=5,
+        lanes=1,
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     tasks = ("reach-v3", "button-press-v3")

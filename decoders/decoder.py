@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from decoders.augment import random_shift
+from nets.augment import random_shift
 from nets.conv_encoder import POOLS, ConvEncoder
 from nets.dit_block import Block, FinalLayer
 from nets.flow import dispersive_loss, flow_matching_loss, meanflow_loss, sample_flow_matching, sample_meanflow

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 
+from nets.augment import random_shift
 from nets.conv import ResConvBlock
 from nets.normalize import Normalizer
 from nets.state_dict import rename_on_load, sequential_renames
@@ -73,6 +74,9 @@ class IDMConfig:
     mlp_ratio: float = 4.0
     max_frames: int = 64  # longest window (learned temporal position embedding)
     loss: str = "mse"  # "mse" | "l1" | "smooth_l1" on normalised actions
+    # training-time random shift of up to this many pixels (nets.augment; one offset per window, so the
+    # motion between its frames is kept); 0 = none. Labelling and predict_actions see the plain frames.
+    augment_shift: int = 0
     min_std: float = 1e-3  # floor on std: constant action dims do not blow up
 
     def __post_init__(self):
@@ -82,6 +86,8 @@ class IDMConfig:
             raise ValueError(f"channels {self.channels} must be multiples of 8 (GroupNorm with 8 groups)")
         if self.loss not in ("mse", "l1", "smooth_l1"):
             raise ValueError(f"loss must be 'mse', 'l1' or 'smooth_l1', got {self.loss!r}")
+        if self.augment_shift < 0:
+            raise ValueError(f"augment_shift must be >= 0, got {self.augment_shift}")
         if self.width % self.n_heads:
             raise ValueError(f"width {self.width} is not a multiple of n_heads {self.n_heads}")
         for emb, fields in self.stats.items():
@@ -218,6 +224,8 @@ class InverseDynamicsModel(nn.Module, ModelFolderMixin, PyTorchModelHubMixin):
                 f"[{b}, {t}, {self.config.action_dim}] for frames {tuple(frames.shape)}"
             )
         sample_mask = batch["action_mask"].to(frames.device, torch.bool)
+        if self.training and self.config.augment_shift:
+            frames = random_shift(frames, self.config.augment_shift)
         pred = self._predict_normalised(frames)
         mean, std = self._stats(batch["embodiment"], sample_mask.tolist(), pred.device)
         # zero the targets of unlabelled samples BEFORE any arithmetic: NaN * 0 is NaN

@@ -1,12 +1,12 @@
-"""decoders.augment.random_shift and the decoder's training-time augmentation (and its state_indices): frames move, by at most
+"""nets.augment.random_shift and the decoder's training-time augmentation (and its state_indices): frames move, by at most
 ``pad`` pixels and the same for every frame of a sample; actions, states and eval-mode outputs do not
 change; a decoder trained with the shift still learns."""
 
 import pytest
 import torch
 
-from decoders.augment import random_shift
 from decoders.decoder import ActionDecoder
+from nets.augment import random_shift
 from tests.test_decoder import N_OBS, make_batch, make_config, mean_of, train, wake_zero_layers
 
 

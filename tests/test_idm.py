@@ -155,3 +155,40 @@ def test_idm_accepts_numpy_stats_and_round_trips(tmp_path):
     loaded = InverseDynamicsModel.from_pretrained(tmp_path)
     assert loaded.config == model.config and loaded.config.stats["square"]["action"]["std"] == [1.5, 2.0]
     assert torch.equal(model.predict_actions(frames), loaded.predict_actions(frames))
+
+
+def test_idm_augment_shift_in_training_only_and_learns_through_it():
+    """augment_shift moves the frames of a window together in training (the motion it reads is kept); eval,
+    labelling and predict_actions see the plain frames; the model still learns the displacement."""
+    frames, action = random_walk(8, 6)
+    stats = stats_of(action)
+    torch.manual_seed(0)
+    model = tiny_idm(stats, augment_shift=3)
+    plain = tiny_idm(stats)
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch(frames, action)
+    with torch.no_grad():
+        shifted = [model(batch)[0].item() for _ in range(3)]
+        unshifted = plain(batch)[0].item()
+    assert len(set(shifted)) > 1 and unshifted not in shifted, (shifted, unshifted)
+    model.eval(), plain.eval()
+    assert torch.equal(model(batch)[0], plain(batch)[0])
+    assert torch.equal(model.predict_actions(frames), plain.predict_actions(frames))
+    assert torch.equal(batch["frames"], frames) and torch.equal(batch["action"], action)  # inputs untouched
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    fit = float("-inf")
+    for step in range(300):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 24:  # scored on the plain frames
+            pred = model.predict_actions(frames)
+            fit = r2(pred[:, :-1].reshape(-1, 2), action[:, :-1].reshape(-1, 2))
+            if fit > 0.8:
+                break
+    assert fit > 0.8, fit
+    with pytest.raises(ValueError, match="augment_shift"):
+        IDMConfig(augment_shift=-1)

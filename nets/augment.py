@@ -1,12 +1,13 @@
-"""Image augmentation for policy training: the random shift of DrQ / Diffusion Policy's crop.
+"""Image augmentation for training on few demos: the random shift of DrQ / Diffusion Policy's crop.
 
 ``random_shift(frames, pad)`` pads every image by ``pad`` pixels (edge replicated) and crops it back
 to its size at a random offset in ``[0, 2 * pad]``: a translation of up to ``pad`` pixels. One offset
 is drawn per SAMPLE and applied to all its frames, so the motion between the frames of a window (what
 a policy reads from its observation history) is unchanged; actions and states are not touched.
 
-Used by ``ActionDecoder.forward`` in training only (``DecoderConfig.augment_shift``); evaluation sees
-the plain frames.
+Used in training only by ``ActionDecoder.forward`` (``DecoderConfig.augment_shift``) and
+``InverseDynamicsModel.forward`` (``IDMConfig.augment_shift``); evaluation and labelling see the plain
+frames.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ bigger by changing arguments only (``--lanes`` jobs run at once; each job is one
 Arms with ``policy=idm-bc`` learn from the action-free corpus ``--video``: for each (K, seed) the grid
 first trains an inverse-dynamics model on the same K demos per task (``runs/idm-k<K>-s<seed>``,
 ``--idm-steps``), scores it on ``--val-demos`` (``wm probe``: R² to the true actions), labels the video
-with it into the sidecar ``labels/idm-k<K>-s<seed>`` and trains the arm on demos + video with
-``--labels idm-k<K>-s<seed>``: the video's only supervision comes from the K demos.
+with it into the sidecar ``labels/<grid>-idm-k<K>-s<seed>`` (``<grid>``: the ``--out`` folder's name, so
+grids with other IDM settings share one corpus) and trains the arm on demos + video with those labels:
+the video's only supervision comes from the K demos.
 
 Seeds, kept apart:
 - demos: whatever ``--demos`` holds (``wm collect --seed 0``: seeds 0..N-1); the first K successful
@@ -154,6 +155,8 @@ def idm_labels(args, job: Job) -> list[str]:
     if not args.video:
         raise SystemExit(f"policy_grid: arm {job.arm} is idm-bc: give the action-free corpus with --video")
     name = f"idm-k{job.k}-s{job.seed}"
+    # the sidecar is named after the grid too: grids with other IDM settings share one video corpus
+    label_name = f"{args.out.name}-{name}"
     with _idm_locks_guard:
         lock = _idm_locks.setdefault((job.k, job.seed), threading.Lock())
     with lock:
@@ -197,11 +200,21 @@ def idm_labels(args, job: Job) -> list[str]:
         done = run_dir / "labelled.json"  # the grid's marker: this IDM has labelled --video
         if not done.is_file():
             run(
-                [args.wm, "label", "--labeller", str(run_dir), "--data", args.video, "--name", name, "--no-progress"],
+                [
+                    args.wm,
+                    "label",
+                    "--labeller",
+                    str(run_dir),
+                    "--data",
+                    args.video,
+                    "--name",
+                    label_name,
+                    "--no-progress",
+                ],
                 logs / f"label-{name}.log",
             )
-            done.write_text(json.dumps({"video": str(args.video), "labels": name}) + "\n")
-    return ["--data", args.video, "--labels", name]
+            done.write_text(json.dumps({"video": str(args.video), "labels": label_name}) + "\n")
+    return ["--data", args.video, "--labels", label_name]
 
 
 def finished(run_dir: Path) -> bool:

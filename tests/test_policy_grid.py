@@ -163,11 +163,11 @@ def test_policy_grid_idm_bc_arm_trains_probes_and_labels_one_idm_per_k_and_seed(
     assert json.loads((idm / "status.json").read_text())["state"] == "finished"
     assert "2 demos per task" in (out / "logs" / "train-idm-k2-s0.log").read_text()
     assert json.loads((idm / "probe" / "probe.json").read_text())
-    assert (video / "labels" / "idm-k2-s0").is_dir() and not (video / "labels" / "idm").exists()
+    assert (video / "labels" / f"{out.name}-idm-k2-s0").is_dir() and not (video / "labels" / "idm").exists()
     run = out / "runs" / "bc-k2-s0"
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     logged = (out / "logs" / "train-bc-k2-s0.log").read_text()
-    assert f"--data {video} --labels idm-k2-s0" in logged
+    assert f"--data {video} --labels {out.name}-idm-k2-s0" in logged
     assert "| idm-k2-s0 |" in (out / "results.md").read_text()  # the IDM's probe R² in the table
 
 

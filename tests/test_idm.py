@@ -171,7 +171,8 @@ def test_idm_augment_shift_in_training_only_and_learns_through_it():
         shifted = [model(batch)[0].item() for _ in range(3)]
         unshifted = plain(batch)[0].item()
     assert len(set(shifted)) > 1 and unshifted not in shifted, (shifted, unshifted)
-    model.eval(), plain.eval()
+    model.eval()
+    plain.eval()
     assert torch.equal(model(batch)[0], plain(batch)[0])
     assert torch.equal(model.predict_actions(frames), plain.predict_actions(frames))
     assert torch.equal(batch["frames"], frames) and torch.equal(batch["action"], action)  # inputs untouched

@@ -21,7 +21,7 @@ from wm_pipeline.cli.main import main
 from wm_pipeline.jobs.probe import code_usage, linear_probe, r2_per_dim
 
 
-def _moving(i: int, n: int = 16, size: int = 32) -> list[Episode]:
+def _moving(i: int, n: int = 16, size: int = 32, task: str = "") -> list[Episode]:
     """An 8 px square on a fixed background moving by its action: 3 px per frame along each axis or still."""
     rng = np.random.default_rng(i)
     action = (3 * rng.integers(-1, 2, (n, 2))).astype(np.float32)
@@ -29,14 +29,16 @@ def _moving(i: int, n: int = 16, size: int = 32) -> list[Episode]:
     frames = np.full((n, size, size, 3), 40, np.uint8)
     for t, (y, x) in enumerate(pos):
         frames[t, y : y + 8, x : x + 8] = (230, 200, 40)
-    return [Episode(key=f"ep{i:03d}", frames={"front": frames}, fps=10.0, embodiment="toybot", action=action)]
+    return [
+        Episode(key=f"ep{i:03d}", frames={"front": frames}, fps=10.0, embodiment="toybot", action=action, task=task)
+    ]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     train = _make(root / "train", _moving, 24, per_shard=8)
-    held = _make(root / "held", lambda i: _moving(100 + i), 8, per_shard=8)
+    held = _make(root / "held", lambda i: _moving(100 + i, task=f"task{i % 2}"), 8, per_shard=8)
     common = [
         "--preset",
         "tiny",
@@ -121,10 +123,17 @@ def test_lam_probe_beats_controls(runs, tmp_path, capsys):
 def test_idm_probe_scores_pseudo_actions(runs, tmp_path, capsys):
     root, held = runs
     assert main(["probe", "--labeller", str(root / "idm"), "--data", str(held), "--out", str(tmp_path)]) == 0
-    assert "IDM pseudo-actions vs true" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "IDM pseudo-actions vs true" in out
     result = json.loads((tmp_path / "probe.json").read_text())
     assert result["steps"] == 8 * 15 and len(result["idm_r2"]) == 2 and len(result["idm_mse"]) == 2
     assert result["idm_r2_mean"] > 0.3, result
+    # the MSE per task: both tasks of the held-out data, their steps and squared errors adding up to the total
+    per_task = result["per_task"]
+    assert sorted(per_task) == ["task0", "task1"] and sum(r["steps"] for r in per_task.values()) == result["steps"]
+    pooled = sum(np.array(r["idm_mse"]) * r["steps"] for r in per_task.values()) / result["steps"]
+    assert np.allclose(pooled, result["idm_mse"])
+    assert "MSE task1" in out
     assert (tmp_path / "probe.png").stat().st_size > 1000
 
 

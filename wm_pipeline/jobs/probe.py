@@ -11,8 +11,8 @@ The labeller (wm_pipeline/jobs/labelling.py) labels held-out episodes that carry
   distinct code tuples. The decoder's next-frame error (pixel MSE in [0, 1]) beside copying frame t,
   and with the latents shuffled between transitions (is the latent used?). A PNG shows frame t /
   predicted t + gap / true t + gap for the transitions with the most motion.
-- IDM: pseudo-actions against the true actions: R² and MSE per action dim (raw units), and a PNG of
-  both over time for a few episodes.
+- IDM: pseudo-actions against the true actions: R² and MSE per action dim (raw units), the MSE per
+  task as well, and a PNG of both over time for a few episodes.
 
 ``probe(run, data_dir, out_dir)`` returns the result dict and writes ``probe.json`` and ``probe.png``.
 """
@@ -234,6 +234,13 @@ def _probe_idm(samples, rows) -> dict[str, Any]:
     pred = np.concatenate([r["pseudo_action"][r[VALID]] for r in rows]).astype(np.float64)
     r2 = r2_per_dim(pred, true)
     mse = ((pred - true) ** 2).mean(0).tolist()
+    # per task (the episode's task; "" where the data names none): a mean R² can hide the task it fails
+    tasks = np.concatenate([np.full(int(r[VALID].sum()), s.meta.task or "") for s, r in zip(samples, rows)])
+    per_task = {}
+    for task in sorted(set(tasks.tolist())):
+        sel = tasks == task
+        task_mse = ((pred[sel] - true[sel]) ** 2).mean(0).tolist()
+        per_task[task] = {"steps": int(sel.sum()), "idm_mse": task_mse, "idm_mse_mean": float(np.mean(task_mse))}
     return {
         "steps": int(len(true)),
         "idm_r2": r2,
@@ -241,6 +248,7 @@ def _probe_idm(samples, rows) -> dict[str, Any]:
         "idm_mse": mse,
         "idm_mse_mean": float(np.mean(mse)),
         "action_std": true.std(0).tolist(),
+        "per_task": per_task,
     }
 
 
@@ -333,4 +341,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"  {'MSE (raw units)':<28}{result['idm_mse_mean']:>8.4f}  "
             f"{' '.join(f'{v:.4f}' for v in result['idm_mse'])}"
         )
+        for task, row in result.get("per_task", {}).items():
+            if task:  # data without task names has one row, the total above
+                lines.append(
+                    f"  {'MSE ' + task:<28}{row['idm_mse_mean']:>8.4f}  {' '.join(f'{v:.4f}' for v in row['idm_mse'])}"
+                )
     return "\n".join(lines)

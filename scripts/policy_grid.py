@@ -214,7 +214,8 @@ def idm_labels(args, job: Job) -> list[str]:
                 logs / f"label-{name}.log",
             )
             done.write_text(json.dumps({"video": str(args.video), "labels": label_name}) + "\n")
-    return ["--data", args.video, "--labels", label_name]
+    # the name the labels were written under (a grid labelled before the grid prefix keeps its own)
+    return ["--data", args.video, "--labels", json.loads(done.read_text())["labels"]]
 
 
 def finished(run_dir: Path) -> bool:

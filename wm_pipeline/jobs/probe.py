@@ -233,20 +233,19 @@ def _probe_idm(samples, rows) -> dict[str, Any]:
     true = np.concatenate([s.action[r[VALID]] for s, r in zip(samples, rows)]).astype(np.float64)
     pred = np.concatenate([r["pseudo_action"][r[VALID]] for r in rows]).astype(np.float64)
     r2 = r2_per_dim(pred, true)
-    mse = ((pred - true) ** 2).mean(0).tolist()
+
+    def mse(sel=slice(None)) -> dict[str, Any]:
+        per_dim = ((pred[sel] - true[sel]) ** 2).mean(0).tolist()
+        return {"idm_mse": per_dim, "idm_mse_mean": float(np.mean(per_dim))}
+
     # per task (the episode's task; "" where the data names none): a mean R² can hide the task it fails
     tasks = np.concatenate([np.full(int(r[VALID].sum()), s.meta.task or "") for s, r in zip(samples, rows)])
-    per_task = {}
-    for task in sorted(set(tasks.tolist())):
-        sel = tasks == task
-        task_mse = ((pred[sel] - true[sel]) ** 2).mean(0).tolist()
-        per_task[task] = {"steps": int(sel.sum()), "idm_mse": task_mse, "idm_mse_mean": float(np.mean(task_mse))}
+    per_task = {t: {"steps": int((tasks == t).sum()), **mse(tasks == t)} for t in sorted(set(tasks.tolist()))}
     return {
         "steps": int(len(true)),
         "idm_r2": r2,
         "idm_r2_mean": mean_r2(r2),
-        "idm_mse": mse,
-        "idm_mse_mean": float(np.mean(mse)),
+        **mse(),
         "action_std": true.std(0).tolist(),
         "per_task": per_task,
     }
@@ -337,13 +336,8 @@ def format_table(result: dict[str, Any]) -> str:
     else:
         lines.append(f"{'IDM pseudo-actions vs true':<30}{'mean':>8}  per dim")
         lines.append(f"  {'R2':<28}{_fmt(result['idm_r2_mean']):>8}  {' '.join(_fmt(v) for v in result['idm_r2'])}")
-        lines.append(
-            f"  {'MSE (raw units)':<28}{result['idm_mse_mean']:>8.4f}  "
-            f"{' '.join(f'{v:.4f}' for v in result['idm_mse'])}"
-        )
-        for task, row in result.get("per_task", {}).items():
-            if task:  # data without task names has one row, the total above
-                lines.append(
-                    f"  {'MSE ' + task:<28}{row['idm_mse_mean']:>8.4f}  {' '.join(f'{v:.4f}' for v in row['idm_mse'])}"
-                )
+        # the total, then each named task (data without task names has one row: the total)
+        rows = [("MSE (raw units)", result)] + [(f"MSE {t}", r) for t, r in result.get("per_task", {}).items() if t]
+        for label, row in rows:
+            lines.append(f"  {label:<28}{row['idm_mse_mean']:>8.4f}  {' '.join(f'{v:.4f}' for v in row['idm_mse'])}")
     return "\n".join(lines)

@@ -18,7 +18,9 @@ first trains an inverse-dynamics model on the same K demos per task (``runs/idm-
 ``--idm-steps``), scores it on ``--val-demos`` (``wm probe``: R² to the true actions), labels the video
 with it into the sidecar ``labels/<grid>-idm-k<K>-s<seed>`` (``<grid>``: the ``--out`` folder's name, so
 grids with other IDM settings share one corpus) and trains the arm on demos + video with those labels:
-the video's only supervision comes from the K demos.
+the video's only supervision comes from the K demos. An idm-bc arm whose arguments name a sidecar
+itself (``--data VIDEO --labels NAME``, e.g. ``scripts/oracle_labels.py``'s true actions) trains on
+that one, and no IDM is trained for it.
 
 Seeds, kept apart:
 - demos: whatever ``--demos`` holds (``wm collect --seed 0``: seeds 0..N-1); the first K successful
@@ -150,8 +152,8 @@ _idm_locks_guard = threading.Lock()
 def idm_labels(args, job: Job) -> list[str]:
     """For an idm-bc arm: the IDM of (K, seed) trained, probed and run over ``--video`` (once, whichever
     lane gets there first); returns the extra training arguments that read its labels."""
-    if "policy=idm-bc" not in job.args:
-        return []
+    if "policy=idm-bc" not in job.args or "--labels" in job.args:
+        return []  # not idm-bc, or an arm that names its own sidecar (and --data) itself
     if not args.video:
         raise SystemExit(f"policy_grid: arm {job.arm} is idm-bc: give the action-free corpus with --video")
     name = f"idm-k{job.k}-s{job.seed}"

@@ -238,3 +238,22 @@ def test_policy_grid_per_task_trains_one_policy_per_task_and_merges_their_evalua
     assert len(json.loads((out / "results.json").read_text())["curves"]["mf-k1"]) == 1
     with pytest.raises(UsageError, match="door-open-v3"):
         held_out_action_error(policy, demos, tasks=["door-open-v3"])
+
+
+def test_policy_grid_idm_bc_arm_that_names_its_own_labels_trains_no_idm(tmp_path):
+    """``--arm "NAME=policy=idm-bc --data VIDEO --labels oracle ..."`` reads that sidecar: the grid adds no
+    IDM (and needs no --video) for it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import policy_grid
+
+    arm = "o=policy=idm-bc --data video --labels oracle model.objective=meanflow"
+    args = policy_grid.parse_args(
+        ["--out", str(tmp_path / "g"), "--demos", "d", "--tasks", "reach-v3", "--seeds", "0", "--arm", arm]
+    )
+    (job,) = policy_grid.jobs_of(args)
+    assert policy_grid.idm_labels(args, job) == [] and not (tmp_path / "g").exists()
+    plain = policy_grid.parse_args(
+        ["--out", str(tmp_path / "g"), "--demos", "d", "--tasks", "reach-v3", "--arm", "b=policy=idm-bc"]
+    )
+    with pytest.raises(SystemExit, match="--video"):
+        policy_grid.idm_labels(plain, policy_grid.jobs_of(plain)[0])

@@ -1,0 +1,82 @@
+"""``scripts/oracle_labels.py``: the true actions of a dataset become the IDM sidecar of its action-free twin,
+and the decoder's idm-bc stream then trains on exactly those actions; a twin that is not the same
+episodes is refused, naming the sample."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shards.format import read_manifest
+from shards.sidecar import read_labeller_info, read_sidecar
+from shards.stream import WindowStream, collate_windows
+from shards.writer import Episode, run_sharded_job
+from wm_pipeline.recipes.decoder import idm_targets
+from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import oracle_labels  # noqa: E402
+
+N = 12
+
+
+def _episode(i: int, with_action: bool, n: int = N) -> list[Episode]:
+    rng = np.random.default_rng(i)
+    frames = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    action = rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32)
+    kw = {"action": action, "success": True} if with_action else {}
+    return [
+        Episode(key=f"ep{i:02d}", frames={"corner": frames}, fps=10.0, embodiment=EMBODIMENT, task="reach-v3", **kw)
+    ]
+
+
+def _make(root: Path, make) -> Path:
+    result = run_sharded_job(root, list(range(3)), make, samples_per_shard=2, workers=1, created_by="tests")
+    assert result.exit_code == 0, result.failures
+    return root
+
+
+def _with_actions(i):
+    return _episode(i, True)
+
+
+def _action_free(i):
+    return _episode(i, False)
+
+
+def _shorter(i):
+    return _episode(i, False, n=N - 2 if i == 1 else N)
+
+
+def test_oracle_labels_are_the_true_actions_and_idm_bc_trains_on_them(tmp_path):
+    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _action_free)
+    assert oracle_labels.main(["--actions", str(truth), "--video", str(video), "--name", "oracle"]) == 0
+    assert read_labeller_info(video, "oracle")["kind"] == "oracle"
+    for shard in read_manifest(video)["shards"]:
+        rows = read_sidecar(video, "oracle", shard["name"])
+        assert sorted(rows) == sorted(shard["keys"])
+        for key, row in rows.items():
+            (ep,) = _episode(int(key[2:]), True)
+            np.testing.assert_array_equal(row["pseudo_action"], ep.action)
+            assert row["valid"].tolist() == [True] * (N - 1) + [False]  # no next frame after the last
+    # the idm-bc stream over demos + video: every window that trains has its episode's true actions,
+    # and the video's whole-valid windows (all but those that reach the last frame) are among them
+    stream = WindowStream([truth, video], window=4, mode="label", labels=["oracle"], optional_labels=True)
+    batch = collate_windows(list(stream))
+    demo_windows = int(batch["action_mask"].sum())
+    out = idm_targets(dict(batch), EMBODIMENT, ACTION_DIM, "oracle")
+    video_windows = int((batch["oracle.present"] & batch["oracle.valid"].all(1)).sum())
+    assert video_windows > 0 and int(out["action_mask"].sum()) == demo_windows + video_windows
+    for j, (key, start) in enumerate(zip(batch["key"], batch["start"].tolist())):
+        if out["action_mask"][j]:
+            (ep,) = _episode(int(key[2:]), True)
+            torch.testing.assert_close(out["action"][j], torch.from_numpy(ep.action[start : start + 4]))
+
+
+def test_oracle_labels_refuse_a_twin_of_other_episodes(tmp_path):
+    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _shorter)
+    with pytest.raises(SystemExit, match=r"ep01.*12 frames.*10"):
+        oracle_labels.main(["--actions", str(truth), "--video", str(video)])
+    assert not (video / "labels" / "oracle").exists() or not any((video / "labels" / "oracle").glob("*.tar"))

@@ -1,6 +1,7 @@
 """``scripts/oracle_labels.py``: the true actions of a dataset become the IDM sidecar of its action-free twin,
 and the decoder's idm-bc stream then trains on exactly those actions; a twin that is not the same
-episodes is refused, naming the sample."""
+episodes is refused, naming the sample. ``scripts/label_error.py`` scores another sidecar against them:
+zero error for the truth itself, the known error of labels with a known offset, per dim and phase."""
 
 import sys
 from pathlib import Path
@@ -10,13 +11,14 @@ import pytest
 import torch
 
 from shards.format import read_manifest
-from shards.sidecar import read_labeller_info, read_sidecar
+from shards.sidecar import read_labeller_info, read_sidecar, write_sidecar_shard
 from shards.stream import WindowStream, collate_windows
 from shards.writer import Episode, run_sharded_job
 from wm_pipeline.recipes.decoder import idm_targets
 from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import label_error  # noqa: E402
 import oracle_labels  # noqa: E402
 
 N = 12
@@ -80,3 +82,25 @@ def test_oracle_labels_refuse_a_twin_of_other_episodes(tmp_path):
     with pytest.raises(SystemExit, match=r"ep01.*12 frames.*10"):
         oracle_labels.main(["--actions", str(truth), "--video", str(video)])
     assert not (video / "labels" / "oracle").exists() or not any((video / "labels" / "oracle").glob("*.tar"))
+
+
+def test_label_error_scores_labels_against_the_oracle_per_dim_task_and_phase(tmp_path, capsys):
+    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _action_free)
+    oracle_labels.main(["--actions", str(truth), "--video", str(video)])
+    exact = label_error.label_error(video, "oracle", "oracle")
+    assert exact["total"]["mse"] == 0 and exact["total"]["r2"] == pytest.approx(1.0)
+    offset = np.zeros(ACTION_DIM, np.float32)
+    offset[0] = 0.5  # x off by 0.5 in the second half of every episode only
+    for shard in read_manifest(video)["shards"]:
+        rows = read_sidecar(video, "oracle", shard["name"])
+        for row in rows.values():
+            row["pseudo_action"][N // 2 :] += offset
+        write_sidecar_shard(video, "shifted", shard["name"], rows)
+    assert label_error.main(["--data", str(video), "--labels", "shifted", "--phases", "2"]) == 0
+    out = label_error.label_error(video, "shifted", "oracle", phases=2)
+    assert out["total"]["rows"] == 3 * (N - 1)  # the last frame of each episode has no label
+    first, second = out["per_phase"]
+    assert first["mse"] == 0 and second["mse_per_dim"][0] == pytest.approx(0.25)
+    assert second["mse_per_dim"][1:] == [0.0] * (ACTION_DIM - 1) and out["total"]["r2_per_dim"][0] < 1
+    assert list(out["per_task"]) == ["reach-v3"]
+    assert "phase 1/2" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from wm_pipeline.exit_codes import UsageError
 
 
 @functools.lru_cache(maxsize=8)
-def _episode_index(data_dir: str) -> tuple[tuple[str, str, bool, bool | None], ...]:
+def episode_index(data_dir: str) -> tuple[tuple[str, str, bool, bool | None], ...]:
     """``(key, task, has_action, success)`` of every sample of a dataset, in shard / key order."""
     from shards.format import META, SampleMeta, read_manifest
     from shards.location import locate
@@ -49,7 +49,7 @@ def few_shot_keys(paths: list[str], k: int, tasks=()) -> tuple[list[set[str]], d
     action_free: list[set[str]] = [set() for _ in paths]
     present: set[str] = set()  # tasks with any sample
     for i, path in enumerate(paths):
-        for key, task, has_action, success in _episode_index(identity(path)):
+        for key, task, has_action, success in episode_index(identity(path)):
             if wanted and task not in wanted:
                 continue
             present.add(task)

@@ -27,7 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shards.format import read_manifest  # noqa: E402
 from shards.samples import parse_sample  # noqa: E402
-from shards.sidecar import write_labeller_info, write_sidecar_shard  # noqa: E402
+from shards.sidecar import (  # noqa: E402
+    labeller_info_lock,
+    sidecar_shard_lock,
+    write_labeller_info,
+    write_sidecar_shard,
+)
 from shards.tar_reader import read_tar_samples  # noqa: E402
 
 
@@ -77,14 +82,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     shards = oracle_rows(args.actions, args.video)
     digest = hashlib.sha256(json.dumps(read_manifest(args.actions)["shards"], sort_keys=True).encode()).hexdigest()
-    write_labeller_info(
-        args.video,
-        args.name,
-        {"kind": "oracle", "source": str(args.actions.resolve()), "manifest_sha256": digest},
-    )
+    # the locks `wm label` takes: a second writer of the same sidecar is refused, naming the holder
+    with labeller_info_lock(args.video, args.name):
+        write_labeller_info(
+            args.video,
+            args.name,
+            {"kind": "oracle", "source": str(args.actions.resolve()), "manifest_sha256": digest},
+        )
     n = 0
     for shard, rows in shards.items():
-        write_sidecar_shard(args.video, args.name, shard, rows)
+        with sidecar_shard_lock(args.video, args.name, shard):
+            write_sidecar_shard(args.video, args.name, shard, rows)
         n += len(rows)
     print(f"oracle_labels: {n} episodes of {args.video} labelled with {args.actions}'s actions as labels/{args.name}")
     return 0

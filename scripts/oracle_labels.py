@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     shards = oracle_rows(args.actions, args.video)
     digest = hashlib.sha256(json.dumps(read_manifest(args.actions)["shards"], sort_keys=True).encode()).hexdigest()
-    # the locks `wm label` takes: a second writer of the same sidecar is refused, naming the holder
+    # the locks `wm label` takes: labeller.json waits for another writer; a shard another job holds is
+    # refused (FolderBusy, naming the holder)
     with labeller_info_lock(args.video, args.name):
         write_labeller_info(
             args.video,

@@ -1,7 +1,7 @@
 """``scripts/oracle_labels.py``: the true actions of a dataset become the IDM sidecar of its action-free twin,
 and the decoder's idm-bc stream then trains on exactly those actions; a twin that is not the same
 episodes is refused, naming the sample. ``scripts/label_error.py`` scores another sidecar against them:
-zero error for the truth itself, the known error of labels with a known offset, per dim and phase."""
+zero error for the truth itself, the known error of labels with a known offset, per dim, phase and outcome."""
 
 import sys
 from pathlib import Path
@@ -24,11 +24,13 @@ import oracle_labels  # noqa: E402
 N = 12
 
 
-def _episode(i: int, with_action: bool, n: int = N) -> list[Episode]:
+def _episode(i: int, with_action: bool, n: int = N, success: bool | None = None) -> list[Episode]:
     rng = np.random.default_rng(i)
     frames = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
     action = rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32)
     kw = {"action": action, "success": True} if with_action else {}
+    if success is not None:
+        kw["success"] = success
     return [
         Episode(key=f"ep{i:02d}", frames={"corner": frames}, fps=10.0, embodiment=EMBODIMENT, task="reach-v3", **kw)
     ]
@@ -46,6 +48,10 @@ def _with_actions(i):
 
 def _action_free(i):
     return _episode(i, False)
+
+
+def _action_free_with_outcome(i):  # as `wm collect --drop-actions` writes: the outcome kept; episode 2 failed
+    return _episode(i, False, success=i != 2)
 
 
 def _shorter(i):
@@ -84,8 +90,8 @@ def test_oracle_labels_refuse_a_twin_of_other_episodes(tmp_path):
     assert not (video / "labels" / "oracle").exists() or not any((video / "labels" / "oracle").glob("*.tar"))
 
 
-def test_label_error_scores_labels_against_the_oracle_per_dim_task_and_phase(tmp_path, capsys):
-    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _action_free)
+def test_label_error_scores_labels_against_the_oracle_per_dim_task_phase_and_outcome(tmp_path, capsys):
+    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _action_free_with_outcome)
     oracle_labels.main(["--actions", str(truth), "--video", str(video)])
     exact = label_error.label_error(video, "oracle", "oracle")
     assert exact["total"]["mse"] == 0 and exact["total"]["r2"] == pytest.approx(1.0)
@@ -104,3 +110,11 @@ def test_label_error_scores_labels_against_the_oracle_per_dim_task_and_phase(tmp
     assert second["mse_per_dim"][1:] == [0.0] * (ACTION_DIM - 1) and out["total"]["r2_per_dim"][0] < 1
     assert list(out["per_task"]) == ["reach-v3"]
     assert "phase 1/2" in capsys.readouterr().out
+    # outcome groups (mse_per_dim has 5 digits): rows 0..N-2 are labelled, x is off from row N // 2 on;
+    # episodes 0 and 1 succeeded, 2 failed
+    by_outcome = label_error.label_error(video, "shifted", "oracle", tail=3)["per_outcome"]
+    tail, before, failed = by_outcome["success, last 3"], by_outcome["success, before"], by_outcome["failed"]
+    assert (tail["rows"], before["rows"], failed["rows"]) == (2 * 3, 2 * (N - 4), N - 1)
+    assert tail["mse_per_dim"][0] == pytest.approx(0.25, abs=1e-5)  # all three tail rows are in the shifted half
+    assert before["mse_per_dim"][0] == pytest.approx(0.25 * (N - 4 - N // 2) / (N - 4), abs=1e-5)
+    assert failed["mse_per_dim"][0] == pytest.approx(0.25 * (N - 1 - N // 2) / (N - 1), abs=1e-5)

@@ -1,8 +1,8 @@
 """How wrong a labeller's pseudo-actions are on the corpus it labelled: one sidecar against another of the
 same dataset that holds the true actions (``scripts/oracle_labels.py``), per action dim, per task and
 per phase of the episode (its first fifth, second fifth, ...) and per outcome: the last ``--tail`` actions
-of a successful episode (``wm collect`` records that many after the first success), the rest of it, and
-failed episodes.
+of a successful episode (``wm collect`` records that many after the first success; fewer when the step
+limit came first), the rest of it, and failed episodes.
 
     python scripts/label_error.py --data video --labels grid-idm-k1-s0 --truth oracle --out err.json
 

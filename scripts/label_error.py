@@ -35,9 +35,7 @@ def paired_rows(data: Path, labels: str, truth: str, tail: int = EXTRA_STEPS_AFT
     """(labels [N, A], truth [N, A], task of each row, phase of each row in [0, 1), outcome of each row)
     over every row valid in both sidecars. Outcome: "success, last <tail>" for the last ``tail`` actions of
     a successful episode, "success, before" for its other rows, "failed" or "outcome unknown"."""
-    index = episode_index(str(data))
-    task_of = {key: task for key, task, _, _ in index}
-    success_of = {key: success for key, _, _, success in index}
+    episode = {key: (task, success) for key, task, _, success in episode_index(str(data))}
     pred, true, tasks, phase, outcome = [], [], [], [], []
     for shard in read_manifest(data)["shards"]:
         a, b = read_sidecar(data, labels, shard["name"]), read_sidecar(data, truth, shard["name"])
@@ -46,9 +44,10 @@ def paired_rows(data: Path, labels: str, truth: str, tail: int = EXTRA_STEPS_AFT
             n = len(ok)
             pred.append(a[key][FIELD][ok])
             true.append(b[key][FIELD][ok])
-            tasks += [task_of[key]] * int(ok.sum())
+            task, success = episode[key]
+            tasks += [task] * int(ok.sum())
             phase.append(np.arange(n)[ok] / n)
-            outcome += _outcomes(ok, success_of[key], tail)
+            outcome += _outcomes(ok, success, tail)
     if not pred:
         raise SystemExit(f"{data}: sidecars {labels} and {truth} share no labelled samples")
     return np.concatenate(pred), np.concatenate(true), tasks, np.concatenate(phase), outcome

@@ -1,7 +1,8 @@
 """``scripts/oracle_labels.py``: the true actions of a dataset become the IDM sidecar of its action-free twin,
 and the decoder's idm-bc stream then trains on exactly those actions; a twin that is not the same
 episodes is refused, naming the sample. ``scripts/label_error.py`` scores another sidecar against them:
-zero error for the truth itself, the known error of labels with a known offset, per dim, phase and outcome."""
+zero error for the truth itself, the known error of labels with a known offset, per dim, phase and outcome.
+``scripts/ensemble_labels.py`` averages several sidecars: the known mean and spread, valid where all are."""
 
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from wm_pipeline.recipes.decoder import idm_targets
 from wm_pipeline.sim.metaworld_env import ACTION_DIM, EMBODIMENT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import ensemble_labels  # noqa: E402
 import label_error  # noqa: E402
 import oracle_labels  # noqa: E402
 
@@ -118,3 +120,42 @@ def test_label_error_scores_labels_against_the_oracle_per_dim_task_phase_and_out
     assert tail["mse_per_dim"][0] == pytest.approx(0.25, abs=1e-5)  # all three tail rows are in the shifted half
     assert before["mse_per_dim"][0] == pytest.approx(0.25 * (N - 4 - N // 2) / (N - 4), abs=1e-5)
     assert failed["mse_per_dim"][0] == pytest.approx(0.25 * (N - 1 - N // 2) / (N - 1), abs=1e-5)
+
+
+def test_ensemble_labels_average_the_members_and_keep_rows_every_member_labelled(tmp_path, capsys):
+    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _action_free)
+    oracle_labels.main(["--actions", str(truth), "--video", str(video)])
+    shards = read_manifest(video)["shards"]
+    for name, off in (("a", 0.1), ("b", -0.3)):  # two labellers, each off by a constant
+        for shard in shards:
+            rows = read_sidecar(video, "oracle", shard["name"])
+            for key, row in rows.items():
+                row["pseudo_action"] += off
+                if name == "b" and key == "ep01":
+                    row["valid"][3] = False  # one row only member b could not read
+            failures = [{"key": "ep02", "reason": "test"}] if name == "b" and "ep02" in rows else []
+            rows = {k: v for k, v in rows.items() if not (failures and k == "ep02")}
+            write_sidecar_shard(video, name, shard["name"], rows, failures)
+    with pytest.raises(SystemExit, match="needs >= 2"):
+        ensemble_labels.main(["--data", str(video), "--labels", "a", "--name", "ens"])
+    assert ensemble_labels.main(["--data", str(video), "--labels", "a,b", "--name", "ens"]) == 0
+    assert "1 not labelled by every member" in capsys.readouterr().out
+    assert read_labeller_info(video, "ens") == {"kind": "ensemble", "members": ["a", "b"], "reduce": "mean"}
+    rows = {k: v for s in shards for k, v in read_sidecar(video, "ens", s["name"]).items()}
+    assert sorted(rows) == ["ep00", "ep01"]  # ep02: member b failed it
+    for key, row in rows.items():
+        (ep,) = _episode(int(key[2:]), True)
+        np.testing.assert_allclose(row["pseudo_action"], ep.action - 0.1, atol=1e-6)
+        np.testing.assert_allclose(row["spread"], 0.2, atol=1e-6)  # std of +0.1 and -0.3
+        want = [True] * (N - 1) + [False]
+        if key == "ep01":
+            want[3] = False
+        assert row["valid"].tolist() == want
+    # the error against the truth is the mean's: 0.1 in every dim
+    assert label_error.label_error(video, "ens", "oracle")["total"]["mse"] == pytest.approx(0.01, abs=1e-6)
+    # and the decoder's idm-bc stream reads it like any IDM sidecar
+    stream = WindowStream([truth, video], window=4, mode="label", labels=["ens"], optional_labels=True)
+    batch = collate_windows(list(stream))
+    out = idm_targets(dict(batch), EMBODIMENT, ACTION_DIM, "ens")
+    video_windows = int((batch["ens.present"] & batch["ens.valid"].all(1)).sum())
+    assert video_windows > 0 and int(out["action_mask"].sum()) == int(batch["action_mask"].sum()) + video_windows

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shards.batch_keys import VALID  # noqa: E402
 from shards.format import read_manifest  # noqa: E402
 from shards.sidecar import (  # noqa: E402
     labeller_info_lock,
@@ -45,10 +46,10 @@ def ensemble_rows(members: list[dict[str, dict[str, np.ndarray]]], where: str) -
             shapes = [list(a.shape) for a in actions]
             raise SystemExit(f"{where}:{key}: the members' {FIELD} shapes differ ({shapes}): not one corpus")
         stack = np.stack(actions)  # [M, n, A]
-        valid = np.logical_and.reduce([np.asarray(m[key]["valid"], bool) for m in members])
+        valid = np.logical_and.reduce([np.asarray(m[key][VALID], bool) for m in members])
         out[key] = {
             FIELD: stack.mean(0),
-            "valid": valid,
+            VALID: valid,
             "spread": stack.std(0).mean(-1).astype(np.float32),
         }
     return out
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     n = dropped = 0
     for shard in read_manifest(args.data)["shards"]:
         members = [read_sidecar(args.data, name, shard["name"]) for name in names]
-        rows = ensemble_rows(members, f"{args.data}/labels/*/{shard['name']}")
+        rows = ensemble_rows(members, f"{args.data} shard {shard['name']} (labels {args.labels})")
         failures = [
             {"key": k, "reason": "not labelled by every member"} for k in sorted(set(shard["keys"]) - set(rows))
         ]

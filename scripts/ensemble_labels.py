@@ -10,6 +10,10 @@ label than any one of them. The members must have labelled the same samples with
 frames; a sample one member could not label is left out (its ``labeller.json`` names the members).
 Fields, as ``wm label`` writes them for an IDM: ``pseudo_action`` [n, A] (raw units) and ``valid`` [n];
 plus ``spread`` [n]: the members' standard deviation per row, averaged over the action dims (raw units).
+
+``--keep Q`` keeps only the rows the members agree on most: a row whose spread is above the Q-quantile of
+all valid rows' spreads is marked not valid (a training window with such a row is then not used as an
+action sample). The threshold comes from the members alone, never from true actions.
 """
 
 from __future__ import annotations
@@ -60,18 +64,34 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, type=Path, help="the labelled dataset (its labels/ folder)")
     p.add_argument("--labels", required=True, help="comma-separated sidecar names, >= 2")
     p.add_argument("--name", required=True, help="the ensemble's sidecar name (labels/<name>/)")
+    p.add_argument(
+        "--keep", type=float, default=1.0, help="fraction of valid rows kept, those of least spread (default: all)"
+    )
     args = p.parse_args(argv)
+    if not 0.0 < args.keep <= 1.0:
+        raise SystemExit(f"--keep {args.keep}: a fraction in (0, 1]")
     names = [n for n in args.labels.split(",") if n]
     if len(names) < 2:
         raise SystemExit(f"--labels {args.labels!r}: an ensemble needs >= 2 sidecars")
     if args.name in names:
         raise SystemExit(f"--name {args.name!r} is one of the members: write the ensemble under a new name")
+    shards, where = read_manifest(args.data)["shards"], f"{args.data} (labels {args.labels})"
+    per_shard = [
+        ensemble_rows([read_sidecar(args.data, name, sh["name"]) for name in names], f"{where} shard {sh['name']}")
+        for sh in shards
+    ]
+    info = {"kind": "ensemble", "members": names, "reduce": "mean"}
+    if args.keep < 1.0:
+        spreads = [r["spread"][r[VALID]] for rows in per_shard for r in rows.values()]
+        threshold = float(np.quantile(np.concatenate(spreads), args.keep))
+        for rows in per_shard:
+            for r in rows.values():
+                r[VALID] = r[VALID] & (r["spread"] <= threshold)
+        info.update(keep=args.keep, max_spread=threshold)
     with labeller_info_lock(args.data, args.name):
-        write_labeller_info(args.data, args.name, {"kind": "ensemble", "members": names, "reduce": "mean"})
+        write_labeller_info(args.data, args.name, info)
     n = dropped = 0
-    for shard in read_manifest(args.data)["shards"]:
-        members = [read_sidecar(args.data, name, shard["name"]) for name in names]
-        rows = ensemble_rows(members, f"{args.data} shard {shard['name']} (labels {args.labels})")
+    for shard, rows in zip(shards, per_shard):
         failures = [
             {"key": k, "reason": "not labelled by every member"} for k in sorted(set(shard["keys"]) - set(rows))
         ]
@@ -80,6 +100,11 @@ def main(argv=None) -> int:
         n, dropped = n + len(rows), dropped + len(failures)
     print(
         f"ensemble_labels: {n} samples of {args.data} as labels/{args.name} (mean of {', '.join(names)})"
+        + (
+            f"; rows of spread > {info['max_spread']:.4g} marked not valid (--keep {args.keep})"
+            if args.keep < 1
+            else ""
+        )
         + (f"; {dropped} not labelled by every member left out" if dropped else "")
     )
     return 0

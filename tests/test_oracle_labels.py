@@ -159,3 +159,27 @@ def test_ensemble_labels_average_the_members_and_keep_rows_every_member_labelled
     out = idm_targets(dict(batch), EMBODIMENT, ACTION_DIM, "ens")
     video_windows = int((batch["ens.present"] & batch["ens.valid"].all(1)).sum())
     assert video_windows > 0 and int(out["action_mask"].sum()) == int(batch["action_mask"].sum()) + video_windows
+
+
+def test_ensemble_labels_keep_marks_the_rows_the_members_disagree_on_most_not_valid(tmp_path, capsys):
+    truth, video = _make(tmp_path / "truth", _with_actions), _make(tmp_path / "video", _action_free)
+    oracle_labels.main(["--actions", str(truth), "--video", str(video)])
+    shards = read_manifest(video)["shards"]
+    for name, sign in (("a", 1.0), ("b", -1.0)):  # row r: the members are +-0.01 * r off, spread 0.01 * r
+        for shard in shards:
+            rows = read_sidecar(video, "oracle", shard["name"])
+            for row in rows.values():
+                row["pseudo_action"] += sign * 0.01 * np.arange(N, dtype=np.float32)[:, None]
+            write_sidecar_shard(video, name, shard["name"], rows, [])
+    with pytest.raises(SystemExit, match="a fraction in"):
+        ensemble_labels.main(["--data", str(video), "--labels", "a,b", "--name", "ens", "--keep", "0"])
+    assert ensemble_labels.main(["--data", str(video), "--labels", "a,b", "--name", "ens", "--keep", "0.45"]) == 0
+    assert "marked not valid (--keep 0.45)" in capsys.readouterr().out
+    info = read_labeller_info(video, "ens")
+    # 3 episodes x rows 0-10 valid: the 0.45-quantile lies 0.4 of the way from row 4's 0.04 to row 5's 0.05
+    assert info["keep"] == 0.45 and info["max_spread"] == pytest.approx(0.044, abs=1e-5)
+    for shard in shards:
+        for row in read_sidecar(video, "ens", shard["name"]).values():
+            np.testing.assert_allclose(row["spread"], 0.01 * np.arange(N), atol=1e-6)
+            # rows 0-4 agree most; rows 5-10 are past the threshold, row 11 had no label already
+            assert row["valid"].tolist() == [True] * 5 + [False] * (N - 5)

@@ -53,12 +53,15 @@ def recon_with(model: LatentActionModel, frames: torch.Tensor, latent: torch.Ten
     return torch.mean((pred - frames[:, 1:].float()) ** 2).item()
 
 
-@pytest.mark.parametrize("bottleneck,target", [("vq", 0.35), ("continuous", 0.45)])
-def test_lam_overfits_moving_squares_and_uses_its_latent(bottleneck, target):
+# The VQ model trains its full 400 steps: its decoder fits the mean next frame first and puts the codes
+# to use later, so stopping where recon/copy first crosses 0.35 left the latent-use checks below to the
+# seed (seeds 0-5: 1-7 distinct codes, shuffled/own 1.0-2.2); after 400 steps every seed is at >= 4 and > 2.
+@pytest.mark.parametrize("bottleneck,target,stop_at", [("vq", 0.35, 0.0), ("continuous", 0.45, 0.45)])
+def test_lam_overfits_moving_squares_and_uses_its_latent(bottleneck, target, stop_at):
     torch.manual_seed(0)
     frames = moving_squares(t=2)  # one transition per video, all from the same frame
     model = LatentActionModel(tiny_config(bottleneck=bottleneck))
-    metrics = train(model, frames, steps=300, target_ratio=target)
+    metrics = train(model, frames, steps=400, target_ratio=stop_at)
     # the decoder beats copying frame t by a wide margin ...
     assert metrics["recon_over_copy"] < target, metrics
     assert metrics["recon_loss"] < metrics["copy_loss"]

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.batch_keys import VALID  # noqa: E402
+from shards.batch_keys import PSEUDO_ACTION, VALID  # noqa: E402
 from shards.format import read_manifest  # noqa: E402
 from shards.sidecar import (  # noqa: E402
     labeller_info_lock,
@@ -36,7 +36,7 @@ from shards.sidecar import (  # noqa: E402
     write_sidecar_shard,
 )
 
-FIELD = "pseudo_action"
+FIELD = PSEUDO_ACTION
 
 
 def ensemble_rows(members: list[dict[str, dict[str, np.ndarray]]], where: str) -> dict[str, dict[str, np.ndarray]]:

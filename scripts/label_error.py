@@ -22,13 +22,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shards.batch_keys import PSEUDO_ACTION  # noqa: E402
 from shards.format import read_manifest  # noqa: E402
 from shards.sidecar import read_sidecar  # noqa: E402
 from wm_pipeline.cli.commands.collect import EXTRA_STEPS_AFTER_SUCCESS  # noqa: E402
 from wm_pipeline.jobs.probe import mean_r2, r2_per_dim  # noqa: E402
 from wm_pipeline.training.few_shot import episode_index  # noqa: E402
 
-FIELD = "pseudo_action"
+FIELD = PSEUDO_ACTION
 
 
 def paired_rows(data: Path, labels: str, truth: str, tail: int = EXTRA_STEPS_AFTER_SUCCESS):

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shards.batch_keys import PSEUDO_ACTION  # noqa: E402
 from shards.format import read_manifest  # noqa: E402
 from shards.samples import parse_sample  # noqa: E402
 from shards.sidecar import (  # noqa: E402
@@ -69,7 +70,7 @@ def oracle_rows(actions_dir: Path, video_dir: Path) -> dict[str, dict[str, dict[
                 )
             valid = np.ones(n, bool)
             valid[-1] = False
-            rows[key] = {"pseudo_action": np.asarray(action, np.float32)[:n], "valid": valid}
+            rows[key] = {PSEUDO_ACTION: np.asarray(action, np.float32)[:n], "valid": valid}
         out[v["name"]] = rows
     return out
 

@@ -15,6 +15,7 @@ KEY = "key"  # list[str]: the sample's key
 START = "start"  # int64 [B]: the window's first frame in its episode
 VALID = "valid"  # a sidecar's per-frame bool field: the row has a label
 PRESENT = "present"  # optional_labels: the sidecar exists for this sample's data dir
+PSEUDO_ACTION = "pseudo_action"  # an IDM sidecar's per-frame float32 [A] field: the action read, raw units
 
 
 def label_key(labeller: str, field: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.batch_keys import PSEUDO_ACTION
 from wm_pipeline.exit_codes import UsageError
 from wm_pipeline.jobs.labelling import VALID, check_fits, label_episodes, load_labeller
 
@@ -231,7 +232,7 @@ def _next_frame_errors(lab, samples, rows, ep, t, batch_size: int) -> dict[str, 
 
 def _probe_idm(samples, rows) -> dict[str, Any]:
     true = np.concatenate([s.action[r[VALID]] for s, r in zip(samples, rows)]).astype(np.float64)
-    pred = np.concatenate([r["pseudo_action"][r[VALID]] for r in rows]).astype(np.float64)
+    pred = np.concatenate([r[PSEUDO_ACTION][r[VALID]] for r in rows]).astype(np.float64)
     r2 = r2_per_dim(pred, true)
 
     def mse(sel=slice(None)) -> dict[str, Any]:
@@ -297,7 +298,7 @@ def _plot_idm(samples, rows, path: Path, n: int = 3) -> None:
         for d in range(dims):
             ax = axes[e, d]
             ax.plot(samples[e].action[:, d], label="true", lw=1)
-            ax.plot(np.where(rows[e][VALID], rows[e]["pseudo_action"][:, d], np.nan), label="IDM", lw=1)
+            ax.plot(np.where(rows[e][VALID], rows[e][PSEUDO_ACTION][:, d], np.nan), label="IDM", lw=1)
             ax.set_title(f"{samples[e].key} dim {d}", fontsize=7)
     axes[0, 0].legend(fontsize=6)
     fig.tight_layout()

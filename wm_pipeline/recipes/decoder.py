@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from decoders.decoder import ActionDecoder, DecoderConfig
-from shards.batch_keys import ACTION, ACTION_MASK, EMBODIMENT, PRESENT, VALID, label_key
+from shards.batch_keys import ACTION, ACTION_MASK, EMBODIMENT, PRESENT, PSEUDO_ACTION, VALID, label_key
 from shards.dataset_info import DatasetInfo
 from shards.stats import file_sha256
 from wm_pipeline.exit_codes import UsageError
@@ -257,7 +257,7 @@ def idm_targets(batch: dict, embodiment: str, action_dim: int, name: str = IDM_L
     samples of ``embodiment``: ``action`` [B, T, A] <- ``<name>.pseudo_action``, ``action_mask`` True."""
     import torch
 
-    key = label_key(name, "pseudo_action")
+    key = label_key(name, PSEUDO_ACTION)
     if key not in batch:
         return batch
     pseudo, present = batch[key].float(), batch[label_key(name, PRESENT)].bool()

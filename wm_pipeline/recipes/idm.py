@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from latent_actions.idm import IDMConfig, InverseDynamicsModel
+from shards.batch_keys import PSEUDO_ACTION
 from shards.dataset_info import DatasetInfo
 from wm_pipeline.recipes.lam import camera_from_data, image_size_from_data
 from wm_pipeline.training.registry import ModelDataMismatch
@@ -77,7 +78,7 @@ def load_labeller(folder, run_config: dict):
         window=window,
         tail=1,
         hop=max(1, (window - 1) // 2),
-        fields={"pseudo_action": ((cfg.action_dim,), "float32")},
+        fields={PSEUDO_ACTION: ((cfg.action_dim,), "float32")},
         image_size=(cfg.image_size, cfg.image_size),
         resize=bool(data.get("resize")),
         stride=int(data.get("stride") or 1),
@@ -94,4 +95,4 @@ def label_windows(lab, frames, embodiments):
     the IDM has no stats for) get the actions of the IDM's robot when it knows exactly one."""
     known = lab.embodiments
     names = [e if e in known else (known[0] if len(known) == 1 else e) for e in embodiments]
-    return {"pseudo_action": lab.model.predict_actions(frames, names)[:, :-1]}
+    return {PSEUDO_ACTION: lab.model.predict_actions(frames, names)[:, :-1]}
